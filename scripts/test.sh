@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# README command 2 (and CI): set everything up, then run every notebook (nbdev_test) and pytest tests/.
+set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
+# torchattacks 3.5.1 pins an old `requests`: it is a test-only reference, installed without its deps.
+python -c "import torchattacks" 2>/dev/null || python -m pip install -q --disable-pip-version-check --no-deps 'torchattacks==3.5.1' 2>&1 | grep -v "is ignored: it is neither" || true
+export MPLBACKEND=Agg
+echo "== nbdev_export is in sync with the notebooks"
+nbdev_export
+if [ -n "$(git status --porcelain -- rtl_fastai 2>/dev/null)" ] && [ "${CI:-}" = "true" ]; then
+  git status --porcelain -- rtl_fastai; echo "rtl_fastai/ is out of sync with nbs/: run nbdev_export and commit" >&2; exit 1
+fi
+echo "== nbdev_test (every notebook)"
+nbdev_test --n_workers "${NBDEV_WORKERS:-2}" --timing
+echo "== pytest tests/"
+python -m pytest tests/ -q "$@"
