@@ -1,0 +1,164 @@
+"PGD robust accuracy (rtl_fastai.attacks + rtl_fastai.callback.adv_valid) on a trained digits model."
+import copy, pytest, torch
+from torch import nn
+from fastai.learner import Learner
+import fastai.callback.all  # noqa: F401  (Learner.no_bar, MixedPrecision, ...)
+from fastai.metrics import accuracy
+from rtl_fastai.data import task_dls, normalize_stats
+from rtl_fastai.models import NormalizeInput
+from rtl_fastai.attacks import pgd_attack, fgsm_attack, robust_eval_batch
+from rtl_fastai.callback.adv_valid import RobustAccuracy, robust_accuracy_curve
+
+EPS, STEPS = 0.1, 20   # on 8x8 digits eps=0.1 leaves a mid-range robust accuracy (about 65%)
+
+def _valid(dls):
+    xs, ys = zip(*[(x.as_subclass(torch.Tensor), y.as_subclass(torch.Tensor)) for x, y in dls.valid])
+    return torch.cat(xs), torch.cat(ys)
+
+def _learn(dls, model, **kw): return Learner(dls, copy.deepcopy(model), metrics=accuracy, **kw)
+
+def _state(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()],
+            [None if p.grad is None else p.grad.clone() for p in model.parameters()], [p.requires_grad for p in model.parameters()])
+
+def _same_state(a, b):
+    assert a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+    assert a[1] == b[1] and a[3] == b[3]
+    assert all((g is None and h is None) or (g is not None and h is not None and torch.equal(g, h)) for g, h in zip(a[2], b[2]))
+
+def test_no_stronger_than_torchattacks(digits_dls, digits_model):
+    "Our PGD is at most 1.5 points weaker (higher robust accuracy) than torchattacks' PGD, on all 450 images."
+    torchattacks = pytest.importorskip('torchattacks')
+    mean, std = normalize_stats(digits_dls)
+    x, y = _valid(digits_dls)
+    alpha = 2.5*EPS/STEPS
+    # torchattacks takes [0,1] pixels: give it the model with the normalization inside
+    pix_model = nn.Sequential(NormalizeInput(mean, std), copy.deepcopy(digits_model)).eval()
+    p = x*std + mean
+    learn = _learn(digits_dls, digits_model)
+    theirs, ours = [], []
+    for seed in range(5):   # one run has a random-start noise of about 0.5 point (sd): average 5 runs of each
+        torch.manual_seed(seed)
+        xa = torchattacks.PGD(pix_model, eps=EPS, alpha=alpha, steps=STEPS, random_start=True)(p, y)  # needs grad enabled
+        with torch.no_grad(): theirs.append((pix_model(xa).argmax(1) == y).float().mean().item())
+        ours.append(learn.robust_validate(eps=EPS, steps=STEPS, alpha=alpha, seed=seed, show_progress=False)['robust_acc'])
+    theirs, ours = sum(theirs)/5, sum(ours)/5
+    print(f"robust acc (mean of 5 random starts): torchattacks {theirs:.4f}  ours {ours:.4f}")
+    assert 0.2 < theirs < 0.9, "the comparison is only informative at a mid-range robust accuracy"
+    # Same algorithm (uniform random start, signed step, projection and [0,1] clamp in pixels), so the
+    # plain attacks differ only by their random starts; dropping fooled examples (on in robust_validate)
+    # only lowers robust accuracy, as an example keeps its plain-PGD trajectory until it is fooled.
+    # The means of 5 runs differ by noise of about 0.4 point (sd): 1.5 points is well above it.
+    assert ours <= theirs + 0.015
+
+def test_eps_zero_is_clean(digits_dls, digits_model):
+    res = _learn(digits_dls, digits_model).robust_validate(eps=0., steps=5, show_progress=False)
+    assert res['robust_acc'] == res['clean_acc'] and res['n'] == 450
+
+def test_monotone_in_eps_and_steps(digits_dls, digits_model):
+    learn = _learn(digits_dls, digits_model)
+    df = robust_accuracy_curve(learn, [0., 0.05, 0.1, 0.2], steps=10)
+    assert df.robust_acc[0] == df.clean_acc[0]
+    assert (df.robust_acc.diff()[1:] <= 0).all(), df
+    # fixed step size and seed: PGD-k with dropping is a prefix of PGD-m (m > k), so it is exactly monotone
+    accs = [learn.robust_validate(eps=EPS, steps=s, alpha=EPS/8, show_progress=False)['robust_acc'] for s in (1, 5, 20)]
+    assert accs[0] >= accs[1] >= accs[2], accs
+    assert accs[2] < accs[0]
+
+def test_restarts_and_dropping_only_lower(digits_dls, digits_model):
+    x, y = _valid(digits_dls)
+    def ra(**kw):
+        torch.manual_seed(0)
+        return robust_eval_batch(digits_model, x, y, eps=EPS, steps=5, stats=digits_dls, **kw)[1].float().mean().item()
+    plain, drop, r3, r3d = ra(drop_fooled=False), ra(), ra(drop_fooled=False, restarts=3), ra(restarts=3)
+    assert drop <= plain and r3 <= plain and r3d <= drop, (plain, drop, r3, r3d)
+
+def test_normalize_in_dls_or_in_model(digits_dls, digits_model):
+    "The same pixel eps gives the same robust accuracy wherever the normalization is done."
+    mean, std = normalize_stats(digits_dls)
+    raw_dls = task_dls('digits', bs=64, seed=0, normalize=False)
+    inside = nn.Sequential(NormalizeInput(mean, std), copy.deepcopy(digits_model)).eval()
+    a = _learn(digits_dls, digits_model).robust_validate(eps=EPS, steps=10, show_progress=False)
+    b = Learner(raw_dls, inside, metrics=accuracy).robust_validate(eps=EPS, steps=10, show_progress=False)
+    assert a['clean_acc'] == b['clean_acc']
+    # identical random starts (same seed, drawn in pixel space); only float rounding of the mapping differs
+    assert abs(a['robust_acc'] - b['robust_acc']) <= 2/450, (a, b)
+
+def test_metric_leaves_learner_and_model_alone(digits_dls, digits_model):
+    learn = _learn(digits_dls, digits_model)
+    m = learn.model
+    params = list(m.parameters())
+    params[0].requires_grad_(False)
+    for p in params[1:3]: p.grad = torch.randn_like(p)
+    ref = learn.validate()
+    m.train(); m[0].eval()   # a mixed state, as in transfer learning
+    before = _state(m)
+    ra = RobustAccuracy(eps=EPS, steps=5)
+    learn.metrics = [ra, accuracy]
+    with learn.no_bar(): out = learn.validate()
+    assert out[0] == ref[0] and out[2] == ref[1]   # loss and clean accuracy unchanged
+    assert 'pgd5_acc@0.1' in learn.recorder.metric_names and out[1] < out[2]
+    before_modes = before[1]
+    m.train(); m[0].eval()   # fastai's validate put the model in eval mode itself: compare the rest
+    _same_state(before, _state(m))
+    learn.robust_validate(eps=EPS, steps=3, show_progress=False)   # robust_validate restores modes too
+    _same_state(before, _state(m))
+    assert before_modes == [x.training for x in m.modules()]
+
+def test_metric_rng_and_n_batches(digits_dls, digits_model):
+    learn = _learn(digits_dls, digits_model)
+    ra = RobustAccuracy(eps=EPS, steps=5, n_batches=1)
+    learn.metrics = [accuracy, ra]
+    learn.metrics = [accuracy]
+    torch.manual_seed(3)
+    with learn.no_bar(): learn.validate()
+    s_ref = torch.get_rng_state()
+    learn.metrics = [accuracy, ra]
+    torch.manual_seed(3)
+    with learn.no_bar(): v1 = learn.validate()[2]
+    assert torch.equal(torch.get_rng_state(), s_ref), "the metric must not change the random numbers of the Learner"
+    assert int(ra.total) == 128
+    with learn.no_bar(): v2 = learn.validate()[2]
+    assert v1 == v2
+
+@pytest.mark.parametrize('meth', ['to_fp16', 'to_bf16'])
+def test_mixed_precision_learner(digits_dls, digits_model, meth):
+    "fastai's MixedPrecision (on CPU its autocast('cuda') is disabled): the metric works and matches fp32."
+    import warnings
+    learn = _learn(digits_dls, digits_model)
+    learn.metrics = [accuracy, RobustAccuracy(eps=EPS, steps=5, n_batches=1)]
+    with learn.no_bar(): ref = learn.validate()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        getattr(learn, meth)()
+        with learn.no_bar(): out = learn.validate()
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-5)
+    assert out[2] == pytest.approx(ref[2], abs=1/128)
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_cpu_autocast_under_no_grad(digits_dls, digits_model, dtype):
+    x, y = _valid(digits_dls)
+    x, y = x[:128], y[:128]
+    before = _state(digits_model)
+    with torch.no_grad(), torch.autocast('cpu', dtype=dtype):
+        torch.manual_seed(0); xa = pgd_attack(digits_model, x, y, eps=EPS, steps=10, stats=digits_dls)
+    _same_state(before, _state(digits_model))
+    assert xa.dtype == x.dtype
+    mean, std = normalize_stats(digits_dls)
+    assert ((xa - x)*std).abs().max() <= EPS + 1e-5
+    with torch.no_grad():
+        assert (digits_model(xa).argmax(1) == y).float().mean() < (digits_model(x).argmax(1) == y).float().mean() - 0.1
+
+def test_bad_input(digits_dls, digits_model):
+    x, y = _valid(digits_dls)
+    x, y = x[:8], y[:8]
+    for kw, name in [(dict(eps=-0.1), '`eps`'), (dict(eps=0.1, steps=0), '`steps`'), (dict(eps=0.1, norm='l1'), '`norm`'),
+                     (dict(eps=0.1, alpha=0.), '`alpha`'), (dict(eps=0.1, alpha=-1.), '`alpha`'), (dict(eps=0.1, restarts=0), '`restarts`')]:
+        with pytest.raises(ValueError, match=name): pgd_attack(digits_model, x, y, **kw)
+        with pytest.raises(ValueError, match=name): RobustAccuracy(**kw)
+    with pytest.raises(ValueError, match='`eps`'): fgsm_attack(digits_model, x, y, eps=-1.)
+    with pytest.raises(ValueError, match='`n_batches`'): RobustAccuracy(n_batches=0)
+    bad = nn.Sequential(digits_model, nn.Flatten(0))   # returns one flat vector for the batch
+    with pytest.raises(ValueError, match='`model`'): pgd_attack(bad, x, y, eps=0.1, steps=2)
+    with pytest.raises(ValueError, match='`model`'): Learner(digits_dls, bad).robust_validate(eps=0.1, steps=2, show_progress=False)
+    with pytest.raises(ValueError, match='`eps_list`'): robust_accuracy_curve(Learner(digits_dls, digits_model), [])
