@@ -1,0 +1,282 @@
+"Integration tests of `rtl_fastai.callback.distill.FeatureDistillation` with fastai's training loop."
+import warnings
+from copy import deepcopy
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.metrics import accuracy
+from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.training import GradientAccumulation
+from fastai.callback.schedule import *  # fit_one_cycle
+from fastai.learner import Recorder
+from fastai.torch_core import set_seed
+from rtl_fastai.data import task_dls, ArrayData
+from rtl_fastai.models import SmallCNN, replace_head, get_features
+from rtl_fastai.callback.distill import FeatureDistillation, feature_distance
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope='module')
+def source():
+    set_seed(0)
+    dls = task_dls('digits', classes='source', bs=64)
+    learn = Learner(dls, SmallCNN(n_out=5, widths=(8, 16)), loss_func=CrossEntropyLossFlat())
+    learn.fit(1, 1e-2)
+    return learn.model.eval()
+
+
+def target_dls(**kw): return task_dls('digits', classes='target', bs=64, **kw)
+
+
+def make_learner(source, seed=1, **kw):
+    set_seed(seed)
+    return Learner(target_dls(), replace_head(deepcopy(source), 5), loss_func=CrossEntropyLossFlat(), **kw)
+
+
+def state(m): return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+class Probe(Callback):
+    "Records the first training batch, the head-input features (own hook) and `loss_grad` after the callbacks of lower order."
+    def __init__(self, order, module=None, n=1):
+        self.order, self.module, self.n, self.recs = order, module, n, []
+    def before_fit(self):
+        mod = self.module or self.learn.model.head
+        self.h = mod.register_forward_pre_hook(lambda m, i: setattr(self, 'f', i[0].detach().float()))
+    def after_loss(self):
+        if not self.training: return
+        self.recs.append(dict(x=self.xb[0], y=self.yb[0], pred=self.learn.pred.detach().float(),
+                              loss_grad=self.learn.loss_grad.detach().float().clone(), loss=self.learn.loss.detach().float().clone(), f=self.f))
+        if len(self.recs) >= self.n: raise CancelFitException()
+    def after_fit(self): self.h.remove()
+
+
+def test_source_copy_bit_identical(source):
+    before = state(source)
+    learn = make_learner(source)
+    fd = FeatureDistillation(source, lam=1e-2)
+    copy_before = state(fd.source)
+    learn.fit(2, 1e-2, cbs=fd)
+    for k, v in state(fd.source).items(): assert torch.equal(v, copy_before[k]), k
+    for k, v in state(source).items(): assert torch.equal(v, before[k]), k
+    assert not fd.source.training and not any(p.requires_grad for p in fd.source.parameters())
+    ptrs = {t.data_ptr() for t in list(learn.model.parameters()) + list(learn.model.buffers())}
+    assert not any(t.data_ptr() in ptrs for t in list(fd.source.parameters()) + list(fd.source.buffers()))
+    # the learner's model did train (BN statistics included)
+    assert not torch.equal(learn.model.block1.down.bn.running_mean, before['block1.down.bn.running_mean'])
+
+
+def test_source_is_learner_model(source):
+    "Passing the learner's own model as source: the copy is frozen at construction time."
+    learn = make_learner(source)
+    fd = FeatureDistillation(learn.model, lam=1e-2)
+    start = state(learn.model)
+    learn.fit(1, 1e-2, cbs=fd)
+    for k, v in state(fd.source).items(): assert torch.equal(v, start[k]), k
+
+
+def test_lam0_matches_plain_finetuning(source):
+    plain = make_learner(source, seed=5)
+    plain.fit_one_cycle(2, 1e-2)
+    dist = make_learner(source, seed=5)
+    dist.fit_one_cycle(2, 1e-2, cbs=FeatureDistillation(source, lam=0.))
+    assert [float(l) for l in plain.recorder.losses] == [float(l) for l in dist.recorder.losses]
+    for (k, a), b in zip(plain.model.state_dict().items(), dist.model.state_dict().values()): assert torch.equal(a, b), k
+    assert plain.recorder.values[-1][:2] == dist.recorder.values[-1][:2]  # train and valid loss
+
+
+@pytest.mark.parametrize('dist', ['l1', 'l2'])
+def test_penalty_by_hand(source, dist):
+    learn = make_learner(source)
+    probe = Probe(order=FeatureDistillation.order + 0.5)
+    learn.fit(1, 1e-3, cbs=[FeatureDistillation(source, lam=0.1, dist=dist), probe])
+    r = probe.recs[0]
+    diff = r['f'] - get_features(source, r['x'])
+    d = diff.abs().sum(1) if dist == 'l1' else (diff ** 2).sum(1).sqrt()
+    ce = F.cross_entropy(r['pred'], r['y'])
+    torch.testing.assert_close(r['loss_grad'], ce + 0.1 * d.mean())
+    torch.testing.assert_close(r['loss'], ce + 0.1 * d.mean())
+
+
+def test_named_layer_by_hand(source):
+    learn = make_learner(source)
+    probe = Probe(order=FeatureDistillation.order + 0.5, module=None)
+    feats = {}
+    h1 = learn.model.block1.register_forward_hook(lambda m, i, o: feats.__setitem__('f', o.detach()))
+    learn.fit(1, 1e-3, cbs=[FeatureDistillation(source, lam=0.01, layer='block1'), probe])
+    h1.remove()
+    r = probe.recs[0]
+    src_out = {}
+    h2 = source.block1.register_forward_hook(lambda m, i, o: src_out.__setitem__('f', o.detach()))
+    with torch.no_grad(): source(r['x'])
+    h2.remove()
+    ce = F.cross_entropy(r['pred'], r['y'])
+    torch.testing.assert_close(r['loss_grad'], ce + 0.01 * (feats['f'] - src_out['f']).flatten(1).abs().sum(1).mean())
+
+
+def test_gradient_accumulation_order(source):
+    "The penalty is added before GradientAccumulation divides loss_grad."
+    learn = make_learner(source)
+    probe_fd = Probe(order=FeatureDistillation.order + 0.5, n=100)  # after the penalty, before GA (order 6)
+    probe_ga = Probe(order=GradientAccumulation.order + 0.5)      # after GA
+    learn.fit(1, 1e-3, cbs=[FeatureDistillation(source, lam=0.1), GradientAccumulation(n_acc=128), probe_fd, probe_ga])
+    a, b = probe_fd.recs[0], probe_ga.recs[0]
+    torch.testing.assert_close(b['loss_grad'], a['loss_grad'] / (128 / 64))
+    ce = F.cross_entropy(a['pred'], a['y'])
+    assert a['loss_grad'] > ce + 1e-4  # the penalty is in what GA divides
+
+
+def test_gradient_accumulation_trains(source):
+    learn = make_learner(source)
+    learn.fit(1, 1e-3, cbs=[FeatureDistillation(source, lam=1e-2), GradientAccumulation(n_acc=128)])
+    assert learn.recorder.metric_names[3:5] == ['train_distill', 'valid_distill']
+
+
+def test_to_fp16(source):
+    learn = make_learner(source).to_fp16()
+    probe = Probe(order=MixedPrecision.order + 0.5)  # after MixedPrecision left autocast
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # on CPU, MixedPrecision warns that CUDA autocast/GradScaler are disabled
+        learn.fit(1, 1e-3, cbs=[FeatureDistillation(source, lam=0.1), probe])
+    r = probe.recs[0]
+    assert r['loss_grad'].dtype == torch.float32 and torch.isfinite(r['loss_grad'])
+    ce = F.cross_entropy(r['pred'], r['y'])
+    torch.testing.assert_close(r['loss_grad'], ce + 0.1 * (r['f'] - get_features(source, r['x'])).abs().sum(1).mean())
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        learn.fit(1, 1e-3, cbs=FeatureDistillation(source, lam=1e-2))
+    assert all(torch.isfinite(torch.as_tensor(v)) for v in learn.recorder.values[-1])
+
+
+def _rand_data(n=32, size=16, c=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return ArrayData(torch.rand(n, c, size, size, generator=g), torch.randint(0, 2, (n,), generator=g),
+                     torch.rand(16, c, size, size, generator=g), torch.randint(0, 2, (16,), generator=g), ['a', 'b'])
+
+
+@pytest.mark.parametrize('layer', [None, 'layer3'])
+def test_torchvision_resnet(layer):
+    set_seed(0)
+    src = torchvision.models.resnet18(weights=None, num_classes=3).eval()
+    dls = task_dls(_rand_data(), bs=16)
+    learn = Learner(dls, replace_head(deepcopy(src), 2), loss_func=CrossEntropyLossFlat())
+    before = state(src)
+    fd = FeatureDistillation(src, lam=1e-2, layer=layer, warmup_epochs=1 if layer is None else 0)
+    learn.fit(2 if layer is None else 1, 1e-3, cbs=fd)
+    for k, v in state(fd.source).items(): assert torch.equal(v, before[k]), k
+    vals = learn.recorder.values
+    assert vals[-1][2] > 0  # distillation column: positive once the body trains
+    if layer is None: assert vals[0][2] == 0  # warm start: body = source, no penalty
+
+
+def test_warmup_restores_user_freeze(source):
+    learn = make_learner(source)
+    for p in learn.model.stem.parameters(): p.requires_grad_(False)  # frozen by the user
+    stem0 = {k: p.detach().clone() for k, p in learn.model.stem.named_parameters()}
+    b1 = learn.model.block1.conv.conv.weight.detach().clone()
+    learn.fit(2, 1e-2, cbs=FeatureDistillation(source, warmup_epochs=1))
+    assert not any(p.requires_grad for p in learn.model.stem.parameters())
+    assert all(p.requires_grad for n, p in learn.model.named_parameters() if not n.startswith('stem'))
+    for k, p in learn.model.stem.named_parameters(): assert torch.equal(p, stem0[k]), k  # (its BN statistics do move)
+    assert not torch.equal(learn.model.block1.conv.conv.weight, b1)  # trained after the warm start
+
+
+def test_precompute_same_as_per_batch(source):
+    a = make_learner(source, seed=3)
+    a.fit(2, 1e-2, cbs=FeatureDistillation(source, lam=1e-2))
+    fd = FeatureDistillation(source, lam=1e-2, precompute=True)
+    b = make_learner(source, seed=3)
+    b.fit(2, 1e-2, cbs=fd)
+    torch.testing.assert_close(torch.stack(list(a.recorder.losses)), torch.stack(list(b.recorder.losses)), rtol=1e-4, atol=1e-5)
+    for va, vb in zip(a.recorder.values, b.recorder.values):
+        assert [float(v) for v in va] == pytest.approx([float(v) for v in vb], rel=1e-4, abs=1e-5)
+    assert 'create_batch' not in b.dls.train.__dict__  # the DataLoader patch is undone
+    n = len(b.dls.train.dataset)
+    assert fd._src_feats.shape == (n, 16)
+    x = b.dls.train.after_batch(b.dls.train.create_batch(torch.arange(10)))[0]
+    torch.testing.assert_close(fd._src_feats[:10], get_features(source, x))
+
+
+def test_precompute_refuses_augmentation():
+    src = SmallCNN(n_in=3, n_out=2, widths=(8,))
+    dls = task_dls(_rand_data(size=32), bs=16, augment=True)
+    learn = Learner(dls, replace_head(deepcopy(src), 2), loss_func=CrossEntropyLossFlat())
+    with pytest.raises(ValueError, match='FlipPadCrop'): learn.fit(1, cbs=FeatureDistillation(src, precompute=True))
+    assert len(learn.metrics) == 0
+    learn.fit(1, cbs=FeatureDistillation(src, precompute=False))  # per batch is fine
+
+
+class NoisyInputs(Callback):
+    "Changes the training inputs (like adversarial training would)."
+    order = 0
+    def before_batch(self):
+        if self.training: self.learn.xb = (self.xb[0] + 0.5 * torch.randn_like(self.xb[0]),)
+
+
+def test_precompute_detects_changed_inputs(source):
+    learn = make_learner(source)
+    with pytest.raises(ValueError, match='differ from the precomputed'):
+        learn.fit(1, cbs=[NoisyInputs(), FeatureDistillation(source, precompute=True)])
+    assert 'create_batch' not in learn.dls.train.__dict__ and len(learn.metrics) == 0
+    # per batch, the source sees the changed inputs too
+    probe = Probe(order=FeatureDistillation.order + 0.5)
+    learn.fit(1, 1e-3, cbs=[NoisyInputs(), FeatureDistillation(source, lam=0.1), probe])
+    r = probe.recs[0]
+    torch.testing.assert_close(r['loss_grad'], F.cross_entropy(r['pred'], r['y'])
+                               + 0.1 * (r['f'] - get_features(source, r['x'])).abs().sum(1).mean())
+
+
+def test_shape_mismatch_and_bad_layer(source):
+    learn = make_learner(source)
+    other = SmallCNN(n_out=5, widths=(8, 32))
+    with pytest.raises(ValueError, match=r'shape \(16,\) per example.*\(32,\)'):
+        learn.fit(1, cbs=FeatureDistillation(other))
+    assert len(learn.metrics) == 0 and not learn.model.head._forward_pre_hooks
+    with pytest.raises(ValueError, match="Did you mean 'block1'"): FeatureDistillation(source, layer='blok1')
+    with pytest.raises(ValueError, match='`dist` must be one of'): FeatureDistillation(source, dist='cosine')
+    with pytest.raises(TypeError, match='must be an nn.Module'): FeatureDistillation('resnet18')
+
+
+def test_columns_with_train_metrics(source):
+    learn = make_learner(source, metrics=accuracy)
+    learn.recorder.train_metrics = True
+    learn.fit(1, 1e-3, cbs=FeatureDistillation(source, lam=1e-2))
+    names = list(learn.recorder.metric_names)
+    assert names == ['epoch', 'train_loss', 'train_accuracy', 'train_distill', 'valid_loss', 'valid_accuracy', 'valid_distill', 'time']
+    assert len(learn.metrics) == 1
+    assert all(v > 0 for v in (learn.recorder.values[0][2], learn.recorder.values[0][5]))
+
+
+def test_valid_loss_is_plain(source):
+    "valid_loss does not include the penalty: it equals `learn.validate()` (without the callback)."
+    learn = make_learner(source)
+    learn.fit(1, 1e-3, cbs=FeatureDistillation(source, lam=1.))
+    assert learn.recorder.values[0][1] == pytest.approx(learn.validate()[0], rel=1e-5)
+
+
+class Boom(Callback):
+    order = 20
+    def after_batch(self):
+        if self.training: raise RuntimeError('boom')
+
+
+def _clean(learn):
+    return (len(learn.metrics) == 0 and not learn.model.head._forward_pre_hooks
+            and all(p.requires_grad for p in learn.model.parameters()))
+
+
+def test_crashed_fit_is_cleaned_up(source):
+    learn = make_learner(source)
+    fd = FeatureDistillation(source, warmup_epochs=1)
+    with pytest.raises(RuntimeError, match='boom'): learn.fit(1, cbs=[fd, Boom()])
+    assert _clean(learn)  # fastai removed the callback: hooks, columns and warm-up freeze are undone
+    # a callback attached to the Learner stays attached after a crash; its next fit cleans up first
+    learn = make_learner(source, cbs=FeatureDistillation(source, warmup_epochs=1))
+    with pytest.raises(RuntimeError, match='boom'): learn.fit(1, cbs=Boom())
+    learn.fit(1, 1e-3)
+    assert _clean(learn) and len(learn.recorder.metric_names) == 6

@@ -1,0 +1,217 @@
+"Integration and bad-input tests of `rtl_fastai.callback.transfer` (frozen-block robust transfer)."
+import warnings
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from fastai.torch_core import set_seed
+from fastai.learner import Learner
+from fastai.callback.core import Callback
+from fastai.vision.learner import vision_learner
+from fastai.metrics import accuracy
+from rtl_fastai.data import task_dls, load_digits_data, select_classes, ArrayData, FlipPadCrop
+from rtl_fastai.models import SmallCNN, model_blocks, head_module
+from rtl_fastai.callback.transfer import (transfer_learner, FreezeBlocks, FeatureCache, n_frozen_entries,
+                                          trainable_splitter)
+
+torch.set_num_threads(1)
+
+
+def _fit(learn, n=1, lr=1e-2, **kw):
+    with learn.no_bar(), learn.no_logging(): learn.fit(n, lr, **kw)
+    return learn
+
+
+@pytest.fixture(scope='module')
+def digits():
+    "A naturally trained SmallCNN on digits 0-4 and the 5-9 target DataLoaders (model takes [0,1] pixels)."
+    set_seed(0)
+    src = SmallCNN(widths=(16, 32, 64), n_out=5, stats=([0.3], [0.4]))
+    _fit(Learner(task_dls('digits', classes='source', normalize=False), src), 2)
+    return src.eval(), task_dls('digits', classes='target', bs=64, normalize=False)
+
+
+def _rgb32(n_per_class=16):
+    "Digits 5-9 as 3x32x32 images (for ImageNet-style ResNets), a few per class."
+    d = select_classes(load_digits_data(), list('56789'))
+    def up(x): return F.interpolate(x, size=32, mode='nearest').repeat(1, 3, 1, 1)
+    keep = torch.cat([(d.y_train == c).nonzero()[:n_per_class, 0] for c in range(5)])
+    return ArrayData(up(d.x_train[keep]), d.y_train[keep], up(d.x_valid[:40]), d.y_valid[:40], d.classes, 'digits-rgb')
+
+
+def _frozen_state(learn, n_frozen):
+    return {f'{i}.{k}': v.clone() for i, m in enumerate(model_blocks(learn.model).all[:n_frozen])
+            for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize('n_retrain', [0, 1, 2])
+@pytest.mark.parametrize('cache', [True, False])
+def test_frozen_bit_identical_trainable_changed(digits, n_retrain, cache):
+    src, dls = digits
+    learn = transfer_learner(src, dls, n_retrain=n_retrain, hidden=(16,), p_drop=0.1, cache=cache)
+    nf = n_frozen_entries(learn.model, n_retrain)
+    frozen0 = _frozen_state(learn, nf)
+    train0 = {n: p.clone() for n, p in learn.model.named_parameters() if p.requires_grad}
+    bn0 = {n: b.clone() for n, b in learn.model.named_buffers()}
+    _fit(learn, 2)
+    assert learn.feature_cache.active == cache
+    frozen1 = _frozen_state(learn, nf)
+    assert frozen0.keys() == frozen1.keys() and len(frozen0) > 0
+    for k in frozen0: assert torch.equal(frozen0[k], frozen1[k]), k          # weights and BN buffers
+    params = dict(learn.model.named_parameters())
+    for n, p in train0.items():
+        if p.ndim > 1: assert not torch.equal(p, params[n]), n                # every trainable weight moved
+    # BN statistics of trainable BN layers did update (they train in train mode)
+    bufs = dict(learn.model.named_buffers())
+    trainable_bn = [n for n in bn0 if n.endswith('running_mean') and params[n.replace('running_mean', 'weight')].requires_grad]
+    assert trainable_bn and all(not torch.equal(bn0[n], bufs[n]) for n in trainable_bn)
+    # the optimizer holds exactly the trainable parameters, in one group per trainable entry
+    opt_ids = [id(p) for p, *_ in learn.opt.all_params()]
+    assert sorted(opt_ids) == sorted(id(p) for p in learn.model.parameters() if p.requires_grad)
+    assert set(map(id, learn.opt.state)) <= set(opt_ids)
+    assert len(learn.opt.param_lists) == n_retrain + 1
+    # documented state after fit: frozen entries in eval mode with requires_grad False
+    for m in model_blocks(learn.model).all[:nf]:
+        assert not m.training and not any(p.requires_grad for p in m.parameters())
+
+
+def test_frozen_stay_eval_during_training(digits):
+    src, dls = digits
+    seen = []
+    class Spy(Callback):
+        order, run_valid = 50, False
+        def before_batch(self): seen.append((self.learn.model.block1.training, self.learn.model.block3.training))
+    learn = transfer_learner(src, dls, n_retrain=1, cbs=Spy(), cache=False)
+    _fit(learn)
+    assert seen and all(s == (False, True) for s in seen)
+
+
+def test_validation_runs_full_model(digits):
+    "With the cache on, training batches run the suffix, validation (metrics, attacks) the full model."
+    src, dls = digits
+    seen = {True: set(), False: set()}
+    class Spy(Callback):
+        order, feature_cache_safe = FeatureCache.order - 1, True  # runs before the cache restores the full model
+        def after_pred(self): seen[self.training].add(type(self.learn.model).__name__)
+    learn = _fit(transfer_learner(src, dls, n_retrain=1, cbs=Spy()))
+    assert learn.feature_cache.active
+    assert seen[False] == {'SmallCNN'} and seen[True] == {'Sequential'}
+    assert learn.model is learn.feature_cache.full
+
+
+def test_source_untouched_and_new_head(digits):
+    src, dls = digits
+    before = {k: v.clone() for k, v in src.state_dict().items()}
+    learn = _fit(transfer_learner(src, dls, n_retrain='all'))
+    for k, v in src.state_dict().items(): assert torch.equal(v, before[k]), k
+    assert learn.model is not src and head_module(learn.model).out_features == dls.c
+    assert all(p.requires_grad for p in learn.model.parameters())
+    assert len(learn.opt.param_lists) == 5  # stem, 3 blocks, head
+    assert learn.feature_cache.active is False and 'nothing is frozen' in learn.feature_cache.reason
+
+
+@pytest.mark.parametrize('kw', [dict(n_retrain=0), dict(n_retrain=1), dict(n_retrain=1, hidden=(32,), p_drop=0.3)])
+def test_cache_agrees_with_uncached(digits, kw):
+    src, _ = digits
+    res = []
+    for cache in (True, False):
+        set_seed(3)
+        learn = transfer_learner(src, task_dls('digits', classes='target', bs=64, normalize=False, seed=3),
+                                 cache=cache, metrics=accuracy, **kw)
+        _fit(learn, 3)
+        assert learn.feature_cache.active == cache
+        res.append((learn.model.state_dict(), learn.validate()))
+    (sa, va), (sb, vb) = res
+    for k in sa: torch.testing.assert_close(sa[k].float(), sb[k].float(), rtol=1e-4, atol=1e-5, msg=k)
+    assert abs(va[1] - vb[1]) < 1e-6
+
+
+def test_cache_reused_and_invalidated(digits):
+    src, dls = digits
+    learn = transfer_learner(src, dls, n_retrain=1)
+    _fit(learn)
+    feats = learn.feature_cache.features
+    _fit(learn)
+    assert learn.feature_cache.features is feats          # same train set, same frozen weights: reused
+    with torch.no_grad(): learn.model.block1.down.conv.weight.mul_(0.5)   # e.g. loading other weights
+    _fit(learn)
+    assert learn.feature_cache.features is not feats
+    assert learn.model.__class__ is SmallCNN and 'get_idxs' not in vars(learn.dls.train)  # restored after fit
+
+
+def test_cache_off_with_augmentation_or_input_callbacks(digits):
+    src, dls = digits
+    from rtl_fastai.callback.adv_train import PGDTraining
+    learn = _fit(transfer_learner(src, dls, cbs=PGDTraining(eps=0.2, steps=2)))
+    assert not learn.feature_cache.active and 'PGDTraining' in learn.feature_cache.reason
+    with pytest.raises(ValueError, match='PGDTraining'):
+        _fit(transfer_learner(src, dls, cache=True, cbs=PGDTraining(eps=0.2, steps=2)))
+    data = _rgb32()
+    aug = task_dls(data, bs=16, normalize=False, augment=True)
+    tv = torchvision.models.resnet18(weights=None, num_classes=3)
+    learn = _fit(transfer_learner(tv, aug, n_retrain=0))
+    assert not learn.feature_cache.active and 'FlipPadCrop' in learn.feature_cache.reason
+
+
+def test_torchvision_resnet18():
+    set_seed(0)
+    tv = torchvision.models.resnet18(weights=None, num_classes=3)
+    dls = task_dls(_rgb32(), bs=16)
+    for n_retrain, n_groups in ((0, 1), (3, 4), ('all', 6)):
+        learn = transfer_learner(tv, dls, n_retrain=n_retrain)
+        nf = n_frozen_entries(learn.model, n_retrain)
+        frozen0 = _frozen_state(learn, nf)
+        _fit(learn)
+        assert learn.model.fc.out_features == 5 and len(learn.opt.param_lists) == n_groups
+        for k, v in _frozen_state(learn, nf).items(): assert torch.equal(v, frozen0[k]), k
+        assert learn.feature_cache.active == (n_retrain != 'all')
+    assert tv.fc.out_features == 3  # the source kept its head
+    with pytest.raises(ValueError, match=r"0\.\.4"): transfer_learner(tv, dls, n_retrain=5)
+
+
+def test_vision_learner_source():
+    set_seed(0)
+    dls = task_dls(_rgb32(), bs=16)
+    src = vision_learner(dls, torchvision.models.resnet18, pretrained=False, n_out=3)
+    learn = transfer_learner(src, dls, n_retrain=1, hidden=(32,), p_drop=0.2)
+    frozen0 = _frozen_state(learn, 4)
+    _fit(learn)
+    for k, v in _frozen_state(learn, 4).items(): assert torch.equal(v, frozen0[k]), k
+    assert learn.feature_cache.active  # fastai's head pools inside the head: the cache holds the body's maps
+    lin = [m for m in learn.model[1].modules() if isinstance(m, torch.nn.Linear)]
+    assert [l.out_features for l in lin] == [32, 5]
+    assert len(learn.opt.param_lists) == 2  # last body block, head
+    with pytest.raises(ValueError, match=r"0\.\.4"): transfer_learner(src, dls, n_retrain=7)
+
+
+@pytest.mark.parametrize('bad', [-1, 4, 2.0, True, 'some', None])
+def test_n_retrain_out_of_range(digits, bad):
+    src, dls = digits
+    with pytest.raises(ValueError, match=r"integer in 0\.\.3 .* or 'all'"): transfer_learner(src, dls, n_retrain=bad)
+
+
+def test_bad_inputs(digits):
+    src, dls = digits
+    with pytest.raises(TypeError, match='source'): transfer_learner('model.pth', dls)
+    with pytest.raises(ValueError, match='mode'): FeatureCache('yes')
+    with pytest.raises(ValueError, match='p_drop'): transfer_learner(src, dls, hidden=(8,), p_drop=1.5)
+    with pytest.raises(RuntimeError, match='architecture'): transfer_learner(src, dls, weights=SmallCNN(n_out=7).state_dict())
+    learn = Learner(dls, SmallCNN(n_out=5, widths=(8, 16)), cbs=FreezeBlocks(5))
+    with pytest.raises(ValueError, match=r'0\.\.4'): _fit(learn)
+    with pytest.warns(UserWarning, match='normalized twice'):
+        transfer_learner(src, task_dls('digits', classes='target', normalize=True))
+
+
+def test_freeze_blocks_plain_learner_prunes_optimizer(digits):
+    "FreezeBlocks on an ordinary Learner (fastai's own splitter, train_bn) keeps frozen BN params out of the optimizer."
+    src, dls = digits
+    from rtl_fastai.models import block_splitter
+    import copy
+    m = copy.deepcopy(src)
+    learn = Learner(dls, m, splitter=block_splitter, cbs=FreezeBlocks(2))
+    learn.freeze_to(1)   # fastai keeps BN params of frozen groups trainable (train_bn)
+    frozen0 = {k: v.clone() for k, v in m.block1.state_dict().items()}
+    _fit(learn)
+    for k, v in m.block1.state_dict().items(): assert torch.equal(v, frozen0[k]), k
+    frozen_ids = {id(p) for e in (m.stem, m.block1) for p in e.parameters()}
+    assert not frozen_ids & {id(p) for p, *_ in learn.opt.all_params()}
