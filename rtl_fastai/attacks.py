@@ -35,7 +35,7 @@ def check_attack_args(eps, steps=1, alpha=None, norm='linf', restarts=1):
     if eps > 1: raise ValueError(f"`eps`={eps} is larger than the whole [0,1] pixel range: give eps in pixel units, e.g. 8/255 not 8")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"`steps` must be an integer >= 1, got {steps!r}")
-    if alpha is not None and (not isinstance(alpha, (int,float)) or not math.isfinite(alpha) or alpha <= 0):
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int,float)) or not math.isfinite(alpha) or alpha <= 0):
         raise ValueError(f"`alpha` (the step size, pixel units) must be > 0 or None for the default 2.5*eps/steps, got {alpha!r}")
     if norm not in _norms: raise ValueError(f"`norm` must be one of {_norms}, got {norm!r}")
     if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 1:
@@ -107,6 +107,7 @@ def _pgd_core(model, p, y, space, eps, steps, alpha, norm, random_start, loss_fu
             losses = loss_func(out32, ya)
         if losses.ndim == 0 or losses.shape[0] != d.shape[0]:
             raise ValueError("`loss_func` must return one loss per example (e.g. `nn.CrossEntropyLoss(reduction='none')`)")
+        if not torch.isfinite(losses).all(): raise ValueError(f"`loss_func` returned {int((~torch.isfinite(losses)).sum())} non-finite (nan/inf) losses for {len(losses)} examples: " + ("the model's outputs are nan/inf (diverged weights or bad inputs?)" if not torch.isfinite(out32).all() else "the loss itself is not finite") + "; no attack can follow that gradient")
         wrong = out.detach().argmax(1) != ya if (drop_fooled or last) else None
         g = None if last else _input_grad(out, out32, losses, d)
         ls, d = losses.detach(), d.detach()

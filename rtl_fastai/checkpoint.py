@@ -31,7 +31,8 @@ def _safe_load(path:Path, map_location='cpu'):
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        if not isinstance(e, pickle.UnpicklingError) or 'Unsupported global' not in str(e): raise ValueError(f"`path_or_url`: {path} is not a readable torch checkpoint (empty, truncated or corrupted file?): save or download it again. torch said: {e}") from e
         raise UnsafeCheckpointError(
             f"torch.load(weights_only=True) refused to unpickle {path}: the file holds Python objects other than "
             "tensors and plain containers (for instance a whole pickled nn.Module, a Learner, or an instance of a "

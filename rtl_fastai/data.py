@@ -378,6 +378,7 @@ class ArrayDataset:
     def __len__(self): return len(self.y)
     def __getitem__(self, i): return TensorImage(self.x[i]), TensorCategory(self.y[i])
     def __repr__(self): return f"ArrayDataset({len(self)} items, x {tuple(self.x.shape[1:])} {self.x.dtype}, {self.c} classes)"
+    def new_empty(self): return type(self)(self.x[:0], self.y[:0], self.vocab, self.split_idx)  # for `Learner.export`
 
 class ArrayDL(TfmdDL):
     "A `TfmdDL` over an `ArrayDataset` that builds each batch by one tensor indexing"
@@ -456,6 +457,7 @@ def task_dls(data='digits',        # 'digits', 'mnist', 'cifar10', a path (see `
     if classes is not None: d = select_classes(d, classes)
     if n_per_class is not None: d = subsample(d, n_per_class, seed=seed)
     if not isinstance(bs, int) or bs < 1: raise ValueError(f"bs must be a positive int, got {bs!r}")
+    if len(d.y_train.unique()) < 2: raise ValueError(f"task_dls: the training set has {d.n_train} examples of {len(d.y_train.unique())} class(es) ({d!r}); a classifier needs examples of at least 2 classes: check `data`, `classes` and `n_per_class`")
     val_bs = val_bs or 2*bs
     tfms = [IntToFloatTensor()] if d.x_train.dtype == torch.uint8 else []
     if augment:

@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""The CPU-scale CIFAR-10 study behind the recorded results in the docs (issues 5, 6 and 7):
+animals (6 classes) -> vehicles (4 classes), PreActResNet18 at a small width.
+
+1. sources on animals: natural training, and fast adversarial training (FGSM-RS, eps 8/255);
+2. block-by-block frozen transfer to vehicles from both sources (n_retrain 0, 1, 2, 'all');
+3. end-to-end fine-tuning of the robust source with feature distillation, lam in a list;
+4. low-data regime: head-only transfer vs fast AT from scratch, N per class in a list.
+Every model is evaluated with PGD-20 (L-inf, eps 8/255, step 2/255, random start) on a fixed, class-balanced
+subset of the CIFAR-10 test images of its task. Results go to OUT/results.json and OUT/results.md.
+
+    OMP_NUM_THREADS=1 nice python scripts/cifar_study.py --out ~/.cache/rtl_fastai/cifar_study
+"""
+import argparse, json, time, os
+from dataclasses import replace
+from pathlib import Path
+import torch
+from fastai.vision.all import Learner, accuracy, set_seed
+from rtl_fastai.data import load_dataset, select_classes, subsample, default_split, task_dls, ArrayData
+from rtl_fastai.models import PreActResNet18
+from rtl_fastai.callback.adv_train import FastAdvTraining
+from rtl_fastai.callback.adv_valid import RobustAccuracy  # noqa: F401  (registers Learner.robust_validate)
+from rtl_fastai.callback.transfer import transfer_learner
+from rtl_fastai.callback.distill import FeatureDistillation
+
+EPS = 8/255
+
+def valid_subset(d:ArrayData, k:int, seed=0) -> ArrayData:
+    "A class-balanced, seeded subset of `k` validation images per class (the test split is sorted by class)."
+    g, keep = torch.Generator().manual_seed(seed), []
+    for c in range(d.c):
+        idx = (d.y_valid == c).nonzero().flatten()
+        keep.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    keep = torch.cat(keep).sort().values
+    return replace(d, x_valid=d.x_valid[keep], y_valid=d.y_valid[keep])
+
+def fit(learn, epochs, lr, cbs=()):
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr, cbs=list(cbs))
+    return learn
+
+def evaluate(learn, seed=0):
+    set_seed(seed, reproducible=True)
+    r = learn.robust_validate(eps=EPS, steps=20, alpha=2/255, show_progress=False)
+    return dict(clean_acc=round(r['clean_acc'], 4), pgd_acc=round(r['robust_acc'], 4), n_valid=r['n'])
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--out', default=str(Path('~/.cache/rtl_fastai/cifar_study').expanduser()))
+    p.add_argument('--width', type=int, default=8)
+    p.add_argument('--src-n', type=int, default=2000, help="training images per source class")
+    p.add_argument('--src-epochs', type=int, default=8)
+    p.add_argument('--tgt-n', type=int, default=500, help="training images per target class")
+    p.add_argument('--tgt-epochs', type=int, default=6)
+    p.add_argument('--valid-k', type=int, default=100, help="test images per class for evaluation")
+    p.add_argument('--lams', default='0,1e-4,1e-3,5e-3,1e-2,1e-1')
+    p.add_argument('--low-n', default='10,25,50,100,250')
+    p.add_argument('--parts', default='sources,blocks,distill,lowdata')
+    p.add_argument('--bs', type=int, default=128)
+    a = p.parse_args()
+    out = Path(a.out).expanduser(); out.mkdir(parents=True, exist_ok=True)
+    resf = out/'results.json'
+    res = json.loads(resf.read_text()) if resf.exists() else {}
+    res['settings'] = vars(a) | dict(eps='8/255', pgd='PGD-20, step 2/255, random start', threads=torch.get_num_threads())
+    def save(): resf.write_text(json.dumps(res, indent=1))
+    def log(*s): print(time.strftime('%H:%M:%S'), *s, flush=True)
+
+    cifar = load_dataset('cifar10')
+    split = default_split('cifar10')
+    src_d = valid_subset(subsample(select_classes(cifar, split.source), a.src_n), a.valid_k)
+    tgt_full = valid_subset(select_classes(cifar, split.target), a.valid_k)
+    tgt_d = subsample(tgt_full, a.tgt_n)
+    src_dls = task_dls(src_d, bs=a.bs, seed=0)
+    tgt_dls = task_dls(tgt_d, bs=a.bs, seed=0)
+    parts = a.parts.split(',')
+    srcs = {}
+    for kind in ('natural', 'robust'):
+        fn = out/f'source_{kind}_w{a.width}.pth'
+        set_seed(0, reproducible=True)
+        learn = Learner(src_dls, PreActResNet18(n_out=src_dls.c, width=a.width), metrics=accuracy)
+        if fn.exists(): learn.model.load_state_dict(torch.load(fn, weights_only=True)); log('loaded', fn)
+        else:
+            log(f'training {kind} source')
+            t = time.time(); fit(learn, a.src_epochs, 3e-3, [FastAdvTraining(EPS)] if kind == 'robust' else [])
+            torch.save(learn.model.state_dict(), fn)
+            res.setdefault('sources', {})[kind] = dict(seconds=round(time.time()-t, 1))
+        if 'sources' in parts or kind not in res.get('sources', {}) or 'clean_acc' not in res['sources'][kind]:
+            res.setdefault('sources', {}).setdefault(kind, {}).update(evaluate(learn)); save()
+        log(kind, res['sources'][kind]); srcs[kind] = learn.model
+
+    if 'blocks' in parts:
+        rows = []
+        for kind, m in srcs.items():
+            for nr in (0, 1, 2, 'all'):
+                set_seed(0, reproducible=True); t = time.time()
+                l = fit(transfer_learner(m, tgt_dls, n_retrain=nr, metrics=accuracy), a.tgt_epochs, 3e-3)
+                rows.append(dict(source=kind, n_retrain=str(nr), seconds=round(time.time()-t, 1), **evaluate(l)))
+                log(rows[-1]); res['blocks'] = rows; save()
+
+    if 'distill' in parts:
+        rows = []
+        for lam in [float(x) for x in a.lams.split(',')]:
+            set_seed(0, reproducible=True); t = time.time()
+            l = transfer_learner(srcs['robust'], tgt_dls, n_retrain='all', metrics=accuracy)
+            fit(l, a.tgt_epochs, 3e-3, [FeatureDistillation(srcs['robust'], lam=lam, warmup_epochs=1)])
+            rows.append(dict(lam=lam, seconds=round(time.time()-t, 1), **evaluate(l)))
+            log(rows[-1]); res['distill'] = rows; save()
+
+    if 'lowdata' in parts:
+        rows = []
+        for n in [int(x) for x in a.low_n.split(',')]:
+            dls_n = task_dls(subsample(tgt_full, n), bs=min(a.bs, 4*n), seed=0)
+            ep = max(a.tgt_epochs, min(40, 3000//(4*n)))  # about the same number of steps for small N
+            set_seed(0, reproducible=True); t = time.time()
+            l = fit(transfer_learner(srcs['robust'], dls_n, n_retrain=0, metrics=accuracy), ep, 3e-3)
+            rows.append(dict(n_per_class=n, method='robust source, frozen (head only)', epochs=ep, seconds=round(time.time()-t, 1), **evaluate(l)))
+            log(rows[-1])
+            set_seed(0, reproducible=True); t = time.time()
+            l = fit(Learner(dls_n, PreActResNet18(n_out=dls_n.c, width=a.width), metrics=accuracy), ep, 3e-3, [FastAdvTraining(EPS)])
+            rows.append(dict(n_per_class=n, method='fast AT from scratch', epochs=ep, seconds=round(time.time()-t, 1), **evaluate(l)))
+            log(rows[-1]); res['lowdata'] = rows; save()
+
+    import pandas as pd
+    md = [f"settings: {res['settings']}"]
+    for k in ('blocks', 'distill', 'lowdata'):
+        if k in res: md += ['', f'### {k}', pd.DataFrame(res[k]).to_markdown(index=False)]
+    md += ['', '### sources', pd.DataFrame(res['sources']).T.to_markdown()]
+    (out/'results.md').write_text('\n'.join(md) + '\n'); log('wrote', out/'results.md')
+
+if __name__ == '__main__': main()

@@ -1,0 +1,251 @@
+"""Bad input across the public API (issue 8, part 1).
+
+One table: each row calls a public function with one bad argument and expects a clear error (or warning) whose
+message names the parameter (or the file) and the fix. Every row runs with the working directory in a folder of
+"user files" (checkpoints, data archives, earlier results): the test also checks that no file there was changed,
+removed or added.
+"""
+import contextlib, hashlib, io, os, re
+from pathlib import Path
+import pytest
+import torch
+import torch.nn as nn
+from fastai.learner import Learner
+from fastai.callback.core import Callback
+from rtl_fastai.data import (task_dls, load_dataset, load_digits_data, select_classes, subsample, normalize_stats,
+                             find_data, ArrayData)
+from rtl_fastai.models import SmallCNN, WideResNet, replace_head, freeze_blocks, model_blocks, set_blocks
+from rtl_fastai.attacks import pgd_attack, fgsm_attack, check_attack_args
+from rtl_fastai.checkpoint import load_robust_checkpoint, extract_state_dict, CheckpointMismatchError, UnsafeCheckpointError
+from rtl_fastai.callback.adv_valid import RobustAccuracy, robust_accuracy_curve
+from rtl_fastai.callback.adv_train import PGDTraining, FreeAdvTraining, FastAdvTraining, TRADESTraining
+from rtl_fastai.callback.transfer import transfer_learner, FreezeBlocks, FeatureCache, transfer_head
+from rtl_fastai.callback.distill import FeatureDistillation
+from rtl_fastai.pipeline import make_model, next_run_dir, run_pipeline
+from rtl_fastai.cli import main as cli_main
+from rtl_fastai.report import autoattack_evaluate, square_evaluate
+
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the user's files
+@pytest.fixture(scope='module')
+def user_dir(tmp_path_factory):
+    "A folder of files a user keeps: a good checkpoint, damaged ones, a data archive, earlier results."
+    root = tmp_path_factory.mktemp('user')
+    torch.manual_seed(0)
+    torch.save(SmallCNN().state_dict(), root/'good.pth')
+    (root/'garbage.pth').write_bytes(b'not a checkpoint' * 8)
+    (root/'empty.pth').write_bytes(b'')
+    b = (root/'good.pth').read_bytes(); (root/'truncated.pth').write_bytes(b[:len(b)//2])
+    torch.save(nn.Linear(2, 2), root/'module.pth')  # a pickled module: unsafe to unpickle
+    madry = {f'module.model.{k}': v for k, v in SmallCNN().state_dict().items()}
+    madry.update({'module.normalizer.new_mean': torch.tensor([.5]), 'module.normalizer.new_std': torch.tensor([.25]),
+                  **{f'module.attacker.model.{k}': v for k, v in SmallCNN().state_dict().items()}})
+    torch.save(madry, root/'madry.pth')
+    (root/'data').mkdir(); (root/'data'/'mnist_png.tgz').write_bytes(b'\x1f\x8b corrupt gzip')
+    (root/'empty_data').mkdir()
+    (root/'results.txt').write_text('my notes\n')
+    (root/'out'/'run_001').mkdir(parents=True); (root/'out'/'run_001'/'results.json').write_text('{"kept": true}')
+    return root
+
+
+def snapshot(root:Path):
+    "Every file (size, mtime, hash) and folder under `root`."
+    res = {}
+    for p in sorted(root.rglob('*')):
+        rel = str(p.relative_to(root))
+        if p.is_dir(): res[rel] = 'dir'
+        else:
+            st = p.stat()
+            res[rel] = (st.st_size, st.st_mtime_ns, hashlib.sha1(p.read_bytes()).hexdigest())
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers of the cases
+def _x(dls): return dls.valid.one_batch()
+
+
+def _pgd(dls, model, **kw):
+    x, y = _x(dls)
+    args = dict(eps=0.1, steps=2, stats=dls); args.update(kw)
+    return pgd_attack(model, x, y, **args)
+
+
+def _fit(learn, n=1):
+    with learn.no_bar(), learn.no_logging(): learn.fit(n, 1e-3)
+
+
+def _cli(*args):
+    "Run the CLI; an argparse exit (status 2) becomes a ValueError carrying its stderr."
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try: cli_main(list(args))
+        except SystemExit as e:
+            if e.code not in (0, None): raise ValueError(f"exit {e.code}: {err.getvalue()}{'' if isinstance(e.code, int) else e.code}") from None
+
+
+class _NaNAfter(nn.Module):
+    "Cross-entropy that turns NaN from its `k`-th call on (a diverging training)."
+    def __init__(self, k): super().__init__(); self.k, self.n = k, 0
+    def forward(self, out, y):
+        self.n += 1
+        return nn.functional.cross_entropy(out, y) * (float('nan') if self.n >= self.k else 1.)
+
+
+def _nan_fit(dls):
+    learn = Learner(dls, SmallCNN(), loss_func=_NaNAfter(2), cbs=PGDTraining(0.1, steps=2))
+    _fit(learn)
+
+
+def _one_class(dls):
+    return task_dls(load_digits_data(), classes=['5'])
+
+
+def _empty_train():
+    d = load_digits_data()
+    return task_dls(ArrayData(d.x_train[:0], d.y_train[:0], d.x_valid, d.y_valid, d.classes))
+
+
+def _fd_shapes(dls):
+    learn = Learner(dls, SmallCNN(widths=(8, 16)), cbs=FeatureDistillation(SmallCNN(widths=(32, 64))))
+    _fit(learn)
+
+
+def _rgb_source_on_gray(dls):
+    learn = transfer_learner(SmallCNN(n_in=3), dls, n_retrain=1)
+    _fit(learn)
+
+
+def _unsupported_model():
+    return model_blocks(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
+
+
+# one row: (id, callable taking (dls, model, root), expected exception or warning class, regex the message must match)
+E, W = 'error', 'warning'
+CASES = [
+    # -- attacks: eps / steps / alpha / norm / restarts out of range, bad tensors, a NaN loss
+    ('pgd-eps-negative',   lambda d, m, r: _pgd(d, m, eps=-0.1), ValueError, r'`eps` must be a number >= 0'),
+    ('pgd-eps-not-pixels', lambda d, m, r: _pgd(d, m, eps=8), ValueError, r'`eps`=8 .*8/255 not 8'),
+    ('pgd-eps-nan',        lambda d, m, r: _pgd(d, m, eps=float('nan')), ValueError, r'`eps`'),
+    ('pgd-steps-zero',     lambda d, m, r: _pgd(d, m, steps=0), ValueError, r'`steps` must be an integer >= 1'),
+    ('pgd-steps-float',    lambda d, m, r: _pgd(d, m, steps=2.5), ValueError, r'`steps`'),
+    ('pgd-alpha-zero',     lambda d, m, r: _pgd(d, m, alpha=0), ValueError, r'`alpha`.* must be > 0'),
+    ('pgd-alpha-bool',     lambda d, m, r: _pgd(d, m, alpha=True), ValueError, r'`alpha`'),
+    ('pgd-norm-unknown',   lambda d, m, r: _pgd(d, m, norm='l3'), ValueError, r"`norm` must be one of \('linf', 'l2'\)"),
+    ('pgd-restarts-zero',  lambda d, m, r: _pgd(d, m, restarts=0), ValueError, r'`restarts`'),
+    ('pgd-x-int',          lambda d, m, r: pgd_attack(m, torch.zeros(2, 1, 8, 8, dtype=torch.long), torch.zeros(2, dtype=torch.long), 0.1),
+                           TypeError, r'`x` must be a floating point tensor'),
+    ('pgd-y-length',       lambda d, m, r: pgd_attack(m, _x(d)[0], _x(d)[1][:3], 0.1, stats=d), ValueError, r'`y` must be a tensor of \d+ labels'),
+    ('pgd-loss-scalar',    lambda d, m, r: _pgd(d, m, loss_func=nn.CrossEntropyLoss()), ValueError, r'`loss_func` must return one loss per example'),
+    ('pgd-loss-nan',       lambda d, m, r: _pgd(d, m, loss_func=lambda o, y: o.sum(1) * float('nan')), ValueError, r'`loss_func` returned \d+ non-finite'),
+    ('pgd-stats-std-zero', lambda d, m, r: _pgd(d, m, stats=([0.5], [0.])), ValueError, r'std must be positive'),
+    ('fgsm-eps-range',     lambda d, m, r: fgsm_attack(m, *_x(d), eps=2.), ValueError, r'`eps`=2.0 is larger than the whole \[0,1\] pixel range'),
+    ('fit-loss-turns-nan', lambda d, m, r: _nan_fit(d), ValueError, r"non-finite .*the model's outputs are nan/inf"),
+    # -- validation callbacks and the report
+    ('robacc-n_batches',   lambda d, m, r: RobustAccuracy(n_batches=0), ValueError, r'`n_batches` must be an integer >= 1'),
+    ('robacc-norm',        lambda d, m, r: RobustAccuracy(norm='l1'), ValueError, r'`norm`'),
+    ('robust_validate-eps', lambda d, m, r: Learner(d, m).robust_validate(eps=8, show_progress=False), ValueError, r'`eps`'),
+    ('curve-empty-eps',    lambda d, m, r: robust_accuracy_curve(Learner(d, m), []), ValueError, r'`eps_list` is empty'),
+    ('report-n_batches',   lambda d, m, r: Learner(d, m).robustness_report(n_batches=0), ValueError, r'`n_batches`'),
+    ('report-tol',         lambda d, m, r: Learner(d, m).robustness_report(tol=-1), ValueError, r'`tol`'),
+    ('autoattack-version', lambda d, m, r: autoattack_evaluate(Learner(d, m), version='fast'), ValueError, r'`version` must be one of'),
+    ('autoattack-eps',     lambda d, m, r: autoattack_evaluate(Learner(d, m), eps=8), ValueError, r'`eps`'),
+    ('square-queries',     lambda d, m, r: square_evaluate(Learner(d, m), n_queries=0), ValueError, r'`n_queries`'),
+    # -- adversarial training callbacks
+    ('pgdtrain-eps',       lambda d, m, r: PGDTraining(eps=8), ValueError, r'`eps`=8 .*pixel'),
+    ('pgdtrain-steps',     lambda d, m, r: PGDTraining(0.1, steps=0), ValueError, r'`steps`'),
+    ('free-replays',       lambda d, m, r: FreeAdvTraining(0.1, replays=0), ValueError, r'`replays`'),
+    ('fast-alpha',         lambda d, m, r: FastAdvTraining(0.1, alpha=-1.), ValueError, r'`alpha`'),
+    ('trades-beta',        lambda d, m, r: TRADESTraining(0.1, beta=-1), ValueError, r'`beta`'),
+    # -- transfer: n_retrain out of range, unknown modes, mismatched inputs
+    ('transfer-n_retrain-high', lambda d, m, r: transfer_learner(m, d, n_retrain=9), ValueError, r'`n_retrain` must be an integer in 0\.\.2'),
+    ('transfer-n_retrain-neg',  lambda d, m, r: transfer_learner(m, d, n_retrain=-1), ValueError, r'`n_retrain`'),
+    ('transfer-n_retrain-str',  lambda d, m, r: transfer_learner(m, d, n_retrain='last'), ValueError, r"`n_retrain`.*or 'all'"),
+    ('transfer-cache-mode',     lambda d, m, r: transfer_learner(m, d, cache='yes'), ValueError, r'`mode` must be'),
+    ('transfer-weights-mismatch', lambda d, m, r: transfer_learner(SmallCNN(widths=(8, 16)), d, weights=r/'good.pth'),
+                                RuntimeError, r'`weights` do not fit the source model'),
+    ('transfer-wrong-channels', lambda d, m, r: _rgb_source_on_gray(d), RuntimeError, r'expected input.* to have 3 channels, but got 1'),
+    ('transfer-double-normalize', lambda d, m, r: transfer_learner(SmallCNN(stats=([.5], [.25])), d), W,
+                                r'normalized twice.*normalize=False'),
+    ('freezeblocks-neg',   lambda d, m, r: FreezeBlocks(-1), ValueError, r'`n_frozen` must be an integer >= 0'),
+    ('freeze_blocks-high', lambda d, m, r: freeze_blocks(SmallCNN(), 99), ValueError, r'`n_frozen` must be an integer in \[0, 5\]'),
+    ('transfer_head-pdrop', lambda d, m, r: transfer_head(64, 5, (32,), p_drop=1.), ValueError, r'`p_drop`'),
+    # -- distillation: unknown layer names, mismatched feature shapes
+    ('distill-layer-unknown', lambda d, m, r: FeatureDistillation(SmallCNN(), layer='blok2'), ValueError,
+                              r"`layer`='blok2' is not a module of the source model\. Did you mean 'block2'"),
+    ('distill-layer-type', lambda d, m, r: FeatureDistillation(SmallCNN(), layer=3), TypeError, r'`layer` must be None'),
+    ('distill-lam',        lambda d, m, r: FeatureDistillation(SmallCNN(), lam=-1), ValueError, r'`lam` must be a finite number >= 0'),
+    ('distill-dist',       lambda d, m, r: FeatureDistillation(SmallCNN(), dist='cos'), ValueError, r'`dist` must be one of'),
+    ('distill-warmup',     lambda d, m, r: FeatureDistillation(SmallCNN(), warmup_epochs=-1), ValueError, r'`warmup_epochs`'),
+    ('distill-source',     lambda d, m, r: FeatureDistillation('resnet18'), TypeError, r'`source` must be an nn\.Module'),
+    ('distill-feature-shapes', lambda d, m, r: _fd_shapes(d), ValueError, r'features of shape \(16,\).*source model has \(64,\).*`layer=`'),
+    # -- models
+    ('smallcnn-n_in',      lambda d, m, r: SmallCNN(n_in=0), ValueError, r'`?n_in`?'),
+    ('wrn-depth',          lambda d, m, r: WideResNet(depth=27), ValueError, r'invalid `depth`=27'),
+    ('replace_head-n_out', lambda d, m, r: replace_head(SmallCNN(), 0), ValueError, r'`?n_out`?'),
+    ('model_blocks-unknown', lambda d, m, r: _unsupported_model(), TypeError, r'unsupported model Sequential.*set_blocks'),
+    ('make_model-arch',    lambda d, m, r: make_model('vgg', 1, 10), ValueError, r'`arch` must be one of'),
+    # -- data: empty or one-class datasets, wrong image size, missing or corrupt data paths
+    ('data-one-class',     lambda d, m, r: _one_class(d), ValueError, r'at least 2 classes.*`classes`'),
+    ('data-empty-train',   lambda d, m, r: _empty_train(), ValueError, r'training set has 0 examples'),
+    ('data-classes-empty', lambda d, m, r: select_classes(load_digits_data(), []), ValueError, r'classes is empty'),
+    ('data-class-unknown', lambda d, m, r: select_classes(load_digits_data(), ['cat']), ValueError, r"unknown class 'cat'"),
+    ('data-n_per_class',   lambda d, m, r: task_dls('digits', n_per_class=10_000), ValueError, r'fewer than n_per_class=10000'),
+    ('data-bs',            lambda d, m, r: task_dls('digits', bs=0), ValueError, r'bs must be a positive int'),
+    ('data-augment-size',  lambda d, m, r: task_dls('digits', augment=True), ValueError, r'augment=True is for 32x32 images.*\(8, 8\)'),
+    ('data-valid_pct',     lambda d, m, r: load_digits_data(valid_pct=1.5), ValueError, r'valid_pct'),
+    ('data-stats-channels', lambda d, m, r: normalize_stats(([.1, .2, .3], [.1, .2])), ValueError, r'mean has 3 channels and std 2'),
+    ('data-path-missing',  lambda d, m, r: load_dataset(str(r/'no_such_folder')), FileNotFoundError, r'neither a dataset name .* nor an existing path'),
+    ('data-mnist-path-missing', lambda d, m, r: load_dataset('mnist', path=r/'nowhere'), FileNotFoundError, r'data path .*nowhere does not exist'),
+    ('data-archive-corrupt', lambda d, m, r: find_data('mnist', path=r/'data'/'mnist_png.tgz'), ValueError, r'cannot read archive .*mnist_png\.tgz'),
+    ('data-folder-wrong',  lambda d, m, r: load_dataset('mnist', path=r/'empty_data'), ValueError, r'does not hold mnist.*mnist_png/training'),
+    ('digits-with-path',   lambda d, m, r: load_dataset('digits', path=r/'data'), ValueError, r"'digits' is embedded .*takes no path"),
+    # -- checkpoints: mismatched, missing, corrupt, unsafe
+    ('ckpt-mismatch',      lambda d, m, r: load_robust_checkpoint(SmallCNN(n_out=5), r/'good.pth'), CheckpointMismatchError,
+                           r'does not match the model \(nothing was loaded\).*head\.weight: checkpoint \(10, 64\) vs model \(5, 64\)'),
+    ('ckpt-missing',       lambda d, m, r: load_robust_checkpoint(SmallCNN(), r/'nope.pth'), FileNotFoundError, r'`path_or_url`: no checkpoint file'),
+    ('ckpt-garbage',       lambda d, m, r: load_robust_checkpoint(SmallCNN(), r/'garbage.pth'), ValueError, r'`path_or_url`: .*garbage\.pth is not a readable torch checkpoint'),
+    ('ckpt-truncated',     lambda d, m, r: load_robust_checkpoint(SmallCNN(), r/'truncated.pth'), ValueError, r'`path_or_url`: .*truncated\.pth is not a readable'),
+    ('ckpt-empty',         lambda d, m, r: load_robust_checkpoint(SmallCNN(), r/'empty.pth'), ValueError, r'`path_or_url`: .*empty\.pth is not a readable'),
+    ('ckpt-unsafe',        lambda d, m, r: load_robust_checkpoint(SmallCNN(), r/'module.pth'), UnsafeCheckpointError, r'refused to unpickle .*module\.pth'),
+    ('ckpt-key',           lambda d, m, r: extract_state_dict({'net': {}}, key='model'), KeyError, r"`key`='model' is not in the checkpoint"),
+    ('ckpt-url-scheme',    lambda d, m, r: load_robust_checkpoint(SmallCNN(), 's3://bucket/x.pth'), ValueError, r"`path_or_url`: unsupported URL scheme 's3'"),
+    ('ckpt-madry-no-normalize', lambda d, m, r: load_robust_checkpoint(SmallCNN(), r/'madry.pth'), W, r'no NormalizeInput layer'),
+    # -- pipeline and command line
+    ('pipeline-arch',      lambda d, m, r: run_pipeline(arch='vgg', log=None), ValueError, r'`arch` must be one of'),
+    ('run-dir-is-file',    lambda d, m, r: next_run_dir(r/'results.txt'), NotADirectoryError, r'`out`=.*results\.txt.* is a file'),
+    ('cli-eps',            lambda d, m, r: _cli('run', '--eps', '8'), ValueError, r"--eps: '8' is outside \[0,1\].*8/255"),
+    ('cli-steps',          lambda d, m, r: _cli('run', '--steps', '0'), ValueError, r'--steps: must be >= 1'),
+    ('cli-classes',        lambda d, m, r: _cli('run', '--source-classes', ','), ValueError, r'class list is empty'),
+    ('cli-out-is-file',    lambda d, m, r: _cli('run', '--out', str(r/'results.txt')), NotADirectoryError, r'results\.txt.* is a file'),
+]
+
+
+def test_enough_cases():
+    assert len(CASES) >= 30
+    assert len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize('case', CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, digits_dls, digits_model, user_dir, monkeypatch):
+    name, fn, exc, pattern = case
+    monkeypatch.chdir(user_dir)  # anything written to the working directory would show in the snapshot
+    model = SmallCNN(); model.load_state_dict(digits_model.state_dict()); model.eval()
+    before = snapshot(user_dir)
+    if exc == W:
+        with pytest.warns(UserWarning, match=re.compile(pattern, re.S)): fn(digits_dls, model, user_dir)
+    else:
+        with pytest.raises(exc) as ei: fn(digits_dls, model, user_dir)
+        assert re.search(pattern, str(ei.value), re.S), f"{name}: the message does not match {pattern!r}:\n{ei.value}"
+    assert snapshot(user_dir) == before, f"{name}: a user file was changed, removed or added"
+
+
+def test_mismatched_checkpoint_loads_nothing(user_dir):
+    "A checkpoint that does not fit leaves the model's weights exactly as they were."
+    m = SmallCNN(n_out=5)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(CheckpointMismatchError): load_robust_checkpoint(m, user_dir/'good.pth')
+    for k, v in m.state_dict().items(): assert torch.equal(v, sd[k]), k

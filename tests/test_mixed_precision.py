@@ -1,0 +1,116 @@
+"""Mixed precision (issue 8, part 3).
+
+fastai 2.8.7's `MixedPrecision` (`to_fp16()`, `to_bf16()`) hard-codes `autocast('cuda')`, which PyTorch disables
+(with a warning) on a machine without a GPU: on CPU those learners train in float32. Mixed precision that really
+runs on CPU is bfloat16 autocast, `torch.autocast('cpu', dtype=torch.bfloat16)`: `CPUBFloat16` below is
+`MixedPrecision` with that autocast (a test helper). Every callback and attack is checked under it, and under
+`to_fp16()`/`to_bf16()` (which must at least run on CPU, and do real mixed precision on a GPU); PGD robust
+accuracy under CPU bf16 autocast is within 2 points of float32 on the digits model.
+"""
+import warnings
+import pytest
+import torch
+import torch.nn as nn
+from fastcore.foundation import L
+from fastai.learner import Learner
+from fastai.callback.fp16 import MixedPrecision
+from fastai.metrics import accuracy
+from rtl_fastai.data import task_dls
+from rtl_fastai.models import SmallCNN
+from rtl_fastai.attacks import pgd_attack, fgsm_attack, robust_eval_batch, PixelSpace
+from rtl_fastai.callback.adv_valid import RobustAccuracy
+from rtl_fastai.callback.adv_train import PGDTraining, FreeAdvTraining, FastAdvTraining, TRADESTraining
+from rtl_fastai.callback.transfer import transfer_learner
+from rtl_fastai.callback.distill import FeatureDistillation
+
+torch.set_num_threads(1)
+
+
+class CPUBFloat16(MixedPrecision):
+    "fastai's `MixedPrecision` with CPU bfloat16 autocast (no grad scaler: bf16 has the range of fp32)."
+    def __init__(self): super().__init__(amp_mode='bf16')
+    def before_fit(self):
+        self.autocast, self.learn.scaler, self.scales = torch.autocast('cpu', dtype=torch.bfloat16), torch.amp.GradScaler('cpu', enabled=False), L()
+
+
+class DtypeProbe:
+    "Forward hook on the first conv: the dtypes of its outputs."
+    def __init__(self, model):
+        conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        self.dtypes, self.h = set(), conv.register_forward_hook(lambda m, i, o: self.dtypes.add(o.dtype))
+    def remove(self): self.h.remove()
+
+
+def _model(digits_model):
+    m = SmallCNN(); m.load_state_dict(digits_model.state_dict()); return m
+
+
+def _setups(dls, src):
+    ra = lambda: RobustAccuracy(0.1, steps=3, n_batches=1)
+    return {
+        'PGDTraining': (Learner(dls, _model(src), metrics=[accuracy, ra()]), [PGDTraining(0.1, steps=2)]),
+        'FreeAdvTraining': (Learner(dls, _model(src), metrics=[accuracy, ra()]), [FreeAdvTraining(0.1, replays=2)]),
+        'FastAdvTraining': (Learner(dls, _model(src), metrics=[accuracy, ra()]), [FastAdvTraining(0.1)]),
+        'TRADESTraining': (Learner(dls, _model(src), metrics=[accuracy, ra()]), [TRADESTraining(0.1, steps=2)]),
+        'transfer': (transfer_learner(_model(src), dls, n_retrain=1, cache=False, metrics=[accuracy, ra()]), []),
+        'transfer-cache': (transfer_learner(_model(src), dls, n_retrain=1, cache=True, metrics=[accuracy, ra()]), []),
+        'FeatureDistillation': (Learner(dls, _model(src), metrics=[accuracy, ra()]), [FeatureDistillation(_model(src), warmup_epochs=1)]),
+    }
+
+SETUP_NAMES = ['PGDTraining', 'FreeAdvTraining', 'FastAdvTraining', 'TRADESTraining', 'transfer', 'transfer-cache', 'FeatureDistillation']
+
+
+@pytest.fixture
+def small_dls():
+    "A fresh quarter of the digits training set (fast epochs), all of its validation set."
+    from rtl_fastai.data import load_digits_data, subsample
+    return task_dls(subsample(load_digits_data(), 30), bs=64, seed=0)
+
+
+@pytest.mark.parametrize('mode', ['cpu-bf16', 'to_bf16', 'to_fp16'])
+@pytest.mark.parametrize('setup', SETUP_NAMES)
+def test_callbacks_under_mixed_precision(setup, mode, small_dls, digits_model):
+    learn, cbs = _setups(small_dls, digits_model)[setup]
+    if mode == 'cpu-bf16': learn.add_cb(CPUBFloat16())
+    elif mode == 'to_bf16': learn.to_bf16()
+    else: learn.to_fp16()
+    probe = DtypeProbe(learn.model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='.*CUDA is not available.*')  # to_fp16/to_bf16 on a CPU-only machine
+        warnings.filterwarnings('ignore', message='.*torch.cuda.amp.GradScaler is enabled, but CUDA is not available.*')
+        with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-2 if setup.startswith('transfer') else 1e-3, cbs=cbs)  # a new random head: larger lr
+    probe.remove()
+    loss, acc, rob = learn.recorder.values[-1][1:4]
+    assert all(torch.isfinite(torch.tensor(v)) for v in learn.recorder.values[-1]), learn.recorder.values
+    assert acc > 0.8 and 0 <= rob <= acc, learn.recorder.values   # from the trained digits model
+    assert all(p.dtype == torch.float32 for p in learn.model.parameters())
+    if mode == 'cpu-bf16' or torch.cuda.is_available(): assert torch.bfloat16 in probe.dtypes or torch.float16 in probe.dtypes, probe.dtypes
+    else: assert probe.dtypes == {torch.float32}  # on CPU, fastai's MixedPrecision runs in float32 (documented)
+
+
+def test_attacks_inside_cpu_autocast(digits_dls, digits_model):
+    x, y = digits_dls.valid.one_batch()
+    m = _model(digits_model).eval()
+    p = PixelSpace(digits_dls, like=x).to_pixels(x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        for xa in (pgd_attack(m, x, y, 0.1, steps=5, stats=digits_dls), pgd_attack(m, x, y, 0.5, steps=5, norm='l2', stats=digits_dls),
+                   fgsm_attack(m, x, y, 0.1, stats=digits_dls)):
+            assert xa.dtype == x.dtype and xa.shape == x.shape
+            pa = PixelSpace(digits_dls, like=x).to_pixels(xa)
+            assert pa.min() >= -1e-5 and pa.max() <= 1 + 1e-5
+        d = (PixelSpace(digits_dls, like=x).to_pixels(pgd_attack(m, x, y, 0.1, steps=5, stats=digits_dls)) - p).abs().max()
+        assert d <= 0.1 + 1e-5
+        clean, robust = robust_eval_batch(m, x, y, eps=0.1, steps=5, stats=digits_dls)
+        assert robust.sum() <= clean.sum() and clean.float().mean() > 0.9
+
+
+def test_pgd_bf16_close_to_fp32(digits_dls, digits_model):
+    "PGD-20 robust accuracy on the whole digits validation set: CPU bf16 autocast within 2 points of float32."
+    learn = Learner(digits_dls, _model(digits_model))
+    fp32 = learn.robust_validate(eps=0.1, steps=20, show_progress=False)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        bf16 = learn.robust_validate(eps=0.1, steps=20, show_progress=False)
+    assert fp32['n'] == bf16['n'] == 450
+    assert 0.2 < fp32['robust_acc'] < 0.9, fp32  # an eps where the number is informative
+    assert abs(bf16['robust_acc'] - fp32['robust_acc']) <= 0.02, (fp32, bf16)
+    assert abs(bf16['clean_acc'] - fp32['clean_acc']) <= 0.02, (fp32, bf16)

@@ -1,0 +1,114 @@
+"""Strong evaluation (issue 8, part 5): `autoattack_evaluate`, the gradient-masking checks and
+`Learner.robustness_report` (rtl_fastai.report)."""
+import sys, warnings
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+from fastai.learner import Learner
+from rtl_fastai.models import SmallCNN
+from rtl_fastai.attacks import PixelSpace
+from rtl_fastai.report import (autoattack_evaluate, square_evaluate, masking_checks, GradientMaskingWarning, PixelModel)
+
+torch.set_num_threads(1)
+
+
+def _learn(dls, digits_model):
+    m = SmallCNN(); m.load_state_dict(digits_model.state_dict())
+    return Learner(dls, m.eval())
+
+
+class Quantized(nn.Module):
+    "`model` on the image rounded to 4 levels: the zero gradient of rounding masks the gradient (obfuscated gradient)."
+    def __init__(self, model, stats): super().__init__(); self.model, self.space = model, PixelSpace(stats)
+    def forward(self, x):
+        p = self.space.to_pixels(x)
+        return self.model(self.space.from_pixels(torch.round(p*4)/4))
+
+
+def _report(learn, **kw):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always', GradientMaskingWarning)
+        rep = learn.robustness_report(**{**dict(eps=0.1, steps=10, n_batches=1, square_queries=300, show=False), **kw})
+    return rep, [o for o in w if issubclass(o.category, GradientMaskingWarning)]
+
+
+def test_report_honest_model(digits_dls, digits_model):
+    learn = _learn(digits_dls, digits_model)
+    modes = [m.training for m in learn.model.modules()]
+    state = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    rng = torch.get_rng_state()
+    rep, w = _report(learn)
+    res, checks = rep['results'], rep['checks']
+    assert set(checks.check) == {'robust accuracy non-increasing in eps', 'robust accuracy non-increasing in steps',
+                                 'restarts never above a single run', 'single-step FGSM not clearly stronger than PGD',
+                                 'black-box Square not clearly stronger than PGD', 'unbounded attack fools every example'}
+    assert checks.passed.all(), checks
+    assert not w, [str(o.message) for o in w]
+    assert (res.n == 128).all() and (res.robust_acc <= res.clean_acc).all()
+    # the global RNG and the model's modes are left alone
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [m.training for m in learn.model.modules()] == modes
+    assert all(torch.equal(v, state[k]) for k, v in learn.model.state_dict().items())  # BatchNorm statistics too
+    # the report is reproducible (seeded)
+    rep2, _ = _report(learn)
+    pd.testing.assert_frame_equal(rep['results'], rep2['results'])
+
+
+def test_report_flags_masked_gradient(digits_dls, digits_model):
+    learn = _learn(digits_dls, digits_model)
+    masked = Learner(digits_dls, Quantized(learn.model, digits_dls))
+    rep, w = _report(masked)
+    failed = set(rep['checks'][~rep['checks'].passed].check)
+    assert 'black-box Square not clearly stronger than PGD' in failed, rep['checks']
+    assert any('Square' in str(o.message) and 'gradient masking' in str(o.message) for o in w)
+
+
+def test_masking_checks_on_tables():
+    "Each check fails on a table that violates it, and passes within `tol`."
+    def row(attack, eps, steps, acc, restarts=1): return dict(attack=attack, eps=eps, steps=steps, restarts=restarts, clean_acc=0.9, robust_acc=acc, n=100)
+    ok = pd.DataFrame([row('pgd', .1, 5, .50), row('pgd', .1, 10, .45), row('pgd', .05, 10, .70), row('pgd', .2, 10, .10),
+                       row('pgd', .1, 10, .44, restarts=3), row('fgsm', .1, 1, .60), row('square', .1, None, .55),
+                       row('pgd-unbounded', 1., 10, 0.)])
+    assert masking_checks(ok, .1, 10).passed.all()
+    def fails(df, check, tol=0.01): c = masking_checks(df, .1, 10, tol); return not c[c.check.str.contains(check)].passed.iloc[0]
+    bad = ok.copy(); bad.loc[3, 'robust_acc'] = .6          # more robust at eps=0.2 than at 0.1
+    assert fails(bad, 'in eps') and not fails(bad, 'in eps', tol=0.2)
+    bad = ok.copy(); bad.loc[0, 'robust_acc'] = .30         # 5 steps stronger than 10
+    assert fails(bad, 'in steps')
+    bad = ok.copy(); bad.loc[4, 'robust_acc'] = .50         # 3 restarts weaker than 1
+    assert fails(bad, 'restarts')
+    bad = ok.copy(); bad.loc[5, 'robust_acc'] = .20         # FGSM stronger than PGD
+    assert fails(bad, 'FGSM')
+    bad = ok.copy(); bad.loc[6, 'robust_acc'] = .20         # Square stronger than PGD
+    assert fails(bad, 'Square')
+    bad = ok.copy(); bad.loc[7, 'robust_acc'] = .30         # the unbounded attack fails
+    assert fails(bad, 'unbounded')
+
+
+def test_autoattack_at_most_pgd(digits_dls, digits_model):
+    learn = _learn(digits_dls, digits_model)
+    aa = autoattack_evaluate(learn, eps=0.1, n_batches=1)
+    pgd = learn.robust_validate(eps=0.1, steps=20, n_batches=1, show_progress=False)
+    assert aa['n'] == pgd['n'] == 128 and aa['clean_acc'] == pgd['clean_acc']
+    assert aa['robust_acc'] <= pgd['robust_acc'] + 2/aa['n'], (aa, pgd)
+    assert aa['max_perturbation'] <= 0.1 + 1e-6
+    assert aa['attack'] == 'autoattack-standard@0.1'
+
+
+def test_pixel_model_matches(digits_dls, digits_model):
+    learn = _learn(digits_dls, digits_model)
+    x, _ = digits_dls.valid.one_batch()
+    p = PixelSpace(digits_dls, like=x).to_pixels(x)
+    torch.testing.assert_close(PixelModel(learn.model, digits_dls)(p), learn.model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_missing_torchattacks(digits_dls, digits_model, monkeypatch):
+    learn = _learn(digits_dls, digits_model)
+    monkeypatch.setitem(sys.modules, 'torchattacks', None)  # `import torchattacks` raises ImportError
+    for f in (lambda: autoattack_evaluate(learn, eps=0.1), lambda: square_evaluate(learn, eps=0.1),
+              lambda: learn.robustness_report(eps=0.1)):
+        with pytest.raises(ImportError, match=r"optional dependency torchattacks.*pip install --no-deps 'torchattacks==3\.5\.1'"): f()
+    # without Square and AutoAttack, the report needs no torchattacks
+    rep = learn.robustness_report(eps=0.1, steps=5, n_batches=1, square_queries=None, show=False)
+    assert 'square' not in set(rep['results'].attack)

@@ -1,0 +1,188 @@
+"""State safety of our callbacks (issue 8, part 2).
+
+After fit and validate with each callback: the modules' train/eval modes are those of a plain fastai fit, the
+`requires_grad` flags are as documented (all trainable, except the frozen blocks of `transfer_learner`), the
+BatchNorm buffers of frozen blocks and the source copy of `FeatureDistillation` are unchanged. An exception in
+the middle of an epoch leaves the Learner usable and our callbacks removable. `export`/`load_learner` round-trips
+with our callbacks attached, and `SaveModelCallback` + `load` resume training.
+"""
+import copy
+import pytest
+import torch
+from fastai.learner import Learner, load_learner
+from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.tracker import SaveModelCallback
+from fastai.metrics import accuracy
+from rtl_fastai.data import task_dls
+from rtl_fastai.models import SmallCNN, model_blocks
+from rtl_fastai.callback.adv_valid import RobustAccuracy
+from rtl_fastai.callback.adv_train import PGDTraining, FreeAdvTraining, FastAdvTraining, TRADESTraining
+from rtl_fastai.callback.transfer import transfer_learner, FreezeBlocks, FeatureCache
+from rtl_fastai.callback.distill import FeatureDistillation
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def dls():
+    "Fresh digits DataLoaders per test: a callback that leaks a patch onto them cannot affect other tests."
+    return task_dls('digits', bs=64, seed=0)
+
+
+def _model(digits_model):
+    m = SmallCNN(); m.load_state_dict(digits_model.state_dict()); return m
+
+
+def _fit(learn, n=1, **kw):
+    with learn.no_bar(), learn.no_logging(): learn.fit(n, 1e-3, **kw)
+
+
+def _modes(model): return {n: m.training for n, m in model.named_modules()}
+def _grads(model): return {n: p.requires_grad for n, p in model.named_parameters()}
+def _state(module): return {k: v.detach().clone() for k, v in module.state_dict().items()}
+def _same(a, b): return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# Each setup: `(learner, callbacks passed to fit, what the callback keeps frozen: number of leading entries)`.
+def _adv(cls, **kw):
+    def make(dls, src):
+        return Learner(dls, _model(src), metrics=accuracy), [cls(**kw)], 0
+    return make
+
+def _robacc(dls, src):
+    return Learner(dls, _model(src), metrics=[accuracy, RobustAccuracy(0.1, steps=2, n_batches=1)]), [], 0
+
+def _transfer(cache):
+    def make(dls, src): return transfer_learner(_model(src), dls, n_retrain=1, cache=cache, metrics=accuracy), [], 2
+    return make
+
+def _distill(dls, src):
+    return Learner(dls, _model(src), metrics=accuracy), [FeatureDistillation(_model(src), lam=1e-2, warmup_epochs=1)], 0
+
+SETUPS = {
+    'PGDTraining': _adv(PGDTraining, eps=0.1, steps=2),
+    'FreeAdvTraining': _adv(FreeAdvTraining, eps=0.1, replays=2),
+    'FastAdvTraining': _adv(FastAdvTraining, eps=0.1),
+    'TRADESTraining': _adv(TRADESTraining, eps=0.1, steps=2),
+    'RobustAccuracy': _robacc,
+    'transfer-cache': _transfer(True),
+    'transfer-nocache': _transfer(False),
+    'FeatureDistillation': _distill,
+}
+
+
+@pytest.fixture(scope='module')
+def reference_modes(digits_dls, digits_model):
+    "Modes of every module after a plain fastai fit and after a plain validate."
+    learn = Learner(digits_dls, _model(digits_model), metrics=accuracy)
+    _fit(learn)
+    after_fit = _modes(learn.model)
+    learn.validate()
+    return after_fit, _modes(learn.model)
+
+
+@pytest.mark.parametrize('setup', list(SETUPS))
+def test_state_after_fit_and_validate(setup, dls, digits_model, reference_modes):
+    learn, cbs, n_frozen = SETUPS[setup](dls, digits_model)
+    entries = model_blocks(learn.model).all
+    frozen_before = [_state(m) for m in entries[:n_frozen]]
+    fd = next((c for c in cbs if isinstance(c, FeatureDistillation)), None)
+    src_before = _state(fd.source) if fd is not None else None
+    n_cbs, n_metrics = len(learn.cbs), len(learn.metrics)
+    _fit(learn, 2, cbs=cbs)
+    # modes: as after a plain fastai fit (eval after the last validation), frozen blocks in eval mode
+    assert _modes(learn.model) == reference_modes[0]
+    learn.validate()
+    assert _modes(learn.model) == reference_modes[1]
+    # requires_grad: everything trainable, but the frozen blocks of transfer_learner
+    frozen_ids = {id(p) for m in entries[:n_frozen] for p in m.parameters()}
+    for n, p in learn.model.named_parameters(): assert p.requires_grad == (id(p) not in frozen_ids), n
+    # frozen blocks: weights and BatchNorm buffers (running mean/var, counter) untouched
+    for m, before in zip(entries[:n_frozen], frozen_before): assert _same(_state(m), before)
+    # the source copy of FeatureDistillation is never trained, and stays frozen and in eval mode
+    if fd is not None:
+        assert _same(_state(fd.source), src_before)
+        assert not fd.source.training and not any(p.requires_grad for p in fd.source.parameters())
+    # callbacks passed to `fit` are gone, metrics and model as they were
+    assert len(learn.cbs) == n_cbs and len(learn.metrics) == n_metrics
+    assert not any(isinstance(c, (PGDTraining, FreeAdvTraining, FastAdvTraining, TRADESTraining, FeatureDistillation)) for c in learn.cbs)
+    assert isinstance(learn.model, SmallCNN)
+
+
+class Boom(Callback):
+    "Raises in the middle of the first epoch (after the loss of batch 3)."
+    order, feature_cache_safe = 100, True  # it does not change the inputs: FeatureCache(mode=True) may stay on
+    def after_loss(self):
+        if self.training and self.iter == 3: raise RuntimeError('boom')
+
+
+@pytest.mark.parametrize('setup', list(SETUPS))
+def test_exception_mid_epoch(setup, dls, digits_model):
+    learn, cbs, n_frozen = SETUPS[setup](dls, digits_model)
+    grads_before, n_cbs, n_metrics = _grads(learn.model), len(learn.cbs), len(learn.metrics)
+    model = learn.model
+    with pytest.raises(RuntimeError, match='boom'): _fit(learn, 1, cbs=cbs + [Boom()])
+    # the Learner is as before: same model object, flags restored, callbacks of `fit` removed, metrics restored
+    assert learn.model is model
+    assert _grads(learn.model) == grads_before
+    assert len(learn.cbs) == n_cbs and len(learn.metrics) == n_metrics
+    assert not any(isinstance(c, Boom) for c in learn.cbs)
+    assert 'create_batch' not in vars(learn.dls.train)
+    if setup != 'transfer-cache':  # FeatureCache leaves its patch: see test_feature_cache_patch_after_exception
+        assert 'get_idxs' not in vars(learn.dls.train)
+    # ... and usable: fit again with the same callbacks, validate, then remove ours
+    _fit(learn, 1, cbs=cbs)
+    res = learn.validate()
+    assert res[1] > 0.5, res  # accuracy after 1 more epoch from the trained digits model
+    ours = [c for c in learn.cbs if isinstance(c, (FreezeBlocks, FeatureCache))]
+    learn.remove_cbs(ours)
+    assert not any(isinstance(c, (FreezeBlocks, FeatureCache)) for c in learn.cbs)
+    _fit(learn, 1)
+
+
+@pytest.mark.parametrize('setup', list(SETUPS))
+def test_export_load_learner(setup, dls, digits_model, tmp_path):
+    "export/load_learner with our callbacks attached: the loaded learner predicts the same and keeps them."
+    learn, cbs, _ = SETUPS[setup](dls, digits_model)
+    learn.add_cbs(cbs)
+    learn.path = tmp_path
+    _fit(learn, 1)
+    x, _ = dls.valid.one_batch()
+    with torch.no_grad(): ref = learn.model.eval()(x)
+    learn.export('export.pkl')
+    new = load_learner(tmp_path/'export.pkl')
+    with torch.no_grad(): out = new.model.eval()(x.cpu())
+    torch.testing.assert_close(out, ref.cpu())
+    names = {type(c).__name__ for c in learn.cbs}
+    assert names <= {type(c).__name__ for c in new.cbs}  # our callbacks travel with the export
+    # the loaded learner trains again on fresh DataLoaders with them
+    new.dls = dls
+    _fit(new, 1)
+
+
+@pytest.mark.parametrize('setup', ['PGDTraining', 'TRADESTraining', 'transfer-cache', 'FeatureDistillation'])
+def test_save_model_callback_and_resume(setup, dls, digits_model, tmp_path):
+    learn, cbs, n_frozen = SETUPS[setup](dls, digits_model)
+    learn.path = tmp_path
+    _fit(learn, 2, cbs=cbs + [SaveModelCallback(monitor='valid_loss', fname='best', with_opt=True)])
+    assert (tmp_path/'models'/'best.pth').exists()
+    best = _state(learn.model)  # SaveModelCallback loads the best model at the end of fit
+    # resume: a new learner of the same kind loads the weights and optimizer state, and trains on
+    learn2, cbs2, _ = SETUPS[setup](dls, digits_model)
+    learn2.path = tmp_path
+    learn2.create_opt()
+    learn2.load('best', with_opt=True)
+    assert _same(_state(learn2.model), best)
+    _fit(learn2, 1, cbs=cbs2)
+    assert not _same(_state(learn2.model), best)
+    for m in model_blocks(learn2.model).all[:n_frozen]:  # frozen blocks still those of the source
+        for k, v in _state(m).items(): assert torch.isfinite(v.float()).all()
+
+
+@pytest.mark.xfail(strict=True, reason="FeatureCache (nbs/05_callback.transfer.ipynb) patches `dls.train.get_idxs` in "
+                   "before_fit and removes it only in after_fit/after_cancel_fit, which fastai skips when another exception "
+                   "ends the fit: the patch (holding the callback and its cached features) stays on the user's DataLoader")
+def test_feature_cache_patch_after_exception(dls, digits_model):
+    learn, cbs, _ = SETUPS['transfer-cache'](dls, digits_model)
+    with pytest.raises(RuntimeError, match='boom'): _fit(learn, 1, cbs=[Boom()])
+    assert 'get_idxs' not in vars(learn.dls.train)
