@@ -80,7 +80,12 @@ def process(path, n_workers, mode):
     marker = cache/'.rtl_docs_mode'
     force = not marker.exists() or marker.read_text() != mode
     t0 = time.time()
-    proc_nbs(str(path), n_workers=n_workers, force=force)
+    try: proc_nbs(str(path), n_workers=n_workers, force=force)
+    except Exception as e:
+        raise SystemExit(f"docs: nbdev's processing failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+            "traceback above). To render show_doc, nbdev executes each notebook's export cells, show_doc cells and "
+            "every cell that imports something, and nothing else: a cell that mixes an import with code that needs "
+            "other cells fails here (as it would in `nbdev_docs`). Put imports in cells of their own.") from None
     marker.write_text(mode)
     _say(f'nbdev processed notebooks into {cache.relative_to(ROOT)}/ in {time.time()-t0:.1f}s')
     return cache
@@ -132,11 +137,12 @@ def _exporter():
     from nbconvert import MarkdownExporter
     from traitlets.config import Config
     cfg = Config()
+    cfg.CoalesceStreamsPreprocessor.enabled = True  # merges streams, applies `\r` (progress bars) like Jupyter
     cfg.TagRemovePreprocessor.enabled = True
     cfg.TagRemovePreprocessor.remove_cell_tags = {'remove_cell'}
     cfg.TagRemovePreprocessor.remove_input_tags = {'remove_input'}
     cfg.TagRemovePreprocessor.remove_all_outputs_tags = {'remove_output'}
-    return MarkdownExporter(config=cfg)
+    return MarkdownExporter(config=cfg, template_file=str(SCRIPTS/'docs_markdown.md.j2'))
 
 
 def to_markdown(proc, rels, md_dir, doc_url):
@@ -150,6 +156,9 @@ def to_markdown(proc, rels, md_dir, doc_url):
         nb = nbformat.read(src, as_version=4)
         fm = _frontmatter(nb)
         _quarto_cells(nb)
+        # code fences get their language from here (nbdev_clean leaves no language_info)
+        from nbdev.process import nb_lang
+        nb.metadata.setdefault('language_info', {}).setdefault('name', nb_lang(nb) or 'python')
         out = fm.get('output-file') or rel.name
         out_rel = rel.parent/(Path(out).stem + '.md')
         stem = out_rel.stem
@@ -228,7 +237,8 @@ def build(execute=False, n_workers=None):
             'docs_dir': md_dir.name, 'site_dir': os.path.relpath(site, proc), 'nav': make_nav(pages)}
     (proc/'mkdocs.yml').write_text(yaml.safe_dump(conf, sort_keys=False, allow_unicode=True))
     t0 = time.time()
-    subprocess.run([sys.executable, '-m', 'mkdocs', 'build', '--clean', '-q', '-f', str(proc/'mkdocs.yml')], check=True)
+    env = {**os.environ, 'NO_MKDOCS_2_WARNING': '1'}
+    subprocess.run([sys.executable, '-m', 'mkdocs', 'build', '--clean', '-q', '-f', str(proc/'mkdocs.yml')], check=True, env=env)
     _say(f'MkDocs built {len(pages)} pages into {site.relative_to(ROOT)}/ in {time.time()-t0:.1f}s')
     return site
 

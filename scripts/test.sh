@@ -11,6 +11,7 @@ if [ -n "$(git status --porcelain -- rtl_fastai 2>/dev/null)" ] && [ "${CI:-}" =
   git status --porcelain -- rtl_fastai; echo "rtl_fastai/ is out of sync with nbs/: run nbdev_export and commit" >&2; exit 1
 fi
 echo "== nbdev_test (every notebook)"
-nbdev_test --n_workers "${NBDEV_WORKERS:-2}" --timing
+# one torch thread per notebook worker: two workers x two threads on two cores stall each other badly
+OMP_NUM_THREADS="${NB_THREADS:-1}" nbdev_test --n_workers "${NBDEV_WORKERS:-2}" --timing
 echo "== pytest tests/"
 python -m pytest tests/ -q "$@"
