@@ -344,9 +344,14 @@ def _as_stat(v, what):
     return t.reshape(1, -1, 1, 1)
 
 def _find_normalize(obj):
-    tfms = getattr(obj, 'after_batch', None)
-    for t in getattr(tfms, 'fs', []) or []:
-        if isinstance(t, Normalize): return t
+    for o in (obj, getattr(obj, 'dl', None)):  # fastai's `DistributedDL` (under `distrib_ctx`) wraps the real loader in `.dl`
+        tfms = getattr(o, 'after_batch', None)
+        for t in getattr(tfms, 'fs', []) or []:
+            if isinstance(t, Normalize): return t
+    if isinstance(obj, DataLoaders):
+        for dl in obj.loaders:
+            n = _find_normalize(dl)
+            if n is not None: return n
     return None
 
 def normalize_stats(obj, # `DataLoaders`/`DataLoader`, a `Normalize`, a `(mean, std)` pair, or None

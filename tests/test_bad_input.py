@@ -220,7 +220,7 @@ CASES = [
     ('cli-eps',            lambda d, m, r: _cli('run', '--eps', '8'), ValueError, r"--eps: '8' is outside \[0,1\].*8/255"),
     ('cli-steps',          lambda d, m, r: _cli('run', '--steps', '0'), ValueError, r'--steps: must be >= 1'),
     ('cli-classes',        lambda d, m, r: _cli('run', '--source-classes', ','), ValueError, r'class list is empty'),
-    ('cli-out-is-file',    lambda d, m, r: _cli('run', '--out', str(r/'results.txt')), NotADirectoryError, r'results\.txt.* is a file'),
+    ('cli-out-is-file',    lambda d, m, r: _cli('run', '--out', str(r/'results.txt')), ValueError, r'--out.*results\.txt.* is a file'),
 ]
 
 

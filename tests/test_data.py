@@ -100,7 +100,7 @@ def test_fallback_order(tmp_path, monkeypatch):
 
 def test_shared_candidates_real():
     if not SHARED.is_dir(): pytest.skip('no ../shared/data')
-    assert SHARED.resolve() in ORIG_SHARED()  # found from the package's checkout (and the cwd)
+    assert SHARED.resolve() in [p.resolve() for p in ORIG_SHARED()]  # found from the package's checkout (and the cwd)
 
 
 def test_missing_path(tmp_path):

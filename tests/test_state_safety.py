@@ -128,8 +128,7 @@ def test_exception_mid_epoch(setup, dls, digits_model):
     assert len(learn.cbs) == n_cbs and len(learn.metrics) == n_metrics
     assert not any(isinstance(c, Boom) for c in learn.cbs)
     assert 'create_batch' not in vars(learn.dls.train)
-    if setup != 'transfer-cache':  # FeatureCache leaves its patch: see test_feature_cache_patch_after_exception
-        assert 'get_idxs' not in vars(learn.dls.train)
+    assert 'get_idxs' not in vars(learn.dls.train)
     # ... and usable: fit again with the same callbacks, validate, then remove ours
     _fit(learn, 1, cbs=cbs)
     res = learn.validate()
@@ -179,9 +178,6 @@ def test_save_model_callback_and_resume(setup, dls, digits_model, tmp_path):
         for k, v in _state(m).items(): assert torch.isfinite(v.float()).all()
 
 
-@pytest.mark.xfail(strict=True, reason="FeatureCache (nbs/05_callback.transfer.ipynb) patches `dls.train.get_idxs` in "
-                   "before_fit and removes it only in after_fit/after_cancel_fit, which fastai skips when another exception "
-                   "ends the fit: the patch (holding the callback and its cached features) stays on the user's DataLoader")
 def test_feature_cache_patch_after_exception(dls, digits_model):
     learn, cbs, _ = SETUPS['transfer-cache'](dls, digits_model)
     with pytest.raises(RuntimeError, match='boom'): _fit(learn, 1, cbs=[Boom()])

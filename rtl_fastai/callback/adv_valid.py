@@ -10,6 +10,9 @@ import pandas as pd
 from fastcore.basics import store_attr, patch
 from fastprogress.fastprogress import progress_bar
 from fastai.learner import Learner, Metric
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from fastai.distributed import DistributedDL, DistributedTrainer
 from ..data import normalize_stats
 from ..attacks import check_attack_args, robust_eval_batch
 
@@ -18,9 +21,10 @@ __all__ = ['eps_str', 'attack_name', 'RobustAccuracy', 'robust_accuracy_curve']
 
 # %% ../../nbs/03_callback.adv_valid.ipynb #18e523b2
 def eps_str(eps:float)->str:
-    "`eps` as `k/255` when it is (close to) an integer multiple of 1/255, else a short decimal."
+    "`eps` as a short decimal when it has one (0.2, 0.03), else as `k/255` when it is a whole number of grey levels (8/255)."
     k = eps*255
     if eps == 0: return '0'
+    if abs(round(eps, 3) - eps) < 1e-12: return f"{eps:g}"
     if abs(k - round(k)) < 1e-6*max(1., k):
         return '1' if round(k) == 255 else f"{round(k)}/255"
     return f"{eps:.4g}"
@@ -39,6 +43,24 @@ def _rng(device, seed):
     if seed is None: return torch.random.fork_rng(enabled=False)
     devs = [device] if getattr(device, 'type', 'cpu') == 'cuda' else []
     return torch.random.fork_rng(devices=devs)
+
+def _inner(dl):
+    "The `DataLoader` a `DistributedDL` wraps (it holds the transforms, e.g. `Normalize`), else `dl`."
+    return dl.dl if isinstance(dl, DistributedDL) else dl
+
+def _sharded(dl):
+    "Whether `dl` gives each process its own share of the data (a `DistributedDL` in a process group of 2 or more)."
+    return isinstance(dl, DistributedDL) and dl.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+def _n_real(dl, bs):
+    "How many of the `bs` items of the batch that `dl` just yielded are real, not the padding `DistributedDL` adds."
+    if not isinstance(dl, DistributedDL) or not all(hasattr(dl, o) for o in ('i', 'n', 'n_padded')): return bs
+    start = dl.rank*dl.n_padded//dl.world_size + dl.i - bs  # position of this batch in the padded index list
+    return max(0, min(bs, dl.n - start))
+
+def _unwrap(model):
+    "Attack the module inside `DistributedDataParallel`: its forward would sync buffers with the other processes."
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 class RobustAccuracy(Metric):
     "Accuracy under a PGD attack in pixel space, on (the first `n_batches` of) each validation."
@@ -66,25 +88,41 @@ class RobustAccuracy(Metric):
 
     def attack_batch(self, model, x, y, stats=None):
         "Update the counts with one batch `x` (as the model receives it) and labels `y`; returns `(clean, robust)`."
-        dev = x.device
-        with _rng(dev, self.seed):
-            if self.seed is not None: torch.manual_seed(self.seed + self.seen)
-            clean, robust = robust_eval_batch(model, x, y, eps=self.eps, steps=self.steps, alpha=self.alpha, norm=self.norm,
-                                              random_start=self.random_start, restarts=self.restarts, loss_func=self.loss_func,
-                                              stats=self.stats if self.stats is not None else stats, drop_fooled=self.drop_fooled)
-        self.seen += 1
-        self.correct += robust.sum().cpu(); self.clean_correct += clean.sum().cpu(); self.total += len(robust)
+        clean, robust = self._attack(model, x, y, stats)
+        self._count(clean, robust)
         return clean, robust
+
+    def _attack(self, model, x, y, stats):
+        with _rng(x.device, self.seed):
+            if self.seed is not None: torch.manual_seed(self.seed + self.seen)
+            return robust_eval_batch(model, x, y, eps=self.eps, steps=self.steps, alpha=self.alpha, norm=self.norm,
+                                     random_start=self.random_start, restarts=self.restarts, loss_func=self.loss_func,
+                                     stats=self.stats if self.stats is not None else stats, drop_fooled=self.drop_fooled)
+
+    def _count(self, clean, robust, reduce=False):
+        "Add a batch's counts (summed over the processes of a sharded `DistributedDL` when `reduce`)."
+        self.seen += 1
+        c = torch.stack([robust.sum(), clean.sum(), torch.tensor(len(robust), device=robust.device)]).long()
+        if reduce: dist.all_reduce(c)
+        c = c.cpu()
+        self.correct += c[0]; self.clean_correct += c[1]; self.total += c[2]
+
+    def _update(self, model, x, y, stats, dl):
+        "Attack the real items of a batch of `dl` and count them, across processes if `dl` is sharded."
+        n, sharded = _n_real(dl, len(y)), _sharded(dl)
+        if n < len(y): x, y = x[:n], y[:n]
+        if n: clean, robust = self._attack(_unwrap(model), x, y, stats)
+        else: clean = robust = torch.zeros(0, dtype=torch.bool, device=y.device)
+        self._count(clean, robust, reduce=sharded)
 
     def accumulate(self, learn):
         if self.n_batches is not None and self.seen >= self.n_batches: return
         if len(learn.xb) != 1:
             raise ValueError(f"RobustAccuracy attacks models with one input; this batch has {len(learn.xb)} inputs")
+        dl = getattr(learn, 'dl', None)
         stats = None
-        if self.stats is None:
-            dl = getattr(learn, 'dl', None)
-            stats = normalize_stats(dl if dl is not None else learn.dls)
-        self.attack_batch(learn.model, learn.xb[0], learn.yb[0], stats)
+        if self.stats is None: stats = normalize_stats(_inner(dl) if dl is not None else learn.dls)
+        self._update(learn.model, learn.xb[0], learn.yb[0], stats, dl)
 
     @property
     def value(self): return None if self.total == 0 else (self.correct.float()/self.total).item()
@@ -94,6 +132,11 @@ class RobustAccuracy(Metric):
     def name(self): return attack_name(self.eps, self.steps, self.norm, self.restarts)
 
 # %% ../../nbs/03_callback.adv_valid.ipynb #d335acd3
+def _in_distrib_ctx(learn):
+    "Whether `learn` is inside `distrib_ctx`/`to_distributed` with 2 or more processes."
+    return (any(isinstance(cb, DistributedTrainer) for cb in learn.cbs)
+            and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
 @patch
 def robust_validate(self:Learner,
                     dl=None, # a `DataLoader` (default: the validation one)
@@ -109,18 +152,26 @@ def robust_validate(self:Learner,
                     stats=None, # normalization stats; default those of `dl`
                     seed:int=0, # seed of the random starts (None: global RNG)
                     show_progress:bool=True, # show a progress bar
+                    distributed:bool=None, # shard `dl` over the processes and sum the counts (None: inside `distrib_ctx`)
                    )->dict: # `clean_acc`, `robust_acc`, `n` (examples attacked) and `attack` (the name)
     "Clean and PGD robust accuracy of `self.model` on `dl`, eps in pixel units."
     if dl is None: dl = self.dls.valid
     met = RobustAccuracy(eps, steps, alpha, norm, restarts, n_batches, random_start, drop_fooled, loss_func, stats, seed)
-    if stats is None: stats = normalize_stats(dl)
-    n_inp = getattr(dl, 'n_inp', 1)
+    if stats is None: stats = normalize_stats(_inner(dl))
+    n_inp = getattr(_inner(dl), 'n_inp', 1)
+    if distributed is None: distributed = _sharded(dl) or _in_distrib_ctx(self)
+    if distributed:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("robust_validate: `distributed=True` needs a torch.distributed process group: launch the script "
+                             "with `accelerate launch` or `torchrun` and call it inside `learn.distrib_ctx()`")
+        if not isinstance(dl, DistributedDL): dl = DistributedDL(dl)
+        if dist.get_rank() != 0: show_progress = False
     total = len(dl) if n_batches is None else min(n_batches, len(dl))
     it = progress_bar(dl, total=total, leave=False) if show_progress else dl
     for i, b in enumerate(it):
         if n_batches is not None and i >= n_batches: break
         if n_inp != 1: raise ValueError(f"robust_validate attacks models with one input; this DataLoader has {n_inp}")
-        met.attack_batch(self.model, b[0], b[1], stats)
+        met._update(self.model, b[0], b[1], stats, dl)
     return dict(clean_acc=met.clean_value, robust_acc=met.value, n=int(met.total), attack=met.name)
 
 # %% ../../nbs/03_callback.adv_valid.ipynb #cb318410
@@ -130,6 +181,7 @@ def robust_accuracy_curve(learn:Learner,
                           steps:int=20, # PGD steps
                           alpha_ratio:float=2.5, # step size = alpha_ratio*eps/steps
                           plot:bool=False, # also plot robust accuracy against eps
+                          show_progress:bool=True, # a progress bar over `eps_list`
                           **kwargs, # passed to `Learner.robust_validate` (norm, restarts, n_batches, seed, ...)
                          )->pd.DataFrame: # one row per eps: eps, name, clean_acc, robust_acc, n
     "Robust accuracy of `learn` for each eps of `eps_list`."
@@ -137,7 +189,7 @@ def robust_accuracy_curve(learn:Learner,
     if not eps_list: raise ValueError("`eps_list` is empty: give the radii to evaluate, e.g. [0, 2/255, 4/255, 8/255]")
     for e in eps_list: check_attack_args(e, steps)
     rows = []
-    for e in progress_bar(eps_list, leave=False):
+    for e in progress_bar(eps_list, leave=False, display=show_progress):
         r = learn.robust_validate(dl, eps=e, steps=steps, alpha=(alpha_ratio*e/steps if e > 0 else None), show_progress=False, **kwargs)
         rows.append(dict(eps=e, name=eps_str(e), clean_acc=r['clean_acc'], robust_acc=r['robust_acc'], n=r['n']))
     df = pd.DataFrame(rows)
@@ -146,3 +198,17 @@ def robust_accuracy_curve(learn:Learner,
         ax = df.plot(x='eps', y='robust_acc', marker='o', legend=False)
         ax.set_xlabel('eps (pixel units)'); ax.set_ylabel(f'PGD-{steps} robust accuracy'); ax.set_ylim(0, 1)
     return df
+
+# %% ../../nbs/03_callback.adv_valid.ipynb #7c99ea9c
+_fastai_broadcast = getattr(DistributedDL._broadcast, '_rtl_fastai_orig', DistributedDL._broadcast)
+
+@patch
+def _broadcast(self:DistributedDL, t, rank):
+    "Broadcast the index list `t` from `rank`: fastai's CUDA tensor under NCCL, a CPU tensor under gloo or MPI."
+    if not (dist.is_available() and dist.is_initialized()): return list(t)  # one process: nothing to send
+    if not any(b in str(dist.get_backend()) for b in ('gloo', 'mpi')): return _fastai_broadcast(self, t, rank)
+    t = torch.tensor(list(t), dtype=torch.long)
+    dist.broadcast(t, rank)
+    return t.tolist()
+
+DistributedDL._broadcast._rtl_fastai_orig = _fastai_broadcast

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/05_callback.transfer.ipynb #cb5610c9
 from __future__ import annotations
-import copy, math, random, time
+import copy, math, random, time, weakref
 from contextlib import contextmanager
 import numpy as np
 from collections import OrderedDict
@@ -19,6 +19,7 @@ from fastai.callback.core import Callback, TrainEvalCallback
 from fastai.learner import Learner, CastToTensor
 from fastai.optimizer import Adam, Optimizer
 from fastai.data.core import DataLoaders
+from fastai.distributed import DistributedDL
 from fastai.vision.augment import RandTransform
 import fastai.callback.schedule, fastai.callback.progress  # fit_one_cycle, lr_find, progress bars, as in fastai.vision.all
 from ..models import (model_blocks, ModelBlocks, replace_head, NormalizeInput, _module_name, _set_module,
@@ -187,6 +188,10 @@ def _fingerprint(mods):
                      for m in mods for t in [*m.parameters(), *m.buffers()])
 
 # %% ../../nbs/05_callback.transfer.ipynb #616ffc0f
+def _unwatch_idxs(dl):
+    "Remove `FeatureCache`'s one-shot `get_idxs` from `dl`, if there."
+    if dl is not None and getattr(vars(dl).get('get_idxs'), '_feature_cache', False): del dl.get_idxs
+
 class FeatureCache(Callback):
     "Train the trainable suffix on features of the frozen prefix, computed once; validation runs the full model."
     order, run_valid = 15, False
@@ -215,6 +220,8 @@ class FeatureCache(Callback):
         fb = next((cb for cb in self.learn.cbs if isinstance(cb, FreezeBlocks)), None)
         if fb is None: return 'no FreezeBlocks callback: nothing is frozen', None
         if fb.n_frozen == 0: return 'nothing is frozen (n_retrain="all")', None
+        if isinstance(self.learn.model, nn.parallel.DistributedDataParallel) or isinstance(self.dls.train, DistributedDL):
+            return 'distributed training (each process sees its own share of the batches)', None
         entries = model_blocks(self.learn.model).all
         n = fb.n_frozen
         # parameter-free entries without train/eval behaviour (e.g. the pool) join the cached prefix: smaller features
@@ -260,6 +267,7 @@ class FeatureCache(Callback):
 
     def before_fit(self):
         self._restore()
+        _unwatch_idxs(self.dls.train)  # left by a fit that an exception ended before its first epoch's iteration
         reason, n = self._plan()
         if reason is not None: return self._off(reason)
         entries = model_blocks(self.learn.model).all
@@ -276,17 +284,31 @@ class FeatureCache(Callback):
             self._key = key
         self.dl_train, self.active = dl, True
         self.reason = f'on: {len(self.features)} items, features {tuple(self.features.shape[1:])} after entry {n-1}'
-        orig = type(dl).get_idxs
+
+    def _watch_idxs(self, dl):
+        "Record the indices `dl` draws for its next epoch: a one-shot `get_idxs` that removes itself when called."
+        orig, ref = type(dl).get_idxs, weakref.ref(self)
         def get_idxs(_dl=dl):
+            _unwatch_idxs(_dl)
             idxs = list(orig(_dl))
-            self._idxs = torch.as_tensor(idxs, dtype=torch.long, device=self.features.device)
+            cb = ref()
+            if cb is not None and cb.features is not None:
+                cb._idxs = torch.as_tensor(idxs, dtype=torch.long, device=cb.features.device)
             return idxs
+        get_idxs._feature_cache = True
         dl.get_idxs = get_idxs
 
     # -- training -------------------------------------------------------------------------------------
+    def before_train(self):
+        self._idxs = None
+        if self.active and self.dl is self.dl_train: self._watch_idxs(self.dl_train)
+
     def before_batch(self):
         if not self.active: return
         if self.dl is not self.dl_train: return  # e.g. a fit over another DataLoader
+        if self._idxs is None:
+            raise RuntimeError("FeatureCache did not see the indices of this epoch (the training DataLoader's `get_idxs` "
+                               "was not called); train with cache=False and report this with your DataLoader type.")
         bs, yb = self.dl.bs, _plain(self.learn.yb[0])
         idx = self._idxs[self.learn.iter*bs : self.learn.iter*bs + len(yb)]
         if len(idx) != len(yb) or not torch.equal(self.targets[idx].to(yb.device), yb):
@@ -300,10 +322,13 @@ class FeatureCache(Callback):
     def after_pred(self): self._restore()
     def after_cancel_batch(self): self._restore()
     def after_batch(self): self._restore()
+    def after_train(self):
+        _unwatch_idxs(getattr(self, 'dl_train', None))
+        self._idxs = None
+    def after_cancel_train(self): self.after_train()
     def after_fit(self):
         self._restore()
-        dl = getattr(self, 'dl_train', None)
-        if dl is not None and 'get_idxs' in vars(dl): del dl.get_idxs
+        self.after_train()
         self.dl_train = None
     def after_cancel_fit(self): self.after_fit()
 
