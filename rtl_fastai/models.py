@@ -17,8 +17,8 @@ from fastai.vision.learner import create_head, apply_init
 
 # %% auto #0
 __all__ = ['NormalizeInput', 'BlockNet', 'conv_bn_relu', 'SmallCNN', 'PreActBlock', 'PreActResNet18', 'wrn_units', 'WideResNet',
-           'ModelBlocks', 'model_blocks', 'set_blocks', 'head_module', 'get_features', 'feature_shape', 'replace_head',
-           'n_blocks', 'freeze_blocks', 'block_splitter']
+           'ModelBlocks', 'model_blocks', 'set_blocks', 'head_module', 'get_features', 'feature_shape', 'swap_head',
+           'replace_head', 'n_blocks', 'freeze_blocks', 'block_splitter']
 
 # %% ../nbs/01_models.ipynb #32a2f059
 def _stat_tensor(v, name):
@@ -306,6 +306,19 @@ def _fastai_head_nf(head):
     if lin is None: raise TypeError("replace_head: found no nn.Linear in the fastai head, so its input size is unknown.")
     return (lin.in_features // 2 if concat else lin.in_features), pool, concat
 
+def swap_head(model:nn.Module, # a model `model_blocks` supports; changed in place
+              new:nn.Module,   # the new head
+             ) -> nn.Module:
+    "Put `new` in place of the head of `model`, on the old head's device and dtype and in its train/eval mode; returns `model`."
+    old = head_module(model)
+    p = next(old.parameters(), None)
+    if p is not None: new = new.to(device=p.device, dtype=p.dtype)
+    new.train(old.training)
+    _set_module(model, _module_name(model, old), new)
+    rb = getattr(model, 'rtl_blocks', None)
+    if isinstance(rb, ModelBlocks): rb.head = new
+    return model
+
 def replace_head(model:nn.Module,
                  n_out:int,     # number of target classes
                  **head_kwargs, # for `vision_learner` models: passed to fastai's `create_head` (e.g. `lin_ftrs`, `ps`)
@@ -325,12 +338,7 @@ def replace_head(model:nn.Module,
         raise TypeError(f"replace_head: don't know how to rebuild a head of type {type(old).__name__}; "
                         "supported heads are an nn.Linear and fastai's `create_head`. Replace it yourself "
                         "(and call `set_blocks` again if you declared the blocks).")
-    if p is not None: new = new.to(device=p.device, dtype=p.dtype)
-    new.train(old.training)
-    _set_module(model, _module_name(model, old), new)
-    rb = getattr(model, 'rtl_blocks', None)
-    if isinstance(rb, ModelBlocks): rb.head = new
-    return model
+    return swap_head(model, new)
 
 # %% ../nbs/01_models.ipynb #ff3b588b
 def n_blocks(model:nn.Module) -> int:

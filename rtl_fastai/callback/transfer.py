@@ -22,7 +22,7 @@ from fastai.data.core import DataLoaders
 from fastai.distributed import DistributedDL
 from fastai.vision.augment import RandTransform
 import fastai.callback.schedule, fastai.callback.progress  # fit_one_cycle, lr_find, progress bars, as in fastai.vision.all
-from ..models import (model_blocks, ModelBlocks, replace_head, NormalizeInput, _module_name, _set_module,
+from ..models import (model_blocks, ModelBlocks, replace_head, swap_head, NormalizeInput, _module_name, _set_module,
                                _is_fastai_resnet)
 from ..data import normalize_stats
 from ..attacks import eval_mode
@@ -84,14 +84,7 @@ def new_head(model:nn.Module, # a model `model_blocks` supports; changed in plac
         return replace_head(model, n_out, **kw)
     if lin is None:
         return replace_head(model, n_out)  # raises a clear error for unknown heads
-    new = transfer_head(lin.in_features, n_out, hidden, p_drop)
-    p = next(old.parameters(), None)
-    if p is not None: new = new.to(device=p.device, dtype=p.dtype)
-    new.train(old.training)
-    _set_module(model, _module_name(model, old), new)
-    rb = getattr(model, 'rtl_blocks', None)
-    if isinstance(rb, ModelBlocks): rb.head = new
-    return model
+    return swap_head(model, transfer_head(lin.in_features, n_out, hidden, p_drop))
 
 # %% ../../nbs/05_callback.transfer.ipynb #07533562
 def _prune_optimizer(opt, frozen_ids):
