@@ -33,6 +33,7 @@ def _free_port():
 def runs(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
+    pytest.importorskip('accelerate', reason="fastai's distrib_ctx needs `accelerate` (in the dev extra: pip install -e '.[dev]')")
     out = tmp_path_factory.mktemp('distrib')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr', '127.0.0.1',
            '--master_port', str(_free_port()), str(HERE/'distrib_script.py'), str(out)]

@@ -12,7 +12,12 @@ from fastprogress.fastprogress import progress_bar
 from fastai.learner import Learner, Metric
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from fastai.distributed import DistributedDL, DistributedTrainer
+try: from fastai.distributed import DistributedDL, DistributedTrainer
+except (ImportError, NameError):  # fastai.distributed needs the optional `accelerate` package
+    class DistributedDL:
+        "Stand-in for fastai's `DistributedDL` when `accelerate` is not installed: nothing is sharded then."
+        def _broadcast(self, t, rank): return list(t)
+    class DistributedTrainer: "Stand-in for fastai's `DistributedTrainer` when `accelerate` is not installed."
 from ..data import normalize_stats
 from ..attacks import check_attack_args, robust_eval_batch
 

@@ -19,7 +19,7 @@ from fastai.callback.core import Callback, TrainEvalCallback
 from fastai.learner import Learner, CastToTensor
 from fastai.optimizer import Adam, Optimizer
 from fastai.data.core import DataLoaders
-from fastai.distributed import DistributedDL
+from .adv_valid import DistributedDL  # fastai's, or a stand-in when `accelerate` is missing
 from fastai.vision.augment import RandTransform
 import fastai.callback.schedule, fastai.callback.progress  # fit_one_cycle, lr_find, progress bars, as in fastai.vision.all
 from ..models import (model_blocks, ModelBlocks, replace_head, swap_head, NormalizeInput, _module_name, _set_module,
