@@ -18,12 +18,13 @@ from fastai.data.core import TfmdDL, DataLoaders
 from fastai.data.transforms import Normalize, IntToFloatTensor
 from fastai.data.external import untar_data, URLs
 from fastai.losses import CrossEntropyLossFlat
+from fastai.vision.augment import RandTransform
 from fastai.data.core import DisplayedTransform, explode_types # fasttransform's, as fastai uses them
 
 # %% auto #0
 __all__ = ['Layout', 'LAYOUTS', 'DATASETS', 'Split', 'SPLITS', 'ArrayData', 'load_digits_data', 'cache_dir', 'find_data',
            'load_image_data', 'load_dataset', 'default_split', 'select_classes', 'subsample', 'normalize_stats',
-           'ArrayDataset', 'ArrayDL', 'FlipPadCrop', 'channel_stats', 'task_dls']
+           'ArrayDataset', 'ArrayDL', 'FlipPadCrop', 'random_tfms', 'channel_stats', 'task_dls']
 
 # %% ../nbs/00_data.ipynb #57d7e014
 @dataclass(repr=False)
@@ -430,6 +431,14 @@ class FlipPadCrop(DisplayedTransform):
             cols = (dx[:,None] + torch.arange(w, device=dev))[:,None,None,:]
             x = xp[torch.arange(n, device=dev)[:,None,None,None], torch.arange(c, device=dev)[None,:,None,None], rows, cols]
         return TensorImage(x)
+
+def random_tfms(dl)->list:
+    "Names of the random or training-only transforms of `dl`: with any, its batches differ from epoch to epoch."
+    res = []
+    for attr in ('after_item', 'before_batch', 'after_batch'):
+        for t in getattr(getattr(dl, attr, None), 'fs', []) or []:
+            if isinstance(t, RandTransform) or getattr(t, 'split_idx', None) == 0: res.append(type(t).__name__)
+    return res
 
 # %% ../nbs/00_data.ipynb #c063ace3
 def channel_stats(x:torch.Tensor, # NCHW images, uint8 0..255 or float in [0,1]

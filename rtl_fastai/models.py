@@ -17,8 +17,8 @@ from fastai.vision.learner import create_head, apply_init
 
 # %% auto #0
 __all__ = ['NormalizeInput', 'BlockNet', 'conv_bn_relu', 'SmallCNN', 'PreActBlock', 'PreActResNet18', 'wrn_units', 'WideResNet',
-           'ModelBlocks', 'model_blocks', 'set_blocks', 'head_module', 'get_features', 'feature_shape', 'swap_head',
-           'replace_head', 'n_blocks', 'freeze_blocks', 'block_splitter']
+           'ModelBlocks', 'model_blocks', 'set_blocks', 'unwrap_model', 'head_module', 'get_features', 'feature_shape',
+           'swap_head', 'replace_head', 'n_blocks', 'freeze_blocks', 'block_splitter']
 
 # %% ../nbs/01_models.ipynb #32a2f059
 def _stat_tensor(v, name):
@@ -265,6 +265,10 @@ def set_blocks(model:nn.Module,
     return model
 
 # %% ../nbs/01_models.ipynb #31f967c3
+def unwrap_model(model:nn.Module) -> nn.Module:
+    "The module inside `DistributedDataParallel`/`DataParallel` (as under fastai's `distrib_ctx`), else `model`."
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+
 def head_module(model:nn.Module) -> nn.Module:
     "The head of `model`; its input are the penultimate features."
     return model_blocks(model).head

@@ -19,6 +19,7 @@ except (ImportError, NameError):  # fastai.distributed needs the optional `accel
         def _broadcast(self, t, rank): return list(t)
     class DistributedTrainer: "Stand-in for fastai's `DistributedTrainer` when `accelerate` is not installed."
 from ..data import normalize_stats
+from ..models import unwrap_model
 from ..attacks import check_attack_args, robust_eval_batch
 
 # %% auto #0
@@ -62,10 +63,6 @@ def _n_real(dl, bs):
     if not isinstance(dl, DistributedDL) or not all(hasattr(dl, o) for o in ('i', 'n', 'n_padded')): return bs
     start = dl.rank*dl.n_padded//dl.world_size + dl.i - bs  # position of this batch in the padded index list
     return max(0, min(bs, dl.n - start))
-
-def _unwrap(model):
-    "Attack the module inside `DistributedDataParallel`: its forward would sync buffers with the other processes."
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 class RobustAccuracy(Metric):
     "Accuracy under a PGD attack in pixel space, on (the first `n_batches` of) each validation."
@@ -116,7 +113,7 @@ class RobustAccuracy(Metric):
         "Attack the real items of a batch of `dl` and count them, across processes if `dl` is sharded."
         n, sharded = _n_real(dl, len(y)), _sharded(dl)
         if n < len(y): x, y = x[:n], y[:n]
-        if n: clean, robust = self._attack(_unwrap(model), x, y, stats)
+        if n: clean, robust = self._attack(unwrap_model(model), x, y, stats)  # not through DDP: its forward syncs buffers
         else: clean = robust = torch.zeros(0, dtype=torch.bool, device=y.device)
         self._count(clean, robust, reduce=sharded)
 

@@ -14,9 +14,8 @@ from fastai.torch_core import find_bs, to_device
 from fastai.learner import Metric
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
-from fastai.vision.augment import RandTransform
-from ..models import head_module
-from ..data import ArrayDL
+from ..models import head_module, unwrap_model
+from ..data import ArrayDL, random_tfms
 
 # %% auto #0
 __all__ = ['feature_distance', 'feature_module', 'DistillMetric', 'FeatureDistillation']
@@ -37,16 +36,12 @@ def feature_distance(f:torch.Tensor,     # features of the model being trained, 
     return torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), torch.zeros_like(sq)).mean()
 
 # %% ../../nbs/06_callback.distill.ipynb #9706cd6b
-def _unwrap(model):
-    "The module inside `DistributedDataParallel`/`DataParallel`, else `model`."
-    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
-
 def feature_module(model:nn.Module,     # a model
                    layer:str|None=None, # None: the head (features = its input); else a name from `model.named_modules()`
                    who:str='model',     # how the error messages call `model`
                   ) -> nn.Module:
     "The module whose input (`layer=None`: the head) or output (named `layer`) are the distilled features."
-    model = _unwrap(model)
+    model = unwrap_model(model)
     if layer is None:
         try: return head_module(model)
         except TypeError as e:
@@ -86,12 +81,10 @@ class DistillMetric(Metric):
 class _StopForward(Exception): "Raised by the source's hook once the features are captured: the rest of its forward is skipped."
 
 def _check_no_random_tfms(dl):
-    for attr in ('after_item', 'before_batch', 'after_batch'):
-        for t in getattr(getattr(dl, attr, None), 'fs', []):
-            if isinstance(t, RandTransform) or getattr(t, 'split_idx', None) == 0:
-                raise ValueError(f"FeatureDistillation(precompute=True): the training DataLoader applies `{type(t).__name__}` "
-                                 f"(in `{attr}`), a random or training-only transform, so each epoch's inputs differ and "
-                                 "precomputed source features would be wrong. Use precompute=False (source forward per batch).")
+    rnd = random_tfms(dl)
+    if rnd: raise ValueError(f"FeatureDistillation(precompute=True): the training DataLoader applies `{', '.join(rnd)}`, "
+                             "random or training-only transforms, so each epoch's inputs differ and precomputed source "
+                             "features would be wrong. Use precompute=False (source forward per batch).")
 
 # %% ../../nbs/06_callback.distill.ipynb #6841c735
 class FeatureDistillation(Callback):
@@ -114,7 +107,7 @@ class FeatureDistillation(Callback):
         if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
             raise ValueError(f"FeatureDistillation: `warmup_epochs` must be an integer >= 0, got {warmup_epochs!r}.")
         store_attr('lam,layer,dist,warmup_epochs,precompute')
-        self.source = deepcopy(_unwrap(source)).eval().requires_grad_(False)
+        self.source = deepcopy(unwrap_model(source)).eval().requires_grad_(False)
         feature_module(self.source, layer, 'source model')  # fails early on a bad `layer`
         self._fitting, self._hooks, self._mets, self._frozen = False, [], [], None
         self._cache_key, self._src_feats, self._dl_patched = None, None, None
@@ -182,7 +175,7 @@ def _add_metrics(self:FeatureDistillation):
 @patch
 def before_fit(self:FeatureDistillation):
     self._cleanup()
-    model = _unwrap(self.learn.model)
+    model = unwrap_model(self.learn.model)
     p = next(model.parameters(), None)
     if p is not None: self.source.to(p.device)
     mod = feature_module(model, self.layer, "learner's model")
@@ -239,7 +232,7 @@ def after_fit(self:FeatureDistillation): self._cleanup()
 # %% ../../nbs/06_callback.distill.ipynb #a0d69ccf
 @patch
 def _freeze(self:FeatureDistillation):
-    model = _unwrap(self.learn.model)
+    model = unwrap_model(self.learn.model)
     try: head = head_module(model)
     except TypeError as e:
         raise TypeError(f"FeatureDistillation(warmup_epochs={self.warmup_epochs}): cannot find the head of the learner's model ({e}); "
@@ -265,7 +258,7 @@ def _setup_precompute(self:FeatureDistillation):
         raise TypeError(f"FeatureDistillation(precompute=True) needs the training DataLoader to be an `rtl_fastai.data.ArrayDL` "
                         f"(as `task_dls` makes), got {type(dl).__name__}. Use precompute=False.")
     _check_no_random_tfms(dl)
-    model = _unwrap(self.learn.model)
+    model = unwrap_model(self.learn.model)
     p = next(model.parameters(), None)
     dev = p.device if p is not None else dl.device
     key = (id(dl.dataset), len(dl.dataset), id(dl.dataset.x), dev)

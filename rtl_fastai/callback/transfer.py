@@ -20,11 +20,10 @@ from fastai.learner import Learner, CastToTensor
 from fastai.optimizer import Adam, Optimizer
 from fastai.data.core import DataLoaders
 from .adv_valid import DistributedDL  # fastai's, or a stand-in when `accelerate` is missing
-from fastai.vision.augment import RandTransform
 import fastai.callback.schedule, fastai.callback.progress  # fit_one_cycle, lr_find, progress bars, as in fastai.vision.all
 from ..models import (model_blocks, ModelBlocks, replace_head, swap_head, NormalizeInput, _module_name, _set_module,
                                _is_fastai_resnet)
-from ..data import normalize_stats
+from ..data import normalize_stats, random_tfms
 from ..attacks import eval_mode
 
 # %% auto #0
@@ -151,14 +150,6 @@ def _may_change_inputs(cb):
         if any(e in vars(c) for e in _WATCHED): return True
     return False
 
-def _random_tfms(dl):
-    "Names of the random (or train-only) transforms of `dl`."
-    res = []
-    for attr in ('after_item', 'before_batch', 'after_batch'):
-        for t in getattr(getattr(dl, attr, None), 'fs', []) or []:
-            if isinstance(t, RandTransform) or getattr(t, 'split_idx', None) == 0: res.append(type(t).__name__)
-    return res
-
 def _has_mode(m):
     "Whether `m` behaves differently in train and eval mode (dropout, BatchNorm, ...)."
     return any(isinstance(o, (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)) for o in m.modules())
@@ -222,7 +213,7 @@ class FeatureCache(Callback):
         if any(p.requires_grad for m in entries[:n] for p in m.parameters()):
             return 'a frozen entry has parameters with requires_grad=True', None
         if getattr(self.dls, 'n_inp', 1) != 1: return f'the data have {self.dls.n_inp} inputs (the cache supports 1)', None
-        rnd = _random_tfms(self.dls.train)
+        rnd = random_tfms(self.dls.train)
         if rnd: return f'the training data are randomly augmented ({", ".join(rnd)})', None
         bad = [type(cb).__name__ for cb in self.learn.cbs if _may_change_inputs(cb)]
         if bad: return (f'callbacks {bad} may change the inputs or need the frozen activations '
