@@ -20,7 +20,8 @@ from .callback.transfer import transfer_learner
 from .callback.distill import FeatureDistillation
 
 # %% auto #0
-__all__ = ['DEFAULTS', 'ARCHS', 'make_model', 'train_source', 'run_pipeline', 'next_run_dir', 'format_table', 'save_results']
+__all__ = ['DEFAULTS', 'ARCHS', 'ALPHA_RATIO', 'make_model', 'train_source', 'run_pipeline', 'next_run_dir', 'format_table',
+           'save_results']
 
 # %% ../nbs/08_pipeline.ipynb #0b3fba19
 DEFAULTS = dict(
@@ -71,16 +72,18 @@ def train_source(dls, # source-task DataLoaders
     return _fit(Learner(dls, model, metrics=accuracy, cbs=cbs), epochs, lr, verbose, bars=bars)
 
 # %% ../nbs/08_pipeline.ipynb #c26d444f
+ALPHA_RATIO = 0.25  # PGD step = eps/4: the paper's 2/255 at eps 8/255
+
 def _evaluate(learn, eps, steps, seed):
     set_seed(seed, reproducible=True)
-    r = learn.robust_validate(eps=eps, steps=steps, show_progress=False)
+    r = learn.robust_validate(eps=eps, steps=steps, alpha=ALPHA_RATIO*eps if eps > 0 else None, show_progress=False)
     return r['clean_acc'], r['robust_acc']
 
 def run_pipeline(data='digits', # 'digits' (embedded), 'mnist', 'cifar10' or a folder in one of their layouts
                  source_classes=None, target_classes=None, # class names/indices; default: the dataset's split
                  n_per_class:int=None, # training examples per target class (low-data regime); None: all
                  eps:float=None, # PGD radius in [0,1] pixel units, for training and evaluation; default per dataset
-                 steps:int=20, # PGD steps of the evaluation
+                 steps:int=20, # PGD steps of the evaluation (step size eps/4, as the paper's 2/255 at 8/255)
                  arch:str=None, width:int=None, # model family and width; default per dataset
                  epochs:int=None, # target-task epochs (source epochs scale with it); default per dataset
                  lam:float=5e-3, # distillation weight
@@ -145,7 +148,8 @@ def run_pipeline(data='digits', # 'digits' (embedded), 'mnist', 'cifar10' or a f
         parts = []
         for m, l in (progress_bar(list(learners.items())) if bars else learners.items()):
             set_seed(seed, reproducible=True)
-            with _quiet(l, True, bars): df = robust_accuracy_curve(l, eps_list, steps=steps)
+            with _quiet(l, True, bars): df = robust_accuracy_curve(l, eps_list, steps=steps, alpha_ratio=ALPHA_RATIO*steps,
+                                                                  show_progress=bars)
             df.insert(0, 'method', m); parts.append(df)
         crv = pd.concat(parts, ignore_index=True)
     src_info['total_seconds'] = time.time() - t_all
