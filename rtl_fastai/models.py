@@ -330,7 +330,6 @@ def replace_head(model:nn.Module,
     "Replace the head of `model` (in place) by a new randomly initialised one with `n_out` outputs; returns `model`."
     _check_int(n_out, 'n_out', 'replace_head')
     old = head_module(model)
-    p = next(old.parameters(), None)
     if isinstance(old, nn.Linear):
         if head_kwargs: raise TypeError(f"replace_head: `head_kwargs` {list(head_kwargs)} only apply to fastai heads; this head is an nn.Linear.")
         new = nn.Linear(old.in_features, n_out, bias=old.bias is not None)
