@@ -23,8 +23,8 @@ from fastai.data.core import DisplayedTransform, explode_types # fasttransform's
 
 # %% auto #0
 __all__ = ['Layout', 'LAYOUTS', 'DATASETS', 'Split', 'SPLITS', 'ArrayData', 'load_digits_data', 'cache_dir', 'find_data',
-           'load_image_data', 'load_dataset', 'default_split', 'select_classes', 'subsample', 'normalize_stats',
-           'ArrayDataset', 'ArrayDL', 'FlipPadCrop', 'random_tfms', 'channel_stats', 'task_dls']
+           'load_image_data', 'load_dataset', 'default_split', 'select_classes', 'subsample', 'subsample_valid',
+           'normalize_stats', 'ArrayDataset', 'ArrayDL', 'FlipPadCrop', 'random_tfms', 'channel_stats', 'task_dls']
 
 # %% ../nbs/00_data.ipynb #57d7e014
 @dataclass(repr=False)
@@ -321,22 +321,35 @@ def select_classes(data:ArrayData, # Dataset to filter
     return ArrayData(xt, yt, xv, yv, [data.classes[i] for i in idx], data.name)
 
 # %% ../nbs/00_data.ipynb #9780a3c7
+def _per_class(y, n, classes, seed, split):
+    "Sorted indices of `n` seeded random examples of each class in the labels `y`"
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n_per_class must be a positive int, got {n!r}")
+    g, keep = torch.Generator().manual_seed(seed), []
+    for c in range(len(classes)):
+        idx = (y == c).nonzero().flatten()
+        if len(idx) < n:
+            raise ValueError(f"class {classes[c]!r} has only {len(idx)} {split} examples, fewer than n_per_class={n}")
+        keep.append(idx[torch.randperm(len(idx), generator=g)[:n]])
+    return torch.cat(keep).sort().values
+
 def subsample(data:ArrayData,   # Dataset to subsample
               n_per_class:int, # Training examples to keep per class
               seed:int=0,      # Seed of the choice
              )->ArrayData:
     "Exactly `n_per_class` training examples of each class (seeded); validation untouched"
-    if not isinstance(n_per_class, (int, np.integer)) or n_per_class < 1:
-        raise ValueError(f"n_per_class must be a positive int, got {n_per_class!r}")
-    g = torch.Generator().manual_seed(seed)
-    keep = []
-    for c in range(data.c):
-        idx = (data.y_train == c).nonzero().flatten()
-        if len(idx) < n_per_class:
-            raise ValueError(f"class {data.classes[c]!r} has only {len(idx)} training examples, fewer than n_per_class={n_per_class}")
-        keep.append(idx[torch.randperm(len(idx), generator=g)[:n_per_class]])
-    keep = torch.cat(keep).sort().values
+    keep = _per_class(data.y_train, n_per_class, data.classes, seed, 'training')
     return ArrayData(data.x_train[keep], data.y_train[keep], data.x_valid, data.y_valid, list(data.classes), data.name)
+
+
+# %% ../nbs/00_data.ipynb #b78055ba
+def subsample_valid(data:ArrayData,   # Dataset to subsample
+                    n_per_class:int, # Validation examples to keep per class
+                    seed:int=0,      # Seed of the choice
+                   )->ArrayData:
+    "Exactly `n_per_class` validation examples of each class (seeded, kept in their order); training untouched"
+    keep = _per_class(data.y_valid, n_per_class, data.classes, seed, 'validation')
+    return ArrayData(data.x_train, data.y_train, data.x_valid[keep], data.y_valid[keep], list(data.classes), data.name)
 
 # %% ../nbs/00_data.ipynb #9079a976
 def _as_stat(v, what):

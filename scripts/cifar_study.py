@@ -13,11 +13,10 @@ subset of the CIFAR-10 test images of its task. Results go to OUT/results.json a
     OMP_NUM_THREADS=1 nice python scripts/cifar_study.py --out ~/.cache/rtl_fastai/cifar_study
 """
 import argparse, json, time, os
-from dataclasses import replace
 from pathlib import Path
 import torch
 from fastai.vision.all import Learner, accuracy, set_seed
-from rtl_fastai.data import load_dataset, select_classes, subsample, default_split, task_dls, ArrayData
+from rtl_fastai.data import load_dataset, select_classes, subsample, subsample_valid, default_split, task_dls
 from rtl_fastai.models import PreActResNet18
 from rtl_fastai.callback.adv_train import FastAdvTraining, PGDTraining
 from rtl_fastai.callback.adv_valid import RobustAccuracy  # noqa: F401  (registers Learner.robust_validate)
@@ -25,15 +24,6 @@ from rtl_fastai.callback.transfer import transfer_learner
 from rtl_fastai.callback.distill import FeatureDistillation
 
 EPS = 8/255
-
-def valid_subset(d:ArrayData, k:int, seed=0) -> ArrayData:
-    "A class-balanced, seeded subset of `k` validation images per class (the test split is sorted by class)."
-    g, keep = torch.Generator().manual_seed(seed), []
-    for c in range(d.c):
-        idx = (d.y_valid == c).nonzero().flatten()
-        keep.append(idx[torch.randperm(len(idx), generator=g)[:k]])
-    keep = torch.cat(keep).sort().values
-    return replace(d, x_valid=d.x_valid[keep], y_valid=d.y_valid[keep])
 
 def fit(learn, epochs, lr, cbs=()):
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr, cbs=list(cbs))
@@ -70,8 +60,8 @@ def main():
 
     cifar = load_dataset('cifar10')
     split = default_split('cifar10')
-    src_d = valid_subset(subsample(select_classes(cifar, split.source), a.src_n), a.valid_k)
-    tgt_full = valid_subset(select_classes(cifar, split.target), a.valid_k)
+    src_d = subsample_valid(subsample(select_classes(cifar, split.source), a.src_n), a.valid_k)
+    tgt_full = subsample_valid(select_classes(cifar, split.target), a.valid_k)
     tgt_d = subsample(tgt_full, a.tgt_n)
     src_dls = task_dls(src_d, bs=a.bs, seed=0)
     tgt_dls = task_dls(tgt_d, bs=a.bs, seed=0)
