@@ -3,8 +3,10 @@
 outputs in nbs/, so the docs site and GitHub show them; console progress bars are collapsed the way Jupyter
 shows them (carriage returns applied), then nbdev_clean runs. Usage:
     OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore python scripts/store_outputs.py [nbs/PATH.ipynb ...]   (default: all)
-    python scripts/store_outputs.py --streams-only [...]   # only collapse the progress bars of stored outputs"""
-import shutil, subprocess, sys, tempfile
+    python scripts/store_outputs.py --streams-only [...]   # only collapse the progress bars of stored outputs
+The notebooks in FULL_FORM keep the outputs of their full form (`RTL_FULL=1`, long runs): without RTL_FULL=1 they
+are left as they are, so a reduced run never overwrites recorded results."""
+import os, shutil, subprocess, sys, tempfile
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from docs_build import execute_notebooks, list_notebooks
@@ -20,11 +22,17 @@ def collapse_streams(path):
             if o.get('output_type') == 'stream': o['text'] = o['text'].replace('\u2588', '')
     nbformat.write(nb, path)
 
+FULL_FORM = {'tutorials/paper_cpu_scale.ipynb'}  # stored outputs come from RTL_FULL=1 (about an hour on CPU)
+
 def main(args):
     streams_only = '--streams-only' in args
     args = [a for a in args if a != '--streams-only']
     nbs = Path('nbs').resolve()
     rels = [Path(a).resolve().relative_to(nbs) for a in args] if args else list_notebooks(nbs)
+    if not streams_only and os.environ.get('RTL_FULL') != '1':
+        kept = [r for r in rels if r.as_posix() in FULL_FORM]
+        for r in kept: print(f"store_outputs: {r} keeps its stored full-form outputs; run with RTL_FULL=1 to replace them")
+        rels = [r for r in rels if r.as_posix() not in FULL_FORM]
     if not streams_only:
         with tempfile.TemporaryDirectory() as tmp:
             dest = Path(tmp)/'nbs'

@@ -28,3 +28,31 @@ def test_imports_in_cells_of_their_own(nb):
     bad = [i for i, src in _cells(nb) if _mixes_imports(src)]
     assert not bad, (f"{nb.name}: cells {bad} mix imports with other code; nbdev's docs build re-runs import cells "
                      "alone, so move the imports into a cell of their own")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# notebooks whose stored outputs are their recorded full form (`RTL_FULL=1`)
+import sys
+sys.path.insert(0, str(Path(__file__).parent.parent/'scripts'))
+import store_outputs
+
+@pytest.mark.parametrize('rel', sorted(store_outputs.FULL_FORM))
+def test_full_form_outputs_stored(rel):
+    "The stored outputs of a FULL_FORM notebook come from `RTL_FULL=1`: the cell showing `FULL` printed True."
+    nb = json.loads((Path(__file__).parent.parent/'nbs'/rel).read_text())
+    shown = [''.join(o.get('data', {}).get('text/plain', '')) for c in nb['cells'] if c['cell_type'] == 'code'
+             and ''.join(c['source']).rstrip().splitlines()[-1].startswith('FULL') for o in c['outputs']]
+    assert shown and shown[0].startswith('(True'), f"{rel}: stored outputs are not the full form ({shown[:1]})"
+
+def test_store_outputs_keeps_full_form(monkeypatch, capsys):
+    "Without RTL_FULL=1, store_outputs leaves FULL_FORM notebooks alone (their recorded results) and runs the others."
+    ran = []
+    monkeypatch.delenv('RTL_FULL', raising=False)
+    monkeypatch.setattr(store_outputs, 'execute_notebooks', lambda nbs, rels, dest: ran.extend(rels))
+    monkeypatch.setattr(store_outputs.shutil, 'copy', lambda *a: None)
+    monkeypatch.setattr(store_outputs, 'collapse_streams', lambda p: ran.append(('collapse', p.name)))
+    monkeypatch.setattr(store_outputs.subprocess, 'run', lambda *a, **k: None)
+    monkeypatch.chdir(Path(__file__).parent.parent)
+    store_outputs.main(['nbs/tutorials/paper_cpu_scale.ipynb', 'nbs/tutorials/quick_start.ipynb'])
+    assert ran == [Path('tutorials/quick_start.ipynb'), ('collapse', 'quick_start.ipynb')]
+    assert 'paper_cpu_scale.ipynb keeps its stored full-form outputs' in capsys.readouterr().out
