@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.meta import delegates
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
 from .attacks import pgd_attack, PixelSpace, eval_mode, check_attack_args
@@ -135,24 +136,18 @@ def _prob_bars(ax, pc, pa, vocab, y, k):
     ax.set_xlabel('probability', fontsize=8)
     ax.legend(fontsize=7, loc='lower right')
 
+@delegates(adversarial_examples)
 def show_adversarial(learn, # a fastai `Learner` (anything with `.model`, and `.dls` unless `batch`/`stats` are given)
                      n:int=4, # number of images (rows)
-                     eps:float=8/255, # attack radius in [0,1] pixel units
-                     steps:int=10, # PGD steps
-                     norm:str='linf', # 'linf' or 'l2'
-                     alpha:float=None, # PGD step size in pixels (default 2.5*eps/steps)
-                     dl=None, # a `DataLoader` to take one batch from (default `learn.dls.valid`)
-                     batch:tuple=None, # or an `(x, y)` batch, x as the model receives it
-                     idxs:list=None, # indices of the images in the batch (default the first `n`)
-                     stats=None, # normalization stats (default `learn.dls`), see `pgd_attack`
+                     *,
                      probs:bool=False, # add a column with the top-`k` class probabilities, clean and adversarial
                      k:int=5, # classes in the probability column
                      figsize:tuple=None, # default: 2.2 inches per column and per row
-                     seed:int=None, # seed of PGD's random start (global RNG untouched)
-                    )->Figure:
+                     **kwargs)->Figure:
     "A grid like fastai's `show_results`: clean image, PGD adversarial image and amplified perturbation per row"
     _check_n(k, 'k')
-    r = adversarial_examples(learn, n, eps, steps, norm, alpha, dl, batch, idxs, stats, seed)
+    r = adversarial_examples(learn, n, **kwargs)
+    eps, steps, norm = r['eps'], r['steps'], r['norm']
     rows, ncols = len(r['idxs']), 4 if probs else 3
     vocab = _vocab(learn, r['probs'].shape[1])
     fig = Figure(figsize=figsize or (2.2*ncols + (0.8 if probs else 0), 2.3*rows + 0.4), layout='constrained')
