@@ -18,19 +18,12 @@ import argparse, time, sys, warnings
 import torch
 from fastai.learner import Learner
 from fastai.metrics import accuracy
-from fastai.callback.core import Callback
 import fastai.callback.schedule, fastai.callback.progress  # fit_one_cycle, no_bar
+from _timers import EpochTimer
 from rtl_fastai.data import load_dataset, select_classes, subsample, default_split, task_dls, ArrayData
 from rtl_fastai.models import SmallCNN, PreActResNet18
 from rtl_fastai.attacks import robust_eval_batch
 from rtl_fastai.callback.adv_train import PGDTraining, FreeAdvTraining, FastAdvTraining, TRADESTraining
-
-class EpochTimer(Callback):
-    "Training wall time of each epoch (validation excluded)"
-    order = 100
-    def before_fit(self): self.times = []
-    def before_train(self): self.t0 = time.perf_counter()
-    def after_train(self): self.times.append(time.perf_counter() - self.t0)
 
 def make_dls(args):
     d = load_dataset(args.data)

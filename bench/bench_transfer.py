@@ -10,27 +10,19 @@ training set; its build time is printed separately and also amortised over the t
     python bench/bench_transfer.py                      # CIFAR-10 vehicles, PreActResNet18 width 16, 250/class
     python bench/bench_transfer.py --data digits        # no data files needed
 """
-import argparse, time, statistics
+import argparse, statistics
 import torch
-from fastai.callback.core import Callback
 from fastai.torch_core import set_seed
+from _timers import EpochTimer
 from rtl_fastai.data import task_dls
 from rtl_fastai.models import PreActResNet18, SmallCNN
 from rtl_fastai.callback.transfer import transfer_learner
 
 
-class TrainTimer(Callback):
-    "Wall time of the training phase of each epoch."
-    order = 100
-    def before_fit(self): self.times = []
-    def before_train(self): self.t0 = time.perf_counter()
-    def after_train(self): self.times.append(time.perf_counter() - self.t0)
-
-
 def epoch_time(source, dls, n_retrain, cache, epochs):
     "(median training-epoch time, cache build time) for `epochs` epochs after one warm-up epoch."
     set_seed(0)
-    timer = TrainTimer()
+    timer = EpochTimer()
     learn = transfer_learner(source, dls, n_retrain=n_retrain, cache=cache, cbs=timer)
     with learn.no_bar(), learn.no_logging():
         learn.fit(1, 1e-3)                  # warm-up; builds the cache (timed by the callback: build_s)
