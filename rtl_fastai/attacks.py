@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fastcore.basics import store_attr
-from .data import normalize_stats
+from .core import normalize_stats
 
 # %% auto #0
 __all__ = ['eval_mode', 'check_attack_args', 'PixelSpace', 'pgd_attack', 'fgsm_attack', 'robust_eval_batch']

@@ -24,7 +24,7 @@ from fastai.data.core import DisplayedTransform, explode_types # fasttransform's
 # %% auto #0
 __all__ = ['Layout', 'LAYOUTS', 'DATASETS', 'Split', 'SPLITS', 'ArrayData', 'load_digits_data', 'cache_dir', 'find_data',
            'load_image_data', 'load_dataset', 'default_split', 'select_classes', 'subsample', 'subsample_valid',
-           'normalize_stats', 'ArrayDataset', 'ArrayDL', 'FlipPadCrop', 'random_tfms', 'channel_stats', 'task_dls']
+           'ArrayDataset', 'ArrayDL', 'FlipPadCrop', 'random_tfms', 'channel_stats', 'task_dls', 'normalize_stats']
 
 # %% ../nbs/00_data.ipynb #57d7e014
 @dataclass(repr=False)
@@ -352,42 +352,8 @@ def subsample_valid(data:ArrayData,   # Dataset to subsample
     return ArrayData(data.x_train, data.y_train, data.x_valid[keep], data.y_valid[keep], list(data.classes), data.name)
 
 # %% ../nbs/00_data.ipynb #9079a976
-def _as_stat(v, what):
-    t = torch.as_tensor(v).float() if not isinstance(v, torch.Tensor) else v.detach().float()
-    if t.numel() == 0: raise ValueError(f"normalize_stats: {what} is empty")
-    return t.reshape(1, -1, 1, 1)
-
-def _find_normalize(obj):
-    for o in (obj, getattr(obj, 'dl', None)):  # fastai's `DistributedDL` (under `distrib_ctx`) wraps the real loader in `.dl`
-        tfms = getattr(o, 'after_batch', None)
-        for t in getattr(tfms, 'fs', []) or []:
-            if isinstance(t, Normalize): return t
-    if isinstance(obj, DataLoaders):
-        for dl in obj.loaders:
-            n = _find_normalize(dl)
-            if n is not None: return n
-    return None
-
-def normalize_stats(obj, # `DataLoaders`/`DataLoader`, a `Normalize`, a `(mean, std)` pair, or None
-                   ):
-    "`(mean, std)` float tensors shaped (1,C,1,1) used to normalize pixels in [0,1], or None if not normalized"
-    if obj is None: return None
-    if isinstance(obj, Normalize):
-        if obj.mean is None or obj.std is None: raise ValueError("normalize_stats: this Normalize has no mean/std yet; set it up first (e.g. Normalize.from_stats)")
-        return normalize_stats((obj.mean, obj.std))
-    if isinstance(obj, (DataLoaders, TfmdDL)) or hasattr(obj, 'after_batch'):
-        n = _find_normalize(obj)
-        if n is not None: return normalize_stats(n)
-        st = getattr(obj, 'stats', None)
-        return None if st is None else normalize_stats(st)
-    if isinstance(obj, (tuple, list)) and len(obj) == 2:
-        mean, std = _as_stat(obj[0], 'mean'), _as_stat(obj[1], 'std')
-        if mean.shape[1] != std.shape[1] and 1 not in (mean.shape[1], std.shape[1]):
-            raise ValueError(f"normalize_stats: mean has {mean.shape[1]} channels and std {std.shape[1]}; give one value per channel")
-        if (std <= 0).any(): raise ValueError(f"normalize_stats: std must be positive, got {std.flatten().tolist()}")
-        c = max(mean.shape[1], std.shape[1])
-        return mean.expand(1,c,1,1).clone(), std.expand(1,c,1,1).clone()
-    raise TypeError(f"normalize_stats: expected DataLoaders, a Normalize, a (mean, std) pair or None; got {type(obj).__name__}")
+from .core import normalize_stats
+_all_ = ['normalize_stats']  # re-exported from core
 
 # %% ../nbs/00_data.ipynb #8bc86f73
 class ArrayDataset:

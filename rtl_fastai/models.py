@@ -16,37 +16,13 @@ from fastai.layers import AdaptiveConcatPool2d
 from fastai.vision.learner import create_head, apply_init
 
 # %% auto #0
-__all__ = ['NormalizeInput', 'BlockNet', 'conv_bn_relu', 'SmallCNN', 'PreActBlock', 'PreActResNet18', 'wrn_units', 'WideResNet',
-           'ModelBlocks', 'model_blocks', 'set_blocks', 'unwrap_model', 'head_module', 'get_features', 'feature_shape',
-           'swap_head', 'replace_head', 'n_blocks', 'freeze_blocks', 'block_splitter']
+__all__ = ['BlockNet', 'conv_bn_relu', 'SmallCNN', 'PreActBlock', 'PreActResNet18', 'wrn_units', 'WideResNet', 'ModelBlocks',
+           'model_blocks', 'set_blocks', 'unwrap_model', 'head_module', 'get_features', 'feature_shape', 'swap_head',
+           'replace_head', 'n_blocks', 'freeze_blocks', 'block_splitter', 'NormalizeInput']
 
 # %% ../nbs/01_models.ipynb #32a2f059
-def _stat_tensor(v, name):
-    t = torch.as_tensor(v, dtype=torch.float32)
-    if t.ndim == 4 and t.shape[0] == 1 and t.shape[2:] == (1, 1): t = t.flatten()
-    if t.ndim == 0: t = t[None]
-    if t.ndim != 1:
-        raise ValueError(f"NormalizeInput: `{name}` must be a number, a sequence of one value per channel "
-                         f"or a tensor shaped (1,C,1,1); got shape {tuple(t.shape)}.")
-    return t.view(1, -1, 1, 1)
-
-class NormalizeInput(nn.Module):
-    "Normalize [0,1] images with per-channel `mean` and `std` inside the model (like fastai's `Normalize`)."
-    def __init__(self,
-                 mean, # one value per channel (or a (1,C,1,1) tensor)
-                 std,  # one value per channel (or a (1,C,1,1) tensor), all > 0
-                ):
-        super().__init__()
-        mean, std = _stat_tensor(mean, 'mean'), _stat_tensor(std, 'std')
-        if (std <= 0).any(): raise ValueError(f"NormalizeInput: every `std` must be > 0, got {std.flatten().tolist()}.")
-        if mean.shape[1] != std.shape[1] and 1 not in (mean.shape[1], std.shape[1]):
-            raise ValueError(f"NormalizeInput: `mean` has {mean.shape[1]} channels but `std` has {std.shape[1]}; "
-                             "pass one value per channel for both.")
-        # not persistent: state dicts of models with and without `stats` stay interchangeable
-        self.register_buffer('mean', mean, persistent=False)
-        self.register_buffer('std', std, persistent=False)
-    def forward(self, x): return (x - self.mean) / self.std
-    def extra_repr(self): return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+from .core import NormalizeInput
+_all_ = ['NormalizeInput']  # re-exported from core
 
 # %% ../nbs/01_models.ipynb #72cd357f
 def _default_pool(p_drop=0.):
