@@ -20,7 +20,7 @@ from fastai.learner import Learner
 from fastai.metrics import accuracy
 import fastai.callback.schedule, fastai.callback.progress  # fit_one_cycle, no_bar
 from _timers import EpochTimer
-from rtl_fastai.data import load_dataset, select_classes, subsample, default_split, task_dls, ArrayData
+from rtl_fastai.data.all import load_dataset, select_classes, subsample, default_split, task_dls, ArrayData
 from rtl_fastai.models import SmallCNN, PreActResNet18
 from rtl_fastai.attacks import robust_eval_batch
 from rtl_fastai.callback.adv_train import PGDTraining, FreeAdvTraining, FastAdvTraining, TRADESTraining

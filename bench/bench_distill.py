@@ -20,7 +20,7 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.callback.core import Callback
 from fastai.torch_core import set_seed
-from rtl_fastai.data import ArrayData, task_dls
+from rtl_fastai.data.all import ArrayData, task_dls
 from rtl_fastai.models import SmallCNN, PreActResNet18, replace_head
 from rtl_fastai.callback.distill import FeatureDistillation
 

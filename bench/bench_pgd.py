@@ -21,7 +21,7 @@ import torch, torch.nn as nn, torch.nn.functional as F
 from fastai.learner import Learner
 import fastai.callback.all  # noqa: F401  (Learner.no_bar, fit_one_cycle)
 from fastai.metrics import accuracy
-from rtl_fastai.data import task_dls, normalize_stats
+from rtl_fastai.data.all import task_dls, normalize_stats
 from rtl_fastai.models import SmallCNN, NormalizeInput
 from rtl_fastai.attacks import robust_eval_batch
 

@@ -14,7 +14,7 @@ import argparse, statistics
 import torch
 from fastai.torch_core import set_seed
 from _timers import EpochTimer
-from rtl_fastai.data import task_dls
+from rtl_fastai.data.all import task_dls
 from rtl_fastai.models import PreActResNet18, SmallCNN
 from rtl_fastai.callback.transfer import transfer_learner
 

@@ -10,7 +10,7 @@ from collections import OrderedDict
 from urllib.parse import urlparse, unquote
 import torch
 import torch.nn as nn
-from .data import cache_dir
+from .data.external import cache_dir
 from .models import NormalizeInput
 
 # %% auto #0

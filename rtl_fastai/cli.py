@@ -90,7 +90,7 @@ def main(argv=None):
     if out.exists() and not out.is_dir(): sys.exit(f"--out: {str(out)!r} is a file; give a folder for the results")
     threads = args.threads or (1 if (args.arch or 'smallcnn') == 'smallcnn' and args.data in ('digits', 'mnist') else None)
     if threads: torch.set_num_threads(threads)
-    from rtl_fastai.data import load_dataset
+    from rtl_fastai.data.external import load_dataset
     try: load_dataset(args.data)  # fail on a bad --data before anything is written
     except (FileNotFoundError, ValueError, NotADirectoryError) as e: sys.exit(f"--data: {e}")
     print(f"rtl-fastai run: data={args.data}, results go to a new folder in {out}/", flush=True)

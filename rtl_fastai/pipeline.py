@@ -12,7 +12,9 @@ from fastcore.basics import store_attr
 from fastai.vision.all import Learner, accuracy, set_seed, default_device
 from contextlib import ExitStack
 from fastprogress.fastprogress import progress_bar
-from .data import task_dls, default_split, load_dataset
+from .data.arrays import default_split
+from .data.external import load_dataset
+from .data.loaders import task_dls
 from .models import SmallCNN, PreActResNet18, WideResNet
 from .callback.adv_valid import robust_accuracy_curve, eps_str
 from .callback.adv_train import PGDTraining

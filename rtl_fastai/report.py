@@ -10,7 +10,7 @@ import torch.nn as nn
 import pandas as pd
 from fastcore.basics import patch
 from fastai.learner import Learner
-from .data import normalize_stats
+from .core import normalize_stats
 from .attacks import check_attack_args, PixelSpace, eval_mode
 from .callback.adv_valid import eps_str
 

@@ -16,7 +16,7 @@ import argparse, json, time, os
 from pathlib import Path
 import torch
 from fastai.vision.all import Learner, accuracy, set_seed
-from rtl_fastai.data import load_dataset, select_classes, subsample, subsample_valid, default_split, task_dls
+from rtl_fastai.data.all import load_dataset, select_classes, subsample, subsample_valid, default_split, task_dls
 from rtl_fastai.models import PreActResNet18
 from rtl_fastai.callback.adv_train import FastAdvTraining, PGDTraining
 from rtl_fastai.callback.adv_valid import RobustAccuracy  # noqa: F401  (registers Learner.robust_validate)

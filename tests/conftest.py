@@ -3,7 +3,7 @@ import pytest, torch
 from fastai.learner import Learner
 import fastai.callback.all  # noqa: F401  (Learner.no_bar, MixedPrecision, ...)
 from fastai.metrics import accuracy
-from rtl_fastai.data import task_dls
+from rtl_fastai.data.all import task_dls
 from rtl_fastai.models import SmallCNN
 
 @pytest.fixture(scope='session')

@@ -20,7 +20,7 @@ from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
 from fastai.metrics import accuracy
 from fastai.distributed import rank_distrib, num_distrib  # patches Learner.distrib_ctx
-from rtl_fastai.data import task_dls, normalize_stats, ArrayDataset
+from rtl_fastai.data.all import task_dls, normalize_stats, ArrayDataset
 from rtl_fastai.models import SmallCNN, model_blocks
 from rtl_fastai.callback.adv_valid import RobustAccuracy  # also makes fastai's DistributedDL work under gloo
 from rtl_fastai.callback.adv_train import PGDTraining

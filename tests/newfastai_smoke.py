@@ -2,7 +2,7 @@
 .venv-newfastai, not by pytest (the dev venv pins fastai 2.8.7). Exits non-zero on any failure."""
 import torch, fastai
 from fastai.vision.all import Learner, accuracy, set_seed
-from rtl_fastai.data import task_dls
+from rtl_fastai.data.all import task_dls
 from rtl_fastai.models import SmallCNN
 from rtl_fastai.callback.adv_valid import RobustAccuracy
 from rtl_fastai.callback.adv_train import PGDTraining

@@ -10,7 +10,7 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.training import GradientAccumulation
 import fastai.callback.schedule, fastai.callback.progress
-from rtl_fastai.data import task_dls
+from rtl_fastai.data.all import task_dls
 from rtl_fastai.models import SmallCNN
 from rtl_fastai.attacks import PixelSpace, robust_eval_batch
 from rtl_fastai.callback.adv_train import *

@@ -4,7 +4,7 @@ from torch import nn
 from fastai.learner import Learner
 import fastai.callback.all  # noqa: F401  (Learner.no_bar, MixedPrecision, ...)
 from fastai.metrics import accuracy
-from rtl_fastai.data import task_dls, normalize_stats
+from rtl_fastai.data.all import task_dls, normalize_stats
 from rtl_fastai.models import NormalizeInput
 from rtl_fastai.attacks import pgd_attack, fgsm_attack, robust_eval_batch
 from rtl_fastai.callback.adv_valid import RobustAccuracy, robust_accuracy_curve

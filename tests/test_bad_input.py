@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from fastai.learner import Learner
 from fastai.callback.core import Callback
-from rtl_fastai.data import (task_dls, load_dataset, load_digits_data, select_classes, subsample, subsample_valid, normalize_stats,
+from rtl_fastai.data.all import (task_dls, load_dataset, load_digits_data, select_classes, subsample, subsample_valid, normalize_stats,
                              find_data, ArrayData)
 from rtl_fastai.models import SmallCNN, WideResNet, replace_head, freeze_blocks, model_blocks, set_blocks
 from rtl_fastai.attacks import pgd_attack, fgsm_attack, check_attack_args
@@ -195,8 +195,8 @@ CASES = [
     ('data-class-unknown', lambda d, m, r: select_classes(load_digits_data(), ['cat']), ValueError, r"unknown class 'cat'"),
     ('data-n_per_class',   lambda d, m, r: task_dls('digits', n_per_class=10_000), ValueError, r'fewer than n_per_class=10000'),
     ('data-valid-n_per_class', lambda d, m, r: subsample_valid(load_digits_data(), 10_000), ValueError, r'validation examples, fewer than n_per_class=10000'),
-    ('data-valid-n_per_class-type', lambda d, m, r: subsample_valid(load_digits_data(), 2.5), ValueError, r'n_per_class must be a positive int, got 2.5'),
-    ('data-bs',            lambda d, m, r: task_dls('digits', bs=0), ValueError, r'bs must be a positive int'),
+    ('data-valid-n_per_class-type', lambda d, m, r: subsample_valid(load_digits_data(), 2.5), ValueError, r'`n_per_class` must be an integer >= 1, got 2.5'),
+    ('data-bs',            lambda d, m, r: task_dls('digits', bs=0), ValueError, r'task_dls: `bs` must be an integer >= 1, got 0'),
     ('data-augment-size',  lambda d, m, r: task_dls('digits', augment=True), ValueError, r'augment=True is for 32x32 images.*\(8, 8\)'),
     ('data-valid_pct',     lambda d, m, r: load_digits_data(valid_pct=1.5), ValueError, r'valid_pct'),
     ('data-stats-channels', lambda d, m, r: normalize_stats(([.1, .2, .3], [.1, .2])), ValueError, r'mean has 3 channels and std 2'),

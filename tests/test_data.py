@@ -1,4 +1,4 @@
-"Tests of `rtl_fastai.data`: data paths, cache, class selection, stats and `task_dls`."
+"Tests of `rtl_fastai.data` (`external`, `arrays`, `loaders`): data paths, cache, class selection, stats and `task_dls`."
 import os, tarfile
 from pathlib import Path
 
@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 from fastai.data.transforms import Normalize
 
-import rtl_fastai.data as data
-from rtl_fastai.data import (ArrayData, LAYOUTS, load_dataset, load_digits_data, load_image_data, find_data,
+import rtl_fastai.data.external as external
+from rtl_fastai.data.all import (ArrayData, LAYOUTS, load_dataset, load_digits_data, load_image_data, find_data,
                              default_split, select_classes, subsample, normalize_stats, task_dls, cache_dir)
 
-ORIG_SHARED = data._shared_candidates  # before the fixture patches it
+ORIG_SHARED = external._shared_candidates  # before the fixture patches it
 SHARED = Path(__file__).resolve().parents[1].parent/'shared'/'data'
 
 
@@ -39,9 +39,9 @@ def isolated(tmp_path, monkeypatch):
     "Every test gets its own cache, no RTL_DATA, and no `shared/data` or download fallback"
     monkeypatch.setenv('RTL_CACHE', str(tmp_path/'cache'))
     monkeypatch.delenv('RTL_DATA', raising=False)
-    monkeypatch.setattr(data, '_shared_candidates', lambda: [])
+    monkeypatch.setattr(external, '_shared_candidates', lambda: [])
     def no_download(url): raise AssertionError(f'untar_data({url}) must not be called in tests')
-    monkeypatch.setattr(data, 'untar_data', no_download)
+    monkeypatch.setattr(external, 'untar_data', no_download)
 
 
 @pytest.fixture(scope='module')
@@ -89,11 +89,11 @@ def test_env_var(tmp_path, monkeypatch):
 def test_fallback_order(tmp_path, monkeypatch):
     shared = tmp_path/'shared'/'data'
     arc = fake_archive(shared)
-    monkeypatch.setattr(data, '_shared_candidates', lambda: [shared])
+    monkeypatch.setattr(external, '_shared_candidates', lambda: [shared])
     assert find_data('cifar10') == ('archive', arc)
     calls = []
     def fake_untar(url): calls.append(url); return fake_folder(tmp_path/'dl', 'mnist', classes=('0', '1'), size=28)
-    monkeypatch.setattr(data, 'untar_data', fake_untar)
+    monkeypatch.setattr(external, 'untar_data', fake_untar)
     assert find_data('mnist')[0] == 'folder'              # not in shared: downloads with fastai
     assert calls == [LAYOUTS['mnist'].url]
 
@@ -133,8 +133,8 @@ def test_cache_reused(tmp_path, monkeypatch):
     assert len(npys) == 1
     mtime = npys[0].stat().st_mtime_ns
     def boom(*args, **kwargs): raise AssertionError('decoded twice')
-    monkeypatch.setattr(data, '_decode_split', boom)
-    monkeypatch.setattr(data, '_extract', boom)
+    monkeypatch.setattr(external, '_decode_split', boom)
+    monkeypatch.setattr(external, '_extract', boom)
     b = load_dataset('cifar10', path=arc)
     assert torch.equal(a.x_train, b.x_train) and npys[0].stat().st_mtime_ns == mtime
     assert not list(cache_dir().rglob('*.tmp'))  # atomic writes leave no temporaries
@@ -184,7 +184,7 @@ def test_subsample(digits):
     assert torch.equal(subsample(digits, 7, seed=3).x_train, s.x_train)
     assert not torch.equal(subsample(digits, 7, seed=4).x_train, s.x_train)
     with pytest.raises(ValueError, match='n_per_class=500'): subsample(digits, 500)
-    with pytest.raises(ValueError, match='positive'): subsample(digits, 0)
+    with pytest.raises(ValueError, match='`n_per_class` must be an integer >= 1'): subsample(digits, 0)
 
 
 # ---- normalize_stats ----

@@ -99,7 +99,7 @@ def test_random_starts_replayed(runs, single):
     "Random starts: replaying each process's share with its seeds in one process gives rank 0's value exactly."
     from distrib_script import ATTACKS, N_VALID
     from fastai.distributed import DistributedDL
-    from rtl_fastai.data import normalize_stats
+    from rtl_fastai.data.all import normalize_stats
     from rtl_fastai.callback.adv_valid import RobustAccuracy
     _, (r0, _) = runs
     dls, stats = single.dls, normalize_stats(single.dls)

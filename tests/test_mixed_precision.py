@@ -15,7 +15,7 @@ from fastcore.foundation import L
 from fastai.learner import Learner
 from fastai.callback.fp16 import MixedPrecision
 from fastai.metrics import accuracy
-from rtl_fastai.data import task_dls
+from rtl_fastai.data.all import task_dls
 from rtl_fastai.models import SmallCNN
 from rtl_fastai.attacks import pgd_attack, fgsm_attack, robust_eval_batch, PixelSpace
 from rtl_fastai.callback.adv_valid import RobustAccuracy
@@ -63,7 +63,7 @@ SETUP_NAMES = ['PGDTraining', 'FreeAdvTraining', 'FastAdvTraining', 'TRADESTrain
 @pytest.fixture
 def small_dls():
     "A fresh quarter of the digits training set (fast epochs), all of its validation set."
-    from rtl_fastai.data import load_digits_data, subsample
+    from rtl_fastai.data.all import load_digits_data, subsample
     return task_dls(subsample(load_digits_data(), 30), bs=64, seed=0)
 
 

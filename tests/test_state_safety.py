@@ -13,7 +13,7 @@ from fastai.learner import Learner, load_learner
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.tracker import SaveModelCallback
 from fastai.metrics import accuracy
-from rtl_fastai.data import task_dls
+from rtl_fastai.data.all import task_dls
 from rtl_fastai.models import SmallCNN, model_blocks
 from rtl_fastai.callback.adv_valid import RobustAccuracy
 from rtl_fastai.callback.adv_train import PGDTraining, FreeAdvTraining, FastAdvTraining, TRADESTraining

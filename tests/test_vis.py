@@ -6,7 +6,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from fastai.vision.all import Learner, accuracy, set_seed
-from rtl_fastai.data import task_dls
+from rtl_fastai.data.all import task_dls
 from rtl_fastai.models import SmallCNN
 from rtl_fastai.vis import (show_adversarial, adversarial_examples, plot_robust_curve, plot_block_study,
                             adversarial_explorer, AdversarialExplorer, in_notebook)

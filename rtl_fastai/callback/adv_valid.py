@@ -18,7 +18,7 @@ except (ImportError, NameError):  # fastai.distributed needs the optional `accel
         "Stand-in for fastai's `DistributedDL` when `accelerate` is not installed: nothing is sharded then."
         def _broadcast(self, t, rank): return list(t)
     class DistributedTrainer: "Stand-in for fastai's `DistributedTrainer` when `accelerate` is not installed."
-from ..data import normalize_stats
+from ..core import normalize_stats
 from ..models import unwrap_model
 from ..attacks import check_attack_args, robust_eval_batch
 

@@ -15,7 +15,8 @@ from fastai.learner import Metric
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from ..models import head_module, unwrap_model
-from ..data import ArrayDL, random_tfms
+from ..data.loaders import ArrayDL
+from ..data.augment import random_tfms
 
 # %% auto #0
 __all__ = ['feature_distance', 'feature_module', 'DistillMetric', 'FeatureDistillation']

@@ -23,7 +23,8 @@ from .adv_valid import DistributedDL  # fastai's, or a stand-in when `accelerate
 import fastai.callback.schedule, fastai.callback.progress  # fit_one_cycle, lr_find, progress bars, as in fastai.vision.all
 from ..models import (model_blocks, ModelBlocks, replace_head, swap_head, NormalizeInput, _module_name, _set_module,
                                _is_fastai_resnet)
-from ..data import normalize_stats, random_tfms
+from ..core import normalize_stats
+from ..data.augment import random_tfms
 from ..attacks import eval_mode
 
 # %% auto #0
