@@ -238,8 +238,8 @@ def check_normalization(model:nn.Module, # the model the inputs go to
         kind, msg = 'missing', (f"the model expects inputs normalized with {_fmt_stats(exp)} but the `dls` do not normalize. "
                                 f"Add {fix_dls}, or normalize inside the model with `add_input_norm(model, input_stats(model))` "
                                 "(or `load_robust_checkpoint(..., norm='model')`)")
-    elif layer is None and not (torch.allclose(got[0].expand_as(exp[0]), exp[0], atol=1e-4)
-                                and torch.allclose(got[1].expand_as(exp[1]), exp[1], atol=1e-4)):
+    elif layer is None and not (torch.allclose(got[0], exp[0], atol=1e-4)
+                                and torch.allclose(got[1], exp[1], atol=1e-4)):
         kind, msg = 'other', (f"the model expects inputs normalized with {_fmt_stats(exp)} but the `dls` normalize with "
                               f"{_fmt_stats(got)}. Use {fix_dls}")
     else: return None

@@ -252,7 +252,7 @@ CASES = [
     ('ckpt-download-truncated', lambda d, m, r: _bad_download((r/'good.pth').read_bytes()[:300]), ValueError,
                            r'`path_or_url`: the file downloaded from .* is not a readable checkpoint .*nothing was kept in the cache'),
     ('ckpt-stats-channels', lambda d, m, r: load_robust_checkpoint(SmallCNN(), r/'good.pth', stats=([.5]*3, [.2]*3)),
-                           CheckpointMismatchError, r'the `stats` normalize 3 channels .*first convolution takes 1-channel images'),
+                           CheckpointMismatchError, r'the input statistics \(`stats`\) have 3 channels .*first convolution takes 1-channel images'),
     ('ckpt-norm',          lambda d, m, r: load_robust_checkpoint(SmallCNN(), r/'madry.pth', norm='inside'), ValueError, r"`norm` must be 'auto', 'model' or 'dls'"),
     ('norm-dls-channels',  lambda d, m, r: check_normalization(SmallCNN(), _norm_dls(([.5]*3, [.2]*3)), 'transfer_learner'), ValueError,
                            r'transfer_learner: the `dls` normalize 3 channels .*first convolution takes 1-channel.*one value per channel'),

@@ -330,7 +330,7 @@ def test_stats_channels_must_match_the_model(tmp_path):
     m1 = SmallCNN(n_in=1, n_out=5)
     torch.save(m1.state_dict(), tmp_path/'p.pt')
     before = {k: v.clone() for k, v in m1.state_dict().items()}
-    with pytest.raises(CheckpointMismatchError, match=r'the `stats` normalize 3 channels .* takes 1-channel'):
+    with pytest.raises(CheckpointMismatchError, match=r'the input statistics \(`stats`\) have 3 channels .* takes 1-channel'):
         load_robust_checkpoint(m1, tmp_path/'p.pt', stats=IMAGENET_STATS, norm='dls')
     for k, v in m1.state_dict().items(): assert torch.equal(v, before[k])
 
