@@ -210,6 +210,8 @@ def _in_channels(model):
     c = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     return None if c is None else c.in_channels
 
+def _cpu(st): return None if st is None else tuple(t.detach().cpu() for t in st)
+
 def _is_identity(st): return bool((st[0] == 0).all() and (st[1] == 1).all())
 
 def check_normalization(model:nn.Module, # the model the inputs go to
@@ -217,11 +219,11 @@ def check_normalization(model:nn.Module, # the model the inputs go to
                         who:str, # the function or class the user called, for the message
                        )->str|None:
     "Warn once if `dls` does not normalize as `model` expects (`input_stats`) or normalizes twice; the problem, or None"
-    try: got = normalize_stats(dls)
+    try: got = _cpu(normalize_stats(dls))
     except (TypeError, ValueError): return None  # not a fastai loader: nothing to compare
     layer = _norm_layer(model)
     if layer is not None and _is_identity(normalize_stats(layer)): layer = None
-    exp = input_stats(model)
+    exp = _cpu(input_stats(model))
     if exp is not None and _is_identity(exp): exp = None
     c = _in_channels(getattr(model, 'module', model))
     if got is not None and c is not None and got[0].shape[1] not in (1, c):
