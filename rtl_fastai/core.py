@@ -14,7 +14,7 @@ from fastai.data.transforms import Normalize
 
 # %% auto #0
 __all__ = ['plain', 'is_int', 'is_number', 'check_int', 'check_number', 'fork_rng', 'eps_str', 'normalize_stats',
-           'NormalizeInput']
+           'NormalizeInput', 'input_stats', 'add_input_norm', 'check_normalization']
 
 # %% ../nbs/00_core.ipynb #7803692f
 def plain(t):
@@ -156,3 +156,97 @@ class NormalizeInput(nn.Module):
         st = normalize_stats(stats)
         return None if st is None else cls(*st)
     def extra_repr(self): return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+# %% ../nbs/00_core.ipynb #7b9bf457
+import warnings, weakref
+
+# %% ../nbs/00_core.ipynb #0dab7019
+class _InputNormHook:
+    "Forward pre-hook that normalizes the model's input with its `NormalizeInput` (moved to the input's device/dtype)"
+    def __init__(self, norm:NormalizeInput): self.norm = norm
+    def __call__(self, module, args):
+        x, n = args[0], self.norm
+        if n.mean.device != x.device or n.mean.dtype != x.dtype: n.to(device=x.device, dtype=x.dtype)
+        return (n(x), *args[1:])
+
+def _unwrap(model):
+    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+
+def _norm_layer(model):
+    "The `NormalizeInput` of `add_input_norm`, else the first `NormalizeInput` layer of `model`, else None"
+    model = _unwrap(model)
+    h = next((h for h in model._forward_pre_hooks.values() if isinstance(h, _InputNormHook)), None)
+    if h is not None: return h.norm
+    return next((m for m in model.modules() if isinstance(m, NormalizeInput)), None)
+
+def input_stats(model:nn.Module)->tuple|None:
+    "`(mean, std)` (1,C,1,1) the inputs of `model` are normalized with: its `NormalizeInput`, else `model.input_stats`, else None"
+    n = _norm_layer(model)
+    if n is not None: return normalize_stats(n)
+    st = getattr(_unwrap(model), 'input_stats', None)
+    return None if st is None else normalize_stats(st)
+
+def add_input_norm(model:nn.Module, # any model; changed in place
+                   stats, # `(mean, std)` or anything `normalize_stats` takes
+                  )->nn.Module:
+    "Normalize the inputs of `model` inside it, with a forward pre-hook holding a `NormalizeInput`"
+    norm = NormalizeInput.from_stats(stats)
+    if norm is None: raise ValueError("add_input_norm: `stats` is None; give the (mean, std) the model expects")
+    if _norm_layer(model) is not None:
+        raise ValueError("add_input_norm: `model` already has a NormalizeInput; set its statistics instead "
+                         "(`layer.mean.copy_(...)`) or build the model without `stats`")
+    p = next(iter(model.parameters()), None)
+    if p is not None: norm.to(p.device)
+    model.register_forward_pre_hook(_InputNormHook(norm))
+    if 'input_stats' in vars(model): del model.input_stats
+    return model
+
+# %% ../nbs/00_core.ipynb #38d11b2b
+_WARNED = weakref.WeakKeyDictionary()  # model -> {(id(dls), kind)}: warn once per pair
+
+def _fmt_stats(st): return 'none' if st is None else f"mean={[round(v, 4) for v in st[0].flatten().tolist()]}, std={[round(v, 4) for v in st[1].flatten().tolist()]}"
+
+def _in_channels(model):
+    c = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if c is None else c.in_channels
+
+def _cpu(st): return None if st is None else tuple(t.detach().cpu() for t in st)
+
+def _is_identity(st): return bool((st[0] == 0).all() and (st[1] == 1).all())
+
+def check_normalization(model:nn.Module, # the model the inputs go to
+                        dls, # its `DataLoaders` or `DataLoader`
+                        who:str, # the function or class the user called, for the message
+                       )->str|None:
+    "Warn once if `dls` does not normalize as `model` expects (`input_stats`) or normalizes twice; the problem, or None"
+    try: got = _cpu(normalize_stats(dls))
+    except (TypeError, ValueError): return None  # not a fastai loader: nothing to compare
+    layer = _norm_layer(model)
+    if layer is not None and _is_identity(normalize_stats(layer)): layer = None
+    exp = _cpu(input_stats(model))
+    if exp is not None and _is_identity(exp): exp = None
+    c = _in_channels(getattr(model, 'module', model))
+    if got is not None and c is not None and got[0].shape[1] not in (1, c):
+        raise ValueError(f"{who}: the `dls` normalize {got[0].shape[1]} channels ({_fmt_stats(got)}) but the model's "
+                         f"first convolution takes {c}-channel images; give `Normalize.from_stats` one value per "
+                         "channel of your images (or convert the images to the model's channels)")
+    if exp is None: return None
+    fix_dls = f"`batch_tfms=Normalize.from_stats(*input_stats(model))` in the DataLoaders"
+    if layer is not None and got is not None:
+        kind, msg = 'twice', (f"the inputs are normalized twice: the model normalizes inside (NormalizeInput, {_fmt_stats(exp)}) "
+                              f"and the `dls` normalize too ({_fmt_stats(got)}). Remove `Normalize` from the DataLoaders' "
+                              "`batch_tfms`, or take the layer out of the model (load with `norm='dls'`)")
+    elif layer is None and got is None:
+        kind, msg = 'missing', (f"the model expects inputs normalized with {_fmt_stats(exp)} but the `dls` do not normalize. "
+                                f"Add {fix_dls}, or normalize inside the model with `add_input_norm(model, input_stats(model))` "
+                                "(or `load_robust_checkpoint(..., norm='model')`)")
+    elif layer is None and not (torch.allclose(got[0], exp[0], atol=1e-4)
+                                and torch.allclose(got[1], exp[1], atol=1e-4)):
+        kind, msg = 'other', (f"the model expects inputs normalized with {_fmt_stats(exp)} but the `dls` normalize with "
+                              f"{_fmt_stats(got)}. Use {fix_dls}")
+    else: return None
+    seen = _WARNED.setdefault(model, set())
+    if (id(dls), kind) not in seen:
+        seen.add((id(dls), kind))
+        warnings.warn(f"{who}: {msg}", UserWarning, stacklevel=2)
+    return msg

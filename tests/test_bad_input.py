@@ -17,6 +17,8 @@ from rtl_fastai.data.all import (task_dls, load_dataset, load_digits_data, selec
 from rtl_fastai.models import SmallCNN, WideResNet, replace_head, freeze_blocks, model_blocks, set_blocks
 from rtl_fastai.attacks import pgd_attack, fgsm_attack, check_attack_args
 from rtl_fastai.checkpoint import load_robust_checkpoint, extract_state_dict, CheckpointMismatchError, UnsafeCheckpointError
+import rtl_fastai.checkpoint as _ck
+from rtl_fastai.core import check_normalization
 from rtl_fastai.callback.adv_valid import RobustAccuracy, robust_accuracy_curve
 from rtl_fastai.callback.adv_train import PGDTraining, FreeAdvTraining, FastAdvTraining, TRADESTraining
 from rtl_fastai.callback.transfer import transfer_learner, FreezeBlocks, FeatureCache, transfer_head
@@ -72,6 +74,31 @@ def _pgd(dls, model, **kw):
     x, y = _x(dls)
     args = dict(eps=0.1, steps=2, stats=dls); args.update(kw)
     return pgd_attack(model, x, y, **args)
+
+
+def _bad_download(payload):
+    "Load a registry model whose download fails (an exception) or is cut short (bytes); the cache must stay empty."
+    import tempfile
+    cache = Path(tempfile.mkdtemp())
+    def fake(url, dest):
+        if isinstance(payload, Exception): raise payload
+        Path(dest).write_bytes(payload)
+    orig, _ck._download = _ck._download, fake
+    try: load_robust_checkpoint('resnet18_l2_eps3', cache=cache)
+    finally:
+        _ck._download = orig
+        assert list(cache.iterdir()) == [], 'a failed download left a file in the cache'
+
+
+def _norm_dls(stats, c=1):
+    from fastai.data.core import TfmdDL, DataLoaders
+    from fastai.data.transforms import Normalize
+    dl = TfmdDL([(torch.rand(c, 8, 8), 0)]*4, bs=2, after_batch=[Normalize.from_stats(*stats, cuda=False)] if stats else [])
+    return DataLoaders(dl, dl)
+
+
+def _expects(stats):
+    m = SmallCNN(); m.input_stats = stats; return m
 
 
 def _fit(learn, n=1):
@@ -216,6 +243,21 @@ CASES = [
     ('ckpt-key',           lambda d, m, r: extract_state_dict({'net': {}}, key='model'), KeyError, r"`key`='model' is not in the checkpoint"),
     ('ckpt-url-scheme',    lambda d, m, r: load_robust_checkpoint(SmallCNN(), 's3://bucket/x.pth'), ValueError, r"`path_or_url`: unsupported URL scheme 's3'"),
     ('ckpt-madry-no-normalize', lambda d, m, r: load_robust_checkpoint(SmallCNN(), r/'madry.pth'), W, r'no NormalizeInput layer'),
+    ('ckpt-unknown-name',  lambda d, m, r: load_robust_checkpoint('resnet50_l2_eps4'), ValueError,
+                           r"`model`: unknown robust model 'resnet50_l2_eps4'; did you mean 'resnet50_l2_eps5'.*robust_models\(\)"),
+    ('ckpt-unknown-source', lambda d, m, r: load_robust_checkpoint(SmallCNN(), 'Salman2020Do_R1'), ValueError,
+                           r"`path_or_url`: 'Salman2020Do_R1' is neither a checkpoint file nor a registered model.*'Salman2020Do_R18'"),
+    ('ckpt-download-fails', lambda d, m, r: _bad_download(ConnectionError('network unreachable')), OSError,
+                           r'`path_or_url`: downloading https://huggingface.co/.*resnet18_l2_eps3.ckpt failed .*nothing was kept in the cache'),
+    ('ckpt-download-truncated', lambda d, m, r: _bad_download((r/'good.pth').read_bytes()[:300]), ValueError,
+                           r'`path_or_url`: the file downloaded from .* is not a readable checkpoint .*nothing was kept in the cache'),
+    ('ckpt-stats-channels', lambda d, m, r: load_robust_checkpoint(SmallCNN(), r/'good.pth', stats=([.5]*3, [.2]*3)),
+                           CheckpointMismatchError, r'the input statistics \(`stats`\) have 3 channels .*first convolution takes 1-channel images'),
+    ('ckpt-norm',          lambda d, m, r: load_robust_checkpoint(SmallCNN(), r/'madry.pth', norm='inside'), ValueError, r"`norm` must be 'auto', 'model' or 'dls'"),
+    ('norm-dls-channels',  lambda d, m, r: check_normalization(SmallCNN(), _norm_dls(([.5]*3, [.2]*3)), 'transfer_learner'), ValueError,
+                           r'transfer_learner: the `dls` normalize 3 channels .*first convolution takes 1-channel.*one value per channel'),
+    ('norm-missing',       lambda d, m, r: check_normalization(_expects((.5, .25)), _norm_dls(None), 'RobustAccuracy'), W,
+                           r'RobustAccuracy: the model expects inputs normalized with mean=\[0.5\].*do not normalize.*Normalize.from_stats'),
     # -- pipeline and command line
     ('pipeline-arch',      lambda d, m, r: run_pipeline(arch='vgg', log=None), ValueError, r'`arch` must be one of'),
     ('run-dir-is-file',    lambda d, m, r: next_run_dir(r/'results.txt'), NotADirectoryError, r'`out`=.*results\.txt.* is a file'),

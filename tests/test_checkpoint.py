@@ -1,5 +1,6 @@
 "Robust checkpoint loading: every supported layout, weights_only refusal, key/shape errors, URLs (on local files)."
 import shutil, warnings, pickle
+from pathlib import Path
 from collections import OrderedDict
 import pytest, torch
 from torch import nn
@@ -154,3 +155,263 @@ def test_file_url_and_bad_paths(tmp_path, src):
     with pytest.raises(ValueError, match='unsupported URL scheme'): load_robust_checkpoint(_src(), 'gs://b/w.pt')
     torch.save({'epoch': 3, 'acc': 0.5}, tmp_path/'noweights.pt')
     with pytest.raises(ValueError, match='`key=`'): load_robust_checkpoint(_src(), tmp_path/'noweights.pt')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 12: every layout users meet, built from a seeded torchvision model in the exact key layout; the loaded
+# model gives logits identical to the original on correctly normalized input
+import torchvision, timm
+from rtl_fastai.core import input_stats, check_normalization, add_input_norm
+from rtl_fastai.checkpoint import load_weights
+from rtl_fastai.hub import RobustModelInfo, ROBUST_MODELS, IMAGENET_STATS
+
+IM_MEAN, IM_STD = torch.tensor(IMAGENET_STATS[0]).view(1, 3, 1, 1), torch.tensor(IMAGENET_STATS[1]).view(1, 3, 1, 1)
+
+def _tv(seed=1, n=5):
+    torch.manual_seed(seed)
+    m = torchvision.models.resnet18(num_classes=n)
+    with torch.no_grad():  # BatchNorm statistics that are not the defaults, so that buffers matter too
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d): mod.running_mean.uniform_(-.1, .1); mod.running_var.uniform_(.5, 1.5)
+    return m.eval()
+
+def _x(): return torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+def _norm(x): return (x - IM_MEAN) / IM_STD
+
+class ImageNormalizer(nn.Module):  # RobustBench's normalization layer: persistent (1,3,1,1) buffers
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer('mean', torch.as_tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer('std', torch.as_tensor(std).view(1, 3, 1, 1))
+    def forward(self, x): return (x - self.mean) / self.std
+
+def _rb_model(net): return nn.Sequential(OrderedDict([('normalize', ImageNormalizer(*IMAGENET_STATS)), ('model', net)]))
+
+def _madry_ckpt(net):
+    "MadryLab robustness `AttackerModel` wrapped in DataParallel, as `robustness.train` saves it"
+    sd = OrderedDict()
+    mean, std = torch.tensor(IMAGENET_STATS[0]).view(3, 1, 1), torch.tensor(IMAGENET_STATS[1]).view(3, 1, 1)
+    sd['module.normalizer.new_mean'], sd['module.normalizer.new_std'] = mean.clone(), std.clone()
+    sd.update({'module.model.'+k: v.clone() for k, v in net.state_dict().items()})
+    sd['module.attacker.normalize.new_mean'], sd['module.attacker.normalize.new_std'] = mean.clone(), std.clone()
+    sd.update({'module.attacker.model.'+k: v.clone() for k, v in net.state_dict().items()})
+    return {'model': sd, 'optimizer': {'state': {}, 'param_groups': [{'lr': 0.1, 'params': [0, 1]}]},
+            'schedule': {'milestones': [30, 60], 'last_epoch': 89}, 'epoch': 90}
+
+def _dp_sd(m): return OrderedDict(('module.'+k, v) for k, v in m.state_dict().items())  # what DataParallel(m).state_dict() holds
+
+def test_dataparallel_prefix_is_real():
+    net = _tv(); assert list(nn.DataParallel(net).state_dict()) == list(_dp_sd(net))
+
+LAYOUTS = {  # name: (what is saved, whether the file holds the normalization)
+    'madrylab':            (lambda n: _madry_ckpt(n), True),
+    'madrylab-state_dict': (lambda n: {'state_dict': _madry_ckpt(n)['model'], 'epoch': 3}, True),
+    'robustbench':         (lambda n: _rb_model(n).state_dict(), True),
+    'robustbench-sd':      (lambda n: {'state_dict': _rb_model(n).state_dict()}, True),
+    'robustbench-module':  (lambda n: _dp_sd(_rb_model(n)), True),
+    'robustbench-sd-module': (lambda n: {'state_dict': _dp_sd(_rb_model(n))}, True),
+    'robustbench-zoo':     (lambda n: {'state_dict': _dp_sd(n)}, False),  # RobustBench's ImageNet files: no stats
+    'dataparallel':        (lambda n: _dp_sd(n), False),
+    'plain':               (lambda n: n.state_dict(), False),
+    'model-prefix':        (lambda n: OrderedDict(('model.'+k, v) for k, v in n.state_dict().items()), False),
+}
+
+@pytest.mark.parametrize('layout', list(LAYOUTS))
+@pytest.mark.parametrize('norm', ['model', 'dls'])
+def test_layouts_give_identical_logits(tmp_path, layout, norm):
+    net, x = _tv(), _x()
+    make, has_stats = LAYOUTS[layout]
+    torch.save(make(net), tmp_path/'c.pt')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # an explicit `norm` loads without a warning
+        m = load_robust_checkpoint(torchvision.models.resnet18(num_classes=5), tmp_path/'c.pt', norm=norm,
+                                   stats=None if has_stats else IMAGENET_STATS).eval()
+    _same_sd = lambda a, b: [torch.equal(a.state_dict()[k], v) or k for k, v in b.state_dict().items()]
+    assert all(r is True for r in _same_sd(m, net))
+    mean, std = input_stats(m)
+    assert torch.equal(mean, IM_MEAN) and torch.equal(std, IM_STD)
+    with torch.no_grad():
+        if norm == 'model': assert torch.equal(m(x), net(_norm(x)))          # the model takes [0,1] pixels
+        else:
+            assert 'input_stats' in vars(m)
+            assert torch.equal(m(_norm(x)), net(_norm(x)))                    # the DataLoaders normalize
+
+def test_robustbench_model_logits_match_normalize_model(tmp_path):
+    "The RobustBench model itself (normalization inside) and the loaded torchvision model agree on raw pixels"
+    net, x = _tv(), _x()
+    rb = _rb_model(net).eval()
+    torch.save({'state_dict': _dp_sd(rb)}, tmp_path/'rb.pt')
+    m = load_robust_checkpoint(torchvision.models.resnet18(num_classes=5), tmp_path/'rb.pt', norm='model').eval()
+    with torch.no_grad(): assert torch.equal(m(x), rb(x))
+
+def test_robustbench_without_norm_warns_with_working_advice(tmp_path):
+    torch.save(_rb_model(_tv()).state_dict(), tmp_path/'rb.pt')
+    with pytest.warns(UserWarning) as w: m = load_robust_checkpoint(torchvision.models.resnet18(num_classes=5), tmp_path/'rb.pt')
+    msg = str(w[0].message)
+    assert 'Normalize.from_stats(*input_stats(model))' in msg and "norm='model'" in msg and 'stats=(mean' not in msg
+    assert torch.equal(input_stats(m)[0], IM_MEAN)
+
+def test_fastai_learner_save_torchvision(tmp_path):
+    net, x = _tv(), _x()
+    ds = TensorDataset(torch.rand(4, 3, 32, 32), torch.randint(0, 5, (4,)))
+    learn = Learner(DataLoaders.from_dsets(ds, ds, bs=2, device='cpu'), net, loss_func=CrossEntropyLossFlat(), path=tmp_path)
+    learn.create_opt()
+    f = learn.save('tv', with_opt=True)
+    m = load_robust_checkpoint(torchvision.models.resnet18(num_classes=5), f).eval()
+    with torch.no_grad(): assert torch.equal(m(x), net.eval()(x))
+    assert input_stats(m) is None  # a fastai file holds no statistics: none are invented
+
+def test_safetensors_timm_keys(tmp_path):
+    "A timm resnet18 saved as safetensors (timm/Hugging Face hub files) loads into torchvision's resnet18"
+    from safetensors.torch import save_file
+    torch.manual_seed(4)
+    tm = timm.create_model('resnet18', num_classes=5).eval()
+    save_file(tm.state_dict(), str(tmp_path/'model.safetensors'))
+    x = _x()
+    m = load_robust_checkpoint(torchvision.models.resnet18(num_classes=5), tmp_path/'model.safetensors',
+                               norm='model', stats=IMAGENET_STATS).eval()
+    with torch.no_grad(): assert torch.equal(m(x), tm(_norm(x)))
+    # recognized by its header under any name, and back into timm's model
+    shutil.copy(tmp_path/'model.safetensors', tmp_path/'weights.bin')
+    m2 = load_robust_checkpoint(timm.create_model('resnet18', num_classes=5), tmp_path/'weights.bin').eval()
+    with torch.no_grad(): assert torch.equal(m2(x), tm(x))
+
+def test_safetensors_missing_package_is_a_clear_error(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+    save_file({'w': torch.ones(2)}, str(tmp_path/'m.safetensors'))
+    import builtins
+    real = builtins.__import__
+    def fake(name, *a, **k):
+        if name.startswith('safetensors'): raise ImportError('no safetensors')
+        return real(name, *a, **k)
+    monkeypatch.setattr(builtins, '__import__', fake)
+    with pytest.raises(ImportError, match='pip install safetensors'): load_robust_checkpoint(nn.Linear(1, 2), tmp_path/'m.safetensors')
+
+# -- the statistics and the DataLoaders
+def _tdls(stats=None, c=3):
+    from fastai.data.core import TfmdDL
+    from fastai.data.transforms import Normalize
+    tfms = [Normalize.from_stats(*stats, cuda=False)] if stats else []
+    dl = TfmdDL([(torch.rand(c, 8, 8), 0)]*4, bs=2, after_batch=tfms)
+    return DataLoaders(dl, dl)
+
+def test_check_normalization_after_loading(tmp_path):
+    torch.save(_madry_ckpt(_tv()), tmp_path/'m.ckpt')
+    m = load_robust_checkpoint(torchvision.models.resnet18(num_classes=5), tmp_path/'m.ckpt', norm='dls')
+    assert check_normalization(m, _tdls(IMAGENET_STATS), 'transfer_learner') is None
+    dls = _tdls()
+    with pytest.warns(UserWarning, match=r'transfer_learner: .*expects inputs normalized with mean=\[0.485'):
+        check_normalization(m, dls, 'transfer_learner')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # once per model and DataLoaders
+        assert 'do not normalize' in check_normalization(m, dls, 'transfer_learner')
+    with pytest.warns(UserWarning, match='normalize with mean=\\[0.5'): check_normalization(m, _tdls(([.5]*3, [.5]*3)), 'RobustAccuracy')
+    inside = load_robust_checkpoint(torchvision.models.resnet18(num_classes=5), tmp_path/'m.ckpt', norm='model')
+    assert check_normalization(inside, _tdls(), 'robust_validate') is None
+    with pytest.warns(UserWarning, match='robust_validate: the inputs are normalized twice'):
+        check_normalization(inside, _tdls(IMAGENET_STATS), 'robust_validate')
+
+def test_add_input_norm_survives_copy_and_pickle(tmp_path):
+    import copy
+    net, x = _tv(), _x()
+    m = add_input_norm(copy.deepcopy(net), IMAGENET_STATS)
+    for m2 in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        with torch.no_grad(): assert torch.equal(m2(x), net(_norm(x)))
+        assert torch.equal(input_stats(m2)[1], IM_STD)
+
+def test_norm_dls_with_a_normalizing_model_is_refused(tmp_path, src):
+    torch.save(_madry_sd(src, [.5]*3, [.25]*3), tmp_path/'m.pt')
+    with pytest.raises(ValueError, match="`norm`='dls'"):
+        load_robust_checkpoint(PreActResNet18(n_out=6, width=4, stats=([0.]*3, [1.]*3)), tmp_path/'m.pt', norm='dls')
+    with pytest.raises(ValueError, match='`norm` must be'): load_robust_checkpoint(_src(), tmp_path/'m.pt', norm='inside')
+
+def test_stats_channels_must_match_the_model(tmp_path):
+    m1 = SmallCNN(n_in=1, n_out=5)
+    torch.save(m1.state_dict(), tmp_path/'p.pt')
+    before = {k: v.clone() for k, v in m1.state_dict().items()}
+    with pytest.raises(CheckpointMismatchError, match=r'the input statistics \(`stats`\) have 3 channels .* takes 1-channel'):
+        load_robust_checkpoint(m1, tmp_path/'p.pt', stats=IMAGENET_STATS, norm='dls')
+    for k, v in m1.state_dict().items(): assert torch.equal(v, before[k])
+
+def test_load_weights_for_entry_points(tmp_path):
+    net, x = _tv(), _x()
+    torch.save(_madry_ckpt(net), tmp_path/'m.ckpt')
+    for w in (tmp_path/'m.ckpt', str(tmp_path/'m.ckpt'), _madry_ckpt(net)):
+        m = load_weights(torchvision.models.resnet18(num_classes=5), w, norm='dls').eval()
+        with torch.no_grad(): assert torch.equal(m(_norm(x)), net(_norm(x)))
+    with pytest.raises(CheckpointMismatchError, match=r'transfer_learner: `weights`: the checkpoint does not match'):
+        load_weights(torchvision.models.resnet34(num_classes=5), tmp_path/'m.ckpt')
+    with pytest.raises(FileNotFoundError, match='`weights`: no checkpoint file'): load_weights(_tv(), tmp_path/'no.pt')
+
+# -- the registry, end to end from a mocked download of a local file in the published layout
+def _serve(monkeypatch, files, calls):
+    def fake(url, dest):
+        calls.append(url)
+        f = files[url]
+        if isinstance(f, Exception): raise f
+        Path(dest).write_bytes(f.read_bytes() if isinstance(f, Path) else f)
+    monkeypatch.setattr(ck, '_download', fake)
+
+def test_registry_salman_end_to_end(tmp_path, monkeypatch):
+    info = ROBUST_MODELS['resnet18_l2_eps3']
+    assert info.url == 'https://huggingface.co/madrylab/robust-imagenet-models/resolve/main/resnet18_l2_eps3.ckpt'
+    assert (info.arch, info.norm, info.eps, info.layout) == ('resnet18', 'L2', 3.0, 'madrylab')
+    net, x = _tv(n=1000), _x()
+    torch.save(_madry_ckpt(net), tmp_path/'resnet18_l2_eps3.ckpt')
+    calls = []
+    _serve(monkeypatch, {info.url: tmp_path/'resnet18_l2_eps3.ckpt'}, calls)
+    for _ in range(2):
+        m = load_robust_checkpoint('resnet18_l2_eps3', cache=tmp_path/'cache', norm='model').eval()
+        with torch.no_grad(): assert torch.equal(m(x), net(_norm(x)))
+    assert calls == [info.url]
+    assert [p.name.split('-', 1)[1] for p in (tmp_path/'cache').iterdir()] == ['resnet18_l2_eps3.ckpt']
+    # by name into a model the user built
+    m = load_robust_checkpoint(torchvision.models.resnet18(), 'resnet18_l2_eps3', cache=tmp_path/'cache', norm='dls')
+    assert torch.equal(input_stats(m)[0], IM_MEAN) and calls == [info.url]
+
+def test_registry_robustbench_zoo_file_gets_registry_stats(tmp_path, monkeypatch):
+    info = ROBUST_MODELS['Salman2020Do_R18']
+    net, x = _tv(n=1000), _x()
+    torch.save({'state_dict': _dp_sd(net)}, tmp_path/'zoo.pt')
+    _serve(monkeypatch, {info.url: tmp_path/'zoo.pt'}, [])
+    m = load_robust_checkpoint('Salman2020Do_R18', cache=tmp_path/'c', norm='model').eval()
+    with torch.no_grad(): assert torch.equal(m(x), net(_norm(x)))
+    assert [p.name.split('-', 1)[1] for p in (tmp_path/'c').iterdir()] == ['Salman2020Do_R18.pt']
+
+def _entry(**kw):
+    base = dict(name='tiny', arch='resnet18', stats=IMAGENET_STATS, norm='Linf', eps=4/255, url='https://example.org/tiny.pt',
+                layout='state_dict', citation='test', n_out=5)
+    return RobustModelInfo(**{**base, **kw})
+
+def test_registry_hash_checked_and_bad_downloads_leave_nothing(tmp_path, monkeypatch):
+    net = _tv()
+    torch.save(net.state_dict(), tmp_path/'tiny.pt')
+    good = ck._sha256(tmp_path/'tiny.pt')
+    cache = tmp_path/'cache'
+    data = (tmp_path/'tiny.pt').read_bytes()
+    cases = [(_entry(sha256='0'*16), data, ValueError, 'expected SHA-256'),
+             (_entry(), data[:len(data)//2], ValueError, 'not a readable checkpoint'),
+             (_entry(), b'<html>Google Drive - Virus scan warning</html>', ValueError, 'web page instead of the file'),
+             (_entry(), ConnectionError('no route to host'), OSError, 'downloading https://example.org/tiny.pt failed')]
+    for info, payload, exc, msg in cases:
+        _serve(monkeypatch, {info.url: payload}, [])
+        with pytest.raises(exc, match=msg): load_robust_checkpoint(info, cache=cache, norm='dls')
+        assert list(cache.iterdir()) == [], 'nothing half-written may stay in the cache'
+    _serve(monkeypatch, {'https://example.org/tiny.pt': data}, [])
+    m = load_robust_checkpoint(_entry(sha256=good[:12]), cache=cache, norm='dls').eval()
+    x = _x()
+    with torch.no_grad(): assert torch.equal(m(_norm(x)), net(_norm(x)))
+
+def test_unknown_names_list_close_ones():
+    with pytest.raises(ValueError, match=r"unknown robust model 'resnet50_l2_eps4'; did you mean 'resnet50_l2_eps5'"):
+        load_robust_checkpoint('resnet50_l2_eps4')
+    with pytest.raises(ValueError, match=r"`path_or_url`: 'Salman2020Do_R1' is neither a checkpoint file nor a registered model. did you mean 'Salman2020Do_R18'"):
+        load_robust_checkpoint(torchvision.models.resnet18(), 'Salman2020Do_R1')
+
+def test_registry_wrong_architecture_is_a_mismatch(tmp_path, monkeypatch):
+    info = ROBUST_MODELS['resnet18_linf_eps4.0']
+    torch.save(_madry_ckpt(_tv(n=1000)), tmp_path/'f.ckpt')
+    _serve(monkeypatch, {info.url: tmp_path/'f.ckpt'}, [])
+    with pytest.raises(CheckpointMismatchError, match='does not match the model'):
+        load_robust_checkpoint(torchvision.models.resnet34(), 'resnet18_linf_eps4.0', cache=tmp_path/'c')
