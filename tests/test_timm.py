@@ -175,3 +175,18 @@ def test_set_blocks_names_missing_parameters():
     m = _make('timm_vit')
     with pytest.raises(ValueError, match=r'in no block: cls_token, pos_embed, norm\.weight, norm\.bias\. '):
         set_blocks(m, stem=m.patch_embed, blocks=list(m.blocks), head=m.head)  # tokens and final norm forgotten
+
+@pytest.mark.xfail(reason="FeatureDistillation still distills the head's input, whose shape depends on the wrapper; "
+                          "at merge its default feature becomes rtl_fastai.models.penultimate (issue 12, item 4)", strict=False)
+@pytest.mark.parametrize('pair', ['tv->vision_learner', 'vision_learner->tv', 'timm->vision_learner'])
+def test_feature_distillation_across_wrappers(dls, pair):
+    from fastai.learner import Learner
+    from rtl_fastai.callback.distill import FeatureDistillation
+    src, dst = pair.split('->')
+    source = {'tv': lambda: _make('tv_resnet18'), 'timm': lambda: _make('timm_resnet18'),
+              'vision_learner': lambda: _vl(dls, fa_resnet18)}[src]().eval()
+    fd = FeatureDistillation(source, lam=5e-3)
+    if dst == 'vision_learner': learn = vision_learner(dls, fa_resnet18, pretrained=False, normalize=False, cbs=fd)
+    else: learn = Learner(dls, replace_head(_make('tv_resnet18'), 2), cbs=fd)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert torch.isfinite(torch.as_tensor(learn.recorder.losses[-1]))
