@@ -162,9 +162,11 @@ def test_penultimate_hook_usable_in_training():
     f.sum().backward()
     assert m.stem[0].weight.grad is not None
 
-def test_vision_learner_timm_transfer(dls):
+@pytest.mark.parametrize('arch,kw', [('resnet18', {}), ('vit_tiny_patch16_224', dict(img_size=32))])
+def test_vision_learner_timm_transfer(dls, arch, kw):
     "A fastai `vision_learner` on a timm model is a transfer source too (its own head is rebuilt by fastai)."
-    src = vision_learner(dls, 'resnet18', pretrained=False, normalize=False)
+    set_seed(0)
+    src = vision_learner(dls, arch, pretrained=False, normalize=False, **kw)
     learn = transfer_learner(src, dls, n_retrain=1)
     frozen0 = _frozen_state(learn.model, n_frozen_entries(learn.model, 1))
     with learn.no_bar(), learn.no_logging(): learn.fit(1)
