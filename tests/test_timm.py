@@ -37,7 +37,8 @@ MODELS = {
     'tv_convnext':       (_tv_convnext, 4),
     'tv_efficientnet':   (lambda: torchvision.models.efficientnet_b0(weights=None), 7),
 }
-TRANSFER = ['timm_resnet18', 'timm_convnext', 'timm_efficientnet', 'timm_vit', 'tv_resnet18', 'tv_vit', 'tv_convnext']
+TRANSFER = ['timm_resnet18', 'timm_convnext', 'timm_efficientnet', 'timm_vit', 'timm_deit_distilled', 'tv_resnet18', 'tv_vit',
+            'tv_convnext', 'tv_efficientnet']
 
 def _make(name):
     set_seed(0)
