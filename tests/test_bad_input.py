@@ -14,7 +14,7 @@ from fastai.learner import Learner
 from fastai.callback.core import Callback
 from rtl_fastai.data.all import (task_dls, load_dataset, load_digits_data, select_classes, subsample, subsample_valid, normalize_stats,
                              find_data, ArrayData)
-from rtl_fastai.models import SmallCNN, WideResNet, replace_head, freeze_blocks, model_blocks, set_blocks
+from rtl_fastai.models import SmallCNN, WideResNet, replace_head, freeze_blocks, model_blocks, set_blocks, penultimate
 from rtl_fastai.attacks import pgd_attack, fgsm_attack, check_attack_args
 from rtl_fastai.checkpoint import load_robust_checkpoint, extract_state_dict, CheckpointMismatchError, UnsafeCheckpointError
 import rtl_fastai.checkpoint as _ck
@@ -150,6 +150,13 @@ def _unsupported_model():
     return model_blocks(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
 
 
+def _tokens_in_no_block():
+    "A model with a parameter outside every submodule (like a ViT's class token), declared without it."
+    m = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Linear(8, 10))
+    m.cls_token = nn.Parameter(torch.zeros(8))
+    set_blocks(m, stem=m[0], blocks=[], head=m[2])
+
+
 # one row: (id, callable taking (dls, model, root), expected exception or warning class, regex the message must match)
 E, W = 'error', 'warning'
 CASES = [
@@ -214,6 +221,9 @@ CASES = [
     ('wrn-depth',          lambda d, m, r: WideResNet(depth=27), ValueError, r'invalid `depth`=27'),
     ('replace_head-n_out', lambda d, m, r: replace_head(SmallCNN(), 0), ValueError, r'`?n_out`?'),
     ('model_blocks-unknown', lambda d, m, r: _unsupported_model(), TypeError, r'unsupported model Sequential.*set_blocks'),
+    ('set_blocks-missing', lambda d, m, r: _tokens_in_no_block(), ValueError, r'in no block: cls_token, 1\.weight, 1\.bias\. .*`Stage`'),
+    ('replace_head-kwargs', lambda d, m, r: replace_head(SmallCNN(), 3, lin_ftrs=[8]), TypeError, r'`head_kwargs`.*only apply to fastai heads'),
+    ('penultimate-unknown', lambda d, m, r: penultimate(nn.Sequential(nn.Flatten(), nn.Linear(64, 10))), TypeError, r'unsupported model Sequential.*set_blocks'),
     ('make_model-arch',    lambda d, m, r: make_model('vgg', 1, 10), ValueError, r'`arch` must be one of'),
     # -- data: empty or one-class datasets, wrong image size, missing or corrupt data paths
     ('data-one-class',     lambda d, m, r: _one_class(d), ValueError, r'at least 2 classes.*`classes`'),

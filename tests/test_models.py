@@ -1,4 +1,5 @@
 "Block addressing, splitting, feature shapes, head replacement and freezing on every supported model family."
+import copy, subprocess, sys
 import pytest, torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -126,3 +127,65 @@ def test_normalize_input():
     assert isinstance(a.stem.norm, NormalizeInput)
     b.load_state_dict(a.state_dict())  # same keys: the stats are not in the state dict
     torch.testing.assert_close(a(x), b((x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)))
+
+# pooled penultimate feature size per case (one definition for every wrapper)
+POOLED = {'smallcnn8': 16, 'smallcnn28': 16, 'preact18': 32, 'wrn16_1': 64, 'wrn14_1': 64, 'tv_resnet18': 512,
+          'tv_resnet50': 2048, 'vision_learner': 512}
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_pooled_features(name):
+    make, shp, *_ = CASES[name]
+    m = make().train()
+    x = torch.rand(2, *shp)
+    f = pooled_features(m, x)
+    assert f.shape == (2, POOLED[name]) and m.training  # eval inside, mode restored
+    p = penultimate(m)
+    assert any(mod is p.module for mod in m.modules())  # a submodule the forward calls: hookable
+    seen = []
+    h = p.module.register_forward_hook(lambda mod, inp, out: seen.append(p.hook_func(mod, inp, out)))
+    m.eval()
+    with torch.no_grad(): m(x)
+    h.remove()
+    torch.testing.assert_close(seen[0], f, rtol=0, atol=0)
+    if name != 'vision_learner':  # the classifier reads exactly these features (in eval mode)
+        torch.testing.assert_close(head_module(m)(f), m(x))
+
+def test_pooled_features_same_body_any_wrapper():
+    "A torchvision ResNet-18 and a `vision_learner` model with the same body weights give identical pooled features."
+    tv = resnet18(weights=None).eval()
+    vm = _vision_learner_model().eval()
+    for i, n in enumerate(['conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4']):
+        vm[0][i].load_state_dict(getattr(tv, n).state_dict())
+    x = torch.rand(3, 3, 32, 32)
+    torch.testing.assert_close(pooled_features(vm, x), pooled_features(tv, x), rtol=0, atol=0)
+    assert tuple(feature_shape(vm, x)) != tuple(feature_shape(tv, x))  # unlike the heads' inputs
+
+def test_stage_references_and_deepcopy():
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    m.scale = nn.Parameter(torch.ones(8))
+    stem = Stage(m, lambda mod, x: mod[1](mod[0](x)) * mod.scale, lin=m[0], scale=m.scale)
+    set_blocks(m, stem=stem, blocks=[], head=m[2])
+    x = torch.rand(3, 4)
+    torch.testing.assert_close(nn.Sequential(*model_blocks(m).all)(x), m[2](m[1](m[0](x)) * m.scale))
+    assert stem.scale is m.scale and stem.lin is m[0] and list(stem.state_dict()) == ['scale', 'lin.weight', 'lin.bias']
+    freeze_blocks(m, 1)
+    assert not m.scale.requires_grad and not m[0].weight.requires_grad and m[2].weight.requires_grad
+    m2 = copy.deepcopy(m)  # the declared blocks follow the copy: nothing points at the original
+    st2 = model_blocks(m2).stem
+    assert st2.owner is m2 and st2.scale is m2.scale and st2.lin is m2[0] and model_blocks(m2).head is m2[2]
+    with pytest.raises(TypeError, match='part `bad`'): Stage(m, lambda mod, x: x, bad=3)
+
+def test_set_blocks_names_parameters_in_no_block_or_two():
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r'in no block: 2\.weight, 2\.bias\.'): set_blocks(m, stem=m[0], blocks=[], head=m[3])
+    with pytest.raises(ValueError, match=r'in two blocks: 2\.weight, 2\.bias'): set_blocks(m, stem=m[0:3], blocks=[m[2]], head=m[3])
+
+def test_imports_without_timm():
+    "timm is optional: the library imports and works on torchvision models when timm cannot be imported."
+    code = ("import sys; sys.modules['timm'] = None\n"
+            "import torch, torchvision, rtl_fastai.models as M, rtl_fastai.callback.transfer\n"
+            "m = torchvision.models.resnet18()\n"
+            "assert M.pooled_features(m, torch.rand(1, 3, 32, 32)).shape == (1, 512) and len(M.model_blocks(m).blocks) == 4\n"
+            "assert sys.modules['timm'] is None")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

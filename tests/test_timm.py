@@ -1,0 +1,195 @@
+"timm and torchvision models without `set_blocks`: blocks, heads, pooled features and robust transfer on each family."
+import copy
+import pytest
+import torch
+import torchvision
+from torch import nn
+from fastai.torch_core import set_seed
+from fastai.vision.learner import vision_learner
+from fastai.vision.models import resnet18 as fa_resnet18
+from rtl_fastai.data.all import ArrayData, task_dls
+from rtl_fastai.models import (model_blocks, block_splitter, replace_head, head_module, penultimate, pooled_features,
+                               set_blocks, Stage, n_blocks)
+from rtl_fastai.callback.transfer import transfer_learner, n_frozen_entries
+import rtl_fastai.callback.adv_valid  # noqa: F401  (Learner.robust_validate)
+
+timm = pytest.importorskip('timm', reason="timm is an optional dependency (pip install timm): timm models are not tested")
+
+torch.set_num_threads(1)
+
+def _tv_vit():   # a small torchvision ViT (same class as vit_b_16) on 32x32 images
+    return torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64)
+
+def _tv_convnext():  # a small torchvision ConvNeXt (same class and layout as convnext_tiny)
+    from torchvision.models.convnext import CNBlockConfig
+    return torchvision.models.ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, 32, 1), CNBlockConfig(32, 64, 1),
+                                        CNBlockConfig(64, None, 1)])
+
+# name: (factory, number of blocks)
+MODELS = {
+    'timm_resnet18':     (lambda: timm.create_model('resnet18', pretrained=False), 4),
+    'timm_convnext':     (lambda: timm.create_model('convnext_atto', pretrained=False), 4),
+    'timm_efficientnet': (lambda: timm.create_model('efficientnet_b0', pretrained=False), 7),
+    'timm_vit':          (lambda: timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=32), 12),
+    'timm_deit_distilled': (lambda: timm.create_model('deit_tiny_distilled_patch16_224', pretrained=False, img_size=32), 12),
+    'tv_resnet18':       (lambda: torchvision.models.resnet18(weights=None), 4),
+    'tv_vit':            (_tv_vit, 2),
+    'tv_convnext':       (_tv_convnext, 4),
+    'tv_efficientnet':   (lambda: torchvision.models.efficientnet_b0(weights=None), 7),
+}
+TRANSFER = ['timm_resnet18', 'timm_convnext', 'timm_efficientnet', 'timm_vit', 'timm_deit_distilled', 'tv_resnet18', 'tv_vit',
+            'tv_convnext', 'tv_efficientnet']
+
+def _make(name):
+    set_seed(0)
+    return MODELS[name][0]()
+
+@pytest.fixture(scope='module')
+def dls():
+    "A tiny synthetic 2-class task of 3x32x32 images (16 train, 8 valid), no augmentation."
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(24, 3, 32, 32, generator=g), torch.arange(24) % 2
+    x[y == 1, 0] += 0.5  # learnable: class 1 is redder
+    x = x.clamp(0, 1)
+    return task_dls(ArrayData(x[:16], y[:16], x[16:], y[16:], ['a', 'b'], 'synthetic'), bs=8, normalize=False)
+
+def _ids(ps): return sorted(id(p) for p in ps)
+
+@pytest.mark.parametrize('name', list(MODELS))
+def test_blocks_reproduce_forward(name):
+    m, nb = _make(name).eval(), MODELS[name][1]
+    x = torch.rand(2, 3, 32, 32)
+    mb = model_blocks(m)
+    assert len(mb.blocks) == nb
+    with torch.no_grad(): torch.testing.assert_close(nn.Sequential(*mb.all)(x), m(x), rtol=0, atol=0)
+    flat = [p for g in block_splitter(m) for p in g]   # every parameter in exactly one entry (cls/pos tokens included)
+    assert len(flat) == len(set(map(id, flat))) and _ids(flat) == _ids(m.parameters())
+    # the entries reference the model's own parameters: freezing an entry freezes the model
+    for e in mb.all: assert {id(p) for p in e.parameters()} <= {id(p) for p in m.parameters()}
+
+@pytest.mark.parametrize('name', list(MODELS))
+def test_replace_head(name):
+    m = _make(name).eval()
+    x = torch.rand(2, 3, 32, 32)
+    body = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad(): f0 = pooled_features(m, x)
+    replace_head(m, 3)
+    assert m(x).shape == (2, 3)
+    torch.testing.assert_close(pooled_features(m, x), f0, rtol=0, atol=0)  # only the classifier changed
+    changed = [k for k in body if k not in m.state_dict() or not torch.equal(m.state_dict()[k], body[k])]
+    assert changed and all(k.split('.')[0] in ('fc', 'head', 'head_dist', 'classifier', 'heads') for k in changed), changed
+    assert _ids(p for g in block_splitter(m) for p in g) == _ids(m.parameters())
+
+def test_vit_tokens_in_the_stem():
+    m = _make('timm_vit')
+    stem = model_blocks(m).stem
+    assert isinstance(stem, Stage) and stem.cls_token is m.cls_token and stem.pos_embed is m.pos_embed
+    assert model_blocks(m).blocks[-1][-1] is m.norm  # the final norm ends the last block (timm's layer-decay grouping)
+    d = model_blocks(_make('timm_deit_distilled')).stem
+    assert {'cls_token', 'pos_embed', 'dist_token'} <= set(n for n, _ in d.named_parameters())
+    tv = _make('tv_vit')
+    assert model_blocks(tv).stem.pos_embedding is tv.encoder.pos_embedding
+
+def test_deepcopy_keeps_stages_consistent():
+    m = _make('timm_vit').eval()
+    m2 = copy.deepcopy(m)
+    st = model_blocks(m2).stem
+    assert st.owner is m2 and st.cls_token is m2.cls_token
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad(): torch.testing.assert_close(nn.Sequential(*model_blocks(m2).all)(x), m(x), rtol=0, atol=0)
+
+def _frozen_state(model, n):
+    return {f'{i}.{k}': v.clone() for i, e in enumerate(model_blocks(model).all[:n]) for k, v in e.state_dict().items()}
+
+@pytest.mark.parametrize('name', TRANSFER)
+def test_transfer_learner(name, dls):
+    src = _make(name).eval()
+    for n_retrain in (0, 1, 'all'):
+        set_seed(0)
+        learn = transfer_learner(src, dls, n_retrain=n_retrain, lr=1e-3)
+        nf = n_frozen_entries(learn.model, n_retrain)
+        frozen0 = _frozen_state(learn.model, nf)
+        trainable0 = [p.detach().clone() for p in learn.model.parameters() if p.requires_grad]
+        with learn.no_bar(), learn.no_logging(): learn.fit(1)
+        frozen1 = _frozen_state(learn.model, nf)
+        assert frozen0.keys() == frozen1.keys() and (len(frozen0) > 0) == (n_retrain != 'all')
+        for k in frozen0: assert torch.equal(frozen0[k], frozen1[k]), (name, n_retrain, k)  # weights and BN buffers
+        trainable1 = [p for p in learn.model.parameters() if p.requires_grad]
+        assert any(not torch.equal(a, b) for a, b in zip(trainable0, trainable1)), (name, n_retrain)
+        fc = learn.feature_cache
+        assert fc.active == (n_retrain != 'all'), (name, n_retrain, fc.reason)
+    r = learn.robust_validate(eps=2/255, steps=2, show_progress=False)
+    assert r['n'] == 8 and 0 <= r['robust_acc'] <= r['clean_acc'] <= 1
+
+def _vl(dls, arch, **kw):
+    set_seed(0)
+    return vision_learner(dls, arch, pretrained=False, normalize=False, **kw).model.eval()
+
+def test_pooled_features_torchvision_vs_vision_learner(dls):
+    tv = _make('tv_resnet18').eval()
+    vm = _vl(dls, fa_resnet18)
+    body = vm[0]
+    for i, n in enumerate(['conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4']):
+        body[i].load_state_dict(getattr(tv, n).state_dict())
+    x = torch.rand(4, 3, 32, 32)
+    f_tv, f_vl = pooled_features(tv, x), pooled_features(vm, x)
+    assert f_tv.shape == (4, 512)
+    torch.testing.assert_close(f_vl, f_tv, rtol=0, atol=0)
+    torch.testing.assert_close(tv.fc(f_tv), tv(x))  # and it is what torchvision's classifier reads
+
+@pytest.mark.parametrize('arch,kw', [('resnet18', {}), ('convnext_atto', {}), ('vit_tiny_patch16_224', dict(img_size=32))])
+def test_pooled_features_timm_vs_vision_learner(dls, arch, kw):
+    set_seed(0)
+    tm = timm.create_model(arch, pretrained=False, **kw).eval()
+    vm = _vl(dls, arch, **kw)
+    missing, unexpected = vm[0].model.load_state_dict(tm.state_dict(), strict=False)
+    assert not missing and all(k.split('.')[0] in ('fc', 'head') for k in unexpected)
+    x = torch.rand(3, 3, 32, 32)
+    torch.testing.assert_close(pooled_features(vm, x), pooled_features(tm, x), rtol=0, atol=0)
+    # the fastai wrapper of a timm model: its blocks reproduce its forward, the head is fastai's
+    with torch.no_grad(): torch.testing.assert_close(nn.Sequential(*model_blocks(vm).all)(x), vm(x), rtol=0, atol=0)
+    assert head_module(vm) is vm[1] and n_blocks(vm) >= len(model_blocks(tm).blocks) + 2
+
+def test_penultimate_hook_usable_in_training():
+    "The `Penultimate` hook gives the features of the forward in progress, with gradients (as distillation needs)."
+    from fastai.callback.hook import Hook
+    m = _make('timm_convnext').train()
+    p = penultimate(m)
+    x = torch.rand(2, 3, 32, 32)
+    with Hook(p.module, p.hook_func, detach=False) as h:
+        m(x)
+        f = h.stored
+    assert f.shape == (2, 320) and f.requires_grad
+    f.sum().backward()
+    assert m.stem[0].weight.grad is not None
+
+@pytest.mark.parametrize('arch,kw', [('resnet18', {}), ('vit_tiny_patch16_224', dict(img_size=32))])
+def test_vision_learner_timm_transfer(dls, arch, kw):
+    "A fastai `vision_learner` on a timm model is a transfer source too (its own head is rebuilt by fastai)."
+    set_seed(0)
+    src = vision_learner(dls, arch, pretrained=False, normalize=False, **kw)
+    learn = transfer_learner(src, dls, n_retrain=1)
+    frozen0 = _frozen_state(learn.model, n_frozen_entries(learn.model, 1))
+    with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    for k, v in _frozen_state(learn.model, n_frozen_entries(learn.model, 1)).items(): assert torch.equal(v, frozen0[k]), k
+    assert learn.feature_cache.active, learn.feature_cache.reason
+
+def test_set_blocks_names_missing_parameters():
+    m = _make('timm_vit')
+    with pytest.raises(ValueError, match=r'in no block: cls_token, pos_embed, norm\.weight, norm\.bias\. '):
+        set_blocks(m, stem=m.patch_embed, blocks=list(m.blocks), head=m.head)  # tokens and final norm forgotten
+
+@pytest.mark.xfail(reason="FeatureDistillation still distills the head's input, whose shape depends on the wrapper; "
+                          "at merge its default feature becomes rtl_fastai.models.penultimate (issue 12, item 4)", strict=False)
+@pytest.mark.parametrize('pair', ['tv->vision_learner', 'vision_learner->tv', 'timm->vision_learner'])
+def test_feature_distillation_across_wrappers(dls, pair):
+    from fastai.learner import Learner
+    from rtl_fastai.callback.distill import FeatureDistillation
+    src, dst = pair.split('->')
+    source = {'tv': lambda: _make('tv_resnet18'), 'timm': lambda: _make('timm_resnet18'),
+              'vision_learner': lambda: _vl(dls, fa_resnet18)}[src]().eval()
+    fd = FeatureDistillation(source, lam=5e-3)
+    if dst == 'vision_learner': learn = vision_learner(dls, fa_resnet18, pretrained=False, normalize=False, cbs=fd)
+    else: learn = Learner(dls, replace_head(_make('tv_resnet18'), 2), cbs=fd)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert torch.isfinite(torch.as_tensor(learn.recorder.losses[-1]))
