@@ -23,7 +23,7 @@ import fastai.callback.all  # noqa: F401  (Learner.no_bar, fit_one_cycle)
 from fastai.metrics import accuracy
 from rtl_fastai.data.all import task_dls, normalize_stats
 from rtl_fastai.models import SmallCNN, NormalizeInput
-from rtl_fastai.attacks import robust_eval_batch
+from rtl_fastai.attacks import ThreatModel, robust_eval_batch
 
 def minimal_pgd(model, p, y, eps, alpha, steps):
     "The textbook loop (Madry et al.): uniform start, signed gradient step, projection, [0,1] clamp."
@@ -58,13 +58,13 @@ def main():
     batches = [(x.as_subclass(torch.Tensor), y.as_subclass(torch.Tensor)) for x, y in dls.valid]
     pix = [(x*std + mean, y) for x, y in batches]
     n = sum(len(y) for _, y in batches)
-    eps, steps = a.eps, a.steps
-    alpha = 2.5*eps/steps
+    tm = ThreatModel(a.eps, a.steps)  # L-inf, step 2.5*eps/steps, random start
+    eps, steps, alpha = tm.eps, tm.steps, tm.step_size
 
     def count(m, xa, y):
         with torch.no_grad(): return (m(xa).argmax(1) == y).sum().item()
     def ours(drop):
-        return lambda: sum(robust_eval_batch(model, x, y, eps=eps, steps=steps, alpha=alpha, stats=dls, drop_fooled=drop)[1].sum().item()
+        return lambda: sum(robust_eval_batch(model, x, y, tm, stats=dls, drop_fooled=drop)[1].sum().item()
                            for x, y in batches)
     def theirs():
         atk = torchattacks.PGD(pix_model, eps=eps, alpha=alpha, steps=steps, random_start=True)

@@ -22,7 +22,8 @@ from fastai.metrics import accuracy
 from fastai.distributed import rank_distrib, num_distrib  # patches Learner.distrib_ctx
 from rtl_fastai.data.all import task_dls, normalize_stats, ArrayDataset
 from rtl_fastai.models import SmallCNN, model_blocks
-from rtl_fastai.callback.adv_valid import RobustAccuracy  # also makes fastai's DistributedDL work under gloo
+import rtl_fastai.distributed  # noqa: F401  (makes fastai's DistributedDL work under gloo)
+from rtl_fastai.callback.adv_valid import RobustAccuracy, robust_validate
 from rtl_fastai.callback.adv_train import PGDTraining
 from rtl_fastai.callback.transfer import transfer_learner, FreezeBlocks, FeatureCache
 from rtl_fastai.callback.distill import FeatureDistillation
@@ -64,8 +65,8 @@ def main(out):
         res['recorder'] = [float(v) for v in learn.recorder.values[-1]]
         res['metrics'] = {k: dict(value=m.value, clean=m.clean_value, total=int(m.total)) for k, m in ras.items()}
         res['spy_stats_ok'] = spy.stats is not None and all(torch.equal(a, b) for a, b in zip(spy.stats, stats))
-        res['robust_validate'] = {k: learn.robust_validate(show_progress=False, **kw) for k, kw in ATTACKS.items()}
-    res['robust_validate_local'] = learn.robust_validate(show_progress=False, **ATTACKS['fixed'])  # outside: all of dls.valid
+        res['robust_validate'] = {k: robust_validate(learn, show_progress=False, **kw) for k, kw in ATTACKS.items()}
+    res['robust_validate_local'] = robust_validate(learn, show_progress=False, **ATTACKS['fixed'])  # outside: all of dls.valid
     if rank == 0: torch.save(learn.model.state_dict(), out/'model.pt')
     res['main_s'] = time.perf_counter() - t0
 

@@ -12,7 +12,8 @@ from fastai.callback.training import GradientAccumulation
 import fastai.callback.schedule, fastai.callback.progress
 from rtl_fastai.data.all import task_dls
 from rtl_fastai.models import SmallCNN
-from rtl_fastai.attacks import PixelSpace, robust_eval_batch
+from rtl_fastai.core import NormalizeInput
+from rtl_fastai.attacks import robust_eval_batch
 from rtl_fastai.callback.adv_train import *
 
 torch.set_num_threads(1)
@@ -92,7 +93,7 @@ def test_eps_in_pixel_units_and_valid_untouched(dls, method):
     before, after = BatchSpy(9.5), BatchSpy(12)
     cb = METHODS[method]()
     _fit(learn, 1, [before, after, cb])
-    ps = PixelSpace(dls)
+    ps = NormalizeInput.from_stats(dls)
     if method == 'trades':  # the batch is the clean one; the adversarial one is a separate forward
         xa = None
     else:
@@ -112,7 +113,7 @@ def test_trades_perturbation_within_eps(dls):
         def before_batch(self):
             if self.training: seen.append((self.learn.xb[0].clone(), self.learn.trades_training.x_adv.clone()))
     _fit(learn, 1, [TRADESTraining(EPS, steps=3), Grab()])
-    ps = PixelSpace(dls)
+    ps = NormalizeInput.from_stats(dls)
     for x, xa in seen:
         d = ps.to_pixels(xa) - ps.to_pixels(x)
         assert EPS/2 < d.abs().max() <= EPS + 1e-5
@@ -124,7 +125,7 @@ def test_free_at_replays_and_carries_the_perturbation(dls):
     _fit(learn, 1, [FreeAdvTraining(EPS, replays=m), spy])
     n = len(dls.train)
     assert spy.steps == m*n and len(spy.xbs) == m*n and len(learn.recorder.lrs) == m*n
-    ps = PixelSpace(dls)
+    ps = NormalizeInput.from_stats(dls)
     for b in range(n):
         reps = [ps.to_pixels(spy.xbs[b*m + i]) for i in range(m)]
         # the same clean batch underneath each replay: replays differ by at most 2 eps

@@ -15,7 +15,7 @@ from fastai.callback.core import Callback
 from rtl_fastai.data.all import (task_dls, load_dataset, load_digits_data, select_classes, subsample, subsample_valid, normalize_stats,
                              find_data, ArrayData)
 from rtl_fastai.models import SmallCNN, WideResNet, replace_head, freeze_blocks, model_blocks, set_blocks, penultimate
-from rtl_fastai.attacks import pgd_attack, fgsm_attack, check_attack_args
+from rtl_fastai.attacks import pgd_attack, fgsm_attack, ThreatModel
 from rtl_fastai.checkpoint import load_robust_checkpoint, extract_state_dict, CheckpointMismatchError, UnsafeCheckpointError
 import rtl_fastai.checkpoint as _ck
 from rtl_fastai.core import check_normalization
@@ -177,6 +177,20 @@ CASES = [
     ('pgd-loss-nan',       lambda d, m, r: _pgd(d, m, loss_func=lambda o, y: o.sum(1) * float('nan')), ValueError, r'`loss_func` returned \d+ non-finite'),
     ('pgd-stats-std-zero', lambda d, m, r: _pgd(d, m, stats=([0.5], [0.])), ValueError, r'std must be positive'),
     ('fgsm-eps-range',     lambda d, m, r: fgsm_attack(m, *_x(d), eps=2.), ValueError, r'`eps`=2.0 is larger than the whole \[0,1\] pixel range'),
+    ('threat-eps-negative', lambda d, m, r: ThreatModel(-0.1), ValueError, r'`eps` must be a number >= 0'),
+    ('threat-eps-not-pixels', lambda d, m, r: ThreatModel(8), ValueError, r'`eps`=8 .*8/255 not 8'),
+    ('threat-eps-grey-levels', lambda d, m, r: ThreatModel(0.6), W, r'`eps`=0\.6 .*grey levels.*eps=0\.6/255'),
+    ('threat-eps-one-warns', lambda d, m, r: _pgd(d, m, eps=1.), W, r'`eps`=1\.0 .*grey levels'),
+    ('threat-steps-float', lambda d, m, r: ThreatModel(0.1, steps=2.5), ValueError, r'`steps` must be an integer >= 1'),
+    ('threat-alpha-neg',   lambda d, m, r: ThreatModel(0.1, alpha=-1.), ValueError, r'`alpha`.* must be > 0'),
+    ('threat-norm',        lambda d, m, r: ThreatModel(0.1, norm='L2'), ValueError, r"`norm` must be one of"),
+    ('threat-restarts-bool', lambda d, m, r: ThreatModel(0.1, restarts=True), ValueError, r'`restarts`'),
+    ('threat-random_start', lambda d, m, r: ThreatModel(0.1, random_start='yes'), ValueError, r'`random_start` must be True or False'),
+    ('threat-unknown-field', lambda d, m, r: _pgd(d, m, step=3), TypeError, r"unexpected keyword argument.*'step'.*fields"),
+    ('threat-eps-twice',   lambda d, m, r: pgd_attack(m, *_x(d), 0.1, eps=0.2), TypeError, r'radius twice.*`eps`'),
+    ('pgdtrain-no-eps',    lambda d, m, r: PGDTraining(), TypeError, r'PGDTraining needs the radius'),
+    ('free-l2',            lambda d, m, r: FreeAdvTraining(0.1, norm='l2'), ValueError, r'L-inf attacks only.*`norm`'),
+    ('curve-alpha_ratio',  lambda d, m, r: robust_accuracy_curve(Learner(d, m), [0.1], alpha_ratio=0), ValueError, r'`alpha_ratio`'),
     ('fit-loss-turns-nan', lambda d, m, r: _nan_fit(d), ValueError, r"non-finite .*the model's outputs are nan/inf"),
     # -- validation callbacks and the report
     ('robacc-n_batches',   lambda d, m, r: RobustAccuracy(n_batches=0), ValueError, r'`n_batches` must be an integer >= 1'),

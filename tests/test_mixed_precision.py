@@ -17,7 +17,8 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.metrics import accuracy
 from rtl_fastai.data.all import task_dls
 from rtl_fastai.models import SmallCNN
-from rtl_fastai.attacks import pgd_attack, fgsm_attack, robust_eval_batch, PixelSpace
+from rtl_fastai.core import NormalizeInput
+from rtl_fastai.attacks import pgd_attack, fgsm_attack, robust_eval_batch
 from rtl_fastai.callback.adv_valid import RobustAccuracy
 from rtl_fastai.callback.adv_train import PGDTraining, FreeAdvTraining, FastAdvTraining, TRADESTraining
 from rtl_fastai.callback.transfer import transfer_learner
@@ -91,14 +92,14 @@ def test_callbacks_under_mixed_precision(setup, mode, small_dls, digits_model):
 def test_attacks_inside_cpu_autocast(digits_dls, digits_model):
     x, y = digits_dls.valid.one_batch()
     m = _model(digits_model).eval()
-    p = PixelSpace(digits_dls, like=x).to_pixels(x)
+    p = NormalizeInput.from_stats(digits_dls).to_pixels(x)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         for xa in (pgd_attack(m, x, y, 0.1, steps=5, stats=digits_dls), pgd_attack(m, x, y, 0.5, steps=5, norm='l2', stats=digits_dls),
                    fgsm_attack(m, x, y, 0.1, stats=digits_dls)):
             assert xa.dtype == x.dtype and xa.shape == x.shape
-            pa = PixelSpace(digits_dls, like=x).to_pixels(xa)
+            pa = NormalizeInput.from_stats(digits_dls).to_pixels(xa)
             assert pa.min() >= -1e-5 and pa.max() <= 1 + 1e-5
-        d = (PixelSpace(digits_dls, like=x).to_pixels(pgd_attack(m, x, y, 0.1, steps=5, stats=digits_dls)) - p).abs().max()
+        d = (NormalizeInput.from_stats(digits_dls).to_pixels(pgd_attack(m, x, y, 0.1, steps=5, stats=digits_dls)) - p).abs().max()
         assert d <= 0.1 + 1e-5
         clean, robust = robust_eval_batch(m, x, y, eps=0.1, steps=5, stats=digits_dls)
         assert robust.sum() <= clean.sum() and clean.float().mean() > 0.9

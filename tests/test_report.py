@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from fastai.learner import Learner
 from rtl_fastai.models import SmallCNN
-from rtl_fastai.attacks import PixelSpace
+from rtl_fastai.core import NormalizeInput
 from rtl_fastai.report import (autoattack_evaluate, square_evaluate, masking_checks, GradientMaskingWarning, PixelModel)
 
 torch.set_num_threads(1)
@@ -20,10 +20,8 @@ def _learn(dls, digits_model):
 
 class Quantized(nn.Module):
     "`model` on the image rounded to 4 levels: the zero gradient of rounding masks the gradient (obfuscated gradient)."
-    def __init__(self, model, stats): super().__init__(); self.model, self.space = model, PixelSpace(stats)
-    def forward(self, x):
-        p = self.space.to_pixels(x)
-        return self.model(self.space.from_pixels(torch.round(p*4)/4))
+    def __init__(self, model, stats): super().__init__(); self.model, self.norm = model, NormalizeInput.from_stats(stats)
+    def forward(self, x): return self.model(self.norm(torch.round(self.norm.to_pixels(x)*4)/4))
 
 
 def _report(learn, **kw):
@@ -99,7 +97,7 @@ def test_autoattack_at_most_pgd(digits_dls, digits_model):
 def test_pixel_model_matches(digits_dls, digits_model):
     learn = _learn(digits_dls, digits_model)
     x, _ = digits_dls.valid.one_batch()
-    p = PixelSpace(digits_dls, like=x).to_pixels(x)
+    p = NormalizeInput.from_stats(digits_dls).to_pixels(x)
     torch.testing.assert_close(PixelModel(learn.model, digits_dls)(p), learn.model(x), rtol=1e-4, atol=1e-4)
 
 
