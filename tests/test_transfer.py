@@ -1,4 +1,4 @@
-"Integration and bad-input tests of `rtl_fastai.callback.transfer` (frozen-block robust transfer)."
+"Integration and bad-input tests of frozen-block robust transfer: `rtl_fastai.callback.transfer`, `.freeze`, `.feature_cache`."
 import warnings
 import pytest
 import torch
@@ -11,8 +11,9 @@ from fastai.vision.learner import vision_learner
 from fastai.metrics import accuracy
 from rtl_fastai.data import task_dls, load_digits_data, select_classes, ArrayData, FlipPadCrop
 from rtl_fastai.models import SmallCNN, model_blocks, head_module
-from rtl_fastai.callback.transfer import (transfer_learner, FreezeBlocks, FeatureCache, n_frozen_entries,
-                                          trainable_splitter)
+from rtl_fastai.callback.freeze import FreezeBlocks, n_frozen_entries, trainable_splitter
+from rtl_fastai.callback.feature_cache import FeatureCache
+from rtl_fastai.callback.transfer import transfer_learner
 
 torch.set_num_threads(1)
 
