@@ -127,6 +127,36 @@ def test_cache_agrees_with_uncached(digits, kw):
     assert abs(va[1] - vb[1]) < 1e-6
 
 
+
+def _datablock_dls(seed, bs=50):
+    "Digits 5-9 through fastai's own `DataBlock` (a `TfmdDL`, shuffled, `drop_last`), not our `ArrayDL`."
+    from fastai.data.block import DataBlock, CategoryBlock, TransformBlock
+    from fastai.data.transforms import IndexSplitter
+    from fastai.torch_core import TensorImage
+    d = select_classes(load_digits_data(), list('56789'))
+    x, y = torch.cat([d.x_train, d.x_valid]), torch.cat([d.y_train, d.y_valid])
+    if x.dtype == torch.uint8: x = x.float() / 255
+    n_train = len(d.y_train)
+    dblock = DataBlock(blocks=(TransformBlock(type_tfms=lambda i: TensorImage(x[i])), CategoryBlock),
+                       get_y=lambda i: int(y[i]), splitter=IndexSplitter(range(n_train, len(y))))
+    set_seed(seed)
+    dls = dblock.dataloaders(list(range(len(y))), bs=bs, device='cpu')
+    assert dls.train.shuffle and dls.train.drop_last and len(dls.train.dataset) % bs
+    return dls
+
+
+def test_cache_agrees_with_uncached_fastai_datablock(digits):
+    "The cache finds each batch's items on fastai's own TfmdDL too (shuffle, drop_last): same model as without it."
+    src, _ = digits
+    res = []
+    for cache in (True, False):
+        dls = _datablock_dls(seed=4)
+        set_seed(4)
+        learn = _fit(transfer_learner(src, dls, n_retrain=1, cache=cache), 2)
+        assert learn.feature_cache.active == cache, learn.feature_cache.reason
+        res.append(learn.model.state_dict())
+    for k in res[0]: torch.testing.assert_close(res[0][k].float(), res[1][k].float(), rtol=1e-4, atol=1e-5, msg=k)
+
 def test_cache_reused_and_invalidated(digits):
     src, dls = digits
     learn = transfer_learner(src, dls, n_retrain=1)
