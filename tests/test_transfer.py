@@ -88,16 +88,24 @@ def test_frozen_stay_eval_during_training(digits):
 
 
 def test_validation_runs_full_model(digits):
-    "With the cache on, training batches run the suffix, validation (metrics, attacks) the full model."
+    "With the cache on, training batches run only the trained suffix (the frozen stem sees empty batches), validation the full model."
     src, dls = digits
     seen = {True: set(), False: set()}
     class Spy(Callback):
-        order, feature_cache_safe = FeatureCache.order - 1, True  # runs before the cache restores the full model
-        def after_pred(self): seen[self.training].add(type(self.learn.model).__name__)
-    learn = _fit(transfer_learner(src, dls, n_retrain=1, cbs=Spy()))
+        order = FeatureCache.order + 1  # its hooks go on after the cache is built
+        def before_fit(self):
+            self.hs = [getattr(self.learn.model, n).register_forward_hook(
+                           lambda m, i, o, n=n: seen[self.learn.training].add((n, len(i[0]) > 0))) for n in ('stem', 'block3')]
+        def after_fit(self):
+            for h in self.hs: h.remove()
+    learn = transfer_learner(src, dls, n_retrain=1, cbs=Spy())
+    model = learn.model
+    _fit(learn)
     assert learn.feature_cache.active
-    assert seen[False] == {'SmallCNN'} and seen[True] == {'Sequential'}
-    assert learn.model is learn.feature_cache.full
+    assert seen[True] == {('stem', False), ('block3', True)}   # training: the cached features reach block3
+    assert seen[False] == {('stem', True), ('block3', True)}   # validation: the full model on the images
+    assert learn.model is model and type(model) is SmallCNN
+    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == 0
 
 
 def test_source_untouched_and_new_head(digits):
