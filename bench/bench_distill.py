@@ -12,6 +12,8 @@ loss, penalty, backward, optimizer step). Reported: median batch time per config
 
     python bench/bench_distill.py                       # PreActResNet18 width 16, 32x32x3, bs 64
     python bench/bench_distill.py --model smallcnn      # digits-size SmallCNN (8x8x1)
+
+Recorded numbers: `nbs/experiments/bench_transfer.ipynb`.
 """
 import argparse, time, statistics
 from copy import deepcopy

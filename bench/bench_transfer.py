@@ -9,6 +9,8 @@ training set; its build time is printed separately and also amortised over the t
 
     python bench/bench_transfer.py                      # CIFAR-10 vehicles, PreActResNet18 width 16, 250/class
     python bench/bench_transfer.py --data digits        # no data files needed
+
+Recorded numbers: `nbs/experiments/bench_transfer.ipynb`.
 """
 import argparse, statistics
 import torch

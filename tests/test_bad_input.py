@@ -21,7 +21,9 @@ import rtl_fastai.checkpoint as _ck
 from rtl_fastai.core import check_normalization
 from rtl_fastai.callback.adv_valid import RobustAccuracy, robust_accuracy_curve
 from rtl_fastai.callback.adv_train import PGDTraining, FreeAdvTraining, FastAdvTraining, TRADESTraining
-from rtl_fastai.callback.transfer import transfer_learner, FreezeBlocks, FeatureCache, transfer_head
+from rtl_fastai.callback.transfer import transfer_learner, transfer_head
+from rtl_fastai.callback.freeze import FreezeBlocks
+from rtl_fastai.callback.feature_cache import FeatureCache
 from rtl_fastai.callback.distill import FeatureDistillation
 from rtl_fastai.pipeline import make_model, next_run_dir, run_pipeline
 from rtl_fastai.cli import main as cli_main
@@ -225,8 +227,9 @@ CASES = [
     ('distill-layer-unknown', lambda d, m, r: FeatureDistillation(SmallCNN(), layer='blok2'), ValueError,
                               r"`layer`='blok2' is not a module of the source model\. Did you mean 'block2'"),
     ('distill-layer-type', lambda d, m, r: FeatureDistillation(SmallCNN(), layer=3), TypeError, r'`layer` must be None'),
-    ('distill-lam',        lambda d, m, r: FeatureDistillation(SmallCNN(), lam=-1), ValueError, r'`lam` must be a finite number >= 0'),
-    ('distill-dist',       lambda d, m, r: FeatureDistillation(SmallCNN(), dist='cos'), ValueError, r'`dist` must be one of'),
+    ('distill-lam',        lambda d, m, r: FeatureDistillation(SmallCNN(), lam=-1), ValueError, r'`lam` must be a number >= 0'),
+    ('distill-penalty',    lambda d, m, r: FeatureDistillation(SmallCNN(), penalty='cos'), ValueError,
+     r"`penalty` must be 'l1', 'l2' or a function"),
     ('distill-warmup',     lambda d, m, r: FeatureDistillation(SmallCNN(), warmup_epochs=-1), ValueError, r'`warmup_epochs`'),
     ('distill-source',     lambda d, m, r: FeatureDistillation('resnet18'), TypeError, r'`source` must be an nn\.Module'),
     ('distill-feature-shapes', lambda d, m, r: _fd_shapes(d), ValueError, r'features of shape \(16,\).*source model has \(64,\).*`layer=`'),

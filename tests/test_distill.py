@@ -94,7 +94,7 @@ def test_lam0_matches_plain_finetuning(source):
 def test_penalty_by_hand(source, dist):
     learn = make_learner(source)
     probe = Probe(order=FeatureDistillation.order + 0.5)
-    learn.fit(1, 1e-3, cbs=[FeatureDistillation(source, lam=0.1, dist=dist), probe])
+    learn.fit(1, 1e-3, cbs=[FeatureDistillation(source, lam=0.1, penalty=dist), probe])
     r = probe.recs[0]
     diff = r['f'] - get_features(source, r['x'])
     d = diff.abs().sum(1) if dist == 'l1' else (diff ** 2).sum(1).sqrt()
@@ -102,6 +102,23 @@ def test_penalty_by_hand(source, dist):
     torch.testing.assert_close(r['loss_grad'], ce + 0.1 * d.mean())
     torch.testing.assert_close(r['loss'], ce + 0.1 * d.mean())
 
+
+
+def test_penalty_function(source):
+    "`penalty` may be any function of the two float32 feature batches that returns a scalar."
+    seen = []
+    def cosine(f, fs):
+        seen.append((f.dtype, fs.dtype))
+        return (1 - F.cosine_similarity(f.flatten(1), fs.flatten(1))).mean()
+    learn = make_learner(source)
+    probe = Probe(order=FeatureDistillation.order + 0.5)
+    learn.fit(1, 1e-3, cbs=[FeatureDistillation(source, lam=0.5, penalty=cosine), probe])
+    r = probe.recs[0]
+    torch.testing.assert_close(r['loss_grad'], F.cross_entropy(r['pred'], r['y']) + 0.5 * cosine(r['f'], get_features(source, r['x'])))
+    assert seen[0] == (torch.float32, torch.float32)
+    with pytest.raises(ValueError, match='must return a scalar'):
+        learn.fit(1, cbs=FeatureDistillation(source, penalty=lambda f, fs: (f - fs).abs()))
+    assert len(learn.metrics) == 0 and not learn.model.head._forward_hooks
 
 def test_named_layer_by_hand(source):
     learn = make_learner(source)
@@ -236,9 +253,9 @@ def test_shape_mismatch_and_bad_layer(source):
     other = SmallCNN(n_out=5, widths=(8, 32))
     with pytest.raises(ValueError, match=r'shape \(16,\) per example.*\(32,\)'):
         learn.fit(1, cbs=FeatureDistillation(other))
-    assert len(learn.metrics) == 0 and not learn.model.head._forward_pre_hooks
+    assert len(learn.metrics) == 0 and not learn.model.head._forward_pre_hooks and not learn.model.head._forward_hooks
     with pytest.raises(ValueError, match="Did you mean 'block1'"): FeatureDistillation(source, layer='blok1')
-    with pytest.raises(ValueError, match='`dist` must be one of'): FeatureDistillation(source, dist='cosine')
+    with pytest.raises(ValueError, match="`penalty` must be 'l1', 'l2' or a function"): FeatureDistillation(source, penalty='cosine')
     with pytest.raises(TypeError, match='must be an nn.Module'): FeatureDistillation('resnet18')
 
 
@@ -266,7 +283,7 @@ class Boom(Callback):
 
 
 def _clean(learn):
-    return (len(learn.metrics) == 0 and not learn.model.head._forward_pre_hooks
+    return (len(learn.metrics) == 0 and not learn.model.head._forward_pre_hooks and not learn.model.head._forward_hooks
             and all(p.requires_grad for p in learn.model.parameters()))
 
 

@@ -17,7 +17,9 @@ from rtl_fastai.data.all import task_dls
 from rtl_fastai.models import SmallCNN, model_blocks
 from rtl_fastai.callback.adv_valid import RobustAccuracy
 from rtl_fastai.callback.adv_train import PGDTraining, FreeAdvTraining, FastAdvTraining, TRADESTraining
-from rtl_fastai.callback.transfer import transfer_learner, FreezeBlocks, FeatureCache
+from rtl_fastai.callback.transfer import transfer_learner
+from rtl_fastai.callback.freeze import FreezeBlocks
+from rtl_fastai.callback.feature_cache import FeatureCache
 from rtl_fastai.callback.distill import FeatureDistillation
 
 torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"Integration and bad-input tests of `rtl_fastai.callback.transfer` (frozen-block robust transfer)."
+"Integration and bad-input tests of frozen-block robust transfer: `rtl_fastai.callback.transfer`, `.freeze`, `.feature_cache`."
 import warnings
 import pytest
 import torch
@@ -11,8 +11,9 @@ from fastai.vision.learner import vision_learner
 from fastai.metrics import accuracy
 from rtl_fastai.data.all import task_dls, load_digits_data, select_classes, ArrayData, FlipPadCrop
 from rtl_fastai.models import SmallCNN, model_blocks, head_module
-from rtl_fastai.callback.transfer import (transfer_learner, FreezeBlocks, FeatureCache, n_frozen_entries,
-                                          trainable_splitter)
+from rtl_fastai.callback.freeze import FreezeBlocks, n_frozen_entries, trainable_splitter
+from rtl_fastai.callback.feature_cache import FeatureCache
+from rtl_fastai.callback.transfer import transfer_learner
 
 torch.set_num_threads(1)
 
@@ -87,16 +88,24 @@ def test_frozen_stay_eval_during_training(digits):
 
 
 def test_validation_runs_full_model(digits):
-    "With the cache on, training batches run the suffix, validation (metrics, attacks) the full model."
+    "With the cache on, training batches run only the trained suffix (the frozen stem sees empty batches), validation the full model."
     src, dls = digits
     seen = {True: set(), False: set()}
     class Spy(Callback):
-        order, feature_cache_safe = FeatureCache.order - 1, True  # runs before the cache restores the full model
-        def after_pred(self): seen[self.training].add(type(self.learn.model).__name__)
-    learn = _fit(transfer_learner(src, dls, n_retrain=1, cbs=Spy()))
+        order = FeatureCache.order + 1  # its hooks go on after the cache is built
+        def before_fit(self):
+            self.hs = [getattr(self.learn.model, n).register_forward_hook(
+                           lambda m, i, o, n=n: seen[self.learn.training].add((n, len(i[0]) > 0))) for n in ('stem', 'block3')]
+        def after_fit(self):
+            for h in self.hs: h.remove()
+    learn = transfer_learner(src, dls, n_retrain=1, cbs=Spy())
+    model = learn.model
+    _fit(learn)
     assert learn.feature_cache.active
-    assert seen[False] == {'SmallCNN'} and seen[True] == {'Sequential'}
-    assert learn.model is learn.feature_cache.full
+    assert seen[True] == {('stem', False), ('block3', True)}   # training: the cached features reach block3
+    assert seen[False] == {('stem', True), ('block3', True)}   # validation: the full model on the images
+    assert learn.model is model and type(model) is SmallCNN
+    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == 0
 
 
 def test_source_untouched_and_new_head(digits):
@@ -125,6 +134,36 @@ def test_cache_agrees_with_uncached(digits, kw):
     for k in sa: torch.testing.assert_close(sa[k].float(), sb[k].float(), rtol=1e-4, atol=1e-5, msg=k)
     assert abs(va[1] - vb[1]) < 1e-6
 
+
+
+def _datablock_dls(seed, bs=50):
+    "Digits 5-9 through fastai's own `DataBlock` (a `TfmdDL`, shuffled, `drop_last`), not our `ArrayDL`."
+    from fastai.data.block import DataBlock, CategoryBlock, TransformBlock
+    from fastai.data.transforms import IndexSplitter
+    from fastai.torch_core import TensorImage
+    d = select_classes(load_digits_data(), list('56789'))
+    x, y = torch.cat([d.x_train, d.x_valid]), torch.cat([d.y_train, d.y_valid])
+    if x.dtype == torch.uint8: x = x.float() / 255
+    n_train = len(d.y_train)
+    dblock = DataBlock(blocks=(TransformBlock(type_tfms=lambda i: TensorImage(x[i])), CategoryBlock),
+                       get_y=lambda i: int(y[i]), splitter=IndexSplitter(range(n_train, len(y))))
+    set_seed(seed)
+    dls = dblock.dataloaders(list(range(len(y))), bs=bs, device='cpu')
+    assert dls.train.shuffle and dls.train.drop_last and len(dls.train.dataset) % bs
+    return dls
+
+
+def test_cache_agrees_with_uncached_fastai_datablock(digits):
+    "The cache finds each batch's items on fastai's own TfmdDL too (shuffle, drop_last): same model as without it."
+    src, _ = digits
+    res = []
+    for cache in (True, False):
+        dls = _datablock_dls(seed=4)
+        set_seed(4)
+        learn = _fit(transfer_learner(src, dls, n_retrain=1, cache=cache), 2)
+        assert learn.feature_cache.active == cache, learn.feature_cache.reason
+        res.append(learn.model.state_dict())
+    for k in res[0]: torch.testing.assert_close(res[0][k].float(), res[1][k].float(), rtol=1e-4, atol=1e-5, msg=k)
 
 def test_cache_reused_and_invalidated(digits):
     src, dls = digits
