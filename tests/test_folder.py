@@ -269,3 +269,13 @@ def test_feature_cache_on_folder(shapes):
         res[cache] = (fc.active, learn.model.state_dict())
     assert res['auto'][0] is True and res[False][0] is False
     for k, v in res['auto'][1].items(): assert torch.allclose(v.float(), res[False][1][k].float(), atol=1e-5), k
+
+
+def test_plain_fastai_from_folder_squish_is_deterministic(shapes):
+    "fastai's own `ImageDataLoaders.from_folder(..., item_tfms=Resize(64, method='squish'))`, as users write it."
+    from fastai.vision.data import ImageDataLoaders
+    from fastai.vision.augment import Resize
+    dls = ImageDataLoaders.from_folder(shapes, item_tfms=Resize(64, method='squish'), bs=8, device='cpu', num_workers=0)
+    assert random_tfms(dls.train) == []
+    dls = ImageDataLoaders.from_folder(shapes, item_tfms=Resize(64), bs=8, device='cpu', num_workers=0)
+    assert random_tfms(dls.train) == ["Resize(method='crop')"]
