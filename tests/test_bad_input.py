@@ -13,7 +13,8 @@ import torch.nn as nn
 from fastai.learner import Learner
 from fastai.callback.core import Callback
 from rtl_fastai.data.all import (task_dls, load_dataset, load_digits_data, select_classes, subsample, subsample_valid, normalize_stats,
-                             find_data, ArrayData)
+                             find_data, ArrayData, check_image_folder, folder_dls, make_image_folder)
+from fastai.vision.core import PILImageBW
 from rtl_fastai.models import SmallCNN, WideResNet, replace_head, freeze_blocks, model_blocks, set_blocks, penultimate
 from rtl_fastai.attacks import pgd_attack, fgsm_attack, ThreatModel
 from rtl_fastai.checkpoint import load_robust_checkpoint, extract_state_dict, CheckpointMismatchError, UnsafeCheckpointError
@@ -52,6 +53,15 @@ def user_dir(tmp_path_factory):
     (root/'empty_data').mkdir()
     (root/'results.txt').write_text('my notes\n')
     (root/'out'/'run_001').mkdir(parents=True); (root/'out'/'run_001'/'results.json').write_text('{"kept": true}')
+    # image folders in the usual train/valid layout: good, grayscale, one class, no validation split, empty, corrupt files
+    make_image_folder(root/'images', n_per_class=4, n_valid=2, classes=2, size=16)
+    make_image_folder(root/'gray_images', n_per_class=4, n_valid=2, classes=2, size=16, mode='L')
+    make_image_folder(root/'one_class', n_per_class=4, n_valid=2, classes=1, size=16)
+    make_image_folder(root/'no_valid', n_per_class=4, n_valid=2, classes=2, size=16, valid='val')
+    for s in ('train', 'valid'): (root/'no_images'/s/'cat').mkdir(parents=True)
+    (root/'no_images'/'train'/'cat'/'readme.txt').write_text('photos to come\n')
+    make_image_folder(root/'corrupt_images', n_per_class=4, n_valid=2, classes=2, size=16)
+    p = root/'corrupt_images'/'train'/'circle'/'0001.png'; p.write_bytes(p.read_bytes()[:40])
     return root
 
 
@@ -259,6 +269,24 @@ CASES = [
     ('data-archive-corrupt', lambda d, m, r: find_data('mnist', path=r/'data'/'mnist_png.tgz'), ValueError, r'cannot read archive .*mnist_png\.tgz'),
     ('data-folder-wrong',  lambda d, m, r: load_dataset('mnist', path=r/'empty_data'), ValueError, r'does not hold mnist.*mnist_png/training'),
     ('digits-with-path',   lambda d, m, r: load_dataset('digits', path=r/'data'), ValueError, r"'digits' is embedded .*takes no path"),
+    # -- the user's own image folder (issue 12)
+    ('folder-missing',     lambda d, m, r: check_image_folder(r/'my_photos'), FileNotFoundError, r"`path`=.*my_photos' does not exist"),
+    ('folder-is-file',     lambda d, m, r: check_image_folder(r/'results.txt'), NotADirectoryError, r'`path`=.*results\.txt.* is a file'),
+    ('folder-no-valid',    lambda d, m, r: check_image_folder(r/'no_valid'), ValueError,
+                           r"no 'valid' folder; the expected layout is path/train/<class>/.*found subfolders \['train', 'val'\]\. .*`valid='val'`"),
+    ('folder-no-images',   lambda d, m, r: check_image_folder(r/'no_images'), ValueError,
+                           r"no image files under .*train \(`train`='train'\); .*\.jpg .*`image_extensions`; found other files: \{'\.txt': 1\}"),
+    ('folder-one-class',   lambda d, m, r: check_image_folder(r/'one_class'), ValueError, r'a classifier needs images of at least 2 classes'),
+    ('folder-unreadable',  lambda d, m, r: check_image_folder(r/'corrupt_images'), ValueError,
+                           r'1 of 12 image files .* cannot be read \(train/circle/0001\.png\); remove them, e\.g\. .*verify_images'),
+    ('folder-dls-unreadable', lambda d, m, r: folder_dls(r/'corrupt_images', bs=4), ValueError, r'cannot be read'),
+    ('folder-dls-stats-channels', lambda d, m, r: folder_dls(r/'gray_images', size=8, bs=4, device='cpu', img_cls=PILImageBW), ValueError,
+                           r'`stats` has 3 channels but the images are decoded with 1.*give 1-channel statistics'),
+    ('folder-dls-stats-2ch', lambda d, m, r: folder_dls(r/'images', size=8, bs=4, stats=([.5, .5], [.2, .2]), device='cpu'), ValueError,
+                           r'`stats` has 2 channels but the images are decoded with 3'),
+    ('folder-dls-size',    lambda d, m, r: folder_dls(r/'images', size=0), ValueError, r'folder_dls: `size` must be a positive integer'),
+    ('folder-dls-method',  lambda d, m, r: folder_dls(r/'images', method='stretch'), ValueError, r"`method` must be one of \('squish', 'pad', 'crop'\)"),
+    ('folder-dls-bs',      lambda d, m, r: folder_dls(r/'images', size=8), ValueError, r'`bs`=64 is larger than the 8 training images'),
     # -- checkpoints: mismatched, missing, corrupt, unsafe
     ('ckpt-mismatch',      lambda d, m, r: load_robust_checkpoint(SmallCNN(n_out=5), r/'good.pth'), CheckpointMismatchError,
                            r'does not match the model \(nothing was loaded\).*head\.weight: checkpoint \(10, 64\) vs model \(5, 64\)'),
