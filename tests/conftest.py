@@ -18,3 +18,25 @@ def digits_model(digits_dls):
     learn = Learner(digits_dls, SmallCNN(n_in=1, n_out=10), metrics=accuracy)
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(3, 3e-3)
     return learn.model.eval()
+
+
+# -- device option (issue 15) -------------------------------------------------------------------------------------
+def pytest_addoption(parser):
+    parser.addoption('--device', default=None,
+                     help="device the device-aware tests use: 'cpu' (default), 'cuda' or 'cuda:N'; "
+                          "the RTL_TEST_DEVICE environment variable sets it too (the option wins)")
+
+def device_name(config) -> str:
+    "The device asked for by `--device`, else `RTL_TEST_DEVICE`, else 'cpu'."
+    import os
+    return config.getoption('--device') or os.environ.get('RTL_TEST_DEVICE') or 'cpu'
+
+@pytest.fixture(scope='session')
+def device(pytestconfig) -> torch.device:
+    "The `torch.device` tests run on (`--device` / `RTL_TEST_DEVICE`, default cpu); skips if CUDA is asked for but absent."
+    name = device_name(pytestconfig)
+    try: dev = torch.device(name)
+    except RuntimeError as e: raise pytest.UsageError(f"--device / RTL_TEST_DEVICE: {name!r} is not a torch device ({e})") from None
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        pytest.skip(f"--device/RTL_TEST_DEVICE asks for {name!r} but torch.cuda.is_available() is False on this machine")
+    return dev

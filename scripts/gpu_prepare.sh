@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Prepare the GPU check (issue 15), here, before the device call: the fastai stack and torchattacks as wheels for
+# the GPU machine's Python 3.12 in .gpu/wheels/, and CIFAR-10 in .gpu/ (git-ignored; about 22 MiB, carried with
+# carry=['.gpu']). Then run scripts/gpu_check.sh there (DEVELOPING.md, "GPU checks").
+#   bash scripts/gpu_prepare.sh            # RTL_SHARED (default ../shared) holds gpu/wheels.sh; RTL_DATA the data
+set -euo pipefail
+cd "$(dirname "$0")/.."
+shared=${RTL_SHARED:-../shared}
+data=${RTL_DATA:-$shared/data}
+mkdir -p .gpu/wheels
+if [ -d .git ] && [ -f "$shared/gpu/wheels.sh" ]; then
+  bash "$shared/gpu/wheels.sh"
+else
+  # a git worktree (.git is a file) or no shared folder: the same download as ../shared/gpu/wheels.sh, same pins
+  py=${PYTHON:-python3}; [ -x .venv/bin/python ] && py=.venv/bin/python
+  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --platform manylinux2014_x86_64 --platform any -d .gpu/wheels \
+    fastai==2.8.7 'fastcore>=1.14,<2' fastprogress==1.0.3 fastdownload fasttransform==0.0.2 plum-dispatch beartype \
+    torchattacks==3.5.1
+fi
+[ -f "$data/cifar10.tgz" ] || { echo "gpu_prepare: no $data/cifar10.tgz (set RTL_DATA to the folder that holds it)" >&2; exit 1; }
+cp -u "$data/cifar10.tgz" .gpu/
+ls -1 .gpu .gpu/wheels
+du -sh .gpu
+git check-ignore -q .gpu/cifar10.tgz || { echo "gpu_prepare: .gpu/ is not git-ignored (add it to .gitignore)" >&2; exit 1; }

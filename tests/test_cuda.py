@@ -1,0 +1,324 @@
+"""CUDA correctness (issue 15, part 1): attacks, `RobustAccuracy`/`robust_validate`, the adversarial-training
+callbacks, the feature cache and feature distillation with the model, the data and the normalization statistics on
+the GPU, under fastai's `MixedPrecision` (`to_fp16()` with its grad scaler, `to_bf16()`) and with `channels_last`.
+
+Every test needs CUDA and is skipped without it. `--device cuda:N` (or `RTL_TEST_DEVICE=cuda:N`) picks the GPU;
+the default is `cuda`. `RTL_TEST_CUDA_ON_CPU=1` runs the same tests on the CPU instead, to check the test code itself
+on a machine without a GPU: fastai's `to_fp16()`/`to_bf16()` then train in float32 (their autocast is CUDA's), so
+the reduced-dtype assertions of those modes are skipped there; explicit `torch.autocast('cpu', ...)` still reduces.
+
+Tolerance for robust accuracies compared across precisions (`acc_tol`): two binomial standard errors of an
+accuracy measured on `n` examples, plus one example (reduced precision moves the attack's trajectory, so the
+examples near the decision boundary flip; the count of such flips is of the order of the sampling noise).
+"""
+import contextlib, copy, math, os
+import pytest
+import torch
+import torch.nn as nn
+from fastcore.foundation import L
+from fastai.learner import Learner
+from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
+from fastai.metrics import accuracy
+from rtl_fastai.core import normalize_stats, plain
+from rtl_fastai.data.all import task_dls, ArrayData
+from rtl_fastai.models import PreActResNet18
+from rtl_fastai.attacks import pgd_attack, fgsm_attack, robust_eval_batch, PixelSpace
+from rtl_fastai.callback.adv_valid import RobustAccuracy
+from rtl_fastai.callback.adv_train import PGDTraining, FreeAdvTraining, FastAdvTraining, TRADESTraining
+from rtl_fastai.callback.transfer import transfer_learner, FeatureCache
+from rtl_fastai.callback.distill import FeatureDistillation
+
+ON_CPU = os.environ.get('RTL_TEST_CUDA_ON_CPU') == '1'
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or ON_CPU),
+                                reason="CUDA-only test (no GPU here: torch.cuda.is_available() is False); run it on a GPU "
+                                       "machine with `bash scripts/gpu_check.sh`, or set RTL_TEST_CUDA_ON_CPU=1 to check the test code on the CPU")
+EPS = 0.1  # digits (8x8, grey levels of 1/16): an eps where PGD robust accuracy is informative
+MODES = ['fp32', 'fp16', 'bf16']
+DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+
+
+def acc_tol(p:float, n:int) -> float:
+    "Two binomial standard errors of an accuracy `p` measured on `n` examples, plus one example."
+    return 2*math.sqrt(max(p*(1-p), 1/n)/n) + 1/n
+
+
+@pytest.fixture(scope='module')
+def dev(device):
+    "The GPU of the tests: `--device`/`RTL_TEST_DEVICE` if it names a CUDA device, else 'cuda' (the CPU under RTL_TEST_CUDA_ON_CPU=1)."
+    if ON_CPU: return torch.device('cpu')
+    return device if device.type == 'cuda' else torch.device('cuda')
+
+
+@pytest.fixture(scope='module')
+def gdls(dev):
+    "Digits `DataLoaders` whose batches are on `dev` (450 validation images)."
+    return task_dls('digits', bs=64, seed=0, device=dev)
+
+
+@pytest.fixture(scope='module')
+def gmodel(gdls, dev):
+    "A `PreActResNet18` (width 16, BatchNorm) trained 4 epochs in float32 on `dev`; copy it before changing it."
+    torch.manual_seed(0)
+    learn = Learner(gdls, PreActResNet18(n_in=1, n_out=10, width=16), metrics=accuracy)
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(4, 3e-3)
+    assert learn.recorder.values[-1][2] > 0.9, learn.recorder.values  # a usable model for the comparisons below
+    return learn.model.eval()
+
+
+def fresh(model, dev, channels_last=False):
+    m = copy.deepcopy(model).to(dev)
+    return m.to(memory_format=torch.channels_last) if channels_last else m
+
+
+def reduced_expected(dev, mode, fastai_amp):
+    "Whether the forward must run in a reduced dtype: fastai's MixedPrecision only reduces on CUDA."
+    return mode != 'fp32' and (dev.type == 'cuda' or not fastai_amp)
+
+
+def autocast(dev, mode):
+    return contextlib.nullcontext() if mode == 'fp32' else torch.autocast(dev.type, dtype=DTYPES[mode])
+
+
+def set_amp(learn, mode):
+    if mode == 'fp16': learn.to_fp16()
+    elif mode == 'bf16': learn.to_bf16()
+    return learn
+
+
+class Probe:
+    "Forward hook on the first conv of `model`: the dtypes and devices of its outputs, and of its weight."
+    def __init__(self, model):
+        conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        self.dtypes, self.devices = set(), set()
+        def hook(m, i, o): self.dtypes.add(o.dtype); self.devices.add(o.device); self.devices.add(m.weight.device)
+        self.h = conv.register_forward_hook(hook)
+    def remove(self): self.h.remove()
+
+
+def check_reduced(probe, dev, mode, fastai_amp):
+    assert probe.devices == {dev} or {d.type for d in probe.devices} == {dev.type}, probe.devices
+    if reduced_expected(dev, mode, fastai_amp): assert DTYPES[mode] in probe.dtypes, (mode, probe.dtypes)
+    elif mode == 'fp32': assert probe.dtypes == {torch.float32}, probe.dtypes
+
+
+def on(t, dev): return t.device.type == dev.type and (dev.index is None or t.device.index == dev.index)
+
+
+def pixel_dist(xa, x, stats):
+    sp = PixelSpace(stats, like=x)
+    return (sp.to_pixels(plain(xa).float()) - sp.to_pixels(plain(x).float())).abs().amax().item(), sp.to_pixels(plain(xa).float())
+
+
+def test_device_fixture(device):
+    "`--device`/`RTL_TEST_DEVICE` give a `torch.device` (cpu by default)."
+    assert isinstance(device, torch.device)
+
+
+# -- attacks ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('mode', MODES)
+def test_attacks_on_gpu(mode, channels_last, gdls, gmodel, dev):
+    "PGD (L-inf, L2), FGSM and `robust_eval_batch` under autocast: outputs on the GPU, in the ball, forward in the reduced dtype."
+    m = fresh(gmodel, dev, channels_last).eval()
+    x, y = gdls.valid.one_batch()
+    assert on(x, dev) and on(y, dev)
+    if channels_last: x = x.contiguous(memory_format=torch.channels_last)
+    gstats = tuple(s.to(dev) for s in normalize_stats(gdls))   # statistics on the GPU, and as the DataLoaders give them
+    probe = Probe(m)
+    with autocast(dev, mode):
+        for stats in (gdls, gstats):
+            for xa, eps, norm in ((pgd_attack(m, x, y, EPS, steps=5, stats=stats), EPS, 'linf'),
+                                  (pgd_attack(m, x, y, 0.5, steps=5, norm='l2', stats=stats), 0.5, 'l2'),
+                                  (fgsm_attack(m, x, y, EPS, stats=stats), EPS, 'linf')):
+                assert on(xa, dev) and xa.dtype == x.dtype == torch.float32 and xa.shape == x.shape
+                d, pa = pixel_dist(xa, x, stats)
+                assert pa.min() >= -1e-5 and pa.max() <= 1 + 1e-5
+                if norm == 'linf': assert d <= eps + 1e-5, d
+                assert torch.isfinite(xa).all()
+            clean, robust = robust_eval_batch(m, x, y, eps=EPS, steps=5, stats=stats)
+            assert on(clean, dev) and on(robust, dev) and bool((robust <= clean).all())
+    probe.remove()
+    check_reduced(probe, dev, mode, fastai_amp=False)
+    assert all(p.dtype == torch.float32 and on(p, dev) for p in m.parameters())
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('mode', ['fp16', 'bf16'])
+def test_robust_validate_close_to_fp32(mode, channels_last, gdls, gmodel, dev):
+    "PGD-20 robust accuracy on all 450 validation images under autocast: within `acc_tol` of float32 (same seeds)."
+    learn = Learner(gdls, fresh(gmodel, dev, channels_last))
+    fp32 = learn.robust_validate(eps=EPS, steps=20, show_progress=False)
+    probe = Probe(learn.model)
+    with autocast(dev, mode): red = learn.robust_validate(eps=EPS, steps=20, show_progress=False)
+    probe.remove()
+    check_reduced(probe, dev, mode, fastai_amp=False)
+    assert fp32['n'] == red['n'] == 450
+    assert 0.15 < fp32['robust_acc'] < 0.9, fp32          # an eps where the number is informative
+    tol = acc_tol(fp32['robust_acc'], fp32['n'])
+    assert abs(red['robust_acc'] - fp32['robust_acc']) <= tol, (fp32, red, tol)
+    assert abs(red['clean_acc'] - fp32['clean_acc']) <= acc_tol(fp32['clean_acc'], fp32['n']), (fp32, red)
+
+
+def test_robust_metric_matches_robust_validate(gdls, gmodel, dev):
+    "`RobustAccuracy` as a metric of `Learner.validate` counts what `robust_validate` counts (fp32, same seed)."
+    learn = Learner(gdls, fresh(gmodel, dev), metrics=[accuracy, RobustAccuracy(eps=EPS, steps=10)])
+    with learn.no_bar(): _, acc, rob = learn.validate()
+    r = learn.robust_validate(eps=EPS, steps=10, show_progress=False)
+    assert abs(rob - r['robust_acc']) <= 2/r['n'], (rob, r)   # same seeds; GPU rounding may flip an example
+    assert abs(acc - r['clean_acc']) <= 1e-6
+
+
+@pytest.mark.xfail(strict=True, reason="RobustAccuracy accumulates in the Recorder's after_batch, after fastai's MixedPrecision "
+                   "left its autocast (after_loss): under to_fp16/to_bf16 the PGD evaluation of the metric runs in float32 "
+                   "(issue 15 review, finding on adv_valid). Remove this marker once the metric re-enters the learner's autocast.")
+@pytest.mark.parametrize('mode', ['fp16', 'bf16'])
+def test_robust_metric_in_fit_uses_reduced_precision(mode, gdls, gmodel, dev):
+    if dev.type != 'cuda': pytest.skip("fastai's MixedPrecision reduces precision on CUDA only")
+    learn = set_amp(Learner(gdls, fresh(gmodel, dev), metrics=[RobustAccuracy(eps=EPS, steps=3, n_batches=1)]), mode)
+    probe = Probe(learn.model)
+    seen = []
+    class Rec(Callback):
+        order = 49  # just before the Recorder accumulates the metrics
+        def after_batch(self):
+            if not self.training: probe.dtypes.clear()
+    class After(Callback):
+        order = 51
+        def after_batch(self):
+            if not self.training: seen.append(set(probe.dtypes))
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-4, cbs=[Rec(), After()])
+    probe.remove()
+    assert seen and DTYPES[mode] in seen[0] and torch.float32 not in seen[0], seen
+
+
+# -- adversarial training -------------------------------------------------------------------------------------------
+class GrabClean(Callback):
+    "Keeps the clean batch, before the adversarial-training callbacks replace it (they have order 11)."
+    order = MixedPrecision.order - 1
+    def before_batch(self): self.x = plain(self.learn.xb[0]).detach().clone() if self.training else None
+
+class GrabAdv(Callback):
+    "Checks the batch the model trains on: device, dtype and distance to the clean batch (pixels, L-inf)."
+    order = MixedPrecision.order + 5
+    def __init__(self, clean): self.clean, self.dists, self.devs, self.dtypes = clean, [], set(), set()
+    def before_batch(self):
+        if not self.training: return
+        xa = self.learn.xb[0]
+        self.devs.add(xa.device); self.dtypes.add(xa.dtype)
+        self.dists.append(pixel_dist(xa, self.clean.x, self.learn.dls)[0])
+
+
+ADV = {'pgd': lambda: PGDTraining(EPS, steps=3), 'free': lambda: FreeAdvTraining(EPS, replays=2),
+       'fast': lambda: FastAdvTraining(EPS), 'trades': lambda: TRADESTraining(EPS, steps=3)}
+
+@pytest.mark.parametrize('mode', MODES)
+@pytest.mark.parametrize('method', list(ADV))
+def test_adv_training_on_gpu(method, mode, gdls, gmodel, dev):
+    "One epoch of each adversarial-training callback from the trained model, channels_last, under fastai's MixedPrecision."
+    learn = set_amp(Learner(gdls, fresh(gmodel, dev, channels_last=True),
+                            metrics=[accuracy, RobustAccuracy(eps=EPS, steps=5, n_batches=2)]), mode)
+    cb, clean = ADV[method](), GrabClean()
+    adv = GrabAdv(clean)
+    probe = Probe(learn.model)
+    scales = []
+    class Scales(Callback):
+        order = MixedPrecision.order + 1
+        def after_step(self):
+            if getattr(self.learn, 'scaler', None) is not None: scales.append(self.learn.scaler.get_scale())
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[cb, clean, adv, Scales()])
+    probe.remove()
+    vals = learn.recorder.values[-1]
+    assert all(math.isfinite(v) for v in vals), vals
+    assert vals[2] > 0.8 and 0 <= vals[3] <= vals[2], vals          # accuracy kept from the trained model
+    check_reduced(probe, dev, mode, fastai_amp=True)
+    assert all(p.dtype == torch.float32 and on(p, dev) for p in learn.model.parameters())
+    assert {d.type for d in adv.devs} == {dev.type} and adv.dtypes == {torch.float32}, (adv.devs, adv.dtypes)
+    assert adv.dists and max(adv.dists) <= EPS + 1e-4, max(adv.dists)
+    if method != 'trades': assert max(adv.dists) > EPS/4, max(adv.dists)  # the batch really was perturbed
+    else: assert cb.x_adv is None                                          # freed after each batch
+    if method == 'free':
+        assert cb.delta is not None and on(cb.delta, dev) and cb.delta.abs().max() <= EPS + 1e-5
+    if mode == 'fp16' and dev.type == 'cuda': assert scales and all(math.isfinite(s) and s > 0 for s in scales), scales
+
+
+# -- feature cache and distillation ---------------------------------------------------------------------------------
+@pytest.mark.parametrize('mode', MODES)
+def test_feature_cache_on_gpu(mode, gdls, gmodel, dev):
+    "Head + last block retrained with and without the cache on the GPU: the cache lives there and gives the same model."
+    res = {}
+    det = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True   # both runs then compute the same sums in the same order
+    try: _cache_runs(mode, gmodel, dev, res)
+    finally: torch.backends.cudnn.deterministic = det
+    (v1, p1), (v0, p0) = res[True], res[False]
+    assert all(math.isfinite(v) for v in v1 + v0)
+    n = len(gdls.valid.dataset)
+    assert abs(v1[2] - v0[2]) <= acc_tol(v0[2], n), (v1, v0)
+    if mode == 'fp32':   # the same model up to GPU rounding (kernels chosen per batch size)
+        rel = max(((a - b).norm()/(b.norm() + 1e-12)).item() for a, b in zip(p1, p0))
+        assert rel < 5e-2, rel
+
+
+def _cache_runs(mode, gmodel, dev, res):
+    for cache in (True, False):
+        dls = task_dls('digits', bs=64, seed=0, device=dev)   # fresh: the same shuffles in both runs
+        torch.manual_seed(0)
+        learn = set_amp(transfer_learner(fresh(gmodel, dev, channels_last=True), dls, n_retrain=1, cache=cache,
+                                         metrics=accuracy), mode)
+        probe = Probe(learn.model)
+        with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-2)
+        probe.remove()
+        fc = next(c for c in learn.cbs if isinstance(c, FeatureCache))
+        assert fc.active == cache, fc.reason
+        if cache:
+            assert fc.features is not None and on(fc.features, dev) and on(fc.targets, dev), fc.reason
+            assert fc.features.dtype == torch.float32   # built outside autocast: the same features as the fp32 prefix
+        check_reduced(probe, dev, mode, fastai_amp=True)   # the full model (validation; training too without cache)
+        assert learn.model is fc.full or not cache
+        assert all(on(p, dev) and p.dtype == torch.float32 for p in learn.model.parameters())
+        res[cache] = (learn.recorder.values[-1], [p.detach().float().cpu() for p in learn.model.parameters()])
+
+
+@pytest.mark.parametrize('precompute', [False, True])
+@pytest.mark.parametrize('mode', MODES)
+def test_distillation_on_gpu(mode, precompute, gdls, gmodel, dev):
+    "Fine-tuning with `FeatureDistillation` on the GPU: source copy, penalty and precomputed features there, finite."
+    learn = set_amp(Learner(gdls, fresh(gmodel, dev, channels_last=True), metrics=accuracy), mode)
+    cb = FeatureDistillation(fresh(gmodel, 'cpu'), lam=5e-3, precompute=precompute)   # source given on the CPU: moved
+    probe = Probe(learn.model)
+    pens = []
+    class Pen(Callback):
+        order = 90
+        def after_loss(self):
+            if cb._last is not None: pens.append(cb._last)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[cb, Pen()])
+    probe.remove()
+    vals = learn.recorder.values[-1]
+    assert all(math.isfinite(v) for v in vals), vals
+    assert vals[2] > 0.8, vals
+    assert all(on(p, dev) for p in cb.source.parameters())
+    assert pens and all(on(p, dev) and p.dtype == torch.float32 and torch.isfinite(p) for p in pens)
+    if precompute: assert cb._src_feats is not None and on(cb._src_feats, dev) and cb._src_feats.dtype == torch.float32
+    check_reduced(probe, dev, mode, fastai_amp=True)
+
+
+# -- data on the GPU ------------------------------------------------------------------------------------------------
+def test_dataset_on_gpu(dev):
+    "The in-memory data can live on the GPU: the same batches as from host memory, augmentation on the GPU."
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(96, 3, 32, 32, generator=g)*255).to(torch.uint8)
+    y = torch.arange(96) % 4
+    d = ArrayData(x[:64], y[:64], x[64:], y[64:], ['a', 'b', 'c', 'd'])
+    host = task_dls(d, bs=16, seed=0, device=dev)
+    gpu = task_dls(d, bs=16, seed=0, device=dev)
+    for ds in (gpu.train.dataset, gpu.valid.dataset): ds.x, ds.y = ds.x.to(dev), ds.y.to(dev)
+    for dl_h, dl_g in ((host.train, gpu.train), (host.valid, gpu.valid)):
+        bh, bg = list(dl_h), list(dl_g)
+        assert len(bh) == len(bg) > 0
+        for (xh, yh), (xg, yg) in zip(bh, bg):
+            assert on(xg, dev) and on(yg, dev) and xg.dtype == torch.float32
+            torch.testing.assert_close(plain(xg), plain(xh)); assert torch.equal(plain(yg), plain(yh))
+    aug = task_dls(d, bs=16, seed=0, device=dev, augment=True)
+    aug.train.dataset.x = aug.train.dataset.x.to(dev)
+    xb, yb = aug.train.one_batch()
+    assert on(xb, dev) and xb.shape == (16, 3, 32, 32) and xb.dtype == torch.float32
