@@ -20,10 +20,10 @@ from fastai.learner import Learner
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.metrics import accuracy
-from rtl_fastai.core import normalize_stats, plain
+from rtl_fastai.core import normalize_stats, plain, NormalizeInput
 from rtl_fastai.data.all import task_dls, ArrayData
 from rtl_fastai.models import PreActResNet18
-from rtl_fastai.attacks import pgd_attack, fgsm_attack, robust_eval_batch, PixelSpace
+from rtl_fastai.attacks import pgd_attack, fgsm_attack, robust_eval_batch
 from rtl_fastai.callback.adv_valid import RobustAccuracy
 from rtl_fastai.callback.adv_train import PGDTraining, FreeAdvTraining, FastAdvTraining, TRADESTraining
 from rtl_fastai.callback.transfer import transfer_learner, FeatureCache
@@ -106,7 +106,8 @@ def on(t, dev): return t.device.type == dev.type and (dev.index is None or t.dev
 
 
 def pixel_dist(xa, x, stats):
-    sp = PixelSpace(stats, like=x)
+    sp = NormalizeInput.from_stats(stats) or NormalizeInput(0., 1.)
+    sp = sp.to(x.device)
     return (sp.to_pixels(plain(xa).float()) - sp.to_pixels(plain(x).float())).abs().amax().item(), sp.to_pixels(plain(xa).float())
 
 
