@@ -14,6 +14,7 @@ from rtl_fastai.models import SmallCNN, model_blocks, head_module
 from rtl_fastai.callback.freeze import FreezeBlocks, n_frozen_entries, trainable_splitter
 from rtl_fastai.callback.feature_cache import FeatureCache
 from rtl_fastai.callback.transfer import transfer_learner
+from rtl_fastai.checkpoint import CheckpointMismatchError
 
 torch.set_num_threads(1)
 
@@ -169,12 +170,12 @@ def test_cache_reused_and_invalidated(digits):
     src, dls = digits
     learn = transfer_learner(src, dls, n_retrain=1)
     _fit(learn)
-    feats = learn.feature_cache.features
+    feats = learn.feature_cache.cached
     _fit(learn)
-    assert learn.feature_cache.features is feats          # same train set, same frozen weights: reused
+    assert learn.feature_cache.cached is feats          # same train set, same frozen weights: reused
     with torch.no_grad(): learn.model.block1.down.conv.weight.mul_(0.5)   # e.g. loading other weights
     _fit(learn)
-    assert learn.feature_cache.features is not feats
+    assert learn.feature_cache.cached is not feats
     assert learn.model.__class__ is SmallCNN and 'get_idxs' not in vars(learn.dls.train)  # restored after fit
 
 
@@ -234,7 +235,8 @@ def test_bad_inputs(digits):
     with pytest.raises(TypeError, match='source'): transfer_learner('model.pth', dls)
     with pytest.raises(ValueError, match='mode'): FeatureCache('yes')
     with pytest.raises(ValueError, match='p_drop'): transfer_learner(src, dls, hidden=(8,), p_drop=1.5)
-    with pytest.raises(RuntimeError, match='architecture'): transfer_learner(src, dls, weights=SmallCNN(n_out=7).state_dict())
+    with pytest.raises(CheckpointMismatchError, match='architecture'):
+        transfer_learner(src, dls, weights=SmallCNN(n_out=7).state_dict())
     learn = Learner(dls, SmallCNN(n_out=5, widths=(8, 16)), cbs=FreezeBlocks(5))
     with pytest.raises(ValueError, match=r'0\.\.4'): _fit(learn)
     with pytest.warns(UserWarning, match='normalized twice'):
