@@ -12,11 +12,10 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.training import GradientAccumulation
 from fastai.callback.schedule import *  # fit_one_cycle
-from fastai.learner import Recorder
 from fastai.torch_core import set_seed
 from rtl_fastai.data.all import task_dls, ArrayData
 from rtl_fastai.models import SmallCNN, replace_head, get_features
-from rtl_fastai.callback.distill import FeatureDistillation, feature_distance
+from rtl_fastai.callback.distill import FeatureDistillation
 
 torch.set_num_threads(1)
 

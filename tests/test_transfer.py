@@ -9,9 +9,9 @@ from fastai.learner import Learner
 from fastai.callback.core import Callback
 from fastai.vision.learner import vision_learner
 from fastai.metrics import accuracy
-from rtl_fastai.data.all import task_dls, load_digits_data, select_classes, ArrayData, FlipPadCrop
+from rtl_fastai.data.all import task_dls, load_digits_data, select_classes, ArrayData
 from rtl_fastai.models import SmallCNN, model_blocks, head_module
-from rtl_fastai.callback.freeze import FreezeBlocks, n_frozen_entries, trainable_splitter
+from rtl_fastai.callback.freeze import FreezeBlocks, n_frozen_entries
 from rtl_fastai.callback.feature_cache import FeatureCache
 from rtl_fastai.callback.transfer import transfer_learner
 from rtl_fastai.checkpoint import CheckpointMismatchError

@@ -57,6 +57,8 @@ def new_head(model:nn.Module, # a model `model_blocks` supports; changed in plac
              p_drop:float=0., # dropout after each hidden layer (fastai heads: `ps`)
             ) -> nn.Module:
     "Replace the head of `model` in place by a new random `transfer_head` (or a fastai `create_head`); returns `model`."
+    # a head that is not a Linear (ConvNeXt: norm + Linear; EfficientNet: dropout + Linear; timm's NormMlpClassifierHead)
+    # keeps its other layers: its last Linear is replaced, by a `transfer_head` when `hidden` is given
     old = model_blocks(model).head
     lin = _first_linear(old)
     if lin is None and _is_fastai_resnet(model) and getattr(model, 'rtl_blocks', None) is None:
