@@ -383,16 +383,22 @@ def head_module(model:nn.Module) -> nn.Module:
     "The head of `model`; its input are the penultimate features."
     return model_blocks(model).head
 
-def get_features(model:nn.Module, x:torch.Tensor) -> torch.Tensor:
-    "Penultimate features (the head's input) of `model` for the batch `x`, in eval mode without gradients."
-    feats, was_training = [], model.training
-    h = head_module(model).register_forward_pre_hook(lambda mod, inp: feats.append(inp[0].detach()))
+def _hooked_forward(model, x, mod, fn, pre=False) -> list:
+    "What `fn` returned at each call of a hook on `mod` (a forward pre-hook if `pre`) during `model(x)`, in eval mode without gradients"
+    out, was_training = [], model.training
+    reg = mod.register_forward_pre_hook if pre else mod.register_forward_hook
+    h = reg(lambda *a: out.append(fn(*a)))  # `append` returns None: the hook changes nothing
     try:
         model.eval()
         with torch.no_grad(): model(x)
     finally:
         h.remove()
         model.train(was_training)
+    return out
+
+def get_features(model:nn.Module, x:torch.Tensor) -> torch.Tensor:
+    "Penultimate features (the head's input) of `model` for the batch `x`, in eval mode without gradients."
+    feats = _hooked_forward(model, x, head_module(model), lambda mod, inp: inp[0].detach(), pre=True)
     if not feats: raise ValueError(f"get_features: the forward of {type(model).__name__} never calls its head entry "
                                    f"{type(head_module(model)).__name__} (a `Stage`); use `pooled_features(model, x)`.")
     return feats[0]
@@ -439,14 +445,8 @@ def penultimate(model:nn.Module) -> Penultimate:
 
 def pooled_features(model:nn.Module, x:torch.Tensor) -> torch.Tensor:
     "The pooled penultimate features `(bs, n_features)` of `model` for the batch `x`, in eval mode without gradients."
-    p, feats, was_training = penultimate(model), [], model.training
-    h = p.module.register_forward_hook(lambda mod, inp, out: feats.append(p.hook_func(mod, inp, out)))
-    try:
-        model.eval()
-        with torch.no_grad(): model(x)
-    finally:
-        h.remove()
-        model.train(was_training)
+    p = penultimate(model)
+    feats = _hooked_forward(model, x, p.module, p.hook_func)
     if not feats: raise ValueError(f"pooled_features: the forward of {type(model).__name__} never calls "
                                    f"{type(p.module).__name__}, the module `penultimate` hooks (a `Stage` head?).")
     return feats[-1]

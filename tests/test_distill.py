@@ -12,11 +12,10 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.training import GradientAccumulation
 from fastai.callback.schedule import *  # fit_one_cycle
-from fastai.learner import Recorder
 from fastai.torch_core import set_seed
 from rtl_fastai.data.all import task_dls, ArrayData
 from rtl_fastai.models import SmallCNN, replace_head, get_features
-from rtl_fastai.callback.distill import FeatureDistillation, feature_distance
+from rtl_fastai.callback.distill import FeatureDistillation
 
 torch.set_num_threads(1)
 
@@ -297,3 +296,46 @@ def test_crashed_fit_is_cleaned_up(source):
     with pytest.raises(RuntimeError, match='boom'): learn.fit(1, cbs=Boom())
     learn.fit(1, 1e-3)
     assert _clean(learn) and len(learn.recorder.metric_names) == 6
+
+
+# -- fastai's own data pipeline: precomputed source features on ImageDataLoaders with a deterministic Resize
+def _folder_learner(path, item_tfms, seed=3):
+    from fastai.vision.data import ImageDataLoaders
+    set_seed(0)
+    dls = ImageDataLoaders.from_folder(path, valid='valid', item_tfms=item_tfms, bs=8, num_workers=0, device='cpu')
+    set_seed(seed)
+    return Learner(dls, SmallCNN(n_in=3, n_out=3, widths=(8, 16)), loss_func=CrossEntropyLossFlat())
+
+def test_precompute_on_image_dataloaders(tmp_path):
+    "Issue 12: `precompute=True` works on `ImageDataLoaders.from_folder(..., item_tfms=Resize(64, method='squish'))`."
+    from fastai.vision.augment import Resize
+    from rtl_fastai.data.folder import make_image_folder
+    from rtl_fastai.models import pooled_features
+    path = make_image_folder(tmp_path/'shapes', n_per_class=8, n_valid=4, classes=3, size=48)
+    set_seed(0)
+    src = SmallCNN(n_in=3, n_out=3, widths=(8, 16)).eval()
+    squish = Resize(64, method='squish')
+    a = _folder_learner(path, squish)
+    with a.no_bar(), a.no_logging(): a.fit(2, 1e-2, cbs=FeatureDistillation(src, lam=1e-2))
+    fd = FeatureDistillation(src, lam=1e-2, precompute=True)
+    b = _folder_learner(path, squish)
+    with b.no_bar(), b.no_logging(): b.fit(2, 1e-2, cbs=fd)
+    torch.testing.assert_close(torch.stack(list(a.recorder.losses)), torch.stack(list(b.recorder.losses)), rtol=1e-4, atol=1e-5)
+    assert fd._src_feats.shape == (24, 16)
+    x = torch.cat([xb for xb, _ in b.dls.train.new(shuffle=False, drop_last=False)])
+    assert x.shape == (24, 3, 64, 64)
+    torch.testing.assert_close(fd._src_feats, pooled_features(src, x))
+    # the default Resize crops at random in training: refused, with the transform named
+    c = _folder_learner(path, Resize(64))
+    with pytest.raises(ValueError, match=r"precompute=True.*Resize\(method='crop'\)"), c.no_bar(), c.no_logging():
+        c.fit(1, cbs=FeatureDistillation(src, precompute=True))
+
+
+def test_pooled_penultimate_is_the_head_input_for_our_models():
+    "The default feature (the pooled penultimate vector) is the head's input for our BlockNet models: the experiments "
+    "recorded with the earlier default (the head's input) distil the same thing."
+    from rtl_fastai.models import PreActResNet18, WideResNet, pooled_features
+    set_seed(0)
+    for m, x in ((SmallCNN(widths=(8, 16)), torch.rand(4, 1, 28, 28)), (PreActResNet18(width=4), torch.rand(4, 3, 32, 32)),
+                 (WideResNet(depth=10, widen=1), torch.rand(4, 3, 32, 32))):
+        assert torch.equal(pooled_features(m, x), get_features(m, x))  # bit for bit

@@ -9,11 +9,12 @@ from fastai.learner import Learner
 from fastai.callback.core import Callback
 from fastai.vision.learner import vision_learner
 from fastai.metrics import accuracy
-from rtl_fastai.data.all import task_dls, load_digits_data, select_classes, ArrayData, FlipPadCrop
+from rtl_fastai.data.all import task_dls, load_digits_data, select_classes, ArrayData
 from rtl_fastai.models import SmallCNN, model_blocks, head_module
-from rtl_fastai.callback.freeze import FreezeBlocks, n_frozen_entries, trainable_splitter
+from rtl_fastai.callback.freeze import FreezeBlocks, n_frozen_entries
 from rtl_fastai.callback.feature_cache import FeatureCache
 from rtl_fastai.callback.transfer import transfer_learner
+from rtl_fastai.checkpoint import CheckpointMismatchError
 
 torch.set_num_threads(1)
 
@@ -169,12 +170,12 @@ def test_cache_reused_and_invalidated(digits):
     src, dls = digits
     learn = transfer_learner(src, dls, n_retrain=1)
     _fit(learn)
-    feats = learn.feature_cache.features
+    feats = learn.feature_cache.cached
     _fit(learn)
-    assert learn.feature_cache.features is feats          # same train set, same frozen weights: reused
+    assert learn.feature_cache.cached is feats          # same train set, same frozen weights: reused
     with torch.no_grad(): learn.model.block1.down.conv.weight.mul_(0.5)   # e.g. loading other weights
     _fit(learn)
-    assert learn.feature_cache.features is not feats
+    assert learn.feature_cache.cached is not feats
     assert learn.model.__class__ is SmallCNN and 'get_idxs' not in vars(learn.dls.train)  # restored after fit
 
 
@@ -234,7 +235,8 @@ def test_bad_inputs(digits):
     with pytest.raises(TypeError, match='source'): transfer_learner('model.pth', dls)
     with pytest.raises(ValueError, match='mode'): FeatureCache('yes')
     with pytest.raises(ValueError, match='p_drop'): transfer_learner(src, dls, hidden=(8,), p_drop=1.5)
-    with pytest.raises(RuntimeError, match='architecture'): transfer_learner(src, dls, weights=SmallCNN(n_out=7).state_dict())
+    with pytest.raises(CheckpointMismatchError, match='architecture'):
+        transfer_learner(src, dls, weights=SmallCNN(n_out=7).state_dict())
     learn = Learner(dls, SmallCNN(n_out=5, widths=(8, 16)), cbs=FreezeBlocks(5))
     with pytest.raises(ValueError, match=r'0\.\.4'): _fit(learn)
     with pytest.warns(UserWarning, match='normalized twice'):
@@ -254,3 +256,83 @@ def test_freeze_blocks_plain_learner_prunes_optimizer(digits):
     for k, v in m.block1.state_dict().items(): assert torch.equal(v, frozen0[k]), k
     frozen_ids = {id(p) for e in (m.stem, m.block1) for p in e.parameters()}
     assert not frozen_ids & {id(p) for p, *_ in learn.opt.all_params()}
+
+
+# -- fastai's own data pipeline: ImageDataLoaders.from_folder with a deterministic Resize
+@pytest.fixture(scope='module')
+def shapes_folder(tmp_path_factory):
+    from rtl_fastai.data.folder import make_image_folder
+    return make_image_folder(tmp_path_factory.mktemp('f')/'shapes', n_per_class=8, n_valid=4, classes=3, size=48)
+
+def _folder_dls(path, item_tfms):
+    from fastai.vision.data import ImageDataLoaders
+    set_seed(0)
+    return ImageDataLoaders.from_folder(path, valid='valid', item_tfms=item_tfms, bs=8, num_workers=0, device='cpu')
+
+def _folder_fit(path, item_tfms, cache, n_retrain=1):
+    dls = _folder_dls(path, item_tfms)
+    set_seed(1)
+    learn = transfer_learner(SmallCNN(n_in=3, n_out=4, widths=(8, 16, 32)), dls, n_retrain=n_retrain, cache=cache)
+    return _fit(learn, 2, 1e-2)
+
+def test_image_folder_deterministic_resize_gets_the_cache(shapes_folder):
+    "Issue 12: `ImageDataLoaders.from_folder(..., item_tfms=Resize(64, method='squish'))`: the cache is on and agrees."
+    from fastai.vision.augment import Resize
+    a, b = _folder_fit(shapes_folder, Resize(64, method='squish'), True), _folder_fit(shapes_folder, Resize(64, method='squish'), False)
+    assert a.feature_cache.active and not b.feature_cache.active
+    assert len(a.feature_cache.cached) == len(a.dls.train.dataset) == 24
+    for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        torch.testing.assert_close(va.float(), vb.float(), rtol=1e-4, atol=1e-4, msg=k)
+
+def test_auto_cache_off_says_why_in_one_line(shapes_folder):
+    from fastai.vision.augment import Resize
+    learn = transfer_learner(SmallCNN(n_in=3, n_out=4, widths=(8, 16, 32)), _folder_dls(shapes_folder, Resize(40)),
+                             n_retrain=1)
+    lines = []
+    learn.logger = lines.append
+    with learn.no_bar(): learn.fit(1, 1e-3)
+    said = [l for l in lines if isinstance(l, str) and l.startswith('FeatureCache')]
+    assert len(said) == 1 and "randomly augmented (Resize(method='crop'))" in said[0] and '\n' not in said[0], said
+    assert not learn.feature_cache.active and 'Resize' in learn.feature_cache.reason
+    # silent: under no_logging, with mode=False, and when nothing is frozen (no cache to speak of)
+    for kw in (dict(), dict(cache=False), dict(n_retrain='all')):
+        l2 = transfer_learner(SmallCNN(n_in=3, n_out=4, widths=(8, 16, 32)), learn.dls, **kw)
+        out = []
+        l2.logger = out.append
+        with l2.no_bar():
+            if kw: l2.fit(1, 1e-3)
+            else:
+                with l2.no_logging(): l2.fit(1, 1e-3)
+        assert not [l for l in out if isinstance(l, str) and l.startswith('FeatureCache')], (kw, out)
+
+def test_no_attribute_shadowing_on_torchvision_features():
+    "torchvision ConvNeXt/EfficientNet have `model.features`: the cache's attribute must not shadow `learn.features`."
+    dls = task_dls(ArrayData(torch.rand(8, 3, 32, 32), torch.arange(8) % 2, torch.rand(4, 3, 32, 32), torch.arange(4) % 2,
+                             ['a', 'b'], 'synthetic'), bs=4, normalize=False)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        learn = _fit(transfer_learner(torchvision.models.efficientnet_b0(weights=None), dls, n_retrain=1), 1, 1e-3)
+    assert not [x for x in w if 'shadowing' in str(x.message)], [str(x.message) for x in w]
+    assert learn.feature_cache.active and learn.features is learn.model.features
+
+@pytest.mark.parametrize('make', ['tv_convnext', 'tv_efficientnet'])
+def test_hidden_head_on_structured_heads(make):
+    "`hidden` on a head that is not a plain Linear: the head's last Linear becomes a `transfer_head` with hidden layers."
+    from torchvision.models.convnext import CNBlockConfig
+    m = (torchvision.models.ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)]) if make == 'tv_convnext'
+         else torchvision.models.efficientnet_b0(weights=None))
+    dls = task_dls(ArrayData(torch.rand(8, 3, 32, 32), torch.arange(8) % 3, torch.rand(4, 3, 32, 32), torch.arange(4) % 3,
+                             ['a', 'b', 'c'], 'synthetic'), bs=4, normalize=False)
+    learn = transfer_learner(m, dls, hidden=(16,), p_drop=0.2)
+    lins = [x for x in head_module(learn.model).modules() if isinstance(x, torch.nn.Linear)]
+    assert [(l.in_features, l.out_features) for l in lins][-2:] == [(lins[-2].in_features, 16), (16, 3)]
+    assert any(isinstance(x, torch.nn.Dropout) and x.p == 0.2 for x in head_module(learn.model).modules())
+    _fit(learn, 1, 1e-3)
+    assert learn.model.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 3)
+
+def test_hidden_head_refused_on_two_classifiers():
+    timm = pytest.importorskip('timm')
+    m = timm.create_model('deit_tiny_distilled_patch16_224', pretrained=False, img_size=32)
+    from rtl_fastai.callback.transfer import new_head
+    with pytest.raises(TypeError, match=r'new_head: `hidden`=\(8,\) \(and `p_drop`\) need a head ending in an nn.Linear'):
+        new_head(m, 3, hidden=(8,))

@@ -11,7 +11,7 @@ from fastcore.basics import store_attr, GetAttr
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.training import GradientAccumulation
-from ..core import check_int, check_number, normalize_stats
+from ..core import check_int, check_number, normalize_stats, check_normalization
 from ..attacks import ThreatModel, as_threat, pgd_attack, fgsm_attack, eval_mode, _pixel_space
 
 # %% auto #0
@@ -48,6 +48,7 @@ class _AdvTrainCallback(Callback):
     def before_fit(self):
         self._stats = self.learn.dls if self.stats is None else self.stats
         normalize_stats(self._stats)  # fail early on unusable stats
+        check_normalization(self.learn.model, self.learn.dls, type(self).__name__)  # warns once per model and data
 
 # %% ../../nbs/04_callback.adv_train.ipynb #d70c6e03
 class PGDTraining(_AdvTrainCallback):

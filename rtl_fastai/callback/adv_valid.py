@@ -12,7 +12,7 @@ import pandas as pd
 from fastcore.basics import store_attr, patch
 from fastprogress.fastprogress import progress_bar
 from fastai.learner import Learner, Metric
-from ..core import check_int, check_number, fork_rng, eps_str, normalize_stats
+from ..core import check_int, check_number, fork_rng, eps_str, normalize_stats, check_normalization
 from ..models import unwrap_model
 from ..attacks import ThreatModel, EpsScaleWarning, as_threat, robust_eval_batch, _FIELDS
 from ..distributed import DistributedDL, _inner, _sharded, _n_real, _in_distrib_ctx
@@ -76,7 +76,9 @@ class RobustAccuracy(Metric):
         if len(learn.xb) != 1:
             raise ValueError(f"RobustAccuracy attacks models with one input; this batch has {len(learn.xb)} inputs")
         dl = getattr(learn, 'dl', None)
-        stats = None if self.stats is not None else normalize_stats(_inner(dl) if dl is not None else learn.dls)
+        src = _inner(dl) if dl is not None else learn.dls
+        if self.seen == 0: check_normalization(learn.model, src, 'RobustAccuracy')  # warns once per model and data
+        stats = None if self.stats is not None else normalize_stats(src)
         self._update(learn.model, learn.xb[0], learn.yb[0], stats, dl)
 
     @property
@@ -103,6 +105,7 @@ def robust_validate(self:Learner,
                    )->dict: # `clean_acc`, `robust_acc`, `n` (examples attacked) and `attack` (the name)
     "Clean and PGD robust accuracy of `self.model` on `dl`, eps in pixel units."
     if dl is None: dl = self.dls.valid
+    check_normalization(self.model, _inner(dl), 'robust_validate')
     met = RobustAccuracy(as_threat(threat, None, 'robust_validate', **threat_kw), n_batches=n_batches,
                          drop_fooled=drop_fooled, loss_func=loss_func, stats=stats, seed=seed)
     if stats is None: stats = normalize_stats(_inner(dl))

@@ -10,18 +10,17 @@ import torch
 from torch import nn
 from fastcore.basics import store_attr
 from fastcore.foundation import L
-from fastai.torch_core import find_bs, to_device
+from fastai.torch_core import find_bs
 from fastai.learner import Metric
 from fastai.callback.hook import Hook, Hooks, HookCallback
 from fastai.callback.fp16 import MixedPrecision
-from ..core import check_int, check_number
-from ..models import head_module, unwrap_model
-from ..data.loaders import ArrayDL
+from ..core import check_int, check_number, fork_rng
+from ..models import head_module, unwrap_model, penultimate, Penultimate
 from ..data.augment import random_tfms
 from .batch_items import batch_items
 
 # %% auto #0
-__all__ = ['feature_distance', 'feature_module', 'DistillMetric', 'FeatureDistillation']
+__all__ = ['feature_distance', 'feature_hook', 'feature_module', 'DistillMetric', 'FeatureDistillation']
 
 # %% ../../nbs/06_callback.distill.ipynb #2b049a8b
 _dists = ('l1', 'l2')
@@ -39,22 +38,24 @@ def feature_distance(f:torch.Tensor,     # features of the model being trained, 
     return torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), torch.zeros_like(sq)).mean()
 
 # %% ../../nbs/06_callback.distill.ipynb #fccfd0b0
-def feature_module(model:nn.Module,     # a model
-                   layer:str|None=None, # None: the head (features = its input); else a name from `model.named_modules()`
-                   who:str='model',     # how the error messages call `model`
-                  ) -> nn.Module:
-    "The module whose input (`layer=None`: the head) or output (named `layer`) are the distilled features."
+def _output(m, inp, outp): return outp
+
+def feature_hook(model:nn.Module,     # a model
+                 layer:str|None=None, # None: the pooled penultimate vector; else a name from `model.named_modules()`
+                 who:str='model',     # how the error messages call `model`
+                ) -> Penultimate:
+    "`(module, hook_func)`: a forward hook on `module` applying `hook_func(module, input, output)` gives the distilled features."
     model = unwrap_model(model)
     if layer is None:
-        try: return head_module(model)
+        try: return penultimate(model)
         except TypeError as e:
-            raise TypeError(f"FeatureDistillation: cannot find the head of the {who} ({e}). Declare its blocks with "
-                            "`rtl_fastai.models.set_blocks`, or pass `layer=` the name of the module whose output are "
-                            "the features.") from None
+            raise TypeError(f"FeatureDistillation: cannot find the penultimate features of the {who} ({e}). Declare its "
+                            "blocks with `rtl_fastai.models.set_blocks`, or pass `layer=` the name of the module whose "
+                            "output are the features.") from None
     if not isinstance(layer, str) or not layer:
-        raise TypeError(f"FeatureDistillation: `layer` must be None (the head's input) or a module name such as 'block3', "
-                        f"got {layer!r}.")
-    try: return model.get_submodule(layer)
+        raise TypeError(f"FeatureDistillation: `layer` must be None (the pooled penultimate features) or a module name "
+                        f"such as 'block3', got {layer!r}.")
+    try: return Penultimate(model.get_submodule(layer), _output)
     except AttributeError: pass
     names = [n for n, _ in model.named_modules() if n]
     close = difflib.get_close_matches(layer, names, n=3, cutoff=0.5)
@@ -62,6 +63,10 @@ def feature_module(model:nn.Module,     # a model
     raise ValueError(f"FeatureDistillation: `layer`={layer!r} is not a module of the {who}.{hint} Its top-level modules "
                      f"are {[n for n, _ in model.named_children()]}; any name of `model.named_modules()` works "
                      "(e.g. 'block3.unit2').")
+
+def feature_module(model:nn.Module, layer:str|None=None, who:str='model') -> nn.Module:
+    "The module `feature_hook` hooks."
+    return feature_hook(model, layer, who).module
 
 # %% ../../nbs/06_callback.distill.ipynb #5e664683
 class DistillMetric(Metric):
@@ -94,7 +99,7 @@ class FeatureDistillation(HookCallback):
     def __init__(self,
                  source:nn.Module,      # the robust source model (copied: it is never modified)
                  lam:float=5e-3,        # weight of the penalty, on the scale of the per-example L1 norm
-                 layer:str|None=None,   # None: the input of the head; else the name of a module whose output is distilled
+                 layer:str|None=None,   # None: the pooled penultimate vector; else the name of a module whose output is distilled
                  penalty='l1',          # 'l1', 'l2' (`feature_distance`) or a function `(f, f_src) -> scalar` (float32)
                  warmup_epochs:int=0,   # train only the head for this many epochs, then the whole model
                  precompute:bool=False, # compute the source features of every training example once (no random augmentation)
@@ -109,7 +114,8 @@ class FeatureDistillation(HookCallback):
         super().__init__(is_forward=True, detach=False, cpu=False)
         store_attr('lam,layer,penalty,warmup_epochs,precompute')
         self.source = deepcopy(unwrap_model(source)).eval().requires_grad_(False)
-        feature_module(self.source, layer, 'source model')  # fails early on a bad `layer`
+        feature_hook(self.source, layer, 'source model')  # fails early on a bad `layer`
+        self._hook_fn = None
         self._fitting, self._capture, self._feats, self._mets, self._frozen = False, False, None, [], None
         self._cache_key, self._src_feats, self._pre_dl = None, None, None
         self.batch_term, self.train_sum, self.train_n = None, 0., 0
@@ -127,20 +133,20 @@ class FeatureDistillation(HookCallback):
 
     # -- features -------------------------------------------------------------------------------------------
     def hook(self, m, inp, outp):
-        "The learner's features (`HookCallback`'s hook): the head's input, or the output of `layer`."
-        if self._capture: return inp[0] if self.layer is None else outp
+        "The learner's features (`HookCallback`'s hook): the pooled penultimate vector, or the output of `layer`."
+        if self._capture: return self._hook_fn(m, inp, outp)
 
     def source_features(self, x:torch.Tensor) -> torch.Tensor:
         "The source model's features (float32, no gradient) for the batch `x`, as the learner's model receives it."
         p = next(self.source.parameters(), None)
         if p is not None and p.device != x.device: self.source.to(x.device)
-        def grab(m, inp, outp): raise _StopForward(inp[0] if self.layer is None else outp)
-        mod = feature_module(self.source, self.layer, 'source model')
+        mod, fn = feature_hook(self.source, self.layer, 'source model')
+        def grab(m, inp, outp): raise _StopForward(fn(m, inp, outp))
         with Hook(mod, grab, detach=False), torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             try: self.source(x)
             except _StopForward as e: return e.args[0].detach().float()
         raise RuntimeError(f"FeatureDistillation: the source's forward never ran the feature module "
-                           f"({self.layer or 'head'}).")
+                           f"({self.layer or type(mod).__name__}).")
 
     def _distance(self, f, fs):
         return feature_distance(f, fs, self.penalty) if isinstance(self.penalty, str) else self.penalty(f, fs)
@@ -151,7 +157,7 @@ class FeatureDistillation(HookCallback):
         model = unwrap_model(self.learn.model)
         p = next(model.parameters(), None)
         if p is not None: self.source.to(p.device)
-        mod = feature_module(model, self.layer, "learner's model")
+        mod, self._hook_fn = feature_hook(model, self.layer, "learner's model")
         ptrs = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
         if any(t.data_ptr() in ptrs for t in list(self.source.parameters()) + list(self.source.buffers())):
             raise RuntimeError("FeatureDistillation: the source copy shares memory with the learner's model.")
@@ -203,10 +209,12 @@ class FeatureDistillation(HookCallback):
         fs = self._target_features()
         if f.shape != fs.shape:
             self._cleanup()
+            fix = ("pass `layer=` the name of a module with the same output shape in both" if self.layer is not None else
+                   "distil from a source with as many penultimate features (the same architecture and width), or pass "
+                   "`layer=` the name of a module with the same output shape in both")
             raise ValueError(f"FeatureDistillation: the learner's model has features of shape {tuple(f.shape[1:])} per "
-                             f"example at {self.layer or 'the head input'!r} but the source model has "
-                             f"{tuple(fs.shape[1:])}. Both models must give features of the same shape: pass `layer=` the "
-                             "name of a module with the same output shape in both.")
+                             f"example at {self.layer or 'the pooled penultimate vector'!r} but the source model has "
+                             f"{tuple(fs.shape[1:])}. Both models must give features of the same shape: {fix}.")
         with torch.autocast(f.device.type, enabled=False): pen = self._distance(f.float(), fs)
         if not isinstance(pen, torch.Tensor) or pen.ndim != 0:
             self._cleanup()
@@ -243,9 +251,9 @@ class FeatureDistillation(HookCallback):
     # -- precomputed source features ------------------------------------------------------------------------------
     def _setup_precompute(self):
         dl = self.dls.train
-        if not isinstance(dl, ArrayDL):
-            raise TypeError(f"FeatureDistillation(precompute=True) needs the training DataLoader to be an "
-                            f"`rtl_fastai.data.ArrayDL` (as `task_dls` makes), got {type(dl).__name__}. "
+        if not (hasattr(dl, 'new') and hasattr(dl, 'dataset') and hasattr(dl, 'after_batch')):
+            raise TypeError(f"FeatureDistillation(precompute=True) needs the training DataLoader to be a fastai "
+                            f"`DataLoader` (an `ArrayDL`, `ImageDataLoaders`, a `DataBlock`'s), got {type(dl).__name__}. "
                             "Use precompute=False.")
         rnd = random_tfms(dl)
         if rnd:
@@ -255,14 +263,19 @@ class FeatureDistillation(HookCallback):
         model = unwrap_model(self.learn.model)
         p = next(model.parameters(), None)
         dev = p.device if p is not None else dl.device
-        key = (id(dl.dataset), len(dl.dataset), id(dl.dataset.x), dev)
+        key = (id(dl.dataset), len(dl.dataset), id(getattr(dl.dataset, 'x', None)), dev)
         if self._cache_key != key:
-            feats, n, bs = [], len(dl.dataset), max(dl.bs, 256)
-            for s in range(0, n, bs):
-                b = dl.create_batch(torch.arange(s, min(s + bs, n)))
-                if dl.device is not None: b = to_device(b, dl.device)
-                feats.append(self.source_features(dl.after_batch(b)[0].to(dev)))
-            self._src_feats, self._cache_key = torch.cat(feats), key
+            feats = []
+            # in dataset order, as training sees the items; on a fork of the random state, so that training draws the
+            # same shuffles and dropout masks as without `precompute`
+            with fork_rng(all_rngs=True):
+                for b in dl.new(shuffle=False, drop_last=False): feats.append(self.source_features(b[0].to(dev)))
+            feats = torch.cat(feats) if feats else None
+            if feats is None or len(feats) != len(dl.dataset):
+                raise ValueError(f"FeatureDistillation(precompute=True): one pass over the training DataLoader gave "
+                                 f"{0 if feats is None else len(feats)} items for a dataset of {len(dl.dataset)}. "
+                                 "Use precompute=False.")
+            self._src_feats, self._cache_key = feats, key
         self._pre_dl = dl
 
     def _target_features(self):

@@ -54,13 +54,15 @@ def _called_entry(model, entry):
     return entry
 
 # %% ../../nbs/05b_callback.feature_cache.ipynb #a0593d79
+_EXPECTED = ('off (mode=False)', 'no FreezeBlocks', 'nothing is frozen')  # reasons not worth a line
+
 class _Captured(Exception):
     "Raised by the build's hook with the input of the first trained entry: the rest of the forward is skipped."
 
 class FeatureCache(Callback):
     "Train the trainable suffix on features of the frozen prefix, computed once; validation runs the full model."
     order, run_valid = 15, False
-    _stateattrs = ('features', 'targets', '_key', '_hook', '_armed')
+    _stateattrs = ('cached', 'targets', '_key', '_hook', '_armed')
     def __init__(self,
                  mode='auto',          # 'auto': on when it gives the same model; True: required (error if not); False: off
                  max_mb:float=2048.,   # largest cache, in MiB
@@ -73,11 +75,11 @@ class FeatureCache(Callback):
 
     def _init_state(self):
         super()._init_state()
-        self.features = self.targets = self._key = self._hook = self._armed = None
+        self.cached = self.targets = self._key = self._hook = self._armed = None
 
     def clear(self):
-        "Free the cached features."
-        self.features = self.targets = self._key = None
+        "Free the cached features (`cached`, and their labels `targets`)."
+        self.cached = self.targets = self._key = None
 
     # -- checks ---------------------------------------------------------------------------------------
     def _plan(self):
@@ -104,6 +106,9 @@ class FeatureCache(Callback):
 
     def _off(self, reason):
         self.active, self.reason = False, reason
+        if self.mode == 'auto' and not reason.startswith(_EXPECTED):
+            logger = getattr(self.learn, 'logger', None)
+            if callable(logger): logger(f"FeatureCache off: {reason}; the frozen blocks run on every batch")
         if self.mode is True:
             raise ValueError(f"FeatureCache(mode=True) cannot be used: {reason}. Use mode='auto' or False.")
 
@@ -154,7 +159,7 @@ class FeatureCache(Callback):
                 if reason is not None: return reason
             feats.append(f); targs.append(yb)
         if not feats: return 'the training set is empty'
-        self.features, self.targets = torch.cat(feats), torch.cat(targs)
+        self.cached, self.targets = torch.cat(feats), torch.cat(targs)
         if len(self.targets) != len(dl.dataset): return 'the training DataLoader does not give every item once'
         return None
 
@@ -164,7 +169,7 @@ class FeatureCache(Callback):
         if reason is not None: return self._off(reason)
         model, entries, dl = self.learn.model, model_blocks(self.learn.model).all, self.dls.train
         key = (id(dl.dataset), len(dl.dataset), n, _fingerprint(entries[:n]))
-        if key == (self._key or (None,))[:4] and self.features is not None:
+        if key == (self._key or (None,))[:4] and self.cached is not None:
             k = self._key[4]
             self._hook = _called_entry(model, entries[k]).register_forward_pre_hook(self._inject)
         else:
@@ -183,20 +188,20 @@ class FeatureCache(Callback):
             if reason is not None: return self._off(first)
             self._key = key + (k,)
         self.dl_train, self.active = dl, True
-        self.reason = f'on: {len(self.features)} items, features {tuple(self.features.shape[1:])} at the input of entry {k}'
+        self.reason = f'on: {len(self.cached)} items, features {tuple(self.cached.shape[1:])} at the input of entry {k}'
 
     # -- training -------------------------------------------------------------------------------------
     def before_batch(self):
         if not self.active or self.dl is not self.dl_train: return  # e.g. a fit over another DataLoader
         xb, yb = self.learn.xb[0], plain(self.learn.yb[0])
-        try: idx = batch_items(self.learn).to(self.features.device)
+        try: idx = batch_items(self.learn).to(self.cached.device)
         except RuntimeError as e:
             raise RuntimeError(f"FeatureCache cannot tell which items this batch holds ({e}); train with cache=False "
                                "and report this with your DataLoader type.") from None
         if not torch.equal(self.targets[idx].to(yb.device), yb):
             raise RuntimeError("FeatureCache lost track of the order of the training batches (labels differ from the "
                                "cached ones); train with cache=False and report this with your DataLoader type.")
-        self._armed = self.features[idx].to(yb.device)  # taken by the hook in this batch's forward
+        self._armed = self.cached[idx].to(yb.device)  # taken by the hook in this batch's forward
         self.learn.xb = (xb[:0],)                         # the frozen prefix runs on an empty batch
 
     def after_pred(self):

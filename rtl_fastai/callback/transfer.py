@@ -4,11 +4,9 @@
 
 # %% ../../nbs/05c_callback.transfer.ipynb #a21baf56
 from __future__ import annotations
-import copy, warnings
+import copy
 from collections import OrderedDict
 from functools import partial
-from pathlib import Path
-import torch
 from torch import nn
 from fastcore.foundation import L
 from fastai.learner import Learner
@@ -16,8 +14,9 @@ from fastai.optimizer import Adam
 from fastai.data.core import DataLoaders
 import fastai.callback.schedule, fastai.callback.progress  # fit_one_cycle, lr_find, progress bars, as in fastai.vision.all
 from ..core import is_int
-from ..models import model_blocks, replace_head, swap_head, NormalizeInput, _is_fastai_resnet
-from ..core import normalize_stats
+from ..core import check_normalization, _norm_layer
+from ..models import model_blocks, replace_head, swap_head, _is_fastai_resnet, _last_linear, _set_module
+from ..checkpoint import load_weights
 from .freeze import n_frozen_entries, FreezeBlocks, trainable_splitter
 from .feature_cache import FeatureCache
 
@@ -58,28 +57,26 @@ def new_head(model:nn.Module, # a model `model_blocks` supports; changed in plac
              p_drop:float=0., # dropout after each hidden layer (fastai heads: `ps`)
             ) -> nn.Module:
     "Replace the head of `model` in place by a new random `transfer_head` (or a fastai `create_head`); returns `model`."
+    # a head that is not a Linear (ConvNeXt: norm + Linear; EfficientNet: dropout + Linear; timm's NormMlpClassifierHead)
+    # keeps its other layers: its last Linear is replaced, by a `transfer_head` when `hidden` is given
     old = model_blocks(model).head
     lin = _first_linear(old)
     if lin is None and _is_fastai_resnet(model) and getattr(model, 'rtl_blocks', None) is None:
         kw = {} if hidden is None else dict(lin_ftrs=list(hidden), ps=p_drop)
         return replace_head(model, n_out, **kw)
+    if lin is None and hidden:  # a structured head (ConvNeXt's norm + Linear, EfficientNet's dropout + Linear)
+        last = _last_linear(old)
+        if last is None or not any(m is old for m in model.modules()):
+            raise TypeError(f"new_head: `hidden`={hidden!r} (and `p_drop`) need a head ending in an nn.Linear; this "
+                            f"model's head is a {type(old).__name__} (e.g. a distilled DeiT's two classifiers). Use "
+                            "hidden=None, or replace the head yourself.")
+        name, lin = last
+        new = transfer_head(lin.in_features, n_out, hidden, p_drop).to(lin.weight).train(lin.training)
+        _set_module(old, name, new)  # the rest of the head (its norm, its dropout) stays
+        return model
     if lin is None:
         return replace_head(model, n_out)  # raises a clear error for unknown heads
     return swap_head(model, transfer_head(lin.in_features, n_out, hidden, p_drop))
-
-# %% ../../nbs/05c_callback.transfer.ipynb #0e5f276d
-def _load_weights(model, weights):
-    sd = torch.load(weights, map_location='cpu', weights_only=True) if isinstance(weights, (str, Path)) else weights
-    if isinstance(sd, dict):
-        for k in ('model', 'state_dict', 'model_state_dict'):
-            if k in sd and isinstance(sd[k], dict): sd = sd[k]; break
-    if not isinstance(sd, dict):
-        raise TypeError(f"transfer_learner: `weights` must be a state dict or a path to one, got {type(sd).__name__}.")
-    if all(k.startswith('module.') for k in sd): sd = {k[len('module.'):]: v for k, v in sd.items()}
-    try: model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise RuntimeError(f"transfer_learner: `weights` do not fit the source model (build the source with the "
-                           f"architecture and number of classes of the checkpoint): {e}") from e
 
 # %% ../../nbs/05c_callback.transfer.ipynb #000ed74d
 def transfer_learner(source,              # the source model (`nn.Module`) or a `Learner` (its model is used); it is copied
@@ -87,7 +84,7 @@ def transfer_learner(source,              # the source model (`nn.Module`) or a 
                      n_retrain:int|str=0,  # residual blocks retrained from the end: 0 (head only) .. N, or 'all'
                      hidden=None,          # hidden layer sizes of the new head, e.g. (256,); see `new_head`
                      p_drop:float=0.,      # dropout after each hidden layer
-                     weights=None,         # a state dict, or a path to one, loaded into the copy before its head is replaced
+                     weights=None,         # a checkpoint (path, URL, registry name or dict) for the copy, before its head is replaced
                      n_out:int=None,       # target classes (default `dls.c`)
                      cache='auto',         # feature cache for frozen features: 'auto', True or False (see `FeatureCache`)
                      cache_max_mb:float=2048., # largest feature cache, in MiB
@@ -99,14 +96,13 @@ def transfer_learner(source,              # the source model (`nn.Module`) or a 
     if not isinstance(model, nn.Module):
         raise TypeError(f"transfer_learner: `source` must be an nn.Module or a fastai Learner, got {type(source).__name__}.")
     model = copy.deepcopy(model)
-    if weights is not None: _load_weights(model, weights)
+    if weights is not None:  # its statistics go where the model has them: its `NormalizeInput`, else `model.input_stats`
+        load_weights(model, weights, 'transfer_learner', norm='auto' if _norm_layer(model) is not None else 'dls')
     n_frozen = n_frozen_entries(model, n_retrain)
     if n_out is None: n_out = getattr(dls, 'c', None)
     if n_out is None: raise ValueError("transfer_learner: `dls` has no `c` (number of classes); pass `n_out`.")
     new_head(model, n_out, hidden, p_drop)
-    if any(isinstance(m, NormalizeInput) for m in model.modules()) and normalize_stats(dls) is not None:
-        warnings.warn("transfer_learner: the source model normalizes its inputs (NormalizeInput) and `dls` does too "
-                      "(fastai's Normalize): the images are normalized twice. Use task_dls(..., normalize=False).")
+    check_normalization(model, dls, 'transfer_learner')
     for i, m in enumerate(model_blocks(model).all):
         for p in m.parameters(): p.requires_grad_(i >= n_frozen)
     dev = getattr(dls, 'device', None)
