@@ -272,10 +272,10 @@ def _cache_runs(mode, gmodel, dev, res):
         fc = next(c for c in learn.cbs if isinstance(c, FeatureCache))
         assert fc.active == cache, fc.reason
         if cache:
-            assert fc.features is not None and on(fc.features, dev) and on(fc.targets, dev), fc.reason
-            assert fc.features.dtype == torch.float32   # built outside autocast: the same features as the fp32 prefix
+            assert fc.cached is not None and on(fc.cached, dev) and on(fc.targets, dev), fc.reason
+            assert fc.cached.dtype == torch.float32   # built outside autocast: the same features as the fp32 prefix
         check_reduced(probe, dev, mode, fastai_amp=True)   # the full model (validation; training too without cache)
-        assert learn.model is fc.full or not cache
+        assert fc._hook is None   # the injection hook is removed after the fit: the model is as it was
         assert all(on(p, dev) and p.dtype == torch.float32 for p in learn.model.parameters())
         res[cache] = (learn.recorder.values[-1], [p.detach().float().cpu() for p in learn.model.parameters()])
 
