@@ -104,6 +104,30 @@ def test_load_source_checkpoint_layout(files):
     assert desc['kind'] == 'natural' and input_stats(m) is not None
 
 
+def test_checkpoint_of_other_classes_and_plain_state_dict(tmp_path):
+    "A plain state dict (no statistics stored) of a 10-class ResNet-18: the head size is read from the file, stats said"
+    torch.manual_seed(1)
+    net = torchvision.models.resnet18(num_classes=10)
+    torch.save(net.state_dict(), tmp_path/'cifar_r18.pth')
+    with pytest.raises(ValueError, match=r"`stats`: the checkpoint cifar_r18\.pth stores no input statistics"):
+        load_source(str(tmp_path/'cifar_r18.pth'), arch='resnet18')
+    m, _ = load_source(str(tmp_path/'cifar_r18.pth'), arch='resnet18', stats='0.5,0.5,0.5/0.25,0.25,0.25')
+    assert m.fc.out_features == 10 and all(torch.equal(v, net.state_dict()[k]) for k, v in m.state_dict().items())
+    assert torch.allclose(input_stats(m)[1].flatten(), torch.full((3,), 0.25))
+    m, _ = load_source(str(tmp_path/'cifar_r18.pth'), arch='resnet18', stats='none')
+    assert input_stats(m) is None
+
+
+def test_natural_timm_source(tmp_path):
+    pytest.importorskip('timm')
+    m, desc = load_source('timm:resnet18', pretrained=False)
+    assert desc['kind'] == 'natural' and torch.allclose(input_stats(m)[0].flatten(), torch.tensor(IMAGENET_STATS[0]))
+    folder = make_image_folder(tmp_path/'f', n_per_class=4, n_valid=2, classes=2, size=32)
+    res = transfer_job(str(folder), source='timm:resnet18', pretrained=False, size=32, bs=4, epochs=1, steps=1,
+                       n_retrain='1', curve=False, out=str(tmp_path/'out'), quiet=True)
+    assert res['n'] == 4 and (res['run_dir']/'export.pkl').is_file()
+
+
 def test_registry_name_with_mocked_download(files, tmp_path, monkeypatch):
     "A registry name downloads the published file once (here: a mocked downloader copying the local stand-in)"
     import rtl_fastai.checkpoint as ck
