@@ -28,6 +28,7 @@ from rtl_fastai.callback.feature_cache import FeatureCache
 from rtl_fastai.callback.distill import FeatureDistillation
 from rtl_fastai.pipeline import make_model, next_run_dir, run_pipeline
 from rtl_fastai.cli import main as cli_main
+from rtl_fastai.job import transfer_job, main as job_main
 from rtl_fastai.report import autoattack_evaluate, square_evaluate
 
 torch.set_num_threads(1)
@@ -167,6 +168,49 @@ def _tokens_in_no_block():
     m = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Linear(8, 10))
     m.cls_token = nn.Parameter(torch.zeros(8))
     set_blocks(m, stem=m[0], blocks=[], head=m[2])
+
+
+class _TrainingStarted(Exception):
+    "Raised by the patched `Learner.fit` of `_job`: the job got past its checks."
+
+
+def _job(r, **kw):
+    "`transfer_job` on the user's small folder with one bad input; it must fail before any training and write nothing."
+    from fastai.learner import Learner as _L
+    args = dict(data=str(r/'images'), source='torchvision:resnet18', pretrained=False, size=16, bs=4, epochs=1, steps=1,
+                out=str(r/'job_out'), quiet=True)
+    args.update(kw)
+    orig = _L.fit
+    def fit(*a, **k): raise _TrainingStarted()
+    _L.fit = fit
+    try: transfer_job(**args)
+    except _TrainingStarted: raise AssertionError('transfer_job started training despite the bad input') from None
+    finally:
+        _L.fit = orig
+        assert not (r/'job_out').exists(), 'transfer_job created its output folder before failing'
+
+
+def _job_ok_until_training(r, **kw):
+    "A job whose input is only warned about: it reaches training (stopped there) without writing anything."
+    from fastai.learner import Learner as _L
+    orig, started = _L.fit, []
+    def fit(*a, **k): started.append(1); raise _TrainingStarted()
+    _L.fit = fit
+    try: transfer_job(**{**dict(data=str(r/'images'), source='torchvision:resnet18', pretrained=False, size=16, bs=4,
+                                epochs=1, steps=1, out=str(r/'job_out'), quiet=True), **kw})
+    except _TrainingStarted: pass
+    finally:
+        _L.fit = orig
+        assert started and not (r/'job_out').exists()
+
+
+def _job_cli(*args):
+    "`rtl-fastai transfer` (the job's `main`); its exit with a message becomes a ValueError carrying it."
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try: job_main(list(args))
+        except SystemExit as e:
+            if e.code not in (0, None): raise ValueError(f"exit {e.code}: {err.getvalue()}{'' if isinstance(e.code, int) else e.code}") from None
 
 
 # one row: (id, callable taking (dls, model, root), expected exception or warning class, regex the message must match)
@@ -320,6 +364,44 @@ CASES = [
     ('cli-steps',          lambda d, m, r: _cli('run', '--steps', '0'), ValueError, r'--steps: must be >= 1'),
     ('cli-classes',        lambda d, m, r: _cli('run', '--source-classes', ','), ValueError, r'class list is empty'),
     ('cli-out-is-file',    lambda d, m, r: _cli('run', '--out', str(r/'results.txt')), ValueError, r'--out.*results\.txt.* is a file'),
+    # -- the user's own transfer job (`rtl-fastai transfer`, issue 12): every bad input fails before any training
+    ('job-folder-missing', lambda d, m, r: _job(r, data=str(r/'my_photos')), FileNotFoundError,
+                           r"transfer_job: `data`: `path`=.*my_photos' does not exist"),
+    ('job-folder-one-class', lambda d, m, r: _job(r, data=str(r/'one_class')), ValueError,
+                           r'transfer_job: `data`: a classifier needs images of at least 2 classes'),
+    ('job-folder-unreadable', lambda d, m, r: _job(r, data=str(r/'corrupt_images')), ValueError,
+                           r'transfer_job: `data`: 1 of 12 image files .* cannot be read'),
+    ('job-unknown-name',   lambda d, m, r: _job(r, source='resnet18_linf_eps4'), ValueError,
+                           r"transfer_job: `source`: unknown robust model 'resnet18_linf_eps4'; did you mean 'resnet18_linf_eps4.0'.*robust_models\(\)"),
+    ('job-torchvision-name', lambda d, m, r: _job(r, source='resnet18'), ValueError, r"write 'torchvision:resnet18'"),
+    ('job-natural-unknown', lambda d, m, r: _job(r, source='torchvision:resnet19'), ValueError,
+                           r"`source`='torchvision:resnet19' is not a torchvision classification model; did you mean 'resnet18'"),
+    ('job-ckpt-missing',   lambda d, m, r: _job(r, source=str(r/'nope.ckpt'), arch='resnet18'), FileNotFoundError,
+                           r'transfer_job: `source`: no checkpoint file at .*nope\.ckpt'),
+    ('job-ckpt-no-arch',   lambda d, m, r: _job(r, source=str(r/'madry.pth')), ValueError,
+                           r"`arch` is missing: a checkpoint file needs its architecture, e.g. arch='resnet50'"),
+    ('job-ckpt-wrong-arch', lambda d, m, r: _job(r, source=str(r/'madry.pth'), arch='resnet18'), CheckpointMismatchError,
+                           r"transfer_job: `source` madry\.pth is not a checkpoint of `arch`='resnet18'.*does not match the model \(nothing was loaded\)"),
+    ('job-ckpt-garbage',   lambda d, m, r: _job(r, source=str(r/'garbage.pth'), arch='resnet18'), ValueError,
+                           r'`source`: .*garbage\.pth is not a readable torch checkpoint'),
+    ('job-ckpt-no-stats',  lambda d, m, r: _job(r, source=str(r/'good.pth'), arch='resnet18'), ValueError,
+                           r"`stats`: the checkpoint good\.pth stores no input statistics; .*stats='imagenet'"),
+    ('job-n_retrain-word', lambda d, m, r: _job(r, n_retrain='last'), ValueError, r"`n_retrain` must be a number of blocks .* or 'all'"),
+    ('job-n_retrain-high', lambda d, m, r: _job(r, n_retrain='7'), ValueError, r'transfer_job: `n_retrain` must be an integer in 0\.\.4'),
+    ('job-lam-frozen',     lambda d, m, r: _job(r, lam=5e-3), ValueError, r"`lam`=0\.005 has no effect with `n_retrain`=0.*n_retrain='all'"),
+    ('job-eps-8',          lambda d, m, r: _job(r, eps='8'), ValueError, r"`eps`='8' is larger than the whole \[0,1\] pixel range.*'8/255'"),
+    ('job-eps-half',       lambda d, m, r: _job_ok_until_training(r, eps='0.5'), W, r'`eps`=0\.5 .*grey levels'),
+    ('job-eps-text',       lambda d, m, r: _job(r, eps='4/25S'), ValueError, r"`eps`='4/25S' is not a number"),
+    ('job-steps-zero',     lambda d, m, r: _job(r, steps=0), ValueError, r'transfer_job: `steps` must be an integer >= 1'),
+    ('job-norm',           lambda d, m, r: _job(r, norm='L3'), ValueError, r"`norm` must be 'linf' or 'l2'"),
+    ('job-normalize',      lambda d, m, r: _job(r, normalize='both'), ValueError, r"`normalize` must be 'dls'.* or 'model'"),
+    ('job-stats-text',     lambda d, m, r: _job(r, stats='0.5,0.5'), ValueError, r"`stats`='0\.5,0\.5' is not 'imagenet'"),
+    ('job-bs-too-large',   lambda d, m, r: _job(r, bs=64), ValueError, r'`bs`=64 is larger than the 8 training images'),
+    ('job-out-is-file',    lambda d, m, r: _job(r, out=str(r/'results.txt')), NotADirectoryError, r'transfer_job: `out`=.*results\.txt.* is a file'),
+    ('job-cli-eps',        lambda d, m, r: _job_cli(str(r/'images'), '--eps', '8', '--out', str(r/'job_out')), ValueError,
+                           r"exit rtl-fastai transfer: transfer_job: `eps`='8' is larger"),
+    ('job-cli-folder',     lambda d, m, r: _job_cli(str(r/'no_images'), '--source', 'torchvision:resnet18', '--no-pretrained'),
+                           ValueError, r'exit rtl-fastai transfer: transfer_job: `data`: no image files under'),
 ]
 
 

@@ -1,0 +1,166 @@
+"`transfer_job` / `rtl-fastai transfer` end to end on a small image folder and a local checkpoint in the published layout."
+import contextlib, io, json, subprocess, sys
+from collections import OrderedDict
+from pathlib import Path
+import pandas as pd
+import pytest
+import torch, torchvision
+from fastai.learner import load_learner
+from rtl_fastai.data.folder import make_image_folder
+from rtl_fastai.hub import IMAGENET_STATS
+from rtl_fastai.core import input_stats
+from rtl_fastai.job import transfer_job, main, load_source
+
+torch.set_num_threads(1)
+
+
+def _madry_ckpt(net):
+    "MadryLab robustness `AttackerModel` wrapped in DataParallel, as `robustness.train` saves it (Salman et al.'s files)"
+    sd = OrderedDict()
+    mean, std = torch.tensor(IMAGENET_STATS[0]).view(3, 1, 1), torch.tensor(IMAGENET_STATS[1]).view(3, 1, 1)
+    sd['module.normalizer.new_mean'], sd['module.normalizer.new_std'] = mean.clone(), std.clone()
+    sd.update({'module.model.' + k: v.clone() for k, v in net.state_dict().items()})
+    sd['module.attacker.normalize.new_mean'], sd['module.attacker.normalize.new_std'] = mean.clone(), std.clone()
+    sd.update({'module.attacker.model.' + k: v.clone() for k, v in net.state_dict().items()})
+    return {'model': sd, 'epoch': 1}
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp('job')
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=1000).eval()
+    torch.save(_madry_ckpt(net), root/'robust_r18.ckpt')
+    folder = make_image_folder(root/'shapes', n_per_class=8, n_valid=4, classes=3, size=32)
+    return root, folder, net
+
+
+KW = dict(arch='resnet18', size=32, bs=8, epochs=1, steps=2, seed=0)
+
+
+def test_end_to_end_and_new_run_folders(files):
+    root, folder, net = files
+    out = root/'out'
+    res = transfer_job(str(folder), source=str(root/'robust_r18.ckpt'), out=str(out), quiet=True, **KW)
+    run1 = out/'run_001'
+    assert res['run_dir'] == run1
+    assert sorted(p.name for p in run1.iterdir()) == ['export.pkl', 'results.csv', 'results.json', 'robust_curve.csv',
+                                                      'robust_curve.png']
+    js = json.loads((run1/'results.json').read_text())
+    r = js['results'][0]
+    assert r['n_valid'] == 12 and r['attack'] == 'pgd2_acc@4/255' and 0 <= r['pgd_acc'] <= r['clean_acc'] <= 1
+    assert (r['clean_acc'], r['pgd_acc']) == (res['clean_acc'], res['pgd_acc'])
+    assert js['settings']['n_retrain'] == '0' and js['sources']['source']['kind'] == 'checkpoint'
+    assert js['sources']['data']['classes'] == ['circle', 'square', 'triangle']
+    csv = pd.read_csv(run1/'results.csv')
+    assert csv.loc[0, 'pgd_acc'] == pytest.approx(res['pgd_acc'])
+    crv = pd.read_csv(run1/'robust_curve.csv')
+    assert crv['eps'].tolist() == pytest.approx([0, 1/255, 2/255, 4/255, 6/255, 8/255])
+    # the curve at eps is the same attack (same seed) as the table's
+    assert crv.loc[crv['eps'].sub(4/255).abs().idxmin(), 'robust_acc'] == pytest.approx(res['pgd_acc'])
+    assert crv.loc[0, 'robust_acc'] == pytest.approx(res['clean_acc'])  # eps=0: clean accuracy
+    # the source's weights were frozen: the trained body is the checkpoint's
+    body = {k: v for k, v in res['learn'].model.state_dict().items() if not k.startswith('fc.')}
+    assert all(torch.equal(v.cpu(), net.state_dict()[k]) for k, v in body.items())
+    # statistics in the DataLoaders, not in the model: normalized once
+    assert res['learn'].dls.after_batch.fs.filter(lambda t: type(t).__name__ == 'Normalize')
+    # the exported Learner predicts, with the same normalization
+    learn = load_learner(run1/'export.pkl')
+    pred, idx, probs = learn.predict(folder/'valid'/'square'/'0000.png')
+    assert len(probs) == 3 and pred in ('circle', 'square', 'triangle')
+    x = res['learn'].dls.valid.one_batch()[0]
+    m1, m2 = res['learn'].model.eval(), learn.model.eval()
+    assert torch.allclose(m1(x).cpu(), m2.to(x.device)(x).cpu(), atol=1e-5)
+    # a second run goes to run_002 and leaves run_001 alone
+    before = {p.name: p.read_bytes() for p in run1.iterdir()}
+    res2 = transfer_job(str(folder), source=str(root/'robust_r18.ckpt'), out=str(out), quiet=True, curve=False,
+                        n_retrain='all', lam=1e-3, **{**KW, 'epochs': 2})
+    assert res2['run_dir'] == out/'run_002'
+    assert {p.name: p.read_bytes() for p in run1.iterdir()} == before
+    assert sorted(p.name for p in res2['run_dir'].iterdir()) == ['export.pkl', 'results.csv', 'results.json']
+
+
+def test_normalize_inside_model(files):
+    "normalize='model': the statistics are a layer of the model and the DataLoaders do not normalize"
+    root, folder, net = files
+    res = transfer_job(str(folder), source=str(root/'robust_r18.ckpt'), out=str(root/'out_model'), quiet=True,
+                       normalize='model', curve=False, **KW)
+    dls = res['learn'].dls
+    assert not dls.after_batch.fs.filter(lambda t: type(t).__name__ == 'Normalize')
+    assert torch.allclose(input_stats(res['learn'].model)[0].flatten().cpu(), torch.tensor(IMAGENET_STATS[0]))
+    # the same model as with the statistics in the DataLoaders
+    res_dls = transfer_job(str(folder), source=str(root/'robust_r18.ckpt'), out=str(root/'out_model'), quiet=True,
+                           curve=False, **KW)
+    assert res['clean_acc'] == res_dls['clean_acc'] and res['pgd_acc'] == res_dls['pgd_acc']
+
+
+def test_load_source_checkpoint_layout(files):
+    "The MadryLab file loads bit-exactly, with its statistics; a natural torchvision source needs no file"
+    root, _, net = files
+    m, desc = load_source(str(root/'robust_r18.ckpt'), arch='resnet18')
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in m.state_dict().items())
+    assert torch.allclose(input_stats(m)[1].flatten(), torch.tensor(IMAGENET_STATS[1]))
+    m, desc = load_source('torchvision:resnet18', pretrained=False)
+    assert desc['kind'] == 'natural' and input_stats(m) is not None
+
+
+def test_checkpoint_of_other_classes_and_plain_state_dict(tmp_path):
+    "A plain state dict (no statistics stored) of a 10-class ResNet-18: the head size is read from the file, stats said"
+    torch.manual_seed(1)
+    net = torchvision.models.resnet18(num_classes=10)
+    torch.save(net.state_dict(), tmp_path/'cifar_r18.pth')
+    with pytest.raises(ValueError, match=r"`stats`: the checkpoint cifar_r18\.pth stores no input statistics"):
+        load_source(str(tmp_path/'cifar_r18.pth'), arch='resnet18')
+    m, _ = load_source(str(tmp_path/'cifar_r18.pth'), arch='resnet18', stats='0.5,0.5,0.5/0.25,0.25,0.25')
+    assert m.fc.out_features == 10 and all(torch.equal(v, net.state_dict()[k]) for k, v in m.state_dict().items())
+    assert torch.allclose(input_stats(m)[1].flatten(), torch.full((3,), 0.25))
+    m, _ = load_source(str(tmp_path/'cifar_r18.pth'), arch='resnet18', stats='none')
+    assert input_stats(m) is None
+
+
+def test_natural_timm_source(tmp_path):
+    pytest.importorskip('timm')
+    m, desc = load_source('timm:resnet18', pretrained=False)
+    assert desc['kind'] == 'natural' and torch.allclose(input_stats(m)[0].flatten(), torch.tensor(IMAGENET_STATS[0]))
+    folder = make_image_folder(tmp_path/'f', n_per_class=4, n_valid=2, classes=2, size=32)
+    res = transfer_job(str(folder), source='timm:resnet18', pretrained=False, size=32, bs=4, epochs=1, steps=1,
+                       n_retrain='1', curve=False, out=str(tmp_path/'out'), quiet=True)
+    assert res['n'] == 4 and (res['run_dir']/'export.pkl').is_file()
+
+
+def test_registry_name_with_mocked_download(files, tmp_path, monkeypatch):
+    "A registry name downloads the published file once (here: a mocked downloader copying the local stand-in)"
+    import rtl_fastai.checkpoint as ck
+    root, folder, net = files
+    urls = []
+    def fake(url, dest): urls.append(url); Path(dest).write_bytes((root/'robust_r18.ckpt').read_bytes())
+    monkeypatch.setattr(ck, '_download', fake)
+    monkeypatch.setenv('RTL_CACHE', str(tmp_path/'cache'))
+    m, desc = load_source('resnet18_linf_eps4.0')
+    assert urls == ['https://huggingface.co/madrylab/robust-imagenet-models/resolve/main/resnet18_linf_eps4.0.ckpt']
+    assert desc['kind'] == 'registry' and desc['threat'] == 'Linf eps=4/255'
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in m.state_dict().items())
+
+
+def test_command_line(files, capsys):
+    root, folder, _ = files
+    with pytest.raises(SystemExit) as e: main(['--help'])
+    assert e.value.code == 0
+    h = capsys.readouterr().out
+    for opt in ('--source', '--arch', '--size', '--n_retrain', '--lam', '--eps', '--steps', '--epochs', '--out', 'data'):
+        assert opt in h, opt
+    assert 'registry name' in h  # the docments are the help
+    out = root/'cli_out'
+    assert main([str(folder), '--source', str(root/'robust_r18.ckpt'), '--arch', 'resnet18', '--size', '32', '--bs', '8',
+                 '--epochs', '1', '--steps', '2', '--n_retrain', '1', '--eps', '2/255', '--out', str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert 'pgd2_acc@2/255' in printed and 'run_001' in printed
+    assert (out/'run_001'/'export.pkl').is_file()
+    with pytest.raises(SystemExit) as e: main([str(folder), '--eps', '8', '--out', str(out)])
+    assert "`eps`='8' is larger than the whole [0,1] pixel range" in str(e.value.code)
+    assert sorted(p.name for p in out.iterdir()) == ['run_001']
+
+
+def test_python_m_help():
+    r = subprocess.run([sys.executable, '-m', 'rtl_fastai.job', '--help'], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and 'usage: rtl-fastai transfer' in r.stdout and '--n_retrain' in r.stdout
