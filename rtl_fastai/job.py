@@ -5,8 +5,6 @@
 # %% ../nbs/08b_job.ipynb #850b8b8c
 from __future__ import annotations
 import difflib, os, sys, time
-from types import SimpleNamespace
-import cloudpickle
 from fractions import Fraction
 from pathlib import Path
 from urllib.parse import urlparse
@@ -33,7 +31,7 @@ from .callback.adv_valid import robust_validate, robust_accuracy_curve
 from .pipeline import ALPHA_RATIO, next_run_dir, format_table, save_results
 
 # %% auto #0
-__all__ = ['parse_eps', 'parse_n_retrain', 'parse_stats', 'build_arch', 'load_source', 'export_learner', 'transfer_job', 'main']
+__all__ = ['parse_eps', 'parse_n_retrain', 'parse_stats', 'build_arch', 'load_source', 'transfer_job', 'main']
 
 # %% ../nbs/08b_job.ipynb #b9716b3b
 def parse_eps(eps, # a radius in [0,1] pixel units: a number, or text such as '4/255' or '0.0157'
@@ -297,32 +295,6 @@ def _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha
     return dict(n_retrain=n_retrain, lam=lam, threat=threat, warmup_epochs=warmup_epochs, summary=summary,
                 model=model, desc=desc, dls=dls)
 
-# %% ../nbs/08b_job.ipynb #951379b5
-try: import plum
-except ImportError: plum = None  # fastai before fasttransform: transforms hold no plum functions
-
-def _rebuild_plum(f, owner, methods):
-    "A plum `Function` of `f` with `methods` (function, precedence) registered again (signatures from annotations)"
-    fn = plum.Function(f, owner=owner)
-    for m, prec in methods: fn.register(m, None, prec)
-    return fn
-
-class _Pickler(cloudpickle.Pickler):
-    "fastai's cloudpickle, with plum `Function`s saved as their methods (their lock cannot be pickled)"
-    def reducer_override(self, obj):
-        if plum is not None and type(obj) is plum.Function:
-            return _rebuild_plum, (obj._f, obj._owner_name, [(m, p) for m, _, p in obj._pending + obj._resolved])
-        return super().reducer_override(obj)
-
-_pickle_module = SimpleNamespace(__name__='rtl_fastai_pickle', Pickler=_Pickler)
-
-def export_learner(learn, # a fastai `Learner`
-                   fname, # the file to write (a path; relative paths are relative to `learn.path`, as in fastai)
-                  )->Path:
-    "`learn.export(fname)` that also works with plum-dispatched transforms; load it with fastai's `load_learner`"
-    learn.export(fname, pickle_module=_pickle_module)
-    return learn.path/fname
-
 # %% ../nbs/08b_job.ipynb #5536f0c5
 def _hist(learn):
     names = [n for n in learn.recorder.metric_names[1:-1]]
@@ -413,7 +385,7 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
                     train_seconds=train_s, eval_seconds=eval_s, total_seconds=time.time() - t0)
         run_dir = next_run_dir(out)
         paths = save_results(run_dir, res, crv, info, settings)
-        export_learner(learn, run_dir.resolve()/'export.pkl')
+        learn.export(run_dir.resolve()/'export.pkl')
         paths['export'] = run_dir/'export.pkl'
         if not quiet:
             print(f"\n{format_table(res)}\n\nwrote {run_dir}/: " + ', '.join(p.name for p in paths.values()), flush=True)
