@@ -10,9 +10,9 @@ from collections import OrderedDict
 from urllib.parse import urlparse, unquote
 import torch
 import torch.nn as nn
-from .core import NormalizeInput, normalize_stats, add_input_norm, _norm_layer, _in_channels, _fmt_stats
+from .core import normalize_stats, add_input_norm, _norm_layer, _in_channels, _fmt_stats
 from .data.external import cache_dir
-from .hub import RobustModelInfo, robust_model_info, ROBUST_MODELS
+from .hub import RobustModelInfo, robust_model_info
 
 # %% auto #0
 __all__ = ['UnsafeCheckpointError', 'checkpoint_path', 'extract_state_dict', 'CheckpointMismatchError', 'load_robust_checkpoint',

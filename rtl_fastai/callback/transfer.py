@@ -12,7 +12,8 @@ from fastcore.foundation import L
 from fastai.learner import Learner
 from fastai.optimizer import Adam
 from fastai.data.core import DataLoaders
-import fastai.callback.schedule, fastai.callback.progress  # fit_one_cycle, lr_find, progress bars, as in fastai.vision.all
+# fit_one_cycle, lr_find, progress bars, as in fastai.vision.all
+import fastai.callback.schedule, fastai.callback.progress  # noqa: F401
 from ..core import is_int
 from ..core import check_normalization, _norm_layer
 from ..models import model_blocks, replace_head, swap_head, _is_fastai_resnet, _last_linear, _set_module
