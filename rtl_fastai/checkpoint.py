@@ -34,7 +34,10 @@ def _safe_load(path:Path, map_location='cpu', name='path_or_url'):
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        if not isinstance(e, pickle.UnpicklingError) or 'Unsupported global' not in str(e): raise ValueError(f"`{name}`: {path} is not a readable torch checkpoint (empty, truncated or corrupted file?): save or download it again. torch said: {e}") from e
+        if not isinstance(e, pickle.UnpicklingError) or 'Unsupported global' not in str(e):
+            raise ValueError(f"`{name}`: {path} is not a readable torch checkpoint "
+                             "(empty, truncated or corrupted file?): "
+                             f"save or download it again. torch said: {e}") from e
         raise UnsafeCheckpointError(
             f"torch.load(weights_only=True) refused to unpickle {path}: the file holds Python objects other than "
             "tensors and plain containers (for instance a whole pickled nn.Module, a Learner, or an instance of a "
@@ -60,8 +63,8 @@ def _is_safetensors(path:Path)->bool:
 def _load_safetensors(path:Path, name='path_or_url'):
     try: from safetensors.torch import load_file
     except ImportError as e:
-        raise ImportError(f"`{name}`: {path} is a safetensors file; reading it needs the optional `safetensors` package: "
-                          "`pip install safetensors`") from e
+        raise ImportError(f"`{name}`: {path} is a safetensors file; "
+                          "reading it needs the optional `safetensors` package: `pip install safetensors`") from e
     try: return load_file(str(path), device='cpu')
     except Exception as e:
         raise ValueError(f"`{name}`: {path} is not a readable safetensors file (empty, truncated or corrupted?): "
@@ -125,7 +128,9 @@ def checkpoint_path(path_or_url, # local path, `file://` or `http(s)://` URL
         fn = fname or Path(unquote(u.path)).name or 'checkpoint'
         p = cache/f"{hashlib.sha256(s.encode()).hexdigest()[:10]}-{fn}"
         if not p.exists(): _fetch(s, p, sha256=sha256, size=size, name=name)
-    elif u.scheme and len(u.scheme) > 1: raise ValueError(f"`{name}`: unsupported URL scheme {u.scheme!r} in {s!r}; use a local path, file://, http:// or https://")
+    elif u.scheme and len(u.scheme) > 1:
+        raise ValueError(f"`{name}`: unsupported URL scheme {u.scheme!r} in {s!r}; "
+                         "use a local path, file://, http:// or https://")
     else: p = Path(s).expanduser()
     if not p.is_file(): raise FileNotFoundError(f"`{name}`: no checkpoint file at {p}")
     return p
@@ -134,25 +139,32 @@ def checkpoint_path(path_or_url, # local path, `file://` or `http(s)://` URL
 _CONTAINER_KEYS = ('model', 'state_dict', 'model_state_dict')
 _MADRY_NORM = {'normalizer.new_mean': 'mean', 'normalizer.new_std': 'std'}
 
-def _is_sd(d): return isinstance(d, dict) and len(d) > 0 and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k,v in d.items())
+def _is_sd(d):
+    "A non-empty dict of tensors by name"
+    return isinstance(d, dict) and len(d) > 0 and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k,v in d.items())
+
+def _top_keys(ckpt): return list(ckpt)[:20] if isinstance(ckpt, dict) else type(ckpt).__name__
 
 def _strip(sd, prefix): return OrderedDict((k[len(prefix):] if k.startswith(prefix) else k, v) for k,v in sd.items())
 
 def _stats_of(mean, std): return (mean.reshape(1,-1,1,1).float().clone(), std.reshape(1,-1,1,1).float().clone())
 
 def extract_state_dict(ckpt, # what `torch.load` returned
-                       key:str=None, # the entry holding the weights; default: the state dict itself or its 'model'/'state_dict'/'model_state_dict' entry
+                       key:str=None, # the entry holding the weights (default: see below)
                       ):
-    "`(state_dict, stats)` of a checkpoint in any supported layout: prefixes removed, the stored normalization returned as `stats`"
+    "`(state_dict, stats)` of a checkpoint in any known layout: prefixes removed, its stored normalization as `stats`"
+    # default `key`: the checkpoint is the state dict itself, or its 'model', 'state_dict' or 'model_state_dict' entry
     if key is not None:
-        if not isinstance(ckpt, dict) or key not in ckpt: raise KeyError(f"`key`={key!r} is not in the checkpoint; its top-level keys are {list(ckpt)[:20] if isinstance(ckpt, dict) else type(ckpt).__name__}")
+        if not isinstance(ckpt, dict) or key not in ckpt:
+            raise KeyError(f"`key`={key!r} is not in the checkpoint; its top-level keys are {_top_keys(ckpt)}")
         sd = ckpt[key]
     elif _is_sd(ckpt): sd = ckpt
     else:
         sd = next((ckpt[k] for k in _CONTAINER_KEYS if isinstance(ckpt, dict) and _is_sd(ckpt.get(k))), None)
         if sd is None:
-            keys = list(ckpt)[:20] if isinstance(ckpt, dict) else type(ckpt).__name__
-            raise ValueError(f"cannot find the weights in this checkpoint (top-level keys: {keys}); pass `key=` naming the entry that holds the state dict")
+            raise ValueError(f"cannot find the weights in this checkpoint (top-level keys: {_top_keys(ckpt)}); "
+                             "pass `key=` naming the entry that holds the state dict")
     if not _is_sd(sd): raise ValueError(f"the checkpoint entry {key!r} is not a state dict (a dict of tensors)")
     sd = OrderedDict(sd)
     if all(k.startswith('module.') for k in sd): sd = _strip(sd, 'module.')   # DataParallel / DDP
@@ -186,13 +198,15 @@ def _check_match(model_sd, sd, pre=''):
     msg = [f"{pre}the checkpoint does not match the model (nothing was loaded):"]
     if missing: msg.append(f"  missing in the checkpoint ({len(missing)}): {_fmt(missing)}")
     if unexpected: msg.append(f"  unexpected in the checkpoint ({len(unexpected)}): {_fmt(unexpected)}")
-    if shapes: msg.append(f"  wrong shape ({len(shapes)}): " + '; '.join(shapes[:12]) + (f'; ... ({len(shapes)-12} more)' if len(shapes) > 12 else ''))
+    if shapes:
+        more = f'; ... ({len(shapes)-12} more)' if len(shapes) > 12 else ''
+        msg.append(f"  wrong shape ({len(shapes)}): " + '; '.join(shapes[:12]) + more)
     msg.append("Check that the model is the checkpoint's architecture and width, with the checkpoint's number of "
                "classes (load first, then `replace_head`); pass `key=` if the weights are under another entry.")
     raise CheckpointMismatchError('\n'.join(msg))
 
 def _align(sd, model_keys):
-    "Strip a prefix that all keys share (`module.`, `model.`, torch.compile's `_orig_mod.`) when the model's keys lack it"
+    "Strip a prefix all keys share (`module.`, `model.`, torch.compile's `_orig_mod.`) when the model's keys lack it"
     keys = set(model_keys)
     for _ in range(3):
         for pre in ('module.', 'model.', '_orig_mod.'):
@@ -205,8 +219,10 @@ def _use_stats(model, stats, norm, what, pre=''):
     mean, std = stats
     c = _in_channels(model)
     if c is not None and mean.shape[1] not in (1, c):
-        raise CheckpointMismatchError(f"{pre}the input statistics ({what}) have {mean.shape[1]} channels ({_fmt_stats(stats)}) but the model's "
-                                      f"first convolution takes {c}-channel images: use the checkpoint's architecture, "
+        raise CheckpointMismatchError(f"{pre}the input statistics ({what}) have {mean.shape[1]} channels "
+                                      f"({_fmt_stats(stats)}) but the model's "
+                                      f"first convolution takes {c}-channel images: "
+                                      "use the checkpoint's architecture, "
                                       "or give statistics with one value per channel")
     layer = _norm_layer(model)
     if layer is not None:
@@ -214,7 +230,8 @@ def _use_stats(model, stats, norm, what, pre=''):
             raise ValueError("`norm`='dls', but `model` normalizes its inputs itself (it has a NormalizeInput layer): "
                              "use norm='model' (or 'auto'), or build the model without `stats`")
         if layer.mean.numel() != mean.numel():
-            raise CheckpointMismatchError(f"{pre}the input statistics ({what}) have {mean.numel()} channels but the model's NormalizeInput has {layer.mean.numel()}")
+            raise CheckpointMismatchError(f"{pre}the input statistics ({what}) have {mean.numel()} channels "
+                                          f"but the model's NormalizeInput has {layer.mean.numel()}")
         layer.mean.copy_(mean.view_as(layer.mean)); layer.std.copy_(std.view_as(layer.std))
     elif norm == 'model': add_input_norm(model, stats)
     else:
@@ -238,14 +255,17 @@ def _resolve(src, name):
     if Path(s).expanduser().is_file() or not isinstance(src, str): return src, None
     try: info = robust_model_info(s)
     except ValueError as e:
-        if '/' in s or os.sep in s or s.lower().endswith(_CKPT_EXTS): return src, None  # a path: FileNotFoundError later
-        raise ValueError(f"`{name}`: {s!r} is neither a checkpoint file nor a registered model. " + str(e).split('; ', 1)[1]) from None
+        if '/' in s or os.sep in s or s.lower().endswith(_CKPT_EXTS):
+            return src, None  # a path: FileNotFoundError later
+        raise ValueError(f"`{name}`: {s!r} is neither a checkpoint file nor a registered model. "
+                         + str(e).split('; ', 1)[1]) from None
     return info.url, info
 
 def _load_into(model, src, key=None, map_location='cpu', cache=None, norm='auto', stats=None, info=None,
                name='path_or_url', who=None):
     pre = f"{who}: `{name}`: " if who else ''
-    if norm not in ('auto', 'model', 'dls'): raise ValueError(f"{who or 'load_robust_checkpoint'}: `norm` must be 'auto', 'model' or 'dls', got {norm!r}")
+    if norm not in ('auto', 'model', 'dls'):
+        raise ValueError(f"{who or 'load_robust_checkpoint'}: `norm` must be 'auto', 'model' or 'dls', got {norm!r}")
     if isinstance(src, dict): ckpt = src
     else:
         src, found = _resolve(src, name)
@@ -263,33 +283,39 @@ def _load_into(model, src, key=None, map_location='cpu', cache=None, norm='auto'
     elif info is not None: st, what = normalize_stats(info.stats), f"the registry's for {info.name!r}"
     else: st = None
     if st is not None: _use_stats(model, st, norm, what, pre)  # checked before anything is loaded
-    elif norm == 'model': raise ValueError(f"{pre}`norm`='model' but the checkpoint holds no input statistics: pass `stats=(mean, std)`")
+    elif norm == 'model':
+        raise ValueError(f"{pre}`norm`='model' but the checkpoint holds no input statistics: pass `stats=(mean, std)`")
     model.load_state_dict(sd, strict=True)
     return model
 
 def load_robust_checkpoint(model:nn.Module|str, # the checkpoint's architecture (loaded in place), or a registry name
-                           path_or_url=None, # local path, `file://`/`http(s)://` URL or registry name (default: `model`'s file)
+                           path_or_url=None, # path, `file://`/`http(s)://` URL or registry name (default: `model`'s)
                            key:str=None, # entry of the checkpoint that holds the weights (default: found automatically)
                            map_location='cpu', # passed to `torch.load`
                            cache:Path=None, # download folder; default `cache_dir()/'checkpoints'`
                            norm:str='auto', # where the input statistics go: 'model', 'dls' or 'auto' (see above)
                            stats=None, # `(mean, std)` the checkpoint's model expects, if the file holds none
                           )->nn.Module:
-    "Load a plain, fastai, DataParallel, MadryLab, RobustBench or safetensors checkpoint into `model`: tensors only, all keys or nothing"
+    "Load a plain, fastai, DataParallel, MadryLab, RobustBench or safetensors checkpoint into `model`: all keys or none"
+    # tensors only: `torch.load(weights_only=True)`
     info = None
     if isinstance(model, (str, RobustModelInfo)):
         try: info = robust_model_info(model)
         except ValueError as e: raise ValueError(str(e).replace('`name`:', '`model`:', 1)) from None
         model, path_or_url = info.build(), info if path_or_url is None else path_or_url
     elif not isinstance(model, nn.Module):
-        raise TypeError(f"load_robust_checkpoint: `model` must be an nn.Module or a registry name, got {type(model).__name__}")
-    if path_or_url is None: raise ValueError("load_robust_checkpoint: `path_or_url` is missing: give a checkpoint path, URL or registry name")
-    return _load_into(model, path_or_url, key=key, map_location=map_location, cache=cache, norm=norm, stats=stats, info=info)
+        raise TypeError("load_robust_checkpoint: `model` must be an nn.Module or a registry name, "
+                        f"got {type(model).__name__}")
+    if path_or_url is None:
+        raise ValueError("load_robust_checkpoint: `path_or_url` is missing: "
+                         "give a checkpoint path, URL or registry name")
+    return _load_into(model, path_or_url, key=key, map_location=map_location, cache=cache, norm=norm, stats=stats,
+                      info=info)
 
 def load_weights(model:nn.Module, # the source architecture; loaded in place
                  weights, # a state dict or checkpoint dict, a path, a URL or a registry name
                  who:str='transfer_learner', # the caller, for messages
                  **kwargs, # `key`, `map_location`, `cache`, `norm`, `stats` of `load_robust_checkpoint`
                 )->nn.Module:
-    "`load_robust_checkpoint` for an entry point's `weights=` argument: the same layouts, errors naming `who` and `weights`"
+    "`load_robust_checkpoint` for an entry point's `weights=` argument: same layouts, errors naming `who` and `weights`"
     return _load_into(model, weights, name='weights', who=who, **kwargs)

@@ -34,7 +34,7 @@ def _default_pool(p_drop=0.):
     return nn.Sequential(OrderedDict(layers))
 
 class BlockNet(nn.Sequential):
-    "`nn.Sequential` of `stem`, `block1`...`blockN`, `pool` and `head`; `stats` adds `NormalizeInput` at the start of the stem."
+    "`nn.Sequential` of `stem`, `block1`...`blockN`, `pool` and `head`; `stats`: a `NormalizeInput` first in the stem"
     def __init__(self,
                  stem:nn.Module,   # first layers (an `nn.Sequential` of named layers is best)
                  blocks:list,      # the blocks, from input to output; named `block1`...`blockN`
@@ -65,7 +65,7 @@ def _check_p(p, name, who):
     if not 0 <= p < 1: raise ValueError(f"{who}: `{name}` is a dropout probability in [0, 1), got {p!r}.")
 
 class SmallCNN(BlockNet):
-    "Small conv net: stem conv, one block per width (stride-2 conv + conv, each conv-BN-ReLU), avg pool, (dropout), linear head."
+    "Small conv net: stem conv, a block per width (stride-2 conv + conv, conv-BN-ReLU), avg pool, (dropout), linear"
     def __init__(self,
                  n_in:int=1,        # input channels
                  n_out:int=10,      # classes
@@ -81,7 +81,8 @@ class SmallCNN(BlockNet):
         stem = conv_bn_relu(n_in, widths[0])
         blocks, ni = [], widths[0]
         for w in widths:  # each block halves the resolution: 8->4->2, 28->14->7
-            blocks.append(nn.Sequential(OrderedDict([('down', conv_bn_relu(ni, w, stride=2)), ('conv', conv_bn_relu(w, w))])))
+            down, conv = conv_bn_relu(ni, w, stride=2), conv_bn_relu(w, w)
+            blocks.append(nn.Sequential(OrderedDict([('down', down), ('conv', conv)])))
             ni = w
         super().__init__(stem, blocks, nn.Linear(ni, n_out), pool=_default_pool(p_drop), stats=stats)
 
@@ -120,7 +121,7 @@ def _init_resnet(m):
 
 # %% ../nbs/01_models.ipynb #ad1340f2
 class PreActResNet18(BlockNet):
-    "Pre-activation ResNet-18: stem conv, `block1`..`block4` (2 pre-act blocks each; `block4` ends with the final BN-ReLU), avg pool, linear head."
+    "Pre-activation ResNet-18: stem conv, `block1`..`block4` (2 pre-act blocks each, then BN-ReLU), pool, linear head"
     def __init__(self,
                  n_in:int=3,    # input channels
                  n_out:int=10,  # classes
@@ -141,12 +142,13 @@ def wrn_units(depth:int):
     if isinstance(depth, int) and not isinstance(depth, bool):
         if depth >= 10 and (depth - 4) % 6 == 0: return (depth - 4) // 6
         if depth >= 8 and (depth - 2) % 6 == 0: return (depth - 2) // 6
-    raise ValueError(f"WideResNet: invalid `depth`={depth!r}. Use depth = 6n+4 (standard counting: 10, 16, 22, 28, 34, 40, ...) "
+    raise ValueError(f"WideResNet: invalid `depth`={depth!r}. "
+                     "Use depth = 6n+4 (standard counting: 10, 16, 22, 28, 34, 40, ...) "
                      f"or depth = 6n+2 (Madry/Shafahi counting: 8, 14, 20, 26, 32, ...), with n >= 1 units per stage.")
 
 # %% ../nbs/01_models.ipynb #c5c8fe22
 class WideResNet(BlockNet):
-    "WRN-`depth`-`widen`: 16-channel stem conv, `block1`..`block3` (one stage each, widths 16k, 32k, 64k; `block3` ends with the final BN-ReLU), avg pool, linear head."
+    "WRN-`depth`-`widen`: stem conv, `block1`..`block3` (widths 16k, 32k, 64k, then BN-ReLU), avg pool, linear head"
     def __init__(self,
                  depth:int=28,  # 6n+4 (standard) or 6n+2 (Madry/Shafahi), see `wrn_units`
                  widen:int=10,  # widening factor k
@@ -182,7 +184,7 @@ class ModelBlocks:
 
 # %% ../nbs/01_models.ipynb #4044ad7a
 class Stage(nn.Module):
-    "An entry of `model_blocks` that runs `fn(owner, x)`; the parts of `owner` it uses are registered (referenced, not copied)."
+    "An entry of `model_blocks` that runs `fn(owner, x)`; the parts of `owner` it uses are registered (not copied)"
     def __init__(self,
                  owner:nn.Module, # the model; kept as an unregistered reference
                  fn,              # `fn(owner, x)`: the piece of `owner`'s forward this entry runs
@@ -194,7 +196,8 @@ class Stage(nn.Module):
             if isinstance(v, nn.Parameter): self.register_parameter(n, v)
             elif isinstance(v, nn.Module): self.add_module(n, v)
             elif v is not None:
-                raise TypeError(f"Stage: part `{n}` must be an nn.Module, an nn.Parameter or None, got {type(v).__name__}.")
+                raise TypeError(f"Stage: part `{n}` must be an nn.Module, an nn.Parameter or None, "
+                                f"got {type(v).__name__}.")
     def forward(self, x): return self.fn(self.owner, x)
     def extra_repr(self): return getattr(self.fn, '__name__', '')
 
@@ -292,8 +295,9 @@ def _tv_blocks(m) -> ModelBlocks:
 
 # %% ../nbs/01_models.ipynb #ae5c1e62
 _SUPPORTED = ("model_blocks supports: rtl_fastai `BlockNet` models (SmallCNN, PreActResNet18, WideResNet), "
-              "torchvision ResNet, VisionTransformer, ConvNeXt and EfficientNet, timm ResNet, EfficientNet, ConvNeXt and "
-              "VisionTransformer (ViT, DeiT), fastai `vision_learner` models on a torchvision ResNet or a timm model, and any "
+              "torchvision ResNet, VisionTransformer, ConvNeXt and EfficientNet, "
+              "timm ResNet, EfficientNet, ConvNeXt and VisionTransformer (ViT, DeiT), "
+              "fastai `vision_learner` models on a torchvision ResNet or a timm model, and any "
               "model whose blocks were declared with `set_blocks(model, stem=..., blocks=[...], head=..., pool=None)`")
 
 def _is_tv_resnet_body(body):
@@ -313,7 +317,8 @@ _is_fastai_resnet = _is_fastai_model  # the name `callback.transfer` imports
 
 def _fastai_timm_blocks(model):
     body, inner = model[0], _timm_blocks(model[0].model)
-    if body.needs_pool: return ModelBlocks(inner.stem, inner.blocks, model[1])  # body = forward_features; fastai's head pools
+    # body = forward_features: fastai's head pools
+    if body.needs_pool: return ModelBlocks(inner.stem, inner.blocks, model[1])
     # body = the whole timm model without classifier (ViT): its pooling and `num_classes=0` head form the pool entry
     pool = nn.Sequential(*[e for e in (inner.pool, inner.head) if e is not None])
     return ModelBlocks(inner.stem, inner.blocks, model[1], pool=pool)
@@ -359,8 +364,8 @@ def _check_partition(model, mb, who):
         what += [f"{extra} parameter tensors of the blocks are not in the model"] if extra else []
         raise ValueError(f"{who}: the blocks must hold every parameter of the model exactly once; "
                          f"parameters {'; '.join(what)}. "
-                         "Put each in one entry (parameters that are not in a submodule, like a ViT's `cls_token`, go in a "
-                         "`Stage` entry).")
+                         "Put each in one entry (parameters that are not in a submodule, like a ViT's `cls_token`, "
+                         "go in a `Stage` entry).")
 
 def set_blocks(model:nn.Module,
                stem:nn.Module,          # the first entry
@@ -384,7 +389,7 @@ def head_module(model:nn.Module) -> nn.Module:
     return model_blocks(model).head
 
 def _hooked_forward(model, x, mod, fn, pre=False) -> list:
-    "What `fn` returned at each call of a hook on `mod` (a forward pre-hook if `pre`) during `model(x)`, in eval mode without gradients"
+    "What `fn` returned at each call of a hook on `mod` (pre-hook if `pre`) in `model(x)`, eval mode, no gradients"
     out, was_training = [], model.training
     reg = mod.register_forward_pre_hook if pre else mod.register_forward_hook
     h = reg(lambda *a: out.append(fn(*a)))  # `append` returns None: the hook changes nothing
@@ -469,13 +474,14 @@ def _fastai_head_nf(head):
     pool = bool(kids) and isinstance(kids[0], (AdaptiveConcatPool2d, nn.AdaptiveAvgPool2d))
     concat = pool and isinstance(kids[0], AdaptiveConcatPool2d)
     lin = next((m for m in head.modules() if isinstance(m, nn.Linear)), None)
-    if lin is None: raise TypeError("replace_head: found no nn.Linear in the fastai head, so its input size is unknown.")
+    if lin is None:
+        raise TypeError("replace_head: found no nn.Linear in the fastai head, so its input size is unknown.")
     return (lin.in_features // 2 if concat else lin.in_features), pool, concat
 
 def swap_head(model:nn.Module, # a model `model_blocks` supports; changed in place
               new:nn.Module,   # the new head
              ) -> nn.Module:
-    "Put `new` in place of the head of `model`, on the old head's device and dtype and in its train/eval mode; returns `model`."
+    "Put `new` in place of the head of `model`, on the old head's device, dtype and train/eval mode; returns `model`."
     old = head_module(model)
     p = next(old.parameters(), None)
     if p is not None: new = new.to(device=p.device, dtype=p.dtype)
@@ -494,7 +500,7 @@ def replace_head(model:nn.Module,
                  n_out:int,     # number of target classes
                  **head_kwargs, # for `vision_learner` models: passed to fastai's `create_head` (e.g. `lin_ftrs`, `ps`)
                 ) -> nn.Module:
-    "Replace the classifier of `model` (in place) by a new randomly initialised one with `n_out` outputs; returns `model`."
+    "Replace `model`'s classifier in place by a new, randomly initialised one with `n_out` outputs; returns `model`."
     check_int(n_out, 'n_out', who='replace_head')
     old = head_module(model)
     fastai = _is_fastai_model(model) and getattr(model, 'rtl_blocks', None) is None
@@ -529,7 +535,7 @@ def n_blocks(model:nn.Module) -> int:
     return len(model_blocks(model).all)
 
 def freeze_blocks(model:nn.Module,
-                  n_frozen:int, # freeze entries [0, n_frozen) of `model_blocks(model).all`; 0 <= n_frozen <= n_blocks(model)
+                  n_frozen:int, # freeze entries [0, n_frozen) of `model_blocks(model).all` (at most `n_blocks(model)`)
                  ) -> nn.Module:
     "Set `requires_grad=False` on the first `n_frozen` blocks of `model` and `True` on the rest; returns `model`."
     entries = model_blocks(model).all

@@ -41,7 +41,8 @@ def _get_batch(learn, dl=None, batch=None):
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     y = torch.as_tensor(plain(y))
     if y.ndim != 1 or len(y) != len(x):
-        raise ValueError(f"the labels must be one class index per image, got shape {tuple(y.shape)} for {len(x)} images")
+        raise ValueError("the labels must be one class index per image, "
+                         f"got shape {tuple(y.shape)} for {len(x)} images")
     dev = _model_device(learn.model)
     return plain(x).detach().to(dev), y.to(dev).long()
 
@@ -80,9 +81,9 @@ def _delta_scale(delta, eps, norm):
     return 0.5/m if m > 0 else 1.
 
 # %% ../nbs/07_vis.ipynb #400f5f88
-def adversarial_examples(learn, # a fastai `Learner` (anything with `.model`, and `.dls` unless `batch`/`stats` are given)
+def adversarial_examples(learn, # a fastai `Learner` (or anything with `.model`, and `.dls` without `batch`/`stats`)
                          n:int=4, # number of images
-                         threat:ThreatModel|float=None, # a `ThreatModel`, or its eps in [0,1] pixel units (default 8/255)
+                         threat:ThreatModel|float=None, # a `ThreatModel`, or its eps in pixel units (default 8/255)
                          *,
                          dl=None, # a `DataLoader` to take one batch from (default `learn.dls.valid`)
                          batch:tuple=None, # or an `(x, y)` batch, x as the model receives it
@@ -97,7 +98,8 @@ def adversarial_examples(learn, # a fastai `Learner` (anything with `.model`, an
     x, y = _get_batch(learn, dl, batch)
     if idxs is None:
         if n > len(x):
-            raise ValueError(f"`n`={n} is larger than the batch ({len(x)} images): pass a smaller `n` or a bigger batch")
+            raise ValueError(f"`n`={n} is larger than the batch ({len(x)} images): "
+                             "pass a smaller `n` or a bigger batch")
         idxs = list(range(n))
     else:
         idxs = [int(i) for i in idxs]
@@ -211,8 +213,8 @@ def plot_robust_curve(data, # columns `eps`, `robust_acc` (optional `method`/`mo
                       by:str=None, # column with the name of each line; default 'method', else 'model' when present
                       x:str='eps', # column of the radii, pixel units
                       y:str='robust_acc', # column of the robust accuracies (fractions, or percents when > 1)
-                      clean:str='clean_acc', # column of the clean accuracy, drawn dotted in the line's colour when present
-                      eps_ticks:str='auto', # 'auto' (k/255 when every eps is a whole number of grey levels), '255' or 'float'
+                      clean:str='clean_acc', # column of the clean accuracy (if present: dotted, in the line's colour)
+                      eps_ticks:str='auto', # 'auto' (k/255 if all eps are whole grey levels), '255' or 'float'
                       ax=None, # matplotlib `Axes` to draw on; default a new figure
                       figsize:tuple=(5, 3.5),
                       title:str=None,
@@ -244,7 +246,7 @@ def plot_block_study(df, # a DataFrame (or dict of columns) with one row per (so
                      clean:str='clean_acc', # column: clean validation accuracy
                      robust:str='robust_acc', # column: PGD accuracy
                      by:str='source', # column naming the source of each line ('robust', 'natural'); None: one source
-                     eps:float=None, # eps of the PGD accuracy, for the legend (default: the `eps` column if it has one value)
+                     eps:float=None, # eps of the PGD accuracy, for the legend (default: the `eps` column's one value)
                      ax=None, # matplotlib `Axes` to draw on; default a new figure
                      figsize:tuple=(5.5, 3.8),
                      title:str=None,
@@ -273,7 +275,7 @@ def plot_block_study(df, # a DataFrame (or dict of columns) with one row per (so
 
 # %% ../nbs/07_vis.ipynb #1d02f1ce
 def in_notebook()->bool:
-    "True inside a Jupyter kernel (ipykernel, Colab, VS Code) that can show widgets; False in scripts, terminals, execnb"
+    "True in a Jupyter kernel (ipykernel, Colab, VS Code) that can show widgets; False in scripts, terminals, execnb"
     try: from IPython import get_ipython
     except ImportError: return False
     ip = get_ipython()
@@ -349,9 +351,9 @@ class AdversarialExplorer:
 # %% ../nbs/07_vis.ipynb #45dacc6d
 def adversarial_explorer(learn, # a fastai `Learner`
                          interactive:bool=None, # None: widgets inside Jupyter, the static figure elsewhere
-                         **kwargs, # passed to `AdversarialExplorer` (dl, batch, threat or eps/steps/norm, idx, max_eps, ...)
+                         **kwargs, # for `AdversarialExplorer` (dl, batch, threat or eps/steps/norm, idx, max_eps, ...)
                         ):
-    "ipywidgets explorer of adversarial examples (eps and steps sliders, image picker); outside Jupyter, the static figure"
+    "ipywidgets explorer of adversarial examples (eps and steps sliders, image picker); elsewhere, a static figure"
     ex = AdversarialExplorer(learn, **kwargs)
     if interactive is None: interactive = in_notebook()
     if not interactive: return ex.redraw()

@@ -47,9 +47,9 @@ def _prune_optimizer(opt, frozen_ids):
     return n
 
 class FreezeBlocks(Callback):
-    "Keep the first `n_frozen` entries of `model_blocks(model).all` frozen: no gradients, out of the optimizer, eval mode."
+    "Keep the first `n_frozen` entries of `model_blocks(model).all` frozen: no gradients, out of the optimizer, in eval"
     order = TrainEvalCallback.order + 1
-    def __init__(self, n_frozen:int): # entries of `model_blocks(model).all` to freeze (stem = 1, stem + block1 = 2, ...)
+    def __init__(self, n_frozen:int): # entries of `model_blocks(model).all` to freeze (stem: 1, + block1: 2, ...)
         self.n_frozen = check_int(n_frozen, 'n_frozen', lo=0, who='FreezeBlocks')
 
     def frozen_modules(self, model=None) -> list:

@@ -36,7 +36,8 @@ def transfer_head(n_in:int,      # number of input features (the source's penult
         if not is_int(h) or h < 1:
             raise ValueError(f"transfer_head: sizes must be positive integers, got n_in={n_in!r}, n_out={n_out!r}, "
                              f"hidden={hidden!r}.")
-    if not 0 <= p_drop < 1: raise ValueError(f"transfer_head: `p_drop` is a dropout probability in [0, 1), got {p_drop!r}.")
+    if not 0 <= p_drop < 1:
+        raise ValueError(f"transfer_head: `p_drop` is a dropout probability in [0, 1), got {p_drop!r}.")
     if not hidden: return nn.Linear(n_in, n_out)
     layers, ni = [], n_in
     for i, h in enumerate(hidden, 1):
@@ -58,8 +59,9 @@ def new_head(model:nn.Module, # a model `model_blocks` supports; changed in plac
              p_drop:float=0., # dropout after each hidden layer (fastai heads: `ps`)
             ) -> nn.Module:
     "Replace the head of `model` in place by a new random `transfer_head` (or a fastai `create_head`); returns `model`."
-    # a head that is not a Linear (ConvNeXt: norm + Linear; EfficientNet: dropout + Linear; timm's NormMlpClassifierHead)
-    # keeps its other layers: its last Linear is replaced, by a `transfer_head` when `hidden` is given
+    # a head that is not a Linear (ConvNeXt: norm + Linear; EfficientNet: dropout + Linear;
+    # timm's NormMlpClassifierHead) keeps its other layers: its last Linear is replaced,
+    # by a `transfer_head` when `hidden` is given
     old = model_blocks(model).head
     lin = _first_linear(old)
     if lin is None and _is_fastai_resnet(model) and getattr(model, 'rtl_blocks', None) is None:
@@ -80,14 +82,14 @@ def new_head(model:nn.Module, # a model `model_blocks` supports; changed in plac
     return swap_head(model, transfer_head(lin.in_features, n_out, hidden, p_drop))
 
 # %% ../../nbs/05c_callback.transfer.ipynb #000ed74d
-def transfer_learner(source,              # the source model (`nn.Module`) or a `Learner` (its model is used); it is copied
+def transfer_learner(source,              # the source model (`nn.Module`) or a `Learner` (its model); copied
                      dls:DataLoaders,      # the target task
                      n_retrain:int|str=0,  # residual blocks retrained from the end: 0 (head only) .. N, or 'all'
                      hidden=None,          # hidden layer sizes of the new head, e.g. (256,); see `new_head`
                      p_drop:float=0.,      # dropout after each hidden layer
-                     weights=None,         # a checkpoint (path, URL, registry name or dict) for the copy, before its head is replaced
+                     weights=None,         # a checkpoint (path, URL, registry name or dict), loaded before the new head
                      n_out:int=None,       # target classes (default `dls.c`)
-                     cache='auto',         # feature cache for frozen features: 'auto', True or False (see `FeatureCache`)
+                     cache='auto',         # cache the frozen features: 'auto', True or False (see `FeatureCache`)
                      cache_max_mb:float=2048., # largest feature cache, in MiB
                      loss_func=None, opt_func=Adam, lr=1e-3, metrics=None, cbs=None,
                      **kwargs,             # passed to `Learner`
@@ -95,9 +97,11 @@ def transfer_learner(source,              # the source model (`nn.Module`) or a 
     "A fastai `Learner` that retrains the last `n_retrain` blocks of a copy of `source` and a new head on `dls`."
     model = source.model if isinstance(source, Learner) else source
     if not isinstance(model, nn.Module):
-        raise TypeError(f"transfer_learner: `source` must be an nn.Module or a fastai Learner, got {type(source).__name__}.")
+        raise TypeError("transfer_learner: `source` must be an nn.Module or a fastai Learner, "
+                        f"got {type(source).__name__}.")
     model = copy.deepcopy(model)
-    if weights is not None:  # its statistics go where the model has them: its `NormalizeInput`, else `model.input_stats`
+    # the checkpoint's statistics go where the model has them: its `NormalizeInput`, else `model.input_stats`
+    if weights is not None:
         load_weights(model, weights, 'transfer_learner', norm='auto' if _norm_layer(model) is not None else 'dls')
     n_frozen = n_frozen_entries(model, n_retrain)
     if n_out is None: n_out = getattr(dls, 'c', None)
