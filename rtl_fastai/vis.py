@@ -208,6 +208,12 @@ def _acc_axis(ax, values, label):
     ax.set_ylabel(label + (' (%)' if pct else ''))
     ax.grid(alpha=0.3)
 
+def _fig_ax(ax, figsize):
+    "`(figure, axes)`: a new figure unless `ax` is given"
+    if ax is None: fig = Figure(figsize=figsize, layout='constrained'); ax = fig.subplots()
+    else: fig = ax.figure
+    return fig, ax
+
 def plot_robust_curve(data, # columns `eps`, `robust_acc` (optional `method`/`model`, `clean_acc`): a DataFrame,
                             # a dict of columns, or a dict name -> DataFrame or {eps: acc}
                       by:str=None, # column with the name of each line; default 'method', else 'model' when present
@@ -224,8 +230,7 @@ def plot_robust_curve(data, # columns `eps`, `robust_acc` (optional `method`/`mo
     _need(df, [x, y])
     if by is None: by = next((c for c in ('method', 'model') if c in df.columns), None)
     elif by not in df.columns: raise ValueError(f"`by`={by!r} is not a column of `data` ({list(df.columns)})")
-    if ax is None: fig = Figure(figsize=figsize, layout='constrained'); ax = fig.subplots()
-    else: fig = ax.figure
+    fig, ax = _fig_ax(ax, figsize)
     groups = df.groupby(by, sort=False) if by else [(None, df)]
     for name, d in groups:
         d = d.sort_values(x)
@@ -258,8 +263,7 @@ def plot_block_study(df, # a DataFrame (or dict of columns) with one row per (so
     _need(df, [x, clean, robust] + ([by] if by else []), 'df')
     if eps is None and 'eps' in df.columns and df['eps'].nunique() == 1: eps = float(df['eps'].iloc[0])
     if eps is not None: check_number(eps, 'eps', lo=0, hi=1, fix="give it in [0,1] pixel units, e.g. 8/255")
-    if ax is None: fig = Figure(figsize=figsize, layout='constrained'); ax = fig.subplots()
-    else: fig = ax.figure
+    fig, ax = _fig_ax(ax, figsize)
     pgd = 'PGD' + (f" (eps {_eps_label(eps)})" if eps is not None else '')
     for i, (name, d) in enumerate(df.groupby(by, sort=False) if by else [(None, df)]):
         d, col = d.sort_values(x), f"C{i}"
