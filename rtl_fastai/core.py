@@ -117,7 +117,8 @@ def normalize_stats(obj, # `DataLoaders`/`DataLoader`, a `Normalize`, a `(mean, 
     if isinstance(obj, NormalizeInput): return obj.mean.clone(), obj.std.clone()
     if isinstance(obj, Normalize):
         if obj.mean is None or obj.std is None:
-            raise ValueError("normalize_stats: this Normalize has no mean/std yet; set it up first (e.g. Normalize.from_stats)")
+            raise ValueError("normalize_stats: this Normalize has no mean/std yet; "
+                             "set it up first (e.g. Normalize.from_stats)")
         return normalize_stats((obj.mean, obj.std))
     if isinstance(obj, (DataLoaders, TfmdDL)) or hasattr(obj, 'after_batch'):
         n = _find_normalize(obj)
@@ -180,7 +181,7 @@ def _norm_layer(model):
     return next((m for m in model.modules() if isinstance(m, NormalizeInput)), None)
 
 def input_stats(model:nn.Module)->tuple|None:
-    "`(mean, std)` (1,C,1,1) the inputs of `model` are normalized with: its `NormalizeInput`, else `model.input_stats`, else None"
+    "`(mean, std)` (1,C,1,1) of the inputs of `model`: its `NormalizeInput`, else `model.input_stats`, else None"
     n = _norm_layer(model)
     if n is not None: return normalize_stats(n)
     st = getattr(_unwrap(model), 'input_stats', None)
@@ -204,7 +205,10 @@ def add_input_norm(model:nn.Module, # any model; changed in place
 # %% ../nbs/00_core.ipynb #38d11b2b
 _WARNED = weakref.WeakKeyDictionary()  # model -> {(id(dls), kind)}: warn once per pair
 
-def _fmt_stats(st): return 'none' if st is None else f"mean={[round(v, 4) for v in st[0].flatten().tolist()]}, std={[round(v, 4) for v in st[1].flatten().tolist()]}"
+def _fmt_stats(st):
+    if st is None: return 'none'
+    mean, std = ([round(v, 4) for v in t.flatten().tolist()] for t in st)
+    return f"mean={mean}, std={std}"
 
 def _in_channels(model):
     c = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
@@ -233,17 +237,20 @@ def check_normalization(model:nn.Module, # the model the inputs go to
     if exp is None: return None
     fix_dls = f"`batch_tfms=Normalize.from_stats(*input_stats(model))` in the DataLoaders"
     if layer is not None and got is not None:
-        kind, msg = 'twice', (f"the inputs are normalized twice: the model normalizes inside (NormalizeInput, {_fmt_stats(exp)}) "
-                              f"and the `dls` normalize too ({_fmt_stats(got)}). Remove `Normalize` from the DataLoaders' "
-                              "`batch_tfms`, or take the layer out of the model (load with `norm='dls'`)")
+        kind, msg = 'twice', ("the inputs are normalized twice: the model normalizes inside "
+                              f"(NormalizeInput, {_fmt_stats(exp)}) and the `dls` normalize too ({_fmt_stats(got)}). "
+                              "Remove `Normalize` from the DataLoaders' `batch_tfms`, "
+                              "or take the layer out of the model (load with `norm='dls'`)")
     elif layer is None and got is None:
-        kind, msg = 'missing', (f"the model expects inputs normalized with {_fmt_stats(exp)} but the `dls` do not normalize. "
-                                f"Add {fix_dls}, or normalize inside the model with `add_input_norm(model, input_stats(model))` "
+        kind, msg = 'missing', (f"the model expects inputs normalized with {_fmt_stats(exp)} "
+                                "but the `dls` do not normalize. "
+                                f"Add {fix_dls}, or normalize inside the model with "
+                                "`add_input_norm(model, input_stats(model))` "
                                 "(or `load_robust_checkpoint(..., norm='model')`)")
     elif layer is None and not (torch.allclose(got[0], exp[0], atol=1e-4)
                                 and torch.allclose(got[1], exp[1], atol=1e-4)):
-        kind, msg = 'other', (f"the model expects inputs normalized with {_fmt_stats(exp)} but the `dls` normalize with "
-                              f"{_fmt_stats(got)}. Use {fix_dls}")
+        kind, msg = 'other', (f"the model expects inputs normalized with {_fmt_stats(exp)} "
+                              f"but the `dls` normalize with {_fmt_stats(got)}. Use {fix_dls}")
     else: return None
     seen = _WARNED.setdefault(model, set())
     if (id(dls), kind) not in seen:

@@ -64,7 +64,8 @@ _ROBUSTBENCH = (
     ('Salman2020Do_R50', 'resnet50', '1TmT5oGa1UvVjM3d-XeSj_XmKqBNRUg8r', _SALMAN, ''),
     ('Salman2020Do_50_2', 'wide_resnet50_2', '1OT7xaQYljrTr3vGbM37xK9SPoPJvbSKB', _SALMAN, ''),
     ('Engstrom2019Robustness', 'resnet50', '1T2Fvi1eCJTeAOEzrH_4TAIwO8HTOYVyn',
-     "Logan Engstrom, Andrew Ilyas, Hadi Salman, Shibani Santurkar, Dimitris Tsipras. Robustness (Python library), 2019", ''),
+     "Logan Engstrom, Andrew Ilyas, Hadi Salman, Shibani Santurkar, Dimitris Tsipras. "
+     "Robustness (Python library), 2019", ''),
     ('Wong2020Fast', 'resnet50', '1deM2ZNS5tf3S_-eRURJi-IlvUL8WJQ_w',
      "Eric Wong, Leslie Rice, J. Zico Kolter. Fast is better than free: Revisiting adversarial training. ICLR 2020",
      'RobustBench evaluates it on 288x288 crops'),
@@ -80,8 +81,9 @@ def _registry():
         reg[name] = RobustModelInfo(name, arch, IMAGENET_STATS, 'Linf', 4/255, _gdrive(gid), 'robustbench', cite,
                                     filename=f"{name}.pt", note=note)
     reg['Standard_R50'] = RobustModelInfo(
-        'Standard_R50', 'resnet50', IMAGENET_STATS, None, 0., 'https://download.pytorch.org/models/resnet50-0676ba61.pth',
-        'state_dict', "Kaiming He, Xiangyu Zhang, Shaoqing Ren, Jian Sun. Deep Residual Learning for Image Recognition. "
+        'Standard_R50', 'resnet50', IMAGENET_STATS, None, 0.,
+        'https://download.pytorch.org/models/resnet50-0676ba61.pth', 'state_dict',
+        "Kaiming He, Xiangyu Zhang, Shaoqing Ren, Jian Sun. Deep Residual Learning for Image Recognition. "
         "CVPR 2016 (torchvision's IMAGENET1K_V1 weights, RobustBench's Standard_R50)", sha256='0676ba61')
     return reg
 
@@ -101,7 +103,8 @@ def robust_model_info(name:str, # a registry name, e.g. 'resnet50_l2_eps3' or 'S
                      )->RobustModelInfo:
     "The registry entry `name` (exact, else case-insensitive, a trailing `.ckpt` allowed)"
     if isinstance(name, RobustModelInfo): return name
-    if not isinstance(name, str): raise TypeError(f"robust_model_info: `name` must be a string, got {type(name).__name__}")
+    if not isinstance(name, str):
+        raise TypeError(f"robust_model_info: `name` must be a string, got {type(name).__name__}")
     if name in ROBUST_MODELS: return ROBUST_MODELS[name]
     low = {n.lower(): n for n in ROBUST_MODELS}
     key = name.lower().removesuffix('.ckpt')

@@ -41,7 +41,8 @@ def _get_batch(learn, dl=None, batch=None):
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     y = torch.as_tensor(plain(y))
     if y.ndim != 1 or len(y) != len(x):
-        raise ValueError(f"the labels must be one class index per image, got shape {tuple(y.shape)} for {len(x)} images")
+        raise ValueError("the labels must be one class index per image, "
+                         f"got shape {tuple(y.shape)} for {len(x)} images")
     dev = _model_device(learn.model)
     return plain(x).detach().to(dev), y.to(dev).long()
 
@@ -80,9 +81,9 @@ def _delta_scale(delta, eps, norm):
     return 0.5/m if m > 0 else 1.
 
 # %% ../nbs/07_vis.ipynb #400f5f88
-def adversarial_examples(learn, # a fastai `Learner` (anything with `.model`, and `.dls` unless `batch`/`stats` are given)
+def adversarial_examples(learn, # a fastai `Learner` (or anything with `.model`, and `.dls` without `batch`/`stats`)
                          n:int=4, # number of images
-                         threat:ThreatModel|float=None, # a `ThreatModel`, or its eps in [0,1] pixel units (default 8/255)
+                         threat:ThreatModel|float=None, # a `ThreatModel`, or its eps in pixel units (default 8/255)
                          *,
                          dl=None, # a `DataLoader` to take one batch from (default `learn.dls.valid`)
                          batch:tuple=None, # or an `(x, y)` batch, x as the model receives it
@@ -97,7 +98,8 @@ def adversarial_examples(learn, # a fastai `Learner` (anything with `.model`, an
     x, y = _get_batch(learn, dl, batch)
     if idxs is None:
         if n > len(x):
-            raise ValueError(f"`n`={n} is larger than the batch ({len(x)} images): pass a smaller `n` or a bigger batch")
+            raise ValueError(f"`n`={n} is larger than the batch ({len(x)} images): "
+                             "pass a smaller `n` or a bigger batch")
         idxs = list(range(n))
     else:
         idxs = [int(i) for i in idxs]
@@ -206,13 +208,19 @@ def _acc_axis(ax, values, label):
     ax.set_ylabel(label + (' (%)' if pct else ''))
     ax.grid(alpha=0.3)
 
+def _fig_ax(ax, figsize):
+    "`(figure, axes)`: a new figure unless `ax` is given"
+    if ax is None: fig = Figure(figsize=figsize, layout='constrained'); ax = fig.subplots()
+    else: fig = ax.figure
+    return fig, ax
+
 def plot_robust_curve(data, # columns `eps`, `robust_acc` (optional `method`/`model`, `clean_acc`): a DataFrame,
                             # a dict of columns, or a dict name -> DataFrame or {eps: acc}
                       by:str=None, # column with the name of each line; default 'method', else 'model' when present
                       x:str='eps', # column of the radii, pixel units
                       y:str='robust_acc', # column of the robust accuracies (fractions, or percents when > 1)
-                      clean:str='clean_acc', # column of the clean accuracy, drawn dotted in the line's colour when present
-                      eps_ticks:str='auto', # 'auto' (k/255 when every eps is a whole number of grey levels), '255' or 'float'
+                      clean:str='clean_acc', # column of the clean accuracy (if present: dotted, in the line's colour)
+                      eps_ticks:str='auto', # 'auto' (k/255 if all eps are whole grey levels), '255' or 'float'
                       ax=None, # matplotlib `Axes` to draw on; default a new figure
                       figsize:tuple=(5, 3.5),
                       title:str=None,
@@ -222,8 +230,7 @@ def plot_robust_curve(data, # columns `eps`, `robust_acc` (optional `method`/`mo
     _need(df, [x, y])
     if by is None: by = next((c for c in ('method', 'model') if c in df.columns), None)
     elif by not in df.columns: raise ValueError(f"`by`={by!r} is not a column of `data` ({list(df.columns)})")
-    if ax is None: fig = Figure(figsize=figsize, layout='constrained'); ax = fig.subplots()
-    else: fig = ax.figure
+    fig, ax = _fig_ax(ax, figsize)
     groups = df.groupby(by, sort=False) if by else [(None, df)]
     for name, d in groups:
         d = d.sort_values(x)
@@ -244,7 +251,7 @@ def plot_block_study(df, # a DataFrame (or dict of columns) with one row per (so
                      clean:str='clean_acc', # column: clean validation accuracy
                      robust:str='robust_acc', # column: PGD accuracy
                      by:str='source', # column naming the source of each line ('robust', 'natural'); None: one source
-                     eps:float=None, # eps of the PGD accuracy, for the legend (default: the `eps` column if it has one value)
+                     eps:float=None, # eps of the PGD accuracy, for the legend (default: the `eps` column's one value)
                      ax=None, # matplotlib `Axes` to draw on; default a new figure
                      figsize:tuple=(5.5, 3.8),
                      title:str=None,
@@ -256,8 +263,7 @@ def plot_block_study(df, # a DataFrame (or dict of columns) with one row per (so
     _need(df, [x, clean, robust] + ([by] if by else []), 'df')
     if eps is None and 'eps' in df.columns and df['eps'].nunique() == 1: eps = float(df['eps'].iloc[0])
     if eps is not None: check_number(eps, 'eps', lo=0, hi=1, fix="give it in [0,1] pixel units, e.g. 8/255")
-    if ax is None: fig = Figure(figsize=figsize, layout='constrained'); ax = fig.subplots()
-    else: fig = ax.figure
+    fig, ax = _fig_ax(ax, figsize)
     pgd = 'PGD' + (f" (eps {_eps_label(eps)})" if eps is not None else '')
     for i, (name, d) in enumerate(df.groupby(by, sort=False) if by else [(None, df)]):
         d, col = d.sort_values(x), f"C{i}"
@@ -273,7 +279,7 @@ def plot_block_study(df, # a DataFrame (or dict of columns) with one row per (so
 
 # %% ../nbs/07_vis.ipynb #1d02f1ce
 def in_notebook()->bool:
-    "True inside a Jupyter kernel (ipykernel, Colab, VS Code) that can show widgets; False in scripts, terminals, execnb"
+    "True in a Jupyter kernel (ipykernel, Colab, VS Code) that can show widgets; False in scripts, terminals, execnb"
     try: from IPython import get_ipython
     except ImportError: return False
     ip = get_ipython()
@@ -349,9 +355,9 @@ class AdversarialExplorer:
 # %% ../nbs/07_vis.ipynb #45dacc6d
 def adversarial_explorer(learn, # a fastai `Learner`
                          interactive:bool=None, # None: widgets inside Jupyter, the static figure elsewhere
-                         **kwargs, # passed to `AdversarialExplorer` (dl, batch, threat or eps/steps/norm, idx, max_eps, ...)
+                         **kwargs, # for `AdversarialExplorer` (dl, batch, threat or eps/steps/norm, idx, max_eps, ...)
                         ):
-    "ipywidgets explorer of adversarial examples (eps and steps sliders, image picker); outside Jupyter, the static figure"
+    "ipywidgets explorer of adversarial examples (eps and steps sliders, image picker); elsewhere, a static figure"
     ex = AdversarialExplorer(learn, **kwargs)
     if interactive is None: interactive = in_notebook()
     if not interactive: return ex.redraw()

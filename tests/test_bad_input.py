@@ -5,14 +5,13 @@ message names the parameter (or the file) and the fix. Every row runs with the w
 "user files" (checkpoints, data archives, earlier results): the test also checks that no file there was changed,
 removed or added.
 """
-import contextlib, hashlib, io, os, re
+import contextlib, hashlib, io, re
 from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
 from fastai.learner import Learner
-from fastai.callback.core import Callback
-from rtl_fastai.data.all import (task_dls, load_dataset, load_digits_data, select_classes, subsample, subsample_valid, normalize_stats,
+from rtl_fastai.data.all import (task_dls, load_dataset, load_digits_data, select_classes, subsample_valid, normalize_stats,
                              find_data, ArrayData, check_image_folder, folder_dls, make_image_folder)
 from fastai.vision.core import PILImageBW
 from rtl_fastai.models import SmallCNN, WideResNet, replace_head, freeze_blocks, model_blocks, set_blocks, penultimate
@@ -24,7 +23,6 @@ from rtl_fastai.callback.adv_valid import RobustAccuracy, robust_accuracy_curve
 from rtl_fastai.callback.adv_train import PGDTraining, FreeAdvTraining, FastAdvTraining, TRADESTraining
 from rtl_fastai.callback.transfer import transfer_learner, transfer_head
 from rtl_fastai.callback.freeze import FreezeBlocks
-from rtl_fastai.callback.feature_cache import FeatureCache
 from rtl_fastai.callback.distill import FeatureDistillation
 from rtl_fastai.pipeline import make_model, next_run_dir, run_pipeline
 from rtl_fastai.cli import main as cli_main

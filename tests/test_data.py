@@ -1,5 +1,5 @@
 "Tests of `rtl_fastai.data` (`external`, `arrays`, `loaders`): data paths, cache, class selection, stats and `task_dls`."
-import os, tarfile
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +9,7 @@ from PIL import Image
 from fastai.data.transforms import Normalize
 
 import rtl_fastai.data.external as external
-from rtl_fastai.data.all import (ArrayData, LAYOUTS, load_dataset, load_digits_data, load_image_data, find_data,
+from rtl_fastai.data.all import (LAYOUTS, load_dataset, load_digits_data, find_data,
                              default_split, select_classes, subsample, normalize_stats, task_dls, cache_dir)
 
 ORIG_SHARED = external._shared_candidates  # before the fixture patches it

@@ -1,6 +1,6 @@
 """Tests of `rtl_fastai.data.folder`: the user's own image folder (`check_image_folder`, `folder_dls`) and the small
 folders written for tests and tutorials (`make_image_folder`, `save_image_folder`); `random_tfms` on fastai's `Resize`."""
-import re, shutil, warnings
+import re, shutil
 from collections import Counter
 
 import pytest

@@ -6,11 +6,10 @@ BatchNorm buffers of frozen blocks and the source copy of `FeatureDistillation` 
 the middle of an epoch leaves the Learner usable and our callbacks removable. `export`/`load_learner` round-trips
 with our callbacks attached, and `SaveModelCallback` + `load` resume training.
 """
-import copy
 import pytest
 import torch
 from fastai.learner import Learner, load_learner
-from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.core import Callback
 from fastai.callback.tracker import SaveModelCallback
 from fastai.metrics import accuracy
 from rtl_fastai.data.all import task_dls

@@ -30,7 +30,8 @@ def batch_idxs(dl,            # a fastai `DataLoader` being iterated
     out = torch.as_tensor(idxs[i*bs : i*bs + n], dtype=torch.long)
     if len(out) != n:
         raise RuntimeError(f"batch_idxs: batch {i} has {n} items but the epoch's index list holds {len(out)} for it "
-                           f"(batch size {bs}, {len(idxs)} indices): this DataLoader does not batch consecutive chunks.")
+                           f"(batch size {bs}, {len(idxs)} indices): "
+                           "this DataLoader does not batch consecutive chunks.")
     return out
 
 def batch_items(learn) -> torch.Tensor:

@@ -83,7 +83,8 @@ def task_dls(data='digits',        # 'digits', 'mnist', 'cifar10', a path (see `
     n_cls = len(d.y_train.unique())
     if n_cls < 2:
         raise ValueError(f"task_dls: the training set has {d.n_train} examples of {n_cls} class(es) ({d!r}); "
-                         f"a classifier needs examples of at least 2 classes: check `data`, `classes` and `n_per_class`")
+                         "a classifier needs examples of at least 2 classes: "
+                         "check `data`, `classes` and `n_per_class`")
     val_bs = val_bs or 2*bs
     tfms = [IntToFloatTensor()] if d.x_train.dtype == torch.uint8 else []
     if augment:
