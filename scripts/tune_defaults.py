@@ -7,8 +7,12 @@ paper's findings on the target classes (head-only transfer from both sources, fi
 distillation for each lam, and in the low-data regime transfer against PGD-7 AT from scratch with the same number of
 optimizer steps), each evaluated with PGD-20 (step eps/4, seeded) on the validation split. Prints (clean %, PGD %, s).
 
-    OMP_NUM_THREADS=1 nice python scripts/tune_defaults.py --data mnist --eps 0.2 --widths 16,32 --src-n 500 \\
-        --tgt-n 200 --val-n 50 --src-epochs 8 --tgt-epochs 8 --head-epochs 30 --head-lr 3e-2 --low-n 10,20 --lams 0.03,0.1
+    OMP_NUM_THREADS=1 nice python scripts/tune_defaults.py --data mnist --eps 0.2 --widths 16,32 --src-n 1000 \\
+        --tgt-n 200 --val-n 50 --src-epochs 8 --tgt-epochs 8 --head-epochs 30 --bs 64 --head-lr 3e-2 --low-steps 150 \\
+        --parts head,low,ft --low-n 10 --low-retrain 0,1 --lams 0.03,0.1 --warm 2
+
+(the run behind the chosen defaults; the other rows of the table in nbs/08_pipeline.ipynb change --eps, --src-n,
+--src-epochs, --lams, --low-n)
 """
 import argparse, time, json, os
 import torch
