@@ -18,11 +18,9 @@ import argparse, time, sys, warnings
 import torch
 from fastai.learner import Learner
 from fastai.metrics import accuracy
-import fastai.callback.schedule, fastai.callback.progress  # fit_one_cycle, no_bar
 from _timers import EpochTimer
 from rtl_fastai.data.all import load_dataset, select_classes, subsample, default_split, task_dls, ArrayData
-from rtl_fastai.models import SmallCNN, PreActResNet18
-from rtl_fastai.attacks import robust_eval_batch
+from rtl_fastai.experiment import make_model, fit_quietly, evaluate
 from rtl_fastai.callback.adv_train import PGDTraining, FreeAdvTraining, FastAdvTraining, TRADESTraining
 
 def make_dls(args):
@@ -35,17 +33,10 @@ def make_dls(args):
         d = ArrayData(d.x_train, d.y_train, d.x_valid[keep], d.y_valid[keep], d.classes, d.name)
     return task_dls(d, bs=args.bs, augment=args.data == 'cifar10', seed=0)
 
-def make_model(args, dls):
+def new_model(args, dls):
     torch.manual_seed(args.seed)
-    if args.data == 'cifar10': return PreActResNet18(n_in=3, n_out=dls.c, width=args.width)
-    return SmallCNN(n_in=dls.one_batch()[0].shape[1], n_out=dls.c)
-
-def evaluate(model, dls, eps, steps=20):
-    c, r = [], []
-    for xb, yb in dls.valid:
-        cc, rr = robust_eval_batch(model, xb, yb, eps=eps, steps=steps, alpha=2.5*eps/steps, stats=dls)
-        c.append(cc); r.append(rr)
-    return torch.cat(c).float().mean().item(), torch.cat(r).float().mean().item()
+    if args.data == 'cifar10': return make_model('preact18', 3, dls.c, width=args.width)
+    return make_model('smallcnn', dls.one_batch()[0].shape[1], dls.c)
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,12 +72,14 @@ def main():
     rows = []
     for k in args.methods.split(','):
         cb, ep = methods[k]
-        learn = Learner(dls, make_model(args, dls), metrics=accuracy)
+        learn = Learner(dls, new_model(args, dls), metrics=accuracy)
         timer = EpochTimer()
         extra = cb()
         cbs = [timer] + ([extra] if extra is not None else [])
-        with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(ep, lr, cbs=cbs)
-        t0 = time.perf_counter(); clean, rob = evaluate(learn.model, dls, eps); t_eval = time.perf_counter() - t0
+        fit_quietly(learn, ep, lr, cbs)
+        t0 = time.perf_counter()
+        r = evaluate(learn, eps, steps=20, alpha=2.5*eps/20)  # PGD-20, step 2.5*eps/steps
+        clean, rob, t_eval = r['clean_acc'], r['pgd_acc'], time.perf_counter() - t0
         row = dict(name=names[k], epochs=ep, per_epoch=sum(timer.times)/len(timer.times), total=sum(timer.times),
                    steps=len(learn.recorder.lrs), clean=clean, robust=rob)
         rows.append(row)

@@ -12,7 +12,6 @@ import pandas as pd
 import torch
 from torch import nn
 import torchvision
-from fastcore.script import anno_parser
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from .core import (is_int, check_int, check_number, eps_str, normalize_stats, input_stats, add_input_norm,
@@ -28,10 +27,12 @@ from .callback.feature_cache import FeatureCache
 from .callback.transfer import transfer_learner
 from .callback.distill import FeatureDistillation
 from .callback.adv_valid import robust_validate, robust_accuracy_curve
-from .pipeline import ALPHA_RATIO, next_run_dir, format_table, save_results
+from .experiment import ALPHA_RATIO
+from .pipeline import next_run_dir, save_run
+from .vis import plot_robust_curve
 
 # %% auto #0
-__all__ = ['parse_eps', 'parse_n_retrain', 'parse_stats', 'build_arch', 'load_source', 'transfer_job', 'main']
+__all__ = ['parse_eps', 'parse_n_retrain', 'parse_stats', 'build_arch', 'load_source', 'transfer_job', 'run_transfer_job']
 
 # %% ../nbs/08b_job.ipynb #b9716b3b
 def parse_eps(eps, # a radius in [0,1] pixel units: a number, or text such as '4/255' or '0.0157'
@@ -296,6 +297,13 @@ def _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha
                 model=model, desc=desc, dls=dls)
 
 # %% ../nbs/08b_job.ipynb #5536f0c5
+def _table(res):
+    "The job's results as text, accuracies in percent."
+    df = res.copy()
+    for k in ('clean_acc', 'pgd_acc'): df[k] = df[k].map(lambda v: f"{100*v:6.2f}%")
+    df['seconds'] = df['seconds'].map(lambda v: f"{v:7.1f}")
+    return df.to_string(index=False)
+
 def _hist(learn):
     names = [n for n in learn.recorder.metric_names[1:-1]]
     return [dict(epoch=i, **{n: (float(v) if v is not None else None) for n, v in zip(names, vals)})
@@ -384,27 +392,23 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
                     history=_hist(learn), feature_cache=None if fc is None else fc.reason,
                     train_seconds=train_s, eval_seconds=eval_s, total_seconds=time.time() - t0)
         run_dir = next_run_dir(out)
-        paths = save_results(run_dir, res, crv, info, settings)
+        fig = None if crv is None else plot_robust_curve(crv.drop(columns=['clean_acc'], errors='ignore'),
+                                                   title=f'{tm.name} on {summary.n_valid} validation images')
+        paths = save_run(run_dir, res, dict(settings=settings, sources=info), crv, fig)
         learn.export(run_dir.resolve()/'export.pkl')
         paths['export'] = run_dir/'export.pkl'
         if not quiet:
-            print(f"\n{format_table(res)}\n\nwrote {run_dir}/: " + ', '.join(p.name for p in paths.values()), flush=True)
+            print(f"\n{_table(res)}\n\nwrote {run_dir}/: " + ', '.join(p.name for p in paths.values()), flush=True)
         return dict(clean_acc=r['clean_acc'], pgd_acc=r['robust_acc'], attack=r['attack'], n=r['n'], results=res, curve=crv,
                     run_dir=run_dir, paths=paths, source=j['desc'], learn=learn)
     finally: torch.set_num_threads(old_threads)
 
 # %% ../nbs/08b_job.ipynb #11ebd013
-def main(argv:list=None, # the arguments (default `sys.argv[1:]`)
-        ):
-    "Run `transfer_job` from the command line: `python -m rtl_fastai.job DATA --source NAME --n_retrain all --lam 5e-3 ...`"
-    p = anno_parser(transfer_job, prog='rtl-fastai transfer')
-    args = vars(p.parse_args(argv))
-    for k in ('pdb', 'xtra'): args.pop(k, None)
-    try: transfer_job(**args)
+def run_transfer_job(**kwargs):
+    "`transfer_job(**kwargs)` for a command line: a bad input exits with its message alone (no traceback)."
+    try: transfer_job(**kwargs)
     except Exception as e:
         if getattr(e, 'bad_input', False): sys.exit(f"rtl-fastai transfer: {e}")
         raise
     return 0
 
-# %% ../nbs/08b_job.ipynb #db07cb16
-if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

@@ -18,21 +18,17 @@ import torch
 from fastai.vision.all import Learner, accuracy, set_seed
 from rtl_fastai.data.all import load_dataset, select_classes, subsample, subsample_valid, default_split, task_dls
 from rtl_fastai.models import PreActResNet18
-from rtl_fastai.callback.adv_train import FastAdvTraining, PGDTraining
-from rtl_fastai.callback.adv_valid import RobustAccuracy  # noqa: F401  (registers Learner.robust_validate)
+from rtl_fastai.callback.adv_train import PGDTraining
 from rtl_fastai.callback.transfer import transfer_learner
 from rtl_fastai.callback.distill import FeatureDistillation
+from rtl_fastai.experiment import fit_quietly, evaluate, train_source
 
 EPS = 8/255
 
-def fit(learn, epochs, lr, cbs=()):
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr, cbs=list(cbs))
-    return learn
-
-def evaluate(learn, seed=0):
-    set_seed(seed, reproducible=True)
-    r = learn.robust_validate(eps=EPS, steps=20, alpha=2/255, show_progress=False)
-    return dict(clean_acc=round(r['clean_acc'], 4), pgd_acc=round(r['robust_acc'], 4), n_valid=r['n'])
+def score(learn):
+    "Clean and PGD-20 accuracy (step 2/255, seeded random start) on the validation subset, rounded."
+    r = evaluate(learn, EPS, steps=20, alpha=2/255, seed=0)
+    return dict(clean_acc=round(r['clean_acc'], 4), pgd_acc=round(r['pgd_acc'], 4), n_valid=r['n'])
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -66,19 +62,22 @@ def main():
     src_dls = task_dls(src_d, bs=a.bs, seed=0)
     tgt_dls = task_dls(tgt_d, bs=a.bs, seed=0)
     parts = a.parts.split(',')
+    def net(n_out): return PreActResNet18(n_out=n_out, width=a.width)
     srcs = {}
     for kind in ('natural', 'robust'):
         fn = out/f'source_{kind}_w{a.width}.pth'
-        set_seed(0, reproducible=True)
-        learn = Learner(src_dls, PreActResNet18(n_out=src_dls.c, width=a.width), metrics=accuracy)
-        if fn.exists(): learn.model.load_state_dict(torch.load(fn, weights_only=True)); log('loaded', fn)
+        if fn.exists():
+            set_seed(0, reproducible=True)
+            learn = Learner(src_dls, net(src_dls.c), metrics=accuracy)
+            learn.model.load_state_dict(torch.load(fn, weights_only=True)); log('loaded', fn)
         else:
             log(f'training {kind} source')
-            t = time.time(); fit(learn, a.src_epochs, 3e-3, [FastAdvTraining(EPS)] if kind == 'robust' else [])
+            t = time.time()
+            learn = train_source(src_dls, net, a.src_epochs, 3e-3, eps=EPS if kind == 'robust' else None, adv='fast')
             torch.save(learn.model.state_dict(), fn)
             res.setdefault('sources', {})[kind] = dict(seconds=round(time.time()-t, 1))
         if 'sources' in parts or kind not in res.get('sources', {}) or 'clean_acc' not in res['sources'][kind]:
-            res.setdefault('sources', {}).setdefault(kind, {}).update(evaluate(learn)); save()
+            res.setdefault('sources', {}).setdefault(kind, {}).update(score(learn)); save()
         log(kind, res['sources'][kind]); srcs[kind] = learn.model
 
     if 'blocks' in parts:
@@ -86,8 +85,8 @@ def main():
         for kind, m in srcs.items():
             for nr in (0, 1, 2, 'all'):
                 set_seed(0, reproducible=True); t = time.time()
-                l = fit(transfer_learner(m, tgt_dls, n_retrain=nr, metrics=accuracy), a.tgt_epochs, 3e-3)
-                rows.append(dict(source=kind, n_retrain=str(nr), seconds=round(time.time()-t, 1), **evaluate(l)))
+                l = fit_quietly(transfer_learner(m, tgt_dls, n_retrain=nr, metrics=accuracy), a.tgt_epochs, 3e-3)
+                rows.append(dict(source=kind, n_retrain=str(nr), seconds=round(time.time()-t, 1), **score(l)))
                 log(rows[-1]); res['blocks'] = rows; save()
 
     if 'distill' in parts:
@@ -95,8 +94,8 @@ def main():
         for lam in [float(x) for x in a.lams.split(',')]:
             set_seed(0, reproducible=True); t = time.time()
             l = transfer_learner(srcs['robust'], tgt_dls, n_retrain='all', metrics=accuracy)
-            fit(l, a.tgt_epochs, 3e-3, [FeatureDistillation(srcs['robust'], lam=lam, warmup_epochs=1)])
-            rows.append(dict(lam=lam, seconds=round(time.time()-t, 1), **evaluate(l)))
+            fit_quietly(l, a.tgt_epochs, 3e-3, [FeatureDistillation(srcs['robust'], lam=lam, warmup_epochs=1)])
+            rows.append(dict(lam=lam, seconds=round(time.time()-t, 1), **score(l)))
             log(rows[-1]); res['distill'] = rows; save()
 
     if 'lowdata' in parts:
@@ -108,12 +107,13 @@ def main():
             dls_n = task_dls(subsample(tgt_full, n), bs=bs, seed=0)
             ep = max(1, round(a.low_steps / len(dls_n.train)))
             set_seed(0, reproducible=True); t = time.time()
-            l = fit(transfer_learner(srcs['robust'], dls_n, n_retrain=0, metrics=accuracy), ep, 3e-3)
-            rows.append(dict(n_per_class=n, method='robust source, frozen (head only)', epochs=ep, seconds=round(time.time()-t, 1), **evaluate(l)))
+            l = fit_quietly(transfer_learner(srcs['robust'], dls_n, n_retrain=0, metrics=accuracy), ep, 3e-3)
+            rows.append(dict(n_per_class=n, method='robust source, frozen (head only)', epochs=ep,
+                             seconds=round(time.time()-t, 1), **score(l)))
             log(rows[-1])
-            set_seed(0, reproducible=True); t = time.time()
-            l = fit(Learner(dls_n, PreActResNet18(n_out=dls_n.c, width=a.width), metrics=accuracy), ep, 3e-3, [PGDTraining(EPS, steps=7, alpha=2/255)])
-            rows.append(dict(n_per_class=n, method='PGD-7 AT from scratch', epochs=ep, seconds=round(time.time()-t, 1), **evaluate(l)))
+            t = time.time()
+            l = train_source(dls_n, net, ep, 3e-3, eps=EPS, steps=7, alpha=2/255)  # PGD-7 AT from scratch, seed 0
+            rows.append(dict(n_per_class=n, method='PGD-7 AT from scratch', epochs=ep, seconds=round(time.time()-t, 1), **score(l)))
             log(rows[-1]); res['lowdata'] = rows; save()
 
     if 'gen' in parts:
@@ -126,9 +126,9 @@ def main():
         for lam in (None, a.gen_lam):
             set_seed(0, reproducible=True); t = time.time()
             cbs = [PGDTraining(EPS, steps=7, alpha=2/255)] + ([] if lam is None else [FeatureDistillation(srcs['robust'], lam=lam)])
-            l = fit(Learner(dls_n, PreActResNet18(n_out=dls_n.c, width=a.width), metrics=accuracy), ep, 3e-3, cbs)
+            l = fit_quietly(Learner(dls_n, net(dls_n.c), metrics=accuracy), ep, 3e-3, cbs)
             rows.append(dict(n_per_class=n, method='PGD-7 AT' + ('' if lam is None else f' + distillation (lam={lam:g})'),
-                             epochs=ep, seconds=round(time.time()-t, 1), **evaluate(l)))
+                             epochs=ep, seconds=round(time.time()-t, 1), **score(l)))
             log(rows[-1]); res['gen'] = rows; save()
 
     import pandas as pd

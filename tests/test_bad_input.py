@@ -26,7 +26,7 @@ from rtl_fastai.callback.freeze import FreezeBlocks
 from rtl_fastai.callback.distill import FeatureDistillation
 from rtl_fastai.pipeline import make_model, next_run_dir, run_pipeline
 from rtl_fastai.cli import main as cli_main
-from rtl_fastai.job import transfer_job, main as job_main
+from rtl_fastai.job import transfer_job
 from rtl_fastai.report import autoattack_evaluate, square_evaluate
 
 torch.set_num_threads(1)
@@ -206,7 +206,7 @@ def _job_cli(*args):
     "`rtl-fastai transfer` (the job's `main`); its exit with a message becomes a ValueError carrying it."
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        try: job_main(list(args))
+        try: cli_main(['transfer', *args])
         except SystemExit as e:
             if e.code not in (0, None): raise ValueError(f"exit {e.code}: {err.getvalue()}{'' if isinstance(e.code, int) else e.code}") from None
 

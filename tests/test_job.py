@@ -9,7 +9,11 @@ from fastai.learner import load_learner
 from rtl_fastai.data.folder import make_image_folder
 from rtl_fastai.hub import IMAGENET_STATS
 from rtl_fastai.core import input_stats
-from rtl_fastai.job import transfer_job, main, load_source
+from rtl_fastai.job import transfer_job, load_source
+from rtl_fastai.cli import main as cli_main
+
+
+def main(argv): return cli_main(['transfer', *argv])
 
 torch.set_num_threads(1)
 
@@ -162,5 +166,5 @@ def test_command_line(files, capsys):
 
 
 def test_python_m_help():
-    r = subprocess.run([sys.executable, '-m', 'rtl_fastai.job', '--help'], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, '-m', 'rtl_fastai.cli', 'transfer', '--help'], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and 'usage: rtl-fastai transfer' in r.stdout and '--n_retrain' in r.stdout
