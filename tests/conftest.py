@@ -7,9 +7,9 @@ from rtl_fastai.data.all import task_dls
 from rtl_fastai.models import SmallCNN
 
 @pytest.fixture(scope='session')
-def digits_dls():
-    "Digits `DataLoaders` (all 10 classes, fastai `Normalize` in `after_batch`, 450 validation images)."
-    return task_dls('digits', bs=64, seed=0)
+def digits_dls(device):
+    "Digits `DataLoaders` (all 10 classes, fastai `Normalize` in `after_batch`, 450 validation images) on `device`."
+    return task_dls('digits', bs=64, seed=0, device=device)
 
 @pytest.fixture(scope='session')
 def digits_model(digits_dls):

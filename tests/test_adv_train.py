@@ -223,3 +223,27 @@ def test_robust_accuracy_metric_composes(dls):
     learn = _learn(dls, metrics=[av.RobustAccuracy(eps=EPS, steps=3)])
     _fit(learn, 1, [PGDTraining(EPS, steps=3)])
     assert len(learn.recorder.values) == 1
+
+
+def test_free_at_skips_a_nonfinite_gradient_step():
+    "Free AT: a step whose input gradient overflowed leaves the perturbation as it was (chosen on the device)."
+    cb = FreeAdvTraining(0.1, replays=2)
+    g0 = torch.Generator().manual_seed(0)
+    p = torch.rand(4, 1, 3, 3, generator=g0)
+    g = torch.randn(4, 1, 3, 3, generator=g0)
+    bad = g.clone(); bad[0, 0, 0, 0] = float('inf')
+    def step(grad, delta):
+        cb._p, cb.delta = p, delta
+        d = ((p + cb._carry(p)).clamp(0, 1) - p).requires_grad_()
+        cb._d = d; d.grad = grad
+        cb.after_backward()
+        assert cb._d.grad is None
+        return cb.delta
+    ref = (p + (0.1*g.sign()).clamp(-0.1, 0.1)).clamp(0, 1) - p
+    assert torch.equal(step(g, None), ref)                        # a finite step from no carried perturbation
+    assert torch.equal(step(bad, ref.clone()), ref)               # skipped: the carried perturbation stays
+    assert torch.equal(step(bad, None), torch.zeros_like(p))      # skipped, nothing carried: the start (zeros)
+    big = torch.rand(6, 1, 3, 3, generator=g0) * 0.1              # carried from a larger batch (other shape)
+    assert step(bad, big) is big                                  # skipped: kept whole, for the next batch
+    d = (p + big[:4]).clamp(0, 1) - p
+    assert torch.equal(step(g, big), (p + (d + 0.1*g.sign()).clamp(-0.1, 0.1)).clamp(0, 1) - p)   # a finite step replaces it

@@ -170,13 +170,15 @@ def test_robust_metric_matches_robust_validate(gdls, gmodel, dev):
     assert abs(acc - r['clean_acc']) <= 1e-6
 
 
-@pytest.mark.xfail(strict=True, reason="RobustAccuracy accumulates in the Recorder's after_batch, after fastai's MixedPrecision "
-                   "left its autocast (after_loss): under to_fp16/to_bf16 the PGD evaluation of the metric runs in float32 "
-                   "(issue 15 review, finding on adv_valid). Remove this marker once the metric re-enters the learner's autocast.")
 @pytest.mark.parametrize('mode', ['fp16', 'bf16'])
 def test_robust_metric_in_fit_uses_reduced_precision(mode, gdls, gmodel, dev):
-    if dev.type != 'cuda': pytest.skip("fastai's MixedPrecision reduces precision on CUDA only")
-    learn = set_amp(Learner(gdls, fresh(gmodel, dev), metrics=[RobustAccuracy(eps=EPS, steps=3, n_batches=1)]), mode)
+    """`RobustAccuracy` accumulates in the Recorder's after_batch, after fastai's MixedPrecision left its autocast
+    (after_loss): it re-enters an autocast of the learner's dtype. On CUDA with the default `amp=None`; on the CPU
+    (RTL_TEST_CUDA_ON_CPU=1), where fastai's autocast is CUDA's and does nothing, with `amp=True` (the same dtype,
+    on the CPU)."""
+    amp = None if dev.type == 'cuda' else True
+    learn = set_amp(Learner(gdls, fresh(gmodel, dev), metrics=[RobustAccuracy(eps=EPS, steps=3, n_batches=1, amp=amp)]),
+                    mode)
     probe = Probe(learn.model)
     seen = []
     class Rec(Callback):
@@ -291,7 +293,7 @@ def test_distillation_on_gpu(mode, precompute, gdls, gmodel, dev):
     class Pen(Callback):
         order = 90
         def after_loss(self):
-            if cb._last is not None: pens.append(cb._last)
+            if cb.batch_term is not None: pens.append(cb.batch_term)
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[cb, Pen()])
     probe.remove()
     vals = learn.recorder.values[-1]

@@ -3,7 +3,8 @@
 fastai 2.8.7's `MixedPrecision` (`to_fp16()`, `to_bf16()`) hard-codes `autocast('cuda')`, which PyTorch disables
 (with a warning) on a machine without a GPU: on CPU those learners train in float32. Mixed precision that really
 runs on CPU is bfloat16 autocast, `torch.autocast('cpu', dtype=torch.bfloat16)`: `CPUBFloat16` below is
-`MixedPrecision` with that autocast (a test helper). Every callback and attack is checked under it, and under
+`MixedPrecision` with that autocast (a test helper; on the device of the data, so with `RTL_TEST_DEVICE=cuda` it is
+CUDA bf16 autocast). Every callback and attack is checked under it, and under
 `to_fp16()`/`to_bf16()` (which must at least run on CPU, and do real mixed precision on a GPU); PGD robust
 accuracy under CPU bf16 autocast is within 2 points of float32 on the digits model.
 """
@@ -13,6 +14,7 @@ import torch
 import torch.nn as nn
 from fastcore.foundation import L
 from fastai.learner import Learner
+from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.metrics import accuracy
 from rtl_fastai.data.all import task_dls
@@ -28,10 +30,12 @@ torch.set_num_threads(1)
 
 
 class CPUBFloat16(MixedPrecision):
-    "fastai's `MixedPrecision` with CPU bfloat16 autocast (no grad scaler: bf16 has the range of fp32)."
+    "fastai's `MixedPrecision` with bfloat16 autocast on the data's device, CPU included (no grad scaler: bf16 has the range of fp32)."
     def __init__(self): super().__init__(amp_mode='bf16')
     def before_fit(self):
-        self.autocast, self.learn.scaler, self.scales = torch.autocast('cpu', dtype=torch.bfloat16), torch.amp.GradScaler('cpu', enabled=False), L()
+        dev = self.dls.device.type if self.dls.device is not None else 'cpu'
+        self.autocast, self.scales = torch.autocast(dev, dtype=torch.bfloat16), L()
+        self.learn.scaler = torch.amp.GradScaler(dev, enabled=False)
 
 
 class DtypeProbe:
@@ -62,10 +66,10 @@ SETUP_NAMES = ['PGDTraining', 'FreeAdvTraining', 'FastAdvTraining', 'TRADESTrain
 
 
 @pytest.fixture
-def small_dls():
-    "A fresh quarter of the digits training set (fast epochs), all of its validation set."
+def small_dls(device):
+    "A fresh quarter of the digits training set (fast epochs), all of its validation set, on `device`."
     from rtl_fastai.data.all import load_digits_data, subsample
-    return task_dls(subsample(load_digits_data(), 30), bs=64, seed=0)
+    return task_dls(subsample(load_digits_data(), 30), bs=64, seed=0, device=device)
 
 
 @pytest.mark.parametrize('mode', ['cpu-bf16', 'to_bf16', 'to_fp16'])
@@ -85,7 +89,7 @@ def test_callbacks_under_mixed_precision(setup, mode, small_dls, digits_model):
     assert all(torch.isfinite(torch.tensor(v)) for v in learn.recorder.values[-1]), learn.recorder.values
     assert acc > 0.8 and 0 <= rob <= acc, learn.recorder.values   # from the trained digits model
     assert all(p.dtype == torch.float32 for p in learn.model.parameters())
-    if mode == 'cpu-bf16' or torch.cuda.is_available(): assert torch.bfloat16 in probe.dtypes or torch.float16 in probe.dtypes, probe.dtypes
+    if mode == 'cpu-bf16' or small_dls.device.type == 'cuda': assert torch.bfloat16 in probe.dtypes or torch.float16 in probe.dtypes, probe.dtypes
     else: assert probe.dtypes == {torch.float32}  # on CPU, fastai's MixedPrecision runs in float32 (documented)
 
 
@@ -93,7 +97,7 @@ def test_attacks_inside_cpu_autocast(digits_dls, digits_model):
     x, y = digits_dls.valid.one_batch()
     m = _model(digits_model).eval()
     p = NormalizeInput.from_stats(digits_dls).to_pixels(x)
-    with torch.autocast('cpu', dtype=torch.bfloat16):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
         for xa in (pgd_attack(m, x, y, 0.1, steps=5, stats=digits_dls), pgd_attack(m, x, y, 0.5, steps=5, norm='l2', stats=digits_dls),
                    fgsm_attack(m, x, y, 0.1, stats=digits_dls)):
             assert xa.dtype == x.dtype and xa.shape == x.shape
@@ -109,9 +113,32 @@ def test_pgd_bf16_close_to_fp32(digits_dls, digits_model):
     "PGD-20 robust accuracy on the whole digits validation set: CPU bf16 autocast within 2 points of float32."
     learn = Learner(digits_dls, _model(digits_model))
     fp32 = learn.robust_validate(eps=0.1, steps=20, show_progress=False)
-    with torch.autocast('cpu', dtype=torch.bfloat16):
+    with torch.autocast(digits_dls.device.type, dtype=torch.bfloat16):
         bf16 = learn.robust_validate(eps=0.1, steps=20, show_progress=False)
     assert fp32['n'] == bf16['n'] == 450
     assert 0.2 < fp32['robust_acc'] < 0.9, fp32  # an eps where the number is informative
     assert abs(bf16['robust_acc'] - fp32['robust_acc']) <= 0.02, (fp32, bf16)
     assert abs(bf16['clean_acc'] - fp32['clean_acc']) <= 0.02, (fp32, bf16)
+
+
+@pytest.mark.parametrize('amp', [None, False])
+def test_robust_metric_follows_learner_precision(small_dls, digits_model, amp):
+    """`RobustAccuracy` accumulates in `after_batch`, after `MixedPrecision` left its autocast: with `amp=None` it
+    attacks in the learner's dtype again (here bf16 autocast on the data's device), with `amp=False` in float32."""
+    learn = Learner(small_dls, _model(digits_model), metrics=[RobustAccuracy(0.1, steps=3, n_batches=1, amp=amp)])
+    learn.add_cb(CPUBFloat16())
+    probe, seen = DtypeProbe(learn.model), []
+    class Clear(Callback):
+        order = 49   # just before the Recorder accumulates the metrics
+        def after_batch(self):
+            if not self.training: probe.dtypes.clear()
+    class Grab(Callback):
+        order = 51
+        def after_batch(self):
+            if not self.training: seen.append(set(probe.dtypes))
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-4, cbs=[Clear(), Grab()])
+    probe.remove()
+    assert seen and seen[0], seen
+    assert seen[0] == ({torch.float32} if amp is False else {torch.bfloat16}), seen
+    r = learn.robust_validate(eps=0.1, steps=3, n_batches=1, show_progress=False, amp=amp)   # and after fit
+    assert 0 <= r['robust_acc'] <= r['clean_acc']
