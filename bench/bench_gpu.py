@@ -20,7 +20,7 @@ Times are wall times with `torch.cuda.synchronize()` around each region, after a
 Targets (issue 15): PGD evaluation >= 1.5x torchattacks at equal or lower robust accuracy; free AT epoch <= 1.3x a
 natural epoch; natural training >= 0.8x the plain loop's images/s.
 """
-import contextlib, copy, json, statistics, sys, time, warnings
+import contextlib, json, statistics, sys, time, warnings
 from functools import partial
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F

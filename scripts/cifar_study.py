@@ -12,7 +12,7 @@ subset of the CIFAR-10 test images of its task. Results go to OUT/results.json a
 
     OMP_NUM_THREADS=1 nice python scripts/cifar_study.py --out ~/.cache/rtl_fastai/cifar_study
 """
-import argparse, json, time, os
+import argparse, json, time
 from pathlib import Path
 import torch
 from fastai.vision.all import Learner, accuracy, set_seed

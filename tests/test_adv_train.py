@@ -188,7 +188,6 @@ def test_vision_learner_models():
     "Works on a fastai vision_learner ResNet (frozen body, fastai head), not only our models"
     from fastai.vision.learner import vision_learner
     from fastai.vision.models import resnet18
-    from fastai.vision.augment import Normalize
     torch.manual_seed(0)
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 4, (8,))
     ds = TensorDataset(x, y)

@@ -244,7 +244,6 @@ CASES = [
     ('threat-eps-twice',   lambda d, m, r: pgd_attack(m, *_x(d), 0.1, eps=0.2), TypeError, r'radius twice.*`eps`'),
     ('pgdtrain-no-eps',    lambda d, m, r: PGDTraining(), TypeError, r'PGDTraining needs the radius'),
     ('free-l2',            lambda d, m, r: FreeAdvTraining(0.1, norm='l2'), ValueError, r'L-inf attacks only.*`norm`'),
-    ('curve-alpha_ratio',  lambda d, m, r: robust_accuracy_curve(Learner(d, m), [0.1], alpha_ratio=0), ValueError, r'`alpha_ratio`'),
     ('fit-loss-turns-nan', lambda d, m, r: _nan_fit(d), ValueError, r"non-finite .*the model's outputs are nan/inf"),
     # -- validation callbacks and the report
     ('robacc-n_batches',   lambda d, m, r: RobustAccuracy(n_batches=0), ValueError, r'`n_batches` must be an integer >= 1'),

@@ -15,7 +15,6 @@ import contextlib, copy, math, os
 import pytest
 import torch
 import torch.nn as nn
-from fastcore.foundation import L
 from fastai.learner import Learner
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision

@@ -1,5 +1,5 @@
 "`transfer_job` / `rtl-fastai transfer` end to end on a small image folder and a local checkpoint in the published layout."
-import contextlib, io, json, subprocess, sys
+import json, subprocess, sys
 from collections import OrderedDict
 from pathlib import Path
 import pandas as pd

@@ -3,7 +3,6 @@ its two rows and a verdict computed from them, and writes the same into results.
 of the findings are shown by the recorded default run (README), not asserted here: a seed-fragile, timed claim would
 make a flaky test."""
 import contextlib, io, json, re
-from pathlib import Path
 from rtl_fastai.cli import main
 from rtl_fastai.pipeline import FINDINGS, verdicts, summarize
 import pandas as pd

@@ -4,7 +4,6 @@
 
 # %% ../../nbs/03_callback.adv_valid.ipynb #dd629a9f
 from __future__ import annotations
-import warnings
 from contextlib import nullcontext
 import torch
 import torch.distributed as dist
@@ -12,9 +11,9 @@ import pandas as pd
 from fastcore.basics import store_attr, patch
 from fastprogress.fastprogress import progress_bar
 from fastai.learner import Learner, Metric
-from ..core import check_int, check_number, fork_rng, eps_str, normalize_stats, check_normalization
+from ..core import check_int, fork_rng, eps_str, normalize_stats, check_normalization
 from ..models import unwrap_model
-from ..attacks import ThreatModel, EpsScaleWarning, as_threat, robust_eval_batch, _FIELDS, _amp_context
+from ..attacks import ThreatModel, as_threat, robust_eval_batch, _FIELDS, _amp_context
 from ..distributed import DistributedDL, _inner, _sharded, _n_real, _in_distrib_ctx
 
 # %% auto #0
@@ -135,7 +134,7 @@ def robust_validate(self:Learner,
         met._update(self.model, b[0], b[1], stats, dl, self)
     return dict(clean_acc=met.clean_value, robust_acc=met.value, n=int(met.total), attack=met.name)
 
-robust_validate = Learner.robust_validate  # the function itself, for modules that import it explicitly
+robust_validate = Learner.robust_validate  # noqa: F811 (fastcore 1.x `@patch` returns None): the function itself
 
 # %% ../../nbs/03_callback.adv_valid.ipynb #b0459ab8
 def robust_accuracy_curve(learn:Learner,
@@ -145,7 +144,6 @@ def robust_accuracy_curve(learn:Learner,
                           *,
                           plot:bool=False, # also plot robust accuracy against eps
                           show_progress:bool=True, # a progress bar over `eps_list`
-                          alpha_ratio:float=None, # old form of the step size, `alpha_ratio*eps/steps`; prefer `threat`
                           **kwargs, # `ThreatModel` fields (steps, norm, ...) and `robust_validate`'s (n_batches, seed, ...)
                          )->pd.DataFrame: # one row per eps: eps, name, clean_acc, robust_acc, n
     "Robust accuracy of `learn` for each eps of `eps_list`, the step size in proportion to eps."
@@ -154,13 +152,9 @@ def robust_accuracy_curve(learn:Learner,
     tkw = {k: kwargs.pop(k) for k in list(kwargs) if k in _FIELDS}
     tm = as_threat(threat, None, 'robust_accuracy_curve', **tkw)
     threats = [tm.at(e) for e in eps_list]  # each eps checked once, here
-    if alpha_ratio is not None:
-        check_number(alpha_ratio, 'alpha_ratio', lo=0, lo_open=True, fix="the step size is alpha_ratio*eps/steps")
-        with warnings.catch_warnings():  # the radii were checked (and warned about) above
-            warnings.simplefilter('ignore', EpsScaleWarning)
-            threats = [t.replace(alpha=alpha_ratio*t.eps/t.steps if t.eps > 0 else None) for t in threats]
     rows = []
-    for t in progress_bar(threats, leave=False, display=show_progress):
+    # a hidden fastprogress bar still prints a probe character: no bar at all unless asked
+    for t in (progress_bar(threats, leave=False) if show_progress else threats):
         r = learn.robust_validate(dl, t, show_progress=False, **kwargs)
         rows.append(dict(eps=t.eps, name=eps_str(t.eps), **{k: r[k] for k in ('clean_acc', 'robust_acc', 'n')}))
     df = pd.DataFrame(rows)
