@@ -1,6 +1,5 @@
 "`transfer_job` / `rtl-fastai transfer` end to end on a small image folder and a local checkpoint in the published layout."
 import json, subprocess, sys
-from collections import OrderedDict
 from pathlib import Path
 import pandas as pd
 import pytest
@@ -15,18 +14,11 @@ from rtl_fastai.cli import main as cli_main
 
 def main(argv): return cli_main(['transfer', *argv])
 
+from test_checkpoint import _madry_ckpt  # the MadryLab layout, built once for both test files
+
 torch.set_num_threads(1)
 
 
-def _madry_ckpt(net):
-    "MadryLab robustness `AttackerModel` wrapped in DataParallel, as `robustness.train` saves it (Salman et al.'s files)"
-    sd = OrderedDict()
-    mean, std = torch.tensor(IMAGENET_STATS[0]).view(3, 1, 1), torch.tensor(IMAGENET_STATS[1]).view(3, 1, 1)
-    sd['module.normalizer.new_mean'], sd['module.normalizer.new_std'] = mean.clone(), std.clone()
-    sd.update({'module.model.' + k: v.clone() for k, v in net.state_dict().items()})
-    sd['module.attacker.normalize.new_mean'], sd['module.attacker.normalize.new_std'] = mean.clone(), std.clone()
-    sd.update({'module.attacker.model.' + k: v.clone() for k, v in net.state_dict().items()})
-    return {'model': sd, 'epoch': 1}
 
 
 @pytest.fixture(scope='module')
