@@ -19,13 +19,15 @@ def parse_eps(s:str) -> float:
     try: v = float(Fraction(s.strip())) if '/' in s else float(s)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"--eps: {s!r} is not a number; give pixel units such as 0.2 or 8/255")
-    if not 0 <= v <= 1: raise argparse.ArgumentTypeError(f"--eps: {s!r} is outside [0,1]; give pixel units such as 8/255, not 8")
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"--eps: {s!r} is outside [0,1]; give pixel units such as 8/255, not 8")
     return v
 
 def parse_classes(s:str):
     "A class list from text: `0,1,2` (indices) or `cat,dog` (names)."
     items = [c.strip() for c in s.split(',') if c.strip()]
-    if not items: raise argparse.ArgumentTypeError("class list is empty: give comma-separated names or indices, e.g. 0,1,2,3,4")
+    if not items:
+        raise argparse.ArgumentTypeError("class list is empty: give comma-separated names or indices, e.g. 0,1,2,3,4")
     return [int(c) if c.isdigit() else c for c in items]
 
 # %% ../nbs/09_cli.ipynb #5b90f3db
@@ -74,10 +76,12 @@ def add_signature_args(parser:argparse.ArgumentParser,
 def _run_options(r):
     from rtl_fastai.pipeline import run_pipeline
     from rtl_fastai.experiment import ARCHS
-    add_signature_args(r, run_pipeline, skip=('path', 'bars', 'log'), types=dict(eps=parse_eps), choices=dict(arch=ARCHS))
+    add_signature_args(r, run_pipeline, skip=('path', 'bars', 'log'), types=dict(eps=parse_eps),
+                       choices=dict(arch=ARCHS))
     r.add_argument('--out', default='rtl_out', help="results folder; each run writes a new run_NNN inside it")
     r.add_argument('--threads', type=_int_arg('--threads', 1), default=None,
-                   help="torch CPU threads; default 1 for the small CNN (faster than 2 for such tiny layers), else torch's choice")
+                   help="torch CPU threads; default 1 for the small CNN (faster than 2 for such tiny layers), "
+                   "else torch's choice")
     r.add_argument('--no-times', action='store_true', help="print the table without the wall-time column "
                    "(identical between runs with the same seed)")
 
@@ -88,8 +92,8 @@ def make_parser() -> argparse.ArgumentParser:
                                 "(Shafahi et al., ICLR 2020).")
     sub = p.add_subparsers(dest='cmd', required=True, metavar='COMMAND')
     r = sub.add_parser('run', help="run the robust-transfer pipeline end to end and print a results table",
-                       description=run_pipeline.__doc__ + ". Prints clean and PGD accuracy and wall time per row, grouped "
-                       "by the paper's findings with a verdict for each; writes JSON, CSV and a plot.",
+                       description=run_pipeline.__doc__ + ". Prints clean and PGD accuracy and wall time per row, "
+                       "grouped by the paper's findings with a verdict for each; writes JSON, CSV and a plot.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _run_options(r)
     from rtl_fastai.job import transfer_job
@@ -104,7 +108,8 @@ def _device(s):
     if s is None: return None
     try: dev = torch.device(s)
     except RuntimeError as e: sys.exit(f"--device: {s!r} is not a torch device ({e})")
-    if dev.type == 'cuda' and not torch.cuda.is_available(): sys.exit(f"--device: {s!r} asked for CUDA but torch sees no GPU; use --device cpu")
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        sys.exit(f"--device: {s!r} asked for CUDA but torch sees no GPU; use --device cpu")
     return dev
 
 def main(argv=None):
@@ -131,7 +136,8 @@ def main(argv=None):
     paths = save_results(next_run_dir(out), res, crv, info, settings)
     print()
     for k in ('natural', 'robust'):
-        s = info[k]; print(f"{k} source model: clean {100*s['clean_acc']:.2f}%, PGD {100*s['pgd_acc']:.2f}% ({s['seconds']:.1f}s)")
+        s = info[k]
+        print(f"{k} source model: clean {100*s['clean_acc']:.2f}%, PGD {100*s['pgd_acc']:.2f}% ({s['seconds']:.1f}s)")
     print()
     print(format_table(res, times=not args.no_times))
     print(f"\ntotal {info['total_seconds']:.1f}s; wrote " + ", ".join(str(p) for p in paths.values()))

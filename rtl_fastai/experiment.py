@@ -22,7 +22,7 @@ ARCHS = ('smallcnn', 'preact18', 'wrn')
 
 def make_model(arch:str, # 'smallcnn', 'preact18' or 'wrn' (WRN-16-k, k=`width`)
                n_in:int, n_out:int, # input channels, classes
-               width:int=None, # smallcnn: channels of its first block (32); preact18: base width (64); wrn: widen factor (1)
+               width:int=None, # smallcnn: first block's channels (32); preact18: base width (64); wrn: widen factor (1)
               ):
     "A fresh model of family `arch`."
     if arch == 'smallcnn': return SmallCNN(n_in=n_in, n_out=n_out, widths=(width, 2*width) if width else (32, 64))
@@ -108,4 +108,5 @@ def carve_valid(data:ArrayData, # a data set whose `x_valid` are the test images
         idx = idx[torch.randperm(len(idx), generator=g)]
         va.append(idx[:n_per_class]); tr.append(idx[n_per_class:])
     tr, va = torch.cat(tr).sort().values, torch.cat(va).sort().values
-    return ArrayData(data.x_train[tr], data.y_train[tr], data.x_train[va], data.y_train[va], list(data.classes), data.name)
+    return ArrayData(data.x_train[tr], data.y_train[tr], data.x_train[va], data.y_train[va], list(data.classes),
+                     data.name)

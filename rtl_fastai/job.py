@@ -49,8 +49,8 @@ def parse_eps(eps, # a radius in [0,1] pixel units: a number, or text such as '4
                              "or 0.0157") from None
     v = check_number(v, name, lo=0, who=who, fix="give it in [0,1] pixel units, e.g. '4/255'")
     if v > 1:
-        raise ValueError(f"{who}: `{name}`={eps!r} is larger than the whole [0,1] pixel range: give eps in pixel units, "
-                         f"e.g. '{eps_str(v)}/255' not {eps_str(v)}")
+        raise ValueError(f"{who}: `{name}`={eps!r} is larger than the whole [0,1] pixel range: "
+                         f"give eps in pixel units, e.g. '{eps_str(v)}/255' not {eps_str(v)}")
     return v
 
 def parse_n_retrain(n_retrain, # 0, 2, '0', '2' or 'all'
@@ -61,11 +61,11 @@ def parse_n_retrain(n_retrain, # 0, 2, '0', '2' or 'all'
         s = n_retrain.strip().lower()
         if s == 'all': return 'all'
         if s.isdigit(): return int(s)
-    raise ValueError(f"{who}: `n_retrain` must be a number of blocks retrained from the end (0 trains the new head only) "
-                     f"or 'all' (fine-tune everything), got {n_retrain!r}")
+    raise ValueError(f"{who}: `n_retrain` must be a number of blocks retrained from the end "
+                     f"(0 trains the new head only) or 'all' (fine-tune everything), got {n_retrain!r}")
 
 # %% ../nbs/08b_job.ipynb #fb03dcbc
-def parse_stats(stats, # None (from the source), 'imagenet', 'none' ([0,1] pixels), 'm1,m2,m3/s1,s2,s3' or a (mean, std) pair
+def parse_stats(stats, # None (from the source), 'imagenet', 'none' ([0,1] pixels), 'm1,m2,m3/s1,s2,s3' or (mean, std)
                 who:str='transfer_job'):
     "None (take the source's), 'none' (no normalization), or the `(mean, std)` pair of `normalize_stats`"
     if stats is None: return None
@@ -78,7 +78,8 @@ def parse_stats(stats, # None (from the source), 'imagenet', 'none' ([0,1] pixel
             if len(parts) != 2: raise ValueError
             stats = tuple([float(v) for v in p.split(',')] for p in parts)
         except ValueError:
-            raise ValueError(f"{who}: `stats`={stats!r} is not 'imagenet', 'none' or 'mean1,mean2,mean3/std1,std2,std3' "
+            raise ValueError(f"{who}: `stats`={stats!r} is not 'imagenet', 'none' or "
+                             "'mean1,mean2,mean3/std1,std2,std3' "
                              "(e.g. '0.485,0.456,0.406/0.229,0.224,0.225')") from None
     try: return normalize_stats(stats)
     except (TypeError, ValueError) as e: raise ValueError(f"{who}: `stats`: {e}") from None
@@ -109,8 +110,8 @@ def build_arch(arch:str, # 'resnet50' or 'torchvision:resnet50' (torchvision), '
     if lib in (None, 'torchvision'):
         names = torchvision.models.list_models(module=torchvision.models)
         if n not in names:
-            raise ValueError(f"{who}: `{name}`={arch!r} is not a torchvision classification model{_did_you_mean(n, names)} "
-                             "(write 'timm:NAME' for a timm model)")
+            raise ValueError(f"{who}: `{name}`={arch!r} is not a torchvision classification model"
+                             f"{_did_you_mean(n, names)} (write 'timm:NAME' for a timm model)")
         try: m = torchvision.models.get_model(n, weights='DEFAULT' if pretrained else None, num_classes=num_classes)
         except Exception as e:
             if pretrained: raise OSError(fail.format(f"{type(e).__name__}: {e}")) from e
@@ -148,9 +149,9 @@ def _place_stats(model, st, normalize):
 _PATHLIKE = ('.pt', '.pth', '.ckpt', '.bin', '.safetensors', '.pkl', '.tar')
 
 def load_source(source:str, # a registry name, a checkpoint file or URL, or 'torchvision:NAME' / 'timm:NAME'
-                arch:str=None, # architecture of a checkpoint file ('resnet50', 'timm:resnet50'); default: the registry's
+                arch:str=None, # a checkpoint file's architecture ('resnet50', 'timm:resnet50'); default: the registry's
                 stats=None, # input statistics of a checkpoint that stores none (see `parse_stats`)
-                normalize:str='dls', # where the statistics go: 'dls' (`model.input_stats`) or 'model' (`NormalizeInput`)
+                normalize:str='dls', # where the stats go: 'dls' (`model.input_stats`) or 'model' (`NormalizeInput`)
                 pretrained:bool=True, # natural torchvision/timm sources: the library's ImageNet weights
                 cache=None, # download folder of checkpoints (default `cache_dir()/'checkpoints'`)
                 who:str='transfer_job')->tuple:
@@ -159,7 +160,8 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, or 'tor
         raise ValueError(f"{who}: `normalize` must be 'dls' (fastai's Normalize in the DataLoaders) or 'model' (inside "
                          f"the model), got {normalize!r}")
     if not isinstance(source, (str, Path)) or not str(source):
-        raise TypeError(f"{who}: `source` must be a registry name, a checkpoint path or 'torchvision:NAME', got {source!r}")
+        raise TypeError(f"{who}: `source` must be a registry name, a checkpoint path or 'torchvision:NAME', "
+                        f"got {source!r}")
     s, st = str(source), parse_stats(stats, who)
     lib, _ = _lib_name(s)
     if lib is not None:  # a natural torchvision/timm model
@@ -188,13 +190,14 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, or 'tor
         model = load_robust_checkpoint(info.name, norm=normalize, cache=cache)
         return model, dict(kind='registry', name=info.name, arch=info.arch, threat=info.threat, url=info.url,
                            citation=info.citation)
-    if p.is_dir(): raise IsADirectoryError(f"{who}: `source`={s!r} is a folder; give a checkpoint file (or a registry name)")
+    if p.is_dir():
+        raise IsADirectoryError(f"{who}: `source`={s!r} is a folder; give a checkpoint file (or a registry name)")
     try: info = robust_model_info(Path(urlparse(s).path).name if is_url else p.name)  # a registry file fetched by hand
     except (ValueError, TypeError): info = None
     if arch is None:
         if info is None:
-            raise ValueError(f"{who}: `arch` is missing: a checkpoint file needs its architecture, e.g. arch='resnet50' "
-                             "(torchvision) or arch='timm:resnet50'")
+            raise ValueError(f"{who}: `arch` is missing: a checkpoint file needs its architecture, "
+                             "e.g. arch='resnet50' (torchvision) or arch='timm:resnet50'")
         arch = info.arch
     ckpt = _read_checkpoint(checkpoint_path(s, cache=cache, name='source'), name='source')
     try: sd, fstats = extract_state_dict(ckpt)
@@ -205,8 +208,8 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, or 'tor
     if fstats is None and st is None:
         if info is None:
             raise ValueError(f"{who}: `stats`: the checkpoint {p.name} stores no input statistics; say what the model "
-                             "expects: stats='imagenet' (the usual for ImageNet models), stats='none' ([0,1] pixels) or "
-                             "stats='m1,m2,m3/s1,s2,s3'")
+                             "expects: stats='imagenet' (the usual for ImageNet models), stats='none' ([0,1] pixels) "
+                             "or stats='m1,m2,m3/s1,s2,s3'")
         st = normalize_stats(info.stats)
     try:
         load_robust_checkpoint(model, ckpt, norm=normalize if st != 'none' else 'dls',
@@ -221,8 +224,8 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, or 'tor
 def _check_out(out, who):
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{who}: `out`={str(out)!r} is a file: give a folder for the results (each run writes a "
-                                 "new run_NNN folder inside it)")
+        raise NotADirectoryError(f"{who}: `out`={str(out)!r} is a file: give a folder for the results "
+                                 "(each run writes a new run_NNN folder inside it)")
     parent = next((q for q in [out, *out.parents] if q.exists()), None)
     if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
         raise PermissionError(f"{who}: `out`={str(out)!r} cannot be written ({parent} is not a writable folder); "
@@ -245,7 +248,8 @@ def _curve_eps(eps, norm):
 
 # %% ../nbs/08b_job.ipynb #1a67c2b8
 def _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha, epochs, bs, lr, warmup_epochs,
-               stats, normalize, pretrained, curve, n_batches, cache, train, valid, out, seed, device, threads, quiet, who):
+               stats, normalize, pretrained, curve, n_batches, cache, train, valid, out, seed, device, threads, quiet,
+               who):
     "Every check of `transfer_job`, in order of cost; returns what the training needs"
     # options
     n_retrain = parse_n_retrain(n_retrain, who)
@@ -255,7 +259,8 @@ def _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha
     lr = check_number(lr, 'lr', lo=0, lo_open=True, who=who, fix='e.g. 1e-3')
     check_int(n_batches, 'n_batches', none_ok=True, who=who, fix='the number of validation batches to attack')
     check_int(threads, 'threads', none_ok=True, who=who); check_int(seed, 'seed', lo=None, who=who)
-    if norm not in ('linf', 'l2'): raise ValueError(f"{who}: `norm` must be 'linf' or 'l2' (the threat model), got {norm!r}")
+    if norm not in ('linf', 'l2'):
+        raise ValueError(f"{who}: `norm` must be 'linf' or 'l2' (the threat model), got {norm!r}")
     for k, v in dict(pretrained=pretrained, curve=curve, cache=cache, quiet=quiet).items():
         if not isinstance(v, bool): raise ValueError(f"{who}: `{k}` must be True or False, got {v!r}")
     e = parse_eps(eps, 'eps', who)
@@ -267,10 +272,12 @@ def _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha
                          "fine-tune with n_retrain='all' (or a number of blocks > 0), or set lam=0")
     if warmup_epochs is None: warmup_epochs = epochs//4 if lam > 0 else 0
     check_int(warmup_epochs, 'warmup_epochs', lo=0, hi=epochs-1, who=who,
-              fix=f"the first epochs train the head only; leave at least one of the {epochs} epochs for the whole model")
+              fix=f"the first epochs train the head only; leave at least one of the {epochs} epochs "
+              "for the whole model")
     if warmup_epochs and lam == 0:
         raise ValueError(f"{who}: `warmup_epochs` is for distillation (`lam` > 0); leave it out or set lam")
-    if not isinstance(data, (str, Path)): raise TypeError(f"{who}: `data` must be a folder path, got {type(data).__name__}")
+    if not isinstance(data, (str, Path)):
+        raise TypeError(f"{who}: `data` must be a folder path, got {type(data).__name__}")
     for k, v in dict(train=train, valid=valid).items():
         if not isinstance(v, str) or not v: raise ValueError(f"{who}: `{k}` must be a folder name, got {v!r}")
     dev, out = _check_device(device, who), _check_out(out, who)
@@ -285,14 +292,15 @@ def _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha
     dls = folder_dls(summary.path, size=size, bs=bs, stats=input_stats(model) if normalize == 'dls' else None,
                      train=train, valid=valid, device=dev, seed=seed, verify=False)
     problem = check_normalization(model, dls, who)
-    if problem is not None: raise RuntimeError(f"{who}: inconsistent normalization (a bug; please report it): {problem}")
+    if problem is not None:
+        raise RuntimeError(f"{who}: inconsistent normalization (a bug; please report it): {problem}")
     model.to(dls.device)
     xb = dls.valid.one_batch()[0][:2]
     try:
         with torch.no_grad(): model.eval()(xb)
     except Exception as err:
-        raise RuntimeError(f"{who}: the source model cannot run on the images ({tuple(xb.shape[1:])} after `size`={size}): "
-                           f"{type(err).__name__}: {err}") from None
+        raise RuntimeError(f"{who}: the source model cannot run on the images "
+                           f"({tuple(xb.shape[1:])} after `size`={size}): {type(err).__name__}: {err}") from None
     return dict(n_retrain=n_retrain, lam=lam, threat=threat, warmup_epochs=warmup_epochs, summary=summary,
                 model=model, desc=desc, dls=dls)
 
@@ -310,11 +318,13 @@ def _hist(learn):
             for i, vals in enumerate(learn.recorder.values)]
 
 def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `data/valid/<class>/*.jpg`
-                 source:str='resnet18_linf_eps4.0', # a registry name (`robust_models()`), a checkpoint file/URL, or 'torchvision:NAME' / 'timm:NAME'
-                 arch:str=None, # a checkpoint file's architecture: 'resnet50' (torchvision) or 'timm:NAME'; default: the registry's
+                 # a registry name (`robust_models()`), a checkpoint file/URL, or 'torchvision:NAME' / 'timm:NAME'
+                 source:str='resnet18_linf_eps4.0',
+                 # a checkpoint file's architecture: 'resnet50' (torchvision) or 'timm:NAME'; default: the registry's
+                 arch:str=None,
                  size:int=224, # the images are resized (squished) to size x size
-                 n_retrain:str='0', # blocks retrained from the end: '0' (a new head only) .. N, or 'all' (fine-tune all)
-                 lam:float=0., # feature-distillation weight when fine-tuning (n_retrain > 0 or 'all'); 0: no distillation
+                 n_retrain:str='0', # blocks retrained from the end: '0' (new head only) .. N, or 'all' (fine-tune all)
+                 lam:float=0., # feature-distillation weight in fine-tuning (n_retrain > 0 or 'all'); 0: no distillation
                  eps:str='4/255', # PGD radius of the evaluation in [0,1] pixel units, e.g. '4/255' or '0.0157'
                  norm:str='linf', # the evaluation's threat model: 'linf' or 'l2'
                  steps:int=20, # PGD steps of the evaluation
@@ -323,9 +333,9 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
                  bs:int=64, # batch size
                  lr:float=1e-3, # maximum learning rate of `fit_one_cycle`
                  warmup_epochs:int=None, # with distillation, epochs that train the head only first; default epochs//4
-                 stats:str=None, # stats of a checkpoint that stores none: 'imagenet', 'none' (pixels) or 'm1,m2,m3/s1,s2,s3'
-                 normalize:str='dls', # where the source's stats go: 'dls' (fastai's Normalize) or 'model' (inside the model)
-                 pretrained:bool=True, # natural torchvision/timm sources: the library's ImageNet weights (False: random)
+                 stats:str=None, # if a checkpoint stores no stats: 'imagenet', 'none' (pixels) or 'm1,m2,m3/s1,s2,s3'
+                 normalize:str='dls', # where the stats go: 'dls' (fastai's Normalize) or 'model' (inside the model)
+                 pretrained:bool=True, # torchvision/timm sources: the library's ImageNet weights (False: random)
                  curve:bool=True, # also robust accuracy at a few eps around `eps` (robust_curve.csv and .png)
                  n_batches:int=None, # attack only the first `n_batches` validation batches (None: all)
                  cache:bool=True, # cache the frozen blocks' features when the training images are deterministic
@@ -337,12 +347,13 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
                  threads:int=None, # torch CPU threads during the job (None: torch's choice)
                  quiet:bool=False, # no step messages, progress bars or tables
                 )->dict:
-    "Robust transfer from `source` onto the image folder `data`: check all, train, evaluate (clean, PGD), write a new run folder"
+    ("Robust transfer from `source` onto the image folder `data`: check all, train, evaluate (clean, PGD), "
+     "write a new run folder")
     who, t0 = 'transfer_job', time.time()
     settings = dict(data=str(data), source=str(source), arch=arch, size=size, n_retrain=n_retrain, lam=lam, eps=eps,
                     norm=norm, steps=steps, alpha=alpha, epochs=epochs, bs=bs, lr=lr, warmup_epochs=warmup_epochs,
-                    stats=stats, normalize=normalize, pretrained=pretrained, curve=curve, n_batches=n_batches, cache=cache,
-                    train=train, valid=valid, out=str(out), seed=seed, device=device, threads=threads)
+                    stats=stats, normalize=normalize, pretrained=pretrained, curve=curve, n_batches=n_batches,
+                    cache=cache, train=train, valid=valid, out=str(out), seed=seed, device=device, threads=threads)
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     old_threads = torch.get_num_threads()
     try:
@@ -357,13 +368,14 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
             except AttributeError: pass
             raise
         dls, tm, summary = j['dls'], j['threat'], j['summary']
-        log(f"{summary!r}\nsource: {j['desc']['name']} ({j['desc']['arch']}, trained: {j['desc']['threat']}); n_retrain="
-            f"{j['n_retrain']}, lam={j['lam']:g}; evaluation: {tm.name} ({tm.norm}, eps={eps_str(tm.eps)}, "
+        log(f"{summary!r}\nsource: {j['desc']['name']} ({j['desc']['arch']}, trained: {j['desc']['threat']}); "
+            f"n_retrain={j['n_retrain']}, lam={j['lam']:g}; evaluation: {tm.name} ({tm.norm}, eps={eps_str(tm.eps)}, "
             f"step {eps_str(tm.step_size)})")
         set_seed(seed, reproducible=True)
         learn = transfer_learner(j['model'], dls, n_retrain=j['n_retrain'], metrics=accuracy, lr=lr,
                                  cache='auto' if cache else False)
-        cbs = ([FeatureDistillation(j['model'], lam=j['lam'], warmup_epochs=j['warmup_epochs'])] if j['lam'] > 0 else [])
+        cbs = ([FeatureDistillation(j['model'], lam=j['lam'], warmup_epochs=j['warmup_epochs'])] if j['lam'] > 0
+               else [])
         log(f"training: {epochs} epochs on {summary.n_train} images of {len(summary.classes)} classes")
         t = time.time()
         if quiet:
@@ -383,11 +395,11 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
         eval_s = time.time() - t
         d = j['desc']
         row = dict(source=Path(d['name']).name if d['kind'] == 'checkpoint' else d['name'], arch=d['arch'],
-                   n_retrain=j['n_retrain'], lam=j['lam'], epochs=epochs, clean_acc=r['clean_acc'], pgd_acc=r['robust_acc'],
-                   attack=r['attack'], n_valid=r['n'], seconds=train_s + eval_s)
+                   n_retrain=j['n_retrain'], lam=j['lam'], epochs=epochs, clean_acc=r['clean_acc'],
+                   pgd_acc=r['robust_acc'], attack=r['attack'], n_valid=r['n'], seconds=train_s + eval_s)
         res = pd.DataFrame([row])
-        info = dict(source=j['desc'], data=dict(path=str(summary.path), classes=summary.classes, n_train=summary.n_train,
-                                                n_valid=summary.n_valid),
+        info = dict(source=j['desc'], data=dict(path=str(summary.path), classes=summary.classes,
+                                                n_train=summary.n_train, n_valid=summary.n_valid),
                     threat=dict(eps=tm.eps, steps=tm.steps, alpha=tm.step_size, norm=tm.norm, name=tm.name),
                     history=_hist(learn), feature_cache=None if fc is None else fc.reason,
                     train_seconds=train_s, eval_seconds=eval_s, total_seconds=time.time() - t0)
@@ -399,8 +411,8 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
         paths['export'] = run_dir/'export.pkl'
         if not quiet:
             print(f"\n{_table(res)}\n\nwrote {run_dir}/: " + ', '.join(p.name for p in paths.values()), flush=True)
-        return dict(clean_acc=r['clean_acc'], pgd_acc=r['robust_acc'], attack=r['attack'], n=r['n'], results=res, curve=crv,
-                    run_dir=run_dir, paths=paths, source=j['desc'], learn=learn)
+        return dict(clean_acc=r['clean_acc'], pgd_acc=r['robust_acc'], attack=r['attack'], n=r['n'], results=res,
+                    curve=crv, run_dir=run_dir, paths=paths, source=j['desc'], learn=learn)
     finally: torch.set_num_threads(old_threads)
 
 # %% ../nbs/08b_job.ipynb #11ebd013

@@ -48,7 +48,8 @@ def _defaults(data):
 # %% ../nbs/08_pipeline.ipynb #5d22a218
 FINDINGS = {
     'robust features transfer': ('natural source, frozen (head only)', 'robust source, frozen (head only)'),
-    'distillation keeps robustness': ('robust source, fine-tuned (no penalty)', 'robust source, fine-tuned with distillation'),
+    'distillation keeps robustness': ('robust source, fine-tuned (no penalty)',
+                                      'robust source, fine-tuned with distillation'),
     'low data': ('robust source, {how}, N={n}/class', 'adversarial training from scratch, N={n}/class'),
 }
 
@@ -87,7 +88,8 @@ def _one_seed(ds, src_cls, tgt_cls, d, eps, steps, lam, seed, device, verbose, b
         l = fit_quietly(make(), epochs, lr, cbs, verbose=verbose, bars=bars)
         secs = time.time() - t
         r = ev(l)
-        rows.append(dict(finding=finding, method=method, seed=seed, clean_acc=r['clean_acc'], pgd_acc=r['pgd_acc'], seconds=secs))
+        rows.append(dict(finding=finding, method=method, seed=seed, clean_acc=r['clean_acc'], pgd_acc=r['pgd_acc'],
+                         seconds=secs))
         learners[method] = l
 
     f1, f2, f3 = FINDINGS
@@ -102,25 +104,30 @@ def _one_seed(ds, src_cls, tgt_cls, d, eps, steps, lam, seed, device, verbose, b
     low_ep = max(1, round(d['low_steps']/len(low.train)))  # both rows: the same number of optimizer steps
     row(f3, names[f3][0], lambda: transfer_learner(rob, low, n_retrain=d['low_retrain'], metrics=accuracy), low_ep,
         hl if d['low_retrain'] == 0 else lr)
-    row(f3, names[f3][1], lambda: Learner(low, make_model(arch, low.train_ds.x.shape[1], low.c, width), metrics=accuracy),
-        low_ep, lr, cbs=[PGDTraining(eps, steps=d['at_steps'])],
+    row(f3, names[f3][1],
+        lambda: Learner(low, make_model(arch, low.train_ds.x.shape[1], low.c, width), metrics=accuracy), low_ep, lr,
+        cbs=[PGDTraining(eps, steps=d['at_steps'])],
         desc=f" (PGD-{d['at_steps']} at eps={eps_str(eps)}, {low_ep*len(low.train)} steps as the row above)")
     return rows, learners, info
 
 # %% ../nbs/08_pipeline.ipynb #de9ed6ae
-def run_pipeline(data:str='mnist', # 'mnist' (read from RTL_DATA or ../shared/data, else downloaded), 'digits' (embedded: no download), 'cifar10', or a folder in one of their layouts
+def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloaded), 'digits' (embedded: no download),
+                 # 'cifar10', or a folder in one of their layouts
+                 data:str='mnist',
                  source_classes:list=None, # source class names or indices; default: the dataset's split
                  target_classes:list=None, # target class names or indices; default: the dataset's split
                  n_source:int=None, # training images per source class; default per dataset
                  n_per_class:int=None, # training images per target class; default per dataset
                  n_low:int=None, # target images per class of the low-data rows; default per dataset
                  n_test:int=None, # test images per class evaluated; default per dataset
-                 holdout:int=None, # to choose settings: evaluate on this many training images per class held out (`carve_valid`), not on the test images
+                 # to choose settings: evaluate on this many training images per class held out (`carve_valid`),
+                 # not on the test images
+                 holdout:int=None,
                  eps:float=None, # L-inf radius in [0,1] pixel units, of training and evaluation; default per dataset
                  steps:int=20, # PGD steps of the evaluation (step size eps/4, as the paper's 2/255 at 8/255)
                  arch:str=None, # model family; default per dataset
                  width:int=None, # width of the model family (see `make_model`); default per dataset
-                 epochs:int=None, # target-task epochs (source epochs and low-data steps scale with it); default per dataset
+                 epochs:int=None, # target epochs (source epochs and low-data steps scale with it); default per dataset
                  lam:float=None, # weight of the distillation penalty; default per dataset
                  seed:int=0, # random seed of the first run
                  seeds:int=1, # runs with seeds seed, seed+1, ...: each figure is then mean and spread over them
@@ -139,7 +146,8 @@ def run_pipeline(data:str='mnist', # 'mnist' (read from RTL_DATA or ../shared/da
         if v is not None: d[k] = v
     if epochs is not None:
         f = epochs/d['target_epochs']
-        d.update(target_epochs=epochs, source_epochs=max(1, round(f*d['source_epochs'])), head_epochs=max(1, round(f*d['head_epochs'])),
+        d.update(target_epochs=epochs, source_epochs=max(1, round(f*d['source_epochs'])),
+                 head_epochs=max(1, round(f*d['head_epochs'])),
                  low_steps=max(1, round(f*d['low_steps'])), warmup_epochs=min(d['warmup_epochs'], max(0, epochs-1)))
     eps = d['eps'] if eps is None else eps
     if d['arch'] not in ARCHS: raise ValueError(f"`arch` must be one of {ARCHS}, got {d['arch']!r}")
@@ -154,11 +162,14 @@ def run_pipeline(data:str='mnist', # 'mnist' (read from RTL_DATA or ../shared/da
     rows, info, crv = [], dict(settings=dict(d, eps=eps, steps=steps)), []
     for s in range(seed, seed+seeds):
         r, learners, src_info = _one_seed(ds, src_cls, tgt_cls, d, eps, steps, d['lam'], s, device, verbose, bars, step)
-        rows += r; info.setdefault('natural', []).append(src_info['natural']); info.setdefault('robust', []).append(src_info['robust'])
+        rows += r
+        info.setdefault('natural', []).append(src_info['natural'])
+        info.setdefault('robust', []).append(src_info['robust'])
         if curve: crv.append(_curve(learners, eps, steps, s, bars))
     src = {k: pd.DataFrame(info[k]).mean().to_dict() | {'n_seeds': seeds} for k in ('natural', 'robust')}
     info.update(src, total_seconds=time.time()-t_all)
-    crv = pd.concat(crv, ignore_index=True).groupby(['method', 'eps'], sort=False).mean(numeric_only=True).reset_index() if curve else None
+    crv = (pd.concat(crv, ignore_index=True).groupby(['method', 'eps'], sort=False).mean(numeric_only=True)
+           .reset_index() if curve else None)
     return pd.DataFrame(rows), crv, info
 
 # %% ../nbs/08_pipeline.ipynb #7d98fcab
@@ -215,7 +226,8 @@ def format_table(res:pd.DataFrame, times:bool=True) -> str:
     "The results as text: the rows of each finding (clean and PGD accuracy, wall time), then its verdict."
     sm, vs = summarize(res), verdicts(res, times)
     several = bool((sm.n_seeds > 1).any())
-    df = pd.DataFrame(dict(method=sm.method, clean_acc=[_pct(m, s, several) for m, s in zip(sm.clean_acc, sm.clean_acc_sd)],
+    df = pd.DataFrame(dict(method=sm.method,
+                           clean_acc=[_pct(m, s, several) for m, s in zip(sm.clean_acc, sm.clean_acc_sd)],
                            pgd_acc=[_pct(m, s, several) for m, s in zip(sm.pgd_acc, sm.pgd_acc_sd)]))
     if times: df['seconds'] = sm.seconds.map(lambda v: f"{v:7.1f}")
     lines = df.to_string(index=False).splitlines()
@@ -229,7 +241,8 @@ def format_table(res:pd.DataFrame, times:bool=True) -> str:
 def next_run_dir(out) -> Path:
     "A new folder `out/run_NNN` (the next free number): earlier runs are never overwritten."
     out = Path(out)
-    if out.exists() and not out.is_dir(): raise NotADirectoryError(f"`out`={str(out)!r} is a file: give a folder for the results")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"`out`={str(out)!r} is a file: give a folder for the results")
     out.mkdir(parents=True, exist_ok=True)
     n = 1 + max([int(p.name[4:]) for p in out.glob('run_[0-9][0-9][0-9]*') if p.name[4:].isdigit()] + [0])
     while True:

@@ -144,7 +144,8 @@ def robust_accuracy_curve(learn:Learner,
                           *,
                           plot:bool=False, # also plot robust accuracy against eps
                           show_progress:bool=True, # a progress bar over `eps_list`
-                          **kwargs, # `ThreatModel` fields (steps, norm, ...) and `robust_validate`'s (n_batches, seed, ...)
+                          # `ThreatModel` fields (steps, norm, ...) and `robust_validate`'s (n_batches, seed, ...)
+                          **kwargs,
                          )->pd.DataFrame: # one row per eps: eps, name, clean_acc, robust_acc, n
     "Robust accuracy of `learn` for each eps of `eps_list`, the step size in proportion to eps."
     eps_list = list(eps_list)
