@@ -156,7 +156,7 @@ def test_api_page(browser, server, nav):
         assert page.locator('h3#pgd_attack').is_visible()
         code = page.locator('article pre', has_text='def pgd_attack(').first
         assert code.is_visible()
-        assert 'radius of the threat model' in code.inner_text()  # a docments comment
+        assert 'or its radius `eps` in [0,1] pixel units' in code.inner_text()  # a docments comment
         assert page.locator('article', has_text='Projected gradient descent').first.is_visible()
         assert page.locator('article a', has_text='source').count() >= 1
     finally: ctx.close()
