@@ -15,8 +15,14 @@ else
   py=${PYTHON:-python3}; [ -x .venv/bin/python ] && py=.venv/bin/python
   "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --platform manylinux2014_x86_64 --platform any -d .gpu/wheels \
-    fastai==2.8.7 'fastcore>=1.14,<2' fastprogress==1.0.3 fastdownload fasttransform==0.0.2 plum-dispatch beartype \
+    fastai==2.8.7 'fastcore>=1.14,<2' fastprogress==1.0.3 fastdownload fasttransform==0.0.2 'plum-dispatch<2.10' beartype \
     torchattacks==3.5.1
+fi
+# rtl_fastai requires plum-dispatch<2.10 (2.10 breaks fastai's learn.export): one version of it in the wheels
+if ls .gpu/wheels/plum_dispatch-2.1[0-9]* >/dev/null 2>&1; then
+  rm -f .gpu/wheels/plum_dispatch-*
+  py=${PYTHON:-python3}; [ -x .venv/bin/python ] && py=.venv/bin/python
+  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform any -d .gpu/wheels 'plum-dispatch<2.10'
 fi
 [ -f "$data/cifar10.tgz" ] || { echo "gpu_prepare: no $data/cifar10.tgz (set RTL_DATA to the folder that holds it)" >&2; exit 1; }
 cp -u "$data/cifar10.tgz" .gpu/
