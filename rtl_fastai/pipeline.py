@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 from fastai.vision.all import Learner, accuracy, set_seed
 from fastprogress.fastprogress import progress_bar
-from .core import eps_str
+from .core import eps_str, check_int, check_number
 from .data.arrays import default_split, select_classes, subsample, subsample_valid
 from .data.external import load_dataset
 from .data.loaders import task_dls
@@ -96,8 +96,9 @@ def _one_seed(ds, src_cls, tgt_cls, d, eps, steps, lam, seed, device, verbose, b
     ep, hep, hl = d['target_epochs'], d['head_epochs'], d['head_lr']
     row(f1, names[f1][0], lambda: transfer_learner(nat, tgt_dls, n_retrain=0, metrics=accuracy), hep, hl)
     row(f1, names[f1][1], lambda: transfer_learner(rob, tgt_dls, n_retrain=0, metrics=accuracy), hep, hl)
-    row(f2, names[f2][0], lambda: transfer_learner(rob, tgt_dls, n_retrain='all', metrics=accuracy), ep, lr)
-    row(f2, names[f2][1], lambda: transfer_learner(rob, tgt_dls, n_retrain='all', metrics=accuracy), ep, lr,
+    flr = d.get('ft_lr') or lr  # fine-tuning rows: the sources' lr unless `ft_lr` is given
+    row(f2, names[f2][0], lambda: transfer_learner(rob, tgt_dls, n_retrain='all', metrics=accuracy), ep, flr)
+    row(f2, names[f2][1], lambda: transfer_learner(rob, tgt_dls, n_retrain='all', metrics=accuracy), ep, flr,
         cbs=[FeatureDistillation(rob.model, lam=lam, warmup_epochs=d['warmup_epochs'])],
         desc=f" (lam={lam:g}, {d['warmup_epochs']} head-only warm-up epochs)")
     low = task_dls(subsample(tgt, d['n_low'], seed=seed), bs=min(d['bs'], 4*d['n_low']), seed=seed, device=device)
@@ -129,6 +130,8 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
                  width:int=None, # width of the model family (see `make_model`); default per dataset
                  epochs:int=None, # target epochs (source epochs and low-data steps scale with it); default per dataset
                  lam:float=None, # weight of the distillation penalty; default per dataset
+                 ft_lr:float=None, # learning rate of both fine-tuning rows (finding 2); default the sources' `lr`
+                 warmup:int=None, # head-only warm-up epochs of the distillation row; default per dataset
                  seed:int=0, # random seed of the first run
                  seeds:int=1, # runs with seeds seed, seed+1, ...: each figure is then mean and spread over them
                  device=None, # torch device; default fastai's `default_device()`
@@ -142,13 +145,15 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
     d = _defaults(data)
     d['holdout'] = holdout
     for k, v in dict(n_source=n_source, n_target=n_per_class, n_low=n_low, n_test=n_test, arch=arch, width=width,
-                     lam=lam).items():
+                     lam=lam, ft_lr=ft_lr).items():
         if v is not None: d[k] = v
     if epochs is not None:
         f = epochs/d['target_epochs']
         d.update(target_epochs=epochs, source_epochs=max(1, round(f*d['source_epochs'])),
                  head_epochs=max(1, round(f*d['head_epochs'])),
                  low_steps=max(1, round(f*d['low_steps'])), warmup_epochs=min(d['warmup_epochs'], max(0, epochs-1)))
+    check_number(ft_lr, 'ft_lr', lo=0, lo_open=True, none_ok=True, who='run_pipeline', fix='e.g. 1e-3')
+    if warmup is not None: check_int(warmup, 'warmup', lo=0, who='run_pipeline'); d['warmup_epochs'] = warmup
     eps = d['eps'] if eps is None else eps
     if d['arch'] not in ARCHS: raise ValueError(f"`arch` must be one of {ARCHS}, got {d['arch']!r}")
     log = log or (lambda *a, **k: None)
