@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 from fastai.vision.all import Learner, accuracy, set_seed
 from fastprogress.fastprogress import progress_bar
-from .core import eps_str
+from .core import eps_str, check_int, check_number
 from .data.arrays import default_split, select_classes, subsample, subsample_valid
 from .data.external import load_dataset
 from .data.loaders import task_dls
@@ -28,14 +28,14 @@ __all__ = ['DEFAULTS', 'FINDINGS', 'run_pipeline', 'summarize', 'verdicts', 'for
 # %% ../nbs/08_pipeline.ipynb #6aa01408
 DEFAULTS = dict(
     mnist   = dict(arch='smallcnn', width=16, eps=0.2, n_source=1000, source_epochs=8, at_steps=7, bs=64, lr=3e-3,
-                   n_target=200, target_epochs=8, head_epochs=30, head_lr=3e-2, lam=0.03, warmup_epochs=2,
-                   n_low=10, low_retrain=1, low_steps=150, n_test=100),
+                   n_target=200, target_epochs=8, head_epochs=30, head_lr=3e-2, lam=3e-3, warmup_epochs=2,
+                   distill_layer='block1', n_low=10, low_retrain=1, low_steps=150, n_test=100),
     digits  = dict(arch='smallcnn', width=None, eps=0.2, n_source=None, source_epochs=40, at_steps=7, bs=64, lr=3e-3,
                    n_target=None, target_epochs=10, head_epochs=30, head_lr=3e-2, lam=0.05, warmup_epochs=2,
-                   n_low=20, low_retrain=0, low_steps=100, n_test=None),
+                   distill_layer=None, n_low=20, low_retrain=0, low_steps=100, n_test=None),
     cifar10 = dict(arch='preact18', width=16, eps=8/255, n_source=None, source_epochs=10, at_steps=7, bs=128, lr=3e-3,
                    n_target=None, target_epochs=5, head_epochs=5, head_lr=3e-3, lam=5e-3, warmup_epochs=1,
-                   n_low=25, low_retrain=0, low_steps=200, n_test=100),
+                   distill_layer=None, n_low=25, low_retrain=0, low_steps=200, n_test=100),
 )
 
 def _defaults(data):
@@ -96,10 +96,12 @@ def _one_seed(ds, src_cls, tgt_cls, d, eps, steps, lam, seed, device, verbose, b
     ep, hep, hl = d['target_epochs'], d['head_epochs'], d['head_lr']
     row(f1, names[f1][0], lambda: transfer_learner(nat, tgt_dls, n_retrain=0, metrics=accuracy), hep, hl)
     row(f1, names[f1][1], lambda: transfer_learner(rob, tgt_dls, n_retrain=0, metrics=accuracy), hep, hl)
-    row(f2, names[f2][0], lambda: transfer_learner(rob, tgt_dls, n_retrain='all', metrics=accuracy), ep, lr)
-    row(f2, names[f2][1], lambda: transfer_learner(rob, tgt_dls, n_retrain='all', metrics=accuracy), ep, lr,
-        cbs=[FeatureDistillation(rob.model, lam=lam, warmup_epochs=d['warmup_epochs'])],
-        desc=f" (lam={lam:g}, {d['warmup_epochs']} head-only warm-up epochs)")
+    flr = d.get('ft_lr') or lr  # fine-tuning rows: the sources' lr unless `ft_lr` is given
+    row(f2, names[f2][0], lambda: transfer_learner(rob, tgt_dls, n_retrain='all', metrics=accuracy), ep, flr)
+    row(f2, names[f2][1], lambda: transfer_learner(rob, tgt_dls, n_retrain='all', metrics=accuracy), ep, flr,
+        cbs=[FeatureDistillation(rob.model, lam=lam, layer=d['distill_layer'], warmup_epochs=d['warmup_epochs'])],
+        desc=f" (lam={lam:g}" + (f" on {d['distill_layer']}'s output" if d['distill_layer'] else '')
+             + f", {d['warmup_epochs']} head-only warm-up epochs)")
     low = task_dls(subsample(tgt, d['n_low'], seed=seed), bs=min(d['bs'], 4*d['n_low']), seed=seed, device=device)
     low_ep = max(1, round(d['low_steps']/len(low.train)))  # both rows: the same number of optimizer steps
     row(f3, names[f3][0], lambda: transfer_learner(rob, low, n_retrain=d['low_retrain'], metrics=accuracy), low_ep,
@@ -129,6 +131,10 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
                  width:int=None, # width of the model family (see `make_model`); default per dataset
                  epochs:int=None, # target epochs (source epochs and low-data steps scale with it); default per dataset
                  lam:float=None, # weight of the distillation penalty; default per dataset
+                 # the module whose output is distilled (e.g. 'block1'); None: the pooled features; default per dataset
+                 distill_layer:str=None,
+                 ft_lr:float=None, # learning rate of both fine-tuning rows (finding 2); default the sources' `lr`
+                 warmup:int=None, # head-only warm-up epochs of the distillation row; default per dataset
                  seed:int=0, # random seed of the first run
                  seeds:int=1, # runs with seeds seed, seed+1, ...: each figure is then mean and spread over them
                  device=None, # torch device; default fastai's `default_device()`
@@ -142,13 +148,16 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
     d = _defaults(data)
     d['holdout'] = holdout
     for k, v in dict(n_source=n_source, n_target=n_per_class, n_low=n_low, n_test=n_test, arch=arch, width=width,
-                     lam=lam).items():
+                     lam=lam, ft_lr=ft_lr,
+                     distill_layer=distill_layer).items():
         if v is not None: d[k] = v
     if epochs is not None:
         f = epochs/d['target_epochs']
         d.update(target_epochs=epochs, source_epochs=max(1, round(f*d['source_epochs'])),
                  head_epochs=max(1, round(f*d['head_epochs'])),
                  low_steps=max(1, round(f*d['low_steps'])), warmup_epochs=min(d['warmup_epochs'], max(0, epochs-1)))
+    check_number(ft_lr, 'ft_lr', lo=0, lo_open=True, none_ok=True, who='run_pipeline', fix='e.g. 1e-3')
+    if warmup is not None: check_int(warmup, 'warmup', lo=0, who='run_pipeline'); d['warmup_epochs'] = warmup
     eps = d['eps'] if eps is None else eps
     if d['arch'] not in ARCHS: raise ValueError(f"`arch` must be one of {ARCHS}, got {d['arch']!r}")
     log = log or (lambda *a, **k: None)

@@ -11,7 +11,8 @@ optimizer steps), each evaluated with PGD-20 (step eps/4, seeded) on the validat
         --tgt-n 200 --val-n 50 --src-epochs 8 --tgt-epochs 8 --head-epochs 30 --bs 64 --head-lr 3e-2 --low-steps 150 \\
         --parts head,low,ft --low-n 10 --low-retrain 0,1 --lams 0.03,0.1 --warm 2
 
-(the run behind the chosen defaults; the other rows of the table in nbs/08_pipeline.ipynb change --eps, --src-n,
+(the run behind the chosen defaults, except the distillation penalty: `--layer block1 --lams 0.003`, chosen with
+`run_pipeline(holdout=100)`'s split, see the notebook; the other rows of the table in nbs/08_pipeline.ipynb change --eps, --src-n,
 --src-epochs, --lams, --low-n)
 """
 import argparse, time, json, os
@@ -34,6 +35,7 @@ p.add_argument('--seed', type=int, default=0); p.add_argument('--src-n', type=in
 p.add_argument('--tgt-n', type=int, default=None); p.add_argument('--test', action='store_true')
 p.add_argument('--warm', type=int, default=2); p.add_argument('--widths', default='32,64')
 p.add_argument('--val-n', type=int, default=None); p.add_argument('--low-retrain', default='0'); p.add_argument('--parts', default='head,ft,low'); p.add_argument('--head-lr', type=float, default=3e-2); p.add_argument('--head-epochs', type=int, default=None)
+p.add_argument('--layer', default=None, help='module whose output is distilled (e.g. block1); default the pooled features')
 a = p.parse_args()
 torch.set_num_threads(1)
 widths = tuple(int(w) for w in a.widths.split(','))
@@ -83,7 +85,7 @@ if 'ft' in parts:
     set_seed(a.seed, reproducible=True); t = time.time(); l = fit(transfer_learner(rob, td, n_retrain='all', metrics=accuracy), a.tgt_epochs); rec('ft_plain', l, t)
     for lam in [float(x) for x in a.lams.split(',')]:
         set_seed(a.seed, reproducible=True); t = time.time()
-        l = fit(transfer_learner(rob, td, n_retrain='all', metrics=accuracy), a.tgt_epochs, [FeatureDistillation(rob.model, lam=lam, warmup_epochs=a.warm)]); rec(f'ft_distill_{lam:g}', l, t)
+        l = fit(transfer_learner(rob, td, n_retrain='all', metrics=accuracy), a.tgt_epochs, [FeatureDistillation(rob.model, lam=lam, layer=a.layer, warmup_epochs=a.warm)]); rec(f'ft_distill_{lam:g}', l, t)
 if 'low' in parts:
     for n in [int(x) for x in a.low_n.split(',')]:
         dn = task_dls(subsample(tgt, n), bs=min(a.bs, 4*n), seed=a.seed)
