@@ -5,10 +5,10 @@
 # %% ../nbs/09_cli.ipynb #f8cf4515
 from __future__ import annotations
 import argparse, inspect, sys
-from fractions import Fraction
 from pathlib import Path
 import torch
 from fastcore.docments import docments
+from .core import parse_number
 
 # %% auto #0
 __all__ = ['parse_eps', 'parse_classes', 'add_signature_args', 'make_parser', 'main']
@@ -16,8 +16,8 @@ __all__ = ['parse_eps', 'parse_classes', 'add_signature_args', 'make_parser', 'm
 # %% ../nbs/09_cli.ipynb #8464e4f1
 def parse_eps(s:str) -> float:
     "An eps in [0,1] pixel units from text: `0.2`, `8/255`."
-    try: v = float(Fraction(s.strip())) if '/' in s else float(s)
-    except (ValueError, ZeroDivisionError):
+    try: v = parse_number(s)
+    except ValueError:
         raise argparse.ArgumentTypeError(f"--eps: {s!r} is not a number; give pixel units such as 0.2 or 8/255")
     if not 0 <= v <= 1:
         raise argparse.ArgumentTypeError(f"--eps: {s!r} is outside [0,1]; give pixel units such as 8/255, not 8")
@@ -41,8 +41,8 @@ def _int_arg(opt, lo):
 
 def _float_arg(opt):
     def f(s):
-        try: return float(Fraction(s.strip())) if '/' in s else float(s)
-        except (ValueError, ZeroDivisionError): raise argparse.ArgumentTypeError(f"{opt}: {s!r} is not a number")
+        try: return parse_number(s)
+        except ValueError: raise argparse.ArgumentTypeError(f"{opt}: {s!r} is not a number")
     return f
 
 def _parser_of(anno, opt, default):

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import math, numbers, random
 from contextlib import contextmanager
+from fractions import Fraction
 import numpy as np
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from fastai.data.transforms import Normalize
 
 # %% auto #0
 __all__ = ['plain', 'is_int', 'is_number', 'check_int', 'check_number', 'fork_rng', 'eps_str', 'normalize_stats',
-           'NormalizeInput', 'input_stats', 'add_input_norm', 'check_normalization']
+           'NormalizeInput', 'input_stats', 'add_input_norm', 'check_normalization', 'parse_number']
 
 # %% ../nbs/00_core.ipynb #7803692f
 def plain(t):
@@ -257,3 +258,10 @@ def check_normalization(model:nn.Module, # the model the inputs go to
         seen.add((id(dls), kind))
         warnings.warn(f"{who}: {msg}", UserWarning, stacklevel=2)
     return msg
+
+# %% ../nbs/00_core.ipynb #0f23316f
+def parse_number(s:str)->float:
+    "A number from text: `0.2`, `1e-3`, or a fraction such as `8/255`; a `ValueError` otherwise."
+    s = s.strip()
+    try: return float(Fraction(s)) if '/' in s else float(s)
+    except ZeroDivisionError: raise ValueError(f"{s!r} divides by zero") from None

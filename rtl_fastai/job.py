@@ -5,7 +5,6 @@
 # %% ../nbs/08b_job.ipynb #850b8b8c
 from __future__ import annotations
 import difflib, os, sys, time
-from fractions import Fraction
 from pathlib import Path
 from urllib.parse import urlparse
 import pandas as pd
@@ -14,7 +13,7 @@ from torch import nn
 import torchvision
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
-from .core import (is_int, check_int, check_number, eps_str, normalize_stats, input_stats, add_input_norm,
+from .core import (parse_number, is_int, check_int, check_number, eps_str, normalize_stats, input_stats, add_input_norm,
                              check_normalization)
 from .data.folder import check_image_folder, folder_dls
 from .models import model_blocks
@@ -42,9 +41,8 @@ def parse_eps(eps, # a radius in [0,1] pixel units: a number, or text such as '4
     "`eps` as a float in [0,1] pixel units, from a number or from text like '4/255'"
     v = eps
     if isinstance(eps, str):
-        s = eps.strip()
-        try: v = float(Fraction(s)) if '/' in s else float(s)
-        except (ValueError, ZeroDivisionError):
+        try: v = parse_number(eps)
+        except ValueError:
             raise ValueError(f"{who}: `{name}`={eps!r} is not a number; give [0,1] pixel units such as '4/255' "
                              "or 0.0157") from None
     v = check_number(v, name, lo=0, who=who, fix="give it in [0,1] pixel units, e.g. '4/255'")
