@@ -28,15 +28,18 @@ from fastai.metrics import accuracy
 from rtl_fastai.data.all import load_dataset, select_classes, subsample, subsample_valid, default_split, task_dls, ArrayData
 from rtl_fastai.models import PreActResNet18, WideResNet
 from rtl_fastai.attacks import pgd_attack
-from rtl_fastai.callback.adv_valid import RobustAccuracy  # noqa: F401  (Learner.robust_validate)
+from rtl_fastai.attacks import ThreatModel
+from rtl_fastai.callback.adv_valid import robust_validate
+from rtl_fastai import experiment
 from rtl_fastai.callback.adv_train import FastAdvTraining, PGDTraining
 from rtl_fastai.callback.transfer import transfer_learner
 from rtl_fastai.callback.distill import FeatureDistillation
 
 EPS, ALPHA = 8/255, 2/255
+THREAT = ThreatModel(EPS, steps=20, alpha=ALPHA)  # the paper's PGD-20 evaluation
 
-# ---- protocol helpers, in this ONE place: replace them by rtl_fastai.experiment's (fit quietly, evaluate, train a
-# ---- source) once that module lands; nothing else in this script knows how a model is fitted or evaluated.
+# ---- protocol helpers: rtl_fastai.experiment's `fit_quietly`, plus what the GPU study adds to it (mixed precision,
+# ---- no per-epoch validation); nothing else in this script knows how a model is fitted or evaluated.
 def set_amp(learn, dtype):
     if dtype == torch.float16: learn.to_fp16()
     elif dtype == torch.bfloat16: learn.to_bf16()
@@ -47,15 +50,13 @@ class NoValidation(Callback):
     def before_validate(self): raise CancelValidException()
 
 def fit_quietly(learn, epochs, lr, cbs=(), dtype=torch.float32):
-    "`fit_one_cycle` without bars, logging or per-epoch validation, under the mixed precision `dtype`."
-    set_amp(learn, dtype)
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr, cbs=list(cbs) + [NoValidation()])
-    return learn
+    "`experiment.fit_quietly` without per-epoch validation, under the mixed precision `dtype`."
+    return experiment.fit_quietly(set_amp(learn, dtype), epochs, lr, list(cbs) + [NoValidation()])
 
 def evaluate(learn, dtype=torch.float32, seed=0):
     "Clean and PGD-20 (8/255, step 2/255) accuracy on all of `learn.dls.valid`, under autocast `dtype`."
     ctx = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(learn.dls.device.type, dtype=dtype)
-    with ctx: r = learn.robust_validate(eps=EPS, steps=20, alpha=ALPHA, show_progress=False, seed=seed)
+    with ctx: r = robust_validate(learn, threat=THREAT, show_progress=False, seed=seed)
     return dict(clean_acc=round(r['clean_acc'], 4), pgd20_acc=round(r['robust_acc'], 4), n_test=r['n'])
 
 def train_source(dls, make_model, kind, epochs, dtype, lr=2e-3):
