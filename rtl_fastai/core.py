@@ -259,7 +259,7 @@ def check_normalization(model:nn.Module, # the model the inputs go to
         warnings.warn(f"{who}: {msg}", UserWarning, stacklevel=2)
     return msg
 
-# %% ../nbs/00_core.ipynb #0f23316f
+# %% ../nbs/00_core.ipynb #329af922
 def parse_number(s:str)->float:
     "A number from text: `0.2`, `1e-3`, or a fraction such as `8/255`; a `ValueError` otherwise."
     s = s.strip()

@@ -26,7 +26,7 @@ from .callback.feature_cache import FeatureCache
 from .callback.transfer import transfer_learner
 from .callback.distill import FeatureDistillation
 from .callback.adv_valid import robust_validate, robust_accuracy_curve
-from .experiment import ALPHA_RATIO
+from .experiment import ALPHA_RATIO, fit_quietly
 from .pipeline import next_run_dir, save_run
 from .vis import plot_robust_curve
 
@@ -376,9 +376,7 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
                else [])
         log(f"training: {epochs} epochs on {summary.n_train} images of {len(summary.classes)} classes")
         t = time.time()
-        if quiet:
-            with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr, cbs=cbs)
-        else: learn.fit_one_cycle(epochs, lr, cbs=cbs)
+        fit_quietly(learn, epochs, lr, cbs, verbose=not quiet)  # fastai's table and bars unless `quiet`
         train_s = time.time() - t
         fc = next((c for c in learn.cbs if isinstance(c, FeatureCache)), None)
         log(f"evaluation: clean and {tm.name} accuracy on {summary.n_valid} validation images")
