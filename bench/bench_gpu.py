@@ -254,9 +254,7 @@ def main(device:str=None,         # 'cuda', 'cuda:N' or 'cpu' (default: cuda if 
         n = len(d.y_train) - len(d.y_train) % bs
         rows = {}
         def fastai_run(key, on_gpu, fused):
-            tdl = task_dls(d, bs=bs, augment=True, seed=seed, device=dev)
-            if on_gpu:
-                for ds in (tdl.train.dataset, tdl.valid.dataset): ds.x, ds.y = ds.x.to(dev), ds.y.to(dev)
+            tdl = task_dls(d, bs=bs, augment=True, seed=seed, device=dev, data_device='device' if on_gpu else None)
             kw = dict(opt_func=partial(OptimWrapper, opt=partial(torch.optim.Adam, fused=dev.type == 'cuda'))) if fused else {}
             def once():
                 learn = set_amp(Learner(tdl, model_(), **kw), dtype)

@@ -14,13 +14,22 @@ from fastai.data.core import DataLoaders, TfmdDL
 from fastai.data.transforms import Normalize
 
 # %% auto #0
-__all__ = ['plain', 'is_int', 'is_number', 'check_int', 'check_number', 'fork_rng', 'eps_str', 'normalize_stats',
-           'NormalizeInput', 'input_stats', 'add_input_norm', 'check_normalization', 'parse_number']
+__all__ = ['plain', 'to_device_async', 'is_int', 'is_number', 'check_int', 'check_number', 'fork_rng', 'eps_str',
+           'normalize_stats', 'NormalizeInput', 'input_stats', 'add_input_norm', 'check_normalization', 'parse_number']
 
 # %% ../nbs/00_core.ipynb #7803692f
 def plain(t):
     "`t` as a plain `torch.Tensor` (a view, no copy) if it is a tensor subclass; anything else unchanged."
     return t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) and type(t) is not torch.Tensor else t
+
+# %% ../nbs/00_core.ipynb #d52a9b1f
+def to_device_async(t:torch.Tensor, device) -> torch.Tensor:
+    "`t` on `device`, without a host-device synchronisation when a CPU tensor goes to a GPU (through pinned memory)"
+    device = torch.device(device)
+    if t.device == device: return t
+    if device.type == 'cuda' and t.device.type == 'cpu': t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
 
 # %% ../nbs/00_core.ipynb #2d5252cb
 def is_int(v)->bool:

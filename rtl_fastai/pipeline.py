@@ -27,15 +27,18 @@ __all__ = ['DEFAULTS', 'FINDINGS', 'run_pipeline', 'summarize', 'verdicts', 'for
 
 # %% ../nbs/08_pipeline.ipynb #6aa01408
 DEFAULTS = dict(
-    mnist   = dict(arch='smallcnn', width=16, eps=0.2, n_source=1000, source_epochs=8, at_steps=7, bs=64, lr=3e-3,
+    mnist   = dict(arch='smallcnn', width=16, eps=0.2, n_source=1000, source_epochs=12, at_steps=7, bs=64, lr=3e-3,
                    n_target=200, target_epochs=8, head_epochs=30, head_lr=3e-2, lam=3e-3, warmup_epochs=2,
-                   distill_layer='block1', n_low=10, low_retrain=1, low_steps=150, n_test=100),
+                   distill_layer='block1', n_low=10, low_retrain=1, low_steps=150, low_lr=1e-3, scratch_lr=0.3,
+                   n_test=100),
     digits  = dict(arch='smallcnn', width=None, eps=0.2, n_source=None, source_epochs=40, at_steps=7, bs=64, lr=3e-3,
                    n_target=None, target_epochs=10, head_epochs=30, head_lr=3e-2, lam=0.05, warmup_epochs=2,
-                   distill_layer=None, n_low=20, low_retrain=0, low_steps=100, n_test=None),
+                   distill_layer=None, n_low=20, low_retrain=0, low_steps=100, low_lr=None, scratch_lr=None,
+                   n_test=None),
     cifar10 = dict(arch='preact18', width=16, eps=8/255, n_source=None, source_epochs=10, at_steps=7, bs=128, lr=3e-3,
                    n_target=None, target_epochs=5, head_epochs=5, head_lr=3e-3, lam=5e-3, warmup_epochs=1,
-                   distill_layer=None, n_low=25, low_retrain=0, low_steps=200, n_test=100),
+                   distill_layer=None, n_low=25, low_retrain=0, low_steps=200, low_lr=None, scratch_lr=None,
+                   n_test=100),
 )
 
 def _defaults(data):
@@ -61,7 +64,7 @@ def _row_names(n_low, low_retrain=0):
 # %% ../nbs/08_pipeline.ipynb #133a5a85
 def _one_seed(ds, src_cls, tgt_cls, d, eps, steps, lam, seed, device, verbose, bars, step):
     "Every source and row of one seed; returns (rows, learners, source info)."
-    kw = dict(bs=d['bs'], seed=seed, device=device)
+    kw = dict(bs=d['bs'], seed=seed, device=device, data_device='device')  # on a GPU the images live there
     src, tgt = select_classes(ds, src_cls), select_classes(ds, tgt_cls)
     if d['holdout']: src, tgt = carve_valid(src, d['holdout']), carve_valid(tgt, d['holdout'])  # test images unseen
     elif d['n_test']: src, tgt = subsample_valid(src, d['n_test']), subsample_valid(tgt, d['n_test'])
@@ -102,12 +105,13 @@ def _one_seed(ds, src_cls, tgt_cls, d, eps, steps, lam, seed, device, verbose, b
         cbs=[FeatureDistillation(rob.model, lam=lam, layer=d['distill_layer'], warmup_epochs=d['warmup_epochs'])],
         desc=f" (lam={lam:g}" + (f" on {d['distill_layer']}'s output" if d['distill_layer'] else '')
              + f", {d['warmup_epochs']} head-only warm-up epochs)")
-    low = task_dls(subsample(tgt, d['n_low'], seed=seed), bs=min(d['bs'], 4*d['n_low']), seed=seed, device=device)
+    low = task_dls(subsample(tgt, d['n_low'], seed=seed), **dict(kw, bs=min(d['bs'], 4*d['n_low'])))
     low_ep = max(1, round(d['low_steps']/len(low.train)))  # both rows: the same number of optimizer steps
     row(f3, names[f3][0], lambda: transfer_learner(rob, low, n_retrain=d['low_retrain'], metrics=accuracy), low_ep,
-        hl if d['low_retrain'] == 0 else lr)
+        d.get('low_lr') or (hl if d['low_retrain'] == 0 else lr))
     row(f3, names[f3][1],
-        lambda: Learner(low, make_model(arch, low.train_ds.x.shape[1], low.c, width), metrics=accuracy), low_ep, lr,
+        lambda: Learner(low, make_model(arch, low.train_ds.x.shape[1], low.c, width), metrics=accuracy), low_ep,
+        d.get('scratch_lr') or lr,
         cbs=[PGDTraining(eps, steps=d['at_steps'])],
         desc=f" (PGD-{d['at_steps']} at eps={eps_str(eps)}, {low_ep*len(low.train)} steps as the row above)")
     return rows, learners, info
@@ -134,6 +138,8 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
                  # the module whose output is distilled (e.g. 'block1'); None: the pooled features; default per dataset
                  distill_layer:str=None,
                  ft_lr:float=None, # learning rate of both fine-tuning rows (finding 2); default the sources' `lr`
+                 low_lr:float=None, # learning rate of the low-data transfer row (finding 3); default per dataset
+                 scratch_lr:float=None, # lr of adversarial training from scratch (finding 3); default per dataset
                  warmup:int=None, # head-only warm-up epochs of the distillation row; default per dataset
                  seed:int=0, # random seed of the first run
                  seeds:int=1, # runs with seeds seed, seed+1, ...: each figure is then mean and spread over them
@@ -148,7 +154,7 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
     d = _defaults(data)
     d['holdout'] = holdout
     for k, v in dict(n_source=n_source, n_target=n_per_class, n_low=n_low, n_test=n_test, arch=arch, width=width,
-                     lam=lam, ft_lr=ft_lr,
+                     lam=lam, ft_lr=ft_lr, low_lr=low_lr, scratch_lr=scratch_lr,
                      distill_layer=distill_layer).items():
         if v is not None: d[k] = v
     if epochs is not None:
@@ -156,7 +162,8 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
         d.update(target_epochs=epochs, source_epochs=max(1, round(f*d['source_epochs'])),
                  head_epochs=max(1, round(f*d['head_epochs'])),
                  low_steps=max(1, round(f*d['low_steps'])), warmup_epochs=min(d['warmup_epochs'], max(0, epochs-1)))
-    check_number(ft_lr, 'ft_lr', lo=0, lo_open=True, none_ok=True, who='run_pipeline', fix='e.g. 1e-3')
+    for k, v in dict(ft_lr=ft_lr, low_lr=low_lr, scratch_lr=scratch_lr).items():
+        check_number(v, k, lo=0, lo_open=True, none_ok=True, who='run_pipeline', fix='e.g. 1e-3')
     if warmup is not None: check_int(warmup, 'warmup', lo=0, who='run_pipeline'); d['warmup_epochs'] = warmup
     eps = d['eps'] if eps is None else eps
     if d['arch'] not in ARCHS: raise ValueError(f"`arch` must be one of {ARCHS}, got {d['arch']!r}")

@@ -119,8 +119,8 @@ def main(device:str=None,            # 'cuda', 'cuda:N' or 'cpu' (default: cuda 
     src_d, tgt_full = select_classes(cifar, split.source), select_classes(cifar, split.target)
     if tiny: src_d, tgt_full = subsample_valid(subsample(src_d, 16), 8), subsample_valid(tgt_full, 8)
     tgt_d = subsample(tgt_full, 16) if tiny else tgt_full
-    src_dls = task_dls(src_d, bs=bs, val_bs=val_bs, augment=True, seed=seed, device=dev)
-    tgt_dls = lambda d=tgt_d, b=bs: task_dls(d, bs=b, val_bs=val_bs, seed=seed, device=dev)  # fresh per run: same shuffles
+    src_dls = task_dls(src_d, bs=bs, val_bs=val_bs, augment=True, seed=seed, device=dev, data_device='device')
+    tgt_dls = lambda d=tgt_d, b=bs: task_dls(d, bs=b, val_bs=val_bs, seed=seed, device=dev, data_device='device')  # fresh per run: same shuffles
     times, res = {}, dict(settings=dict(device=name, torch=torch.__version__, fastai=fastai.__version__, dtype=str(dtype),
                                          channels_last=channels_last, model=desc, source=source, bs=bs, eps='8/255',
                                          attack='PGD-20, step 2/255, random start, all test images of the task'))
@@ -130,7 +130,7 @@ def main(device:str=None,            # 'cuda', 'cuda:N' or 'cpu' (default: cuda 
     t = time.time()
     cal_n = min(src_d.n_train, 20*bs)
     cal = task_dls(ArrayData(src_d.x_train[:cal_n], src_d.y_train[:cal_n], src_d.x_valid[:bs], src_d.y_valid[:bs],
-                             src_d.classes, src_d.name), bs=bs, seed=seed, device=dev)
+                             src_d.classes, src_d.name), bs=bs, seed=seed, device=dev, data_device='device')
     learn = set_amp(Learner(cal, make_model(cal.c)), dtype)
     with learn.no_bar(), learn.no_logging():
         learn.fit(1, 1e-3)                                   # warm-up (cuDNN, allocator)

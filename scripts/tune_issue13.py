@@ -2,10 +2,11 @@
 """The search behind the MNIST distillation defaults (issue 13; nbs/08_pipeline.ipynb, "Defaults per dataset"): on the
 validation split of `run_pipeline(holdout=100)` (100 training images per class held out; the test images unused).
 
-    OMP_NUM_THREADS=1 python scripts/tune_issue13.py SEED x '[{"kind":"ft","layer":"block1","lams":[0.001,0.003,0.01]},{"kind":"low","n":10}]'
+    OMP_NUM_THREADS=1 python scripts/tune_issue13.py SEED x '[{"kind":"ft","layer":"block1","lams":[0.001,0.003,0.01]},{"kind":"low","n":10}]' ['{"source_epochs":12}']
 
-Each config: {"kind":"ft", "lr", "ep", "warm", "lams", "plain", "pre", "layer", "pen"} or {"kind":"low", "n", "steps", "nr", "at"}.
-The robust source of each seed is cached in ~/.cache/rtl_fastai/issue13_rob_SEED.pth. Prints one JSON line per row (clean %, PGD-20 %, s)."""
+Each config: {"kind":"ft", "lr", "ep", "warm", "lams", "plain", "pre", "layer", "pen"} or {"kind":"low", "n", "steps", "nr", "at", "lr", "at_lr"}.
+The optional last argument overrides the MNIST defaults. The robust source of each seed and source setting is cached in
+~/.cache/rtl_fastai/issue13_rob_SEED_NSOURCExEPOCHS.pth. Prints one JSON line per row (clean %, PGD-20 %, s)."""
 import sys, time, os, json, torch
 torch.set_num_threads(1)
 from fastai.vision.all import Learner, accuracy, set_seed
@@ -18,14 +19,14 @@ from rtl_fastai.callback.adv_train import PGDTraining
 from rtl_fastai.callback.transfer import transfer_learner
 from rtl_fastai.callback.distill import FeatureDistillation
 seed = int(sys.argv[1]); mode = sys.argv[2]; cfgs = json.loads(sys.argv[3]) if len(sys.argv) > 3 else []
-d = _defaults('mnist'); d['holdout'] = 100; eps = d['eps']
+d = _defaults('mnist'); d.update(json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}); d['holdout'] = 100; eps = d['eps']
 ds = load_dataset('mnist'); sp = default_split(ds)
 src, tgt = select_classes(ds, list(sp.source)), select_classes(ds, list(sp.target))
 src, tgt = carve_valid(src, 100), carve_valid(tgt, 100)
 src = subsample(src, d['n_source'], seed=seed)
 kw = dict(bs=d['bs'], seed=seed)
 src_dls = task_dls(src, **kw); tgt_dls = task_dls(subsample(tgt, d['n_target'], seed=seed), **kw)
-fn = os.path.expanduser(f"~/.cache/rtl_fastai/issue13_rob_{seed}.pth"); os.makedirs(os.path.dirname(fn), exist_ok=True)
+fn = os.path.expanduser(f"~/.cache/rtl_fastai/issue13_rob_{seed}_{d['n_source']}x{d['source_epochs']}.pth"); os.makedirs(os.path.dirname(fn), exist_ok=True)
 t = time.time()
 if os.path.exists(fn):
     l = Learner(src_dls, make_model('smallcnn', 1, src_dls.c, d['width']), metrics=accuracy); l.model.load_state_dict(torch.load(fn))
@@ -48,5 +49,5 @@ for c in cfgs:
         n, steps, nr = c['n'], c.get('steps', d['low_steps']), c.get('nr', d['low_retrain'])
         low = task_dls(subsample(tgt, n, seed=seed), bs=min(d['bs'], 4*n), seed=seed)
         low_ep = max(1, round(steps/len(low.train)))
-        row(f"low N{n} steps{steps} transfer nr{nr}", lambda: transfer_learner(rob, low, n_retrain=nr, metrics=accuracy), low_ep, d['head_lr'] if nr == 0 else d['lr'])
-        if c.get('at', True): row(f"low N{n} steps{steps} AT", lambda: Learner(low, make_model('smallcnn', low.train_ds.x.shape[1], low.c, d['width']), metrics=accuracy), low_ep, d['lr'], [PGDTraining(eps, steps=d['at_steps'])])
+        row(f"low N{n} steps{steps} transfer nr{nr} lr{c.get('lr')}", lambda: transfer_learner(rob, low, n_retrain=nr, metrics=accuracy), low_ep, c.get('lr') or (d['head_lr'] if nr == 0 else d['lr']))
+        if c.get('at', True): row(f"low N{n} steps{steps} AT lr{c.get('at_lr')}", lambda: Learner(low, make_model('smallcnn', low.train_ds.x.shape[1], low.c, d['width']), metrics=accuracy), low_ep, c.get('at_lr') or d['lr'], [PGDTraining(eps, steps=d['at_steps'])])

@@ -312,15 +312,15 @@ def test_dataset_on_gpu(dev):
     y = torch.arange(96) % 4
     d = ArrayData(x[:64], y[:64], x[64:], y[64:], ['a', 'b', 'c', 'd'])
     host = task_dls(d, bs=16, seed=0, device=dev)
-    gpu = task_dls(d, bs=16, seed=0, device=dev)
-    for ds in (gpu.train.dataset, gpu.valid.dataset): ds.x, ds.y = ds.x.to(dev), ds.y.to(dev)
+    gpu = task_dls(d, bs=16, seed=0, device=dev, data_device='device')
+    assert all(on(t, dev) for ds in (gpu.train.dataset, gpu.valid.dataset) for t in (ds.x, ds.y))
     for dl_h, dl_g in ((host.train, gpu.train), (host.valid, gpu.valid)):
         bh, bg = list(dl_h), list(dl_g)
         assert len(bh) == len(bg) > 0
         for (xh, yh), (xg, yg) in zip(bh, bg):
             assert on(xg, dev) and on(yg, dev) and xg.dtype == torch.float32
             torch.testing.assert_close(plain(xg), plain(xh)); assert torch.equal(plain(yg), plain(yh))
-    aug = task_dls(d, bs=16, seed=0, device=dev, augment=True)
-    aug.train.dataset.x = aug.train.dataset.x.to(dev)
+    aug = task_dls(d, bs=16, seed=0, device=dev, augment=True, data_device=dev)
+    assert on(aug.train.dataset.x, dev)
     xb, yb = aug.train.one_batch()
     assert on(xb, dev) and xb.shape == (16, 3, 32, 32) and xb.dtype == torch.float32

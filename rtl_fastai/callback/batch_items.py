@@ -6,6 +6,7 @@
 from __future__ import annotations
 import torch
 from fastai.torch_core import find_bs
+from ..core import to_device_async
 
 # %% auto #0
 __all__ = ['epoch_idxs', 'batch_idxs', 'batch_items']
@@ -34,6 +35,9 @@ def batch_idxs(dl,            # a fastai `DataLoader` being iterated
                            "this DataLoader does not batch consecutive chunks.")
     return out
 
-def batch_items(learn) -> torch.Tensor:
+def batch_items(learn,
+                device=None, # where the indices go (e.g. the device of a cache they index); None: the CPU
+               ) -> torch.Tensor:
     "Dataset indices of the items of the current batch of `learn` (batch `learn.iter` of `learn.dl`)."
-    return batch_idxs(learn.dl, learn.iter, find_bs(learn.yb))
+    idx = batch_idxs(learn.dl, learn.iter, find_bs(learn.yb))
+    return idx if device is None else to_device_async(idx, device)  # no wait for the GPU at each step

@@ -295,7 +295,7 @@ class FeatureDistillation(HookCallback):
         "Source features of the current batch: looked up when precomputed (training), else the source's forward."
         x = self.xb[0]
         if not (self.training and self._pre_dl is not None and self.dl is self._pre_dl): return self.source_features(x)
-        fs = self._src_feats[batch_items(self.learn).to(self._src_feats.device)]
+        fs = self._src_feats[batch_items(self.learn, self._src_feats.device)]
         if not self._checked:
             ref = self.source_features(x)
             if ref.shape != fs.shape or not torch.allclose(ref, fs, rtol=1e-3,

@@ -201,7 +201,7 @@ class FeatureCache(Callback):
     def before_batch(self):
         if not self.active or self.dl is not self.dl_train: return  # e.g. a fit over another DataLoader
         xb, yb = self.learn.xb[0], plain(self.learn.yb[0])
-        try: idx = batch_items(self.learn).to(self.cached.device)
+        try: idx = batch_items(self.learn, self.cached.device)
         except RuntimeError as e:
             raise RuntimeError(f"FeatureCache cannot tell which items this batch holds ({e}); train with cache=False "
                                "and report this with your DataLoader type.") from None

@@ -13,7 +13,7 @@ from fastai.data.core import TfmdDL, DataLoaders
 from fastai.data.transforms import Normalize, IntToFloatTensor
 from fastai.losses import CrossEntropyLossFlat
 from fastai.data.core import explode_types # fasttransform's, as fastai uses it
-from ..core import check_int, normalize_stats
+from ..core import check_int, normalize_stats, to_device_async
 from .arrays import ArrayData, default_split, select_classes, subsample, channel_stats
 from .external import load_dataset
 from .augment import FlipPadCrop
@@ -43,13 +43,14 @@ class ArrayDL(TfmdDL):
         self.seed = seed
         if seed is not None: self.rng = random.Random(seed)
 
-    def create_batch(self, b): 
-        "Batch of the items with indices `b`"
-        b = torch.as_tensor(b, dtype=torch.long)
+    def create_batch(self, b):
+        "Batch of the items with indices `b` (cut where the data set's tensors live)"
+        b = to_device_async(torch.as_tensor(b, dtype=torch.long), self.dataset.x.device)
         return TensorImage(self.dataset.x[b]), TensorCategory(self.dataset.y[b])
 
     def create_batches(self, samps):
-        idxs = torch.as_tensor(list(samps), dtype=torch.long)
+        # the epoch's order goes to the data's device once, not once per batch
+        idxs = to_device_async(torch.as_tensor(list(samps), dtype=torch.long), self.dataset.x.device)
         n = len(idxs) - (len(idxs) % self.bs if self.drop_last else 0)
         for i in range(0, n, self.bs): yield self.create_batch(idxs[i:i+self.bs])
 
@@ -63,6 +64,15 @@ class ArrayDL(TfmdDL):
         return super().new(dataset, cls, **{'seed': self.seed, **kwargs})
 
 # %% ../../nbs/00d_data.loaders.ipynb #db391920
+def _data_device(data_device, device):
+    "The device the data set's tensors go to (`task_dls`'s `data_device`)"
+    if data_device is None: return torch.device('cpu')
+    if isinstance(data_device, str) and data_device == 'device': return torch.device(device)
+    try: return torch.device(data_device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"task_dls: `data_device` must be None (the CPU), 'device' (the batches' device) or a torch "
+                         f"device such as 'cuda', got {data_device!r}") from None
+
 def task_dls(data='digits',        # 'digits', 'mnist', 'cifar10', a path (see `load_dataset`), or an `ArrayData`
              classes=None,         # Class names/indices, 'source' or 'target' (see `default_split`), or None for all
              n_per_class:int=None, # Training examples per class (seeded, stratified); None keeps all
@@ -73,6 +83,9 @@ def task_dls(data='digits',        # 'digits', 'mnist', 'cifar10', a path (see `
              seed:int=0,           # Seed of the subsample and of the training shuffle
              device=None,          # Device of the batches; None is fastai's `default_device()`
              path=None,            # Where to read 'mnist'/'cifar10' from (see `find_data`)
+             # Where the images live: None keeps them on the CPU (each batch copied to `device`); 'device' (or a
+             # device) moves them there once, so batches are cut and augmented there and never wait on the CPU
+             data_device=None,
             )->DataLoaders:
     "Fast fastai `DataLoaders` for one task (pixels in [0,1] before `Normalize`)"
     d = data if isinstance(data, ArrayData) else load_dataset(data, path=path)
@@ -97,8 +110,9 @@ def task_dls(data='digits',        # 'digits', 'mnist', 'cifar10', a path (see `
         tfms.append(Normalize.from_stats(mean.tolist(), std.tolist(), cuda=False))
         stats = normalize_stats((mean, std))
     if device is None: device = default_device()
-    trn = ArrayDataset(d.x_train, d.y_train, d.classes, split_idx=0)
-    val = ArrayDataset(d.x_valid, d.y_valid, d.classes, split_idx=1)
+    dd = _data_device(data_device, device)
+    trn = ArrayDataset(d.x_train.to(dd), d.y_train.to(dd), d.classes, split_idx=0)
+    val = ArrayDataset(d.x_valid.to(dd), d.y_valid.to(dd), d.classes, split_idx=1)
     dls = DataLoaders(ArrayDL(trn, bs=bs, shuffle=True, drop_last=len(trn) > bs, seed=seed, after_batch=tfms),
                       ArrayDL(val, bs=val_bs, shuffle=False, drop_last=False, after_batch=tfms),
                       device=device)
