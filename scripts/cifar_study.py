@@ -42,6 +42,7 @@ def main():
     p.add_argument('--lams', default='0,1e-4,1e-3,5e-3,1e-2,1e-1')
     p.add_argument('--low-n', default='10,25,50,100,250')
     p.add_argument('--low-steps', type=int, default=200, help="optimizer steps of every low-data run (both methods)")
+    p.add_argument('--at-lrs', default='3e-3', help="learning rates of PGD-7 AT from scratch in the low-data runs, each a row")
     p.add_argument('--gen-n', type=int, default=100, help="training images per class of the generalization experiment")
     p.add_argument('--gen-lam', type=float, default=5e-3)
     p.add_argument('--parts', default='sources,blocks,distill,lowdata,gen')
@@ -111,10 +112,12 @@ def main():
             rows.append(dict(n_per_class=n, method='robust source, frozen (head only)', epochs=ep,
                              seconds=round(time.time()-t, 1), **score(l)))
             log(rows[-1])
-            t = time.time()
-            l = train_source(dls_n, net, ep, 3e-3, eps=EPS, steps=7, alpha=2/255)  # PGD-7 AT from scratch, seed 0
-            rows.append(dict(n_per_class=n, method='PGD-7 AT from scratch', epochs=ep, seconds=round(time.time()-t, 1), **score(l)))
-            log(rows[-1]); res['lowdata'] = rows; save()
+            for lr in [float(x) for x in a.at_lrs.split(',')]:
+                t = time.time()
+                l = train_source(dls_n, net, ep, lr, eps=EPS, steps=7, alpha=2/255)  # PGD-7 AT from scratch, seed 0
+                rows.append(dict(n_per_class=n, method='PGD-7 AT from scratch' + ('' if lr == 3e-3 else f', lr {lr:g}'),
+                                 epochs=ep, seconds=round(time.time()-t, 1), **score(l)))
+                log(rows[-1]); res['lowdata'] = rows; save()
 
     if 'gen' in parts:
         # the paper's section 6: adversarial training on a small target set, with and without the distillation
