@@ -5,7 +5,8 @@ PreActResNet18 of width 64 (or `--arch wrn`), in a fixed time budget (default 8 
 1. source: a robust source on animals, fast AT (FGSM-RS, eps 8/255; `--source pgd`: PGD-7 AT), all training images;
 2. block-by-block transfer to vehicles from it (n_retrain 0, 1, 2, 'all'; frozen blocks served by the feature cache);
 3. end-to-end fine-tuning with feature distillation toward the source, lam in `--lams`;
-4. low-data regime: head-only transfer against PGD-7 AT from scratch (same optimizer steps), N per class in `--low_n`.
+4. low-data regime: head-only transfer against PGD-7 AT from scratch (same optimizer steps) at each learning rate of
+   `--scratch_lrs` (its best is the fair baseline), N per class in `--low_n`.
 Every model is evaluated with PGD-20 (L-inf, eps 8/255, step 2/255, random start) on ALL the CIFAR-10 test images of its
 task (6000 animals, 4000 vehicles). The epochs come from a short calibration on the device: the per-image costs of a
 training pass and of an attack step are measured first, and the epochs/steps are scaled so the whole study fits the
@@ -89,6 +90,7 @@ def main(device:str=None,            # 'cuda', 'cuda:N' or 'cpu' (default: cuda 
          src_epochs:int=None,        # override the planned source epochs
          tgt_epochs:int=None,        # override the planned target epochs (blocks and distillation)
          low_steps:int=None,         # override the planned optimizer steps of each low-data run
+         scratch_lrs:str='3e-3,3e-2,0.3', # learning rates of PGD-7 AT from scratch in the low-data runs, a row each
          out:str=None,               # folder for results.json and results.md
          seed:int=0):
     "The paper study on one GPU in a fixed budget, printing the wall time of each stage and a results table."
@@ -103,6 +105,7 @@ def main(device:str=None,            # 'cuda', 'cuda:N' or 'cpu' (default: cuda 
     if tiny: width, bs, val_bs = 8, bs or 32, 64
     bs = bs or 256
     lams_l, low_l = [float(v) for v in lams.split(',')], [int(v) for v in low_n.split(',')]
+    lrs = [float(v) for v in scratch_lrs.split(',')]; n_lrs = len(lrs)
     if tiny: lams_l, low_l = lams_l[:1] + lams_l[-1:], [2, 4]
     parts = parts.split(',')
     name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
@@ -161,7 +164,8 @@ def main(device:str=None,            # 'cuda', 'cuda:N' or 'cpu' (default: cuda 
         est = dict(source=p['src_epochs']*n_s*m_src*c_pass + ev(n_ev_s),
                    blocks=(('blocks' in parts) and (e*n_t*(0.1 + 0.45 + 0.65 + 1.0)*c_pass + 0.4*n_t*c_pass + 4*ev(n_ev_t))),
                    distill=(('distill' in parts) and (len(lams_l)*(e*n_t*1.05 + 0.4*n_t)*c_pass + len(lams_l)*ev(n_ev_t))),
-                   lowdata=(('lowdata' in parts) and sum(s*min(bs, 4*n)*(0.1 + 8)*c_pass + 2*ev(n_ev_t) for n in low_l)))
+                   lowdata=(('lowdata' in parts) and sum(s*min(bs, 4*n)*(0.1 + 8*n_lrs)*c_pass + (1+n_lrs)*ev(n_ev_t)
+                                                         for n in low_l)))
         return p, {k_: float(v) for k_, v in est.items()}
     avail = budget_minutes*60 - (time.time() - t0) - 10     # 10 s for data set-up of the later stages
     lo, hi = 0.02, 1.0
@@ -214,12 +218,14 @@ def main(device:str=None,            # 'cuda', 'cuda:N' or 'cpu' (default: cuda 
             b = min(bs, 4*n)
             d_n = subsample(tgt_full, n, seed=seed)
             ep = max(1, round(p['low_steps'] / max(1, d_n.n_train // b)))
-            for method in ('robust source, frozen (head only)', 'PGD-7 AT from scratch'):
+            # the baseline at several learning rates (a row each): its best is the fair comparison
+            for method, lr in [('robust source, frozen (head only)', 3e-3)] + [('PGD-7 AT from scratch', x) for x in lrs]:
                 set_seed(seed); ts = time.time()
                 dl_n = tgt_dls(d_n, b)
-                if method.startswith('robust'): l = fit_quietly(transfer_learner(src, dl_n, n_retrain=0, metrics=accuracy), ep, 3e-3, dtype=dtype)
-                else: l = fit_quietly(Learner(dl_n, make_model(dl_n.c), metrics=accuracy), ep, 3e-3,
+                if method.startswith('robust'): l = fit_quietly(transfer_learner(src, dl_n, n_retrain=0, metrics=accuracy), ep, lr, dtype=dtype)
+                else: l = fit_quietly(Learner(dl_n, make_model(dl_n.c), metrics=accuracy), ep, lr,
                                       [PGDTraining(EPS, steps=7, alpha=ALPHA)], dtype)
+                method = f"{method}, lr {lr:g}"
                 rows.append(dict(n_per_class=n, method=method, epochs=ep, seconds=round(time.time()-ts, 1), **evaluate(l, dtype)))
                 log(f"lowdata: {rows[-1]}")
         res['lowdata'], times['lowdata'] = rows, time.time() - t
