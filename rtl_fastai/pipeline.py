@@ -108,10 +108,10 @@ def _one_seed(ds, src_cls, tgt_cls, d, eps, steps, lam, seed, device, verbose, b
     low = task_dls(subsample(tgt, d['n_low'], seed=seed), **dict(kw, bs=min(d['bs'], 4*d['n_low'])))
     low_ep = max(1, round(d['low_steps']/len(low.train)))  # both rows: the same number of optimizer steps
     row(f3, names[f3][0], lambda: transfer_learner(rob, low, n_retrain=d['low_retrain'], metrics=accuracy), low_ep,
-        d.get('low_lr') or (hl if d['low_retrain'] == 0 else lr))
+        d['low_lr'] or (hl if d['low_retrain'] == 0 else lr))
     row(f3, names[f3][1],
         lambda: Learner(low, make_model(arch, low.train_ds.x.shape[1], low.c, width), metrics=accuracy), low_ep,
-        d.get('scratch_lr') or lr,
+        d['scratch_lr'] or lr,
         cbs=[PGDTraining(eps, steps=d['at_steps'])],
         desc=f" (PGD-{d['at_steps']} at eps={eps_str(eps)}, {low_ep*len(low.train)} steps as the row above)")
     return rows, learners, info

@@ -225,8 +225,7 @@ def main(device:str=None,            # 'cuda', 'cuda:N' or 'cpu' (default: cuda 
                 if method.startswith('robust'): l = fit_quietly(transfer_learner(src, dl_n, n_retrain=0, metrics=accuracy), ep, lr, dtype=dtype)
                 else: l = fit_quietly(Learner(dl_n, make_model(dl_n.c), metrics=accuracy), ep, lr,
                                       [PGDTraining(EPS, steps=7, alpha=ALPHA)], dtype)
-                method = f"{method}, lr {lr:g}"
-                rows.append(dict(n_per_class=n, method=method, epochs=ep, seconds=round(time.time()-ts, 1), **evaluate(l, dtype)))
+                rows.append(dict(n_per_class=n, method=f"{method}, lr {lr:g}", epochs=ep, seconds=round(time.time()-ts, 1), **evaluate(l, dtype)))
                 log(f"lowdata: {rows[-1]}")
         res['lowdata'], times['lowdata'] = rows, time.time() - t
 

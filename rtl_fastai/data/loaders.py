@@ -67,7 +67,7 @@ class ArrayDL(TfmdDL):
 def _data_device(data_device, device):
     "The device the data set's tensors go to (`task_dls`'s `data_device`)"
     if data_device is None: return torch.device('cpu')
-    if isinstance(data_device, str) and data_device == 'device': return torch.device(device)
+    if data_device == 'device': return torch.device(device)
     try: return torch.device(data_device)
     except (RuntimeError, TypeError):
         raise ValueError(f"task_dls: `data_device` must be None (the CPU), 'device' (the batches' device) or a torch "
