@@ -4,7 +4,7 @@ validation split of `run_pipeline(holdout=100)` (100 training images per class h
 
     OMP_NUM_THREADS=1 python scripts/tune_issue13.py SEED x '[{"kind":"ft","layer":"block1","lams":[0.001,0.003,0.01]},{"kind":"low","n":10}]' ['{"source_epochs":12}']
 
-Each config: {"kind":"ft", "lr", "ep", "warm", "lams", "plain", "pre", "layer", "pen"} or {"kind":"low", "n", "steps", "nr", "at", "lr", "at_lr"}.
+Each config: {"kind":"ft", "lr", "ep", "warm", "lams", "plain", "pre", "layer", "pen"} or {"kind":"low", "n", "steps", "nr", "at", "lr", "at_lr", "lams", "ft_lr", "warm", "layer", "at_eps"}; the defaults may hold "src_eps", the robust source's training radius.
 The optional last argument overrides the MNIST defaults. The robust source of each seed and source setting is cached in
 ~/.cache/rtl_fastai/issue13_rob_SEED_NSOURCExEPOCHS.pth. Prints one JSON line per row (clean %, PGD-20 %, s)."""
 import sys, time, os, json, torch
@@ -26,12 +26,14 @@ src, tgt = carve_valid(src, 100), carve_valid(tgt, 100)
 src = subsample(src, d['n_source'], seed=seed)
 kw = dict(bs=d['bs'], seed=seed)
 src_dls = task_dls(src, **kw); tgt_dls = task_dls(subsample(tgt, d['n_target'], seed=seed), **kw)
-fn = os.path.expanduser(f"~/.cache/rtl_fastai/issue13_rob_{seed}_{d['n_source']}x{d['source_epochs']}.pth"); os.makedirs(os.path.dirname(fn), exist_ok=True)
+src_eps = d.get('src_eps', eps)  # the robust source's training radius (default: the evaluation's)
+fn = os.path.expanduser(f"~/.cache/rtl_fastai/issue13_rob_{seed}_{d['n_source']}x{d['source_epochs']}"
+                        + (f"_eps{src_eps:g}" if src_eps != eps else '') + f"{'_w'+str(d['width']) if d['width'] != 16 else ''}.pth"); os.makedirs(os.path.dirname(fn), exist_ok=True)
 t = time.time()
 if os.path.exists(fn):
     l = Learner(src_dls, make_model('smallcnn', 1, src_dls.c, d['width']), metrics=accuracy); l.model.load_state_dict(torch.load(fn))
 else:
-    l = train_source(src_dls, 'smallcnn', d['source_epochs'], d['lr'], d['width'], eps=eps, steps=d['at_steps'], seed=seed); torch.save(l.model.state_dict(), fn)
+    l = train_source(src_dls, 'smallcnn', d['source_epochs'], d['lr'], d['width'], eps=src_eps, steps=d['at_steps'], seed=seed); torch.save(l.model.state_dict(), fn)
 rob = l; print('src', seed, evaluate(rob, eps, steps=20, seed=seed), round(time.time()-t,1), flush=True)
 ev = lambda l: evaluate(l, eps, steps=20, seed=seed)
 def row(name, make, ep, lr, cbs=()):
@@ -50,4 +52,8 @@ for c in cfgs:
         low = task_dls(subsample(tgt, n, seed=seed), bs=min(d['bs'], 4*n), seed=seed)
         low_ep = max(1, round(steps/len(low.train)))
         row(f"low N{n} steps{steps} transfer nr{nr} lr{c.get('lr')}", lambda: transfer_learner(rob, low, n_retrain=nr, metrics=accuracy), low_ep, c.get('lr') or (d['head_lr'] if nr == 0 else d['lr']))
-        if c.get('at', True): row(f"low N{n} steps{steps} AT lr{c.get('at_lr')}", lambda: Learner(low, make_model('smallcnn', low.train_ds.x.shape[1], low.c, d['width']), metrics=accuracy), low_ep, c.get('at_lr') or d['lr'], [PGDTraining(eps, steps=d['at_steps'])])
+        for lam in c.get('lams', []):  # end-to-end fine-tuning with the distillation penalty, on the low-data set
+            w = c.get('warm', 0)
+            row(f"low N{n} steps{steps} distill lam{lam} lr{c.get('ft_lr', d['lr'])} warm{w} {c.get('layer')}", lambda: transfer_learner(rob, low, n_retrain='all', metrics=accuracy), low_ep, c.get('ft_lr', d['lr']),
+                [FeatureDistillation(rob.model, lam=lam, warmup_epochs=w, layer=c.get('layer'))])
+        if c.get('at', True): row(f"low N{n} steps{steps} AT lr{c.get('at_lr')} eps{c.get('at_eps', eps)}", lambda: Learner(low, make_model('smallcnn', low.train_ds.x.shape[1], low.c, d['width']), metrics=accuracy), low_ep, c.get('at_lr') or d['lr'], [PGDTraining(c.get('at_eps', eps), steps=d['at_steps'])])
