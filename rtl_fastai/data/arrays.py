@@ -79,9 +79,13 @@ def default_split(name, # 'digits', 'mnist', 'cifar10' or an `ArrayData` with on
 
 # %% ../../nbs/00a_data.arrays.ipynb #5b0e7a62
 def select_classes(data:ArrayData, # Dataset to filter
-                   classes,        # Class names or indices to keep, in the order of the new labels 0..k-1
+                   # Class names or indices to keep, in the order of the new labels 0..k-1; or 'source'/'target',
+                   # that half of `default_split` (unless the data set has a class of that name)
+                   classes,
                   )->ArrayData:
     "Keep `classes` (names or indices), re-indexing labels 0..k-1 in the order given"
+    if isinstance(classes, str) and classes in ('source', 'target') and classes not in data.classes:
+        classes = getattr(default_split(data), classes)
     if isinstance(classes, (str, int)): classes = [classes]
     idx = []
     for c in classes:

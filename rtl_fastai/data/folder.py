@@ -110,7 +110,7 @@ def make_image_folder(dest,                # a new (or empty) folder to write in
 # %% ../../nbs/00f_data.folder.ipynb #97e5a3cc
 def save_image_folder(data,                 # an `ArrayData`, or a name/path for `load_dataset`
                       dest,                 # a new (or empty) folder to write into
-                      classes=None,         # the classes to keep (None: all)
+                      classes=None,         # the classes to keep: names, indices, 'source' or 'target' (None: all)
                       n_per_class:int=None, # training images per class (seeded subsample; None: all)
                       n_valid:int=None,     # validation images per class (seeded subsample; None: all)
                       seed:int=0,           # seed of the subsamples

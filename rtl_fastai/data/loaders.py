@@ -14,7 +14,7 @@ from fastai.data.transforms import Normalize, IntToFloatTensor
 from fastai.losses import CrossEntropyLossFlat
 from fastai.data.core import explode_types # fasttransform's, as fastai uses it
 from ..core import check_int, normalize_stats, to_device_async
-from .arrays import ArrayData, default_split, select_classes, subsample, channel_stats
+from .arrays import ArrayData, select_classes, subsample, channel_stats
 from .external import load_dataset
 from .augment import FlipPadCrop
 
@@ -89,7 +89,6 @@ def task_dls(data='digits',        # 'digits', 'mnist', 'cifar10', a path (see `
             )->DataLoaders:
     "Fast fastai `DataLoaders` for one task (pixels in [0,1] before `Normalize`)"
     d = data if isinstance(data, ArrayData) else load_dataset(data, path=path)
-    if isinstance(classes, str) and classes in ('source', 'target'): classes = getattr(default_split(d), classes)
     if classes is not None: d = select_classes(d, classes)
     if n_per_class is not None: d = subsample(d, n_per_class, seed=seed)
     check_int(bs, 'bs', who='task_dls')
