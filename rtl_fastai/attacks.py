@@ -12,8 +12,8 @@ from fastai.callback.fp16 import MixedPrecision, AMPMode
 from .core import plain, is_number, check_int, check_number, eps_str, NormalizeInput
 
 # %% auto #0
-__all__ = ['eval_mode', 'EpsScaleWarning', 'ThreatModel', 'as_threat', 'check_attack_args', 'pgd_attack', 'fgsm_attack',
-           'robust_eval_batch']
+__all__ = ['eval_mode', 'EpsScaleWarning', 'PixelRangeWarning', 'ThreatModel', 'as_threat', 'check_attack_args', 'pgd_attack',
+           'fgsm_attack', 'robust_eval_batch']
 
 # %% ../nbs/02_attacks.ipynb #5f03769f
 @contextmanager
@@ -29,6 +29,9 @@ def eval_mode(model:nn.Module):
 class EpsScaleWarning(UserWarning):
     "An L-inf `eps` between 0.5 and 1: almost surely meant in grey levels (k/255)"
 
+class PixelRangeWarning(UserWarning):
+    "A batch that is not in [0,1] once mapped back to pixels: the attack's `stats` do not undo its normalization"
+
 _norms = ('linf', 'l2')
 
 @dataclasses.dataclass(frozen=True)
@@ -42,12 +45,12 @@ class ThreatModel:
     random_start:bool=True # start each run at a random point of the ball
 
     def __post_init__(self):
+        if self.norm not in _norms: raise ValueError(f"`norm` must be one of {_norms}, got {self.norm!r}")
         check_number(self.eps, 'eps', lo=0, fix="give it in pixel units ([0,1] scale), e.g. 8/255")
-        if self.eps > 1:
+        if self.norm == 'linf' and self.eps > 1:  # an L2 ball of radius 3 is still small on a 224x224 image
             raise ValueError(f"`eps`={self.eps} is larger than the whole [0,1] pixel range: "
                              "give eps in pixel units, e.g. 8/255 not 8")
         check_int(self.steps, 'steps')
-        if self.norm not in _norms: raise ValueError(f"`norm` must be one of {_norms}, got {self.norm!r}")
         if self.alpha is not None and not (is_number(self.alpha) and self.alpha > 0):
             raise ValueError(f"`alpha` (the step size, pixel units) must be > 0 or None for the default 2.5*eps/steps, "
                              f"got {self.alpha!r}")
@@ -249,6 +252,18 @@ def _check_xy(x, y):
                          f"got {getattr(y, 'shape', type(y))}")
     return y
 
+def _check_pixels(p, stats):
+    "Warn when `p`, a batch mapped back to pixels, is not in [0,1] (one host-device sync, once per attack)"
+    lo, hi = torch.stack(torch.aminmax(p)).tolist()
+    if lo >= -1e-2 and hi <= 1+1e-2: return  # fp16 inputs round by about 1e-3 in pixels
+    why = ("`x` looks normalized but no `stats` were given: pass `stats=` (the `DataLoaders`, their `Normalize` or "
+           "the `(mean, std)` pair) so that the attack works in pixels" if stats is None else
+           "the `stats` do not undo the normalization of `x`: are they the stats of the `Normalize` that made `x`, "
+           "and is `Normalize` applied only once (not twice) in the `DataLoaders`?")
+    warnings.warn(f"the batch attacked is not in [0,1] once mapped back to pixels: {why}. The attack clamps pixels "
+                  "to [0,1], so its examples leave the threat model's ball around the real images",
+                  PixelRangeWarning, stacklevel=4)
+
 def _attack(model, x, y, tm:ThreatModel, loss_func, stats, drop_fooled, need_fooled=False):
     "Adversarial `x` and, when `drop_fooled` or `need_fooled`, whether each example is fooled by it."
     y = _check_xy(x, y)
@@ -259,6 +274,7 @@ def _attack(model, x, y, tm:ThreatModel, loss_func, stats, drop_fooled, need_foo
     space = _pixel_space(stats, xf)
     p = space.to_pixels(xf)
     n = p.shape[0]
+    if eps > 0 and n > 0: _check_pixels(p, stats)
     best = torch.zeros_like(p)
     best_loss = torch.full((n,), -float('inf'), device=p.device)
     fooled = torch.zeros(n, dtype=torch.bool, device=p.device)

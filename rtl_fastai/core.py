@@ -120,6 +120,14 @@ def _find_normalize(obj):
             if n is not None: return n
     return None
 
+def _n_normalize(obj):
+    "How many `Normalize` the batches of `obj` (a `DataLoader`, or the most of the loaders of `DataLoaders`) go through"
+    if isinstance(obj, DataLoaders): return max((_n_normalize(dl) for dl in obj.loaders), default=0)
+    for o in (obj, getattr(obj, 'dl', None)):
+        fs = getattr(getattr(o, 'after_batch', None), 'fs', None)
+        if fs: return sum(isinstance(t, Normalize) for t in fs)
+    return 0
+
 def normalize_stats(obj, # `DataLoaders`/`DataLoader`, a `Normalize`, a `(mean, std)` pair, or None
                    ):
     "`(mean, std)` float tensors shaped (1,C,1,1) used to normalize pixels in [0,1], or None if not normalized"
@@ -244,9 +252,14 @@ def check_normalization(model:nn.Module, # the model the inputs go to
         raise ValueError(f"{who}: the `dls` normalize {got[0].shape[1]} channels ({_fmt_stats(got)}) but the model's "
                          f"first convolution takes {c}-channel images; give `Normalize.from_stats` one value per "
                          "channel of your images (or convert the images to the model's channels)")
-    if exp is None: return None
     fix_dls = f"`batch_tfms=Normalize.from_stats(*input_stats(model))` in the DataLoaders"
-    if layer is not None and got is not None:
+    n = _n_normalize(dls)
+    if n > 1:
+        kind, msg = 'dls twice', (f"the `dls` normalize {n} times (`Normalize` is {n} times in their `after_batch`), "
+                                  "but attacks and the model's statistics undo one: keep one `Normalize` "
+                                  "(`ImageDataLoaders`' `batch_tfms`, or `dls.add_tfms`, not both)")
+    elif exp is None: return None
+    elif layer is not None and got is not None:
         kind, msg = 'twice', ("the inputs are normalized twice: the model normalizes inside "
                               f"(NormalizeInput, {_fmt_stats(exp)}) and the `dls` normalize too ({_fmt_stats(got)}). "
                               "Remove `Normalize` from the DataLoaders' `batch_tfms`, "

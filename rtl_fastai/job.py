@@ -37,6 +37,7 @@ __all__ = ['parse_eps', 'parse_n_retrain', 'parse_stats', 'build_arch', 'load_so
 def parse_eps(eps, # a radius in [0,1] pixel units: a number, or text such as '4/255' or '0.0157'
               name:str='eps', # the parameter's name, for messages
               who:str='transfer_job', # the function the user called, for messages
+              norm:str='linf', # the threat model's norm: only an L-inf radius is bounded by the pixel range
              )->float:
     "`eps` as a float in [0,1] pixel units, from a number or from text like '4/255'"
     v = eps
@@ -46,7 +47,7 @@ def parse_eps(eps, # a radius in [0,1] pixel units: a number, or text such as '4
             raise ValueError(f"{who}: `{name}`={eps!r} is not a number; give [0,1] pixel units such as '4/255' "
                              "or 0.0157") from None
     v = check_number(v, name, lo=0, who=who, fix="give it in [0,1] pixel units, e.g. '4/255'")
-    if v > 1:
+    if norm == 'linf' and v > 1:
         raise ValueError(f"{who}: `{name}`={eps!r} is larger than the whole [0,1] pixel range: "
                          f"give eps in pixel units, e.g. '{eps_str(v)}/255' not {eps_str(v)}")
     return v
@@ -240,8 +241,8 @@ def _check_device(device, who):
     return d
 
 def _curve_eps(eps, norm):
-    "The radii of the robust-accuracy curve: 0, eps/4, eps/2, eps, 1.5 eps, 2 eps (below 0.5 for L-inf, 1 for L2)"
-    top = 0.5 if norm == 'linf' else 1.
+    "The radii of the robust-accuracy curve: 0, eps/4, eps/2, eps, 1.5 eps, 2 eps (below 0.5 for L-inf)"
+    top = 0.5 if norm == 'linf' else float('inf')
     return sorted({eps*f for f in (0, .25, .5, 1, 1.5, 2) if f == 1 or eps*f < top})
 
 # %% ../nbs/08b_job.ipynb #1a67c2b8
@@ -261,8 +262,8 @@ def _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha
         raise ValueError(f"{who}: `norm` must be 'linf' or 'l2' (the threat model), got {norm!r}")
     for k, v in dict(pretrained=pretrained, curve=curve, cache=cache, quiet=quiet).items():
         if not isinstance(v, bool): raise ValueError(f"{who}: `{k}` must be True or False, got {v!r}")
-    e = parse_eps(eps, 'eps', who)
-    a = None if alpha is None else parse_eps(alpha, 'alpha', who)
+    e = parse_eps(eps, 'eps', who, norm)
+    a = None if alpha is None else parse_eps(alpha, 'alpha', who, norm)
     try: threat = ThreatModel(e, steps, alpha=a if a is not None else (ALPHA_RATIO*e if e > 0 else None), norm=norm)
     except ValueError as err: raise ValueError(f"{who}: {err}") from None
     if lam > 0 and n_retrain == 0:

@@ -39,6 +39,12 @@ class _AdvTrainCallback(Callback):
     @property
     def eps(self): return self.threat.eps
     def before_fit(self):
+        others = [type(c).__name__ for c in self.learn.cbs if isinstance(c, _AdvTrainCallback) and c is not self]
+        if others:
+            raise ValueError(f"{type(self).__name__}: the learner has another adversarial-training callback "
+                             f"({', '.join(others)}); each would perturb every batch in turn, so the perturbations "
+                             "add up beyond eps. Keep one: a callback given to `Learner(cbs=...)` serves every fit, "
+                             "so do not pass it to `fit(cbs=...)` as well (or `learn.remove_cb` it first)")
         self._stats = self.learn.dls if self.stats is None else self.stats
         normalize_stats(self._stats)  # fail early on unusable stats
         check_normalization(self.learn.model, self.learn.dls, type(self).__name__)  # warns once per model and data

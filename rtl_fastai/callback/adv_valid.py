@@ -11,7 +11,7 @@ import pandas as pd
 from fastcore.basics import store_attr, patch
 from fastprogress.fastprogress import progress_bar
 from fastai.learner import Learner, Metric
-from ..core import check_int, fork_rng, eps_str, normalize_stats, check_normalization
+from ..core import check_int, is_number, fork_rng, eps_str, normalize_stats, check_normalization
 from ..models import unwrap_model
 from ..attacks import ThreatModel, as_threat, robust_eval_batch, _FIELDS, _amp_context
 from ..distributed import DistributedDL, _inner, _sharded, _n_real, _in_distrib_ctx
@@ -113,7 +113,14 @@ def robust_validate(self:Learner,
                     **threat_kw, # `ThreatModel` fields (eps, steps, alpha, norm, restarts, random_start)
                    )->dict: # `clean_acc`, `robust_acc`, `n` (examples attacked) and `attack` (the name)
     "Clean and PGD robust accuracy of `self.model` on `dl`, eps in pixel units."
+    if is_number(dl) or isinstance(dl, ThreatModel):
+        raise TypeError(f"robust_validate: the first argument is `dl`, a DataLoader, got {dl!r}; give the radius or "
+                        "the threat model by name: `robust_validate(eps=8/255)` or `robust_validate(threat=...)` "
+                        "(and a data set by its loader: `dl=learn.dls[1]`)")
     if dl is None: dl = self.dls.valid
+    if not len(dl):
+        raise ValueError("robust_validate: the DataLoader is empty (a learner from `load_learner` keeps no data): "
+                         "pass one with labels, e.g. `dl=learn.dls.test_dl(items, with_labels=True)`")
     check_normalization(self.model, _inner(dl), 'robust_validate')
     met = RobustAccuracy(as_threat(threat, None, 'robust_validate', **threat_kw), n_batches=n_batches,
                          drop_fooled=drop_fooled, loss_func=loss_func, stats=stats, seed=seed, amp=amp)
@@ -131,6 +138,9 @@ def robust_validate(self:Learner,
     for i, b in enumerate(it):
         if n_batches is not None and i >= n_batches: break
         if n_inp != 1: raise ValueError(f"robust_validate attacks models with one input; this DataLoader has {n_inp}")
+        if len(b) < 2:
+            raise ValueError("robust_validate needs labels, and this DataLoader's batches have none (a `test_dl` of "
+                             "unlabelled items?): use `learn.dls.test_dl(items, with_labels=True)`")
         met._update(self.model, b[0], b[1], stats, dl, self)
     return dict(clean_acc=met.clean_value, robust_acc=met.value, n=int(met.total), attack=met.name)
 
@@ -148,6 +158,9 @@ def robust_accuracy_curve(learn:Learner,
                           **kwargs,
                          )->pd.DataFrame: # one row per eps: eps, name, clean_acc, robust_acc, n
     "Robust accuracy of `learn` for each eps of `eps_list`, the step size in proportion to eps."
+    if is_number(eps_list):
+        raise TypeError(f"robust_accuracy_curve: `eps_list` must be a list of radii, e.g. [0, 4/255, {eps_str(eps_list)}], "
+                        f"got the number {eps_list!r}; for one radius use `learn.robust_validate(eps={eps_str(eps_list)})`")
     eps_list = list(eps_list)
     if not eps_list: raise ValueError("`eps_list` is empty: give the radii to evaluate, e.g. [0, 2/255, 4/255, 8/255]")
     tkw = {k: kwargs.pop(k) for k in list(kwargs) if k in _FIELDS}

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/06_callback.distill.ipynb #f64a3884
 from __future__ import annotations
-import difflib
+import difflib, warnings
 from copy import deepcopy
 import torch
 from torch import nn
@@ -174,8 +174,24 @@ class FeatureDistillation(HookCallback):
         self.hooks = Hooks([mod], self.hook, self.is_forward, self.detach, self.cpu)  # removed by `_remove`
         self._add_metrics()
         self._checked, self._fitting = False, True
+        self._check_useful(model)
         if self.precompute: self._setup_precompute()
         if self.warmup_epochs: self._freeze()  # `before_train` unfreezes from epoch `warmup_epochs` on
+
+    def _check_useful(self, model):
+        "Warn when nothing the penalty acts on can change in this fit"
+        n, w = getattr(self.learn, 'n_epoch', None), self.warmup_epochs
+        if w and n is not None and w >= n:
+            warnings.warn(f"FeatureDistillation: `warmup_epochs`={w} covers the whole fit ({n} epochs): only the head "
+                          "trains, so the penalty has nothing to act on; fit for more epochs than `warmup_epochs`, "
+                          "or lower it", UserWarning, stacklevel=2)
+        try: in_head = {id(p) for p in head_module(model).parameters()}
+        except TypeError: return  # a model whose head is unknown: nothing to say
+        if not any(p.requires_grad for p in model.parameters() if id(p) not in in_head):
+            warnings.warn("FeatureDistillation: every parameter of the learner's model outside its head is frozen "
+                          "(`transfer_learner(n_retrain=0)`?), so the features cannot move and the penalty stays "
+                          "constant: fine-tune with n_retrain='all' (or some blocks), or leave FeatureDistillation "
+                          "out", UserWarning, stacklevel=2)
 
     def _add_metrics(self):
         rec = getattr(self.learn, 'recorder', None)

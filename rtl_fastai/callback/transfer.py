@@ -31,6 +31,7 @@ def transfer_head(n_in:int,      # number of input features (the source's penult
                   p_drop:float=0., # dropout after each hidden layer
                  ) -> nn.Module:
     "A new head: `nn.Linear(n_in, n_out)`, or `hidden` Linear-BN-ReLU-Dropout layers then the final Linear."
+    if is_int(hidden): hidden = (hidden,)  # one hidden layer, as `hidden=256` means
     hidden = tuple(hidden or ())
     for h in (n_in, n_out, *hidden):
         if not is_int(h) or h < 1:
@@ -62,6 +63,7 @@ def new_head(model:nn.Module, # a model `model_blocks` supports; changed in plac
     # a head that is not a Linear (ConvNeXt: norm + Linear; EfficientNet: dropout + Linear;
     # timm's NormMlpClassifierHead) keeps its other layers: its last Linear is replaced,
     # by a `transfer_head` when `hidden` is given
+    if is_int(hidden): hidden = (hidden,)
     old = model_blocks(model).head
     lin = _first_linear(old)
     if lin is None and _is_fastai_resnet(model) and getattr(model, 'rtl_blocks', None) is None:
