@@ -54,6 +54,9 @@ class ThreatModel:
         if self.alpha is not None and not (is_number(self.alpha) and self.alpha > 0):
             raise ValueError(f"`alpha` (the step size, pixel units) must be > 0 or None for the default 2.5*eps/steps, "
                              f"got {self.alpha!r}")
+        if self.norm == 'linf' and self.alpha is not None and self.alpha > 1:
+            raise ValueError(f"`alpha`={self.alpha} is larger than the whole [0,1] pixel range: give the step size in "
+                             f"pixel units, e.g. alpha={self.alpha:g}/255")
         check_int(self.restarts, 'restarts')
         if not isinstance(self.random_start, bool):
             raise ValueError(f"`random_start` must be True or False, got {self.random_start!r}")

@@ -324,7 +324,7 @@ def _fastai_timm_blocks(model):
     return ModelBlocks(inner.stem, inner.blocks, model[1], pool=pool)
 
 def model_blocks(model:nn.Module) -> ModelBlocks:
-    "The `ModelBlocks` of `model` (see the supported structures above)."
+    "The `ModelBlocks` of `model`: this library's models; torchvision and timm ResNet, EfficientNet, ConvNeXt and ViT; fastai `vision_learner` models on those; or blocks declared with `set_blocks`."
     rb = getattr(model, 'rtl_blocks', None)
     if rb is not None:
         if callable(rb) and not isinstance(rb, (ModelBlocks, nn.Module)): rb = rb(model)

@@ -11,7 +11,7 @@ from torch import nn
 from fastcore.basics import store_attr
 from fastcore.foundation import L
 from fastai.torch_core import find_bs
-from fastai.learner import Metric
+from fastai.learner import Learner, Metric
 from fastai.callback.hook import Hook, Hooks, HookCallback
 from fastai.callback.fp16 import MixedPrecision
 from ..core import check_int, check_number, fork_rng
@@ -102,7 +102,7 @@ class FeatureDistillation(HookCallback):
     run_valid = True
     _stateattrs = ('hooks',)
     def __init__(self,
-                 source:nn.Module,      # the robust source model (copied: it is never modified)
+                 source:nn.Module,      # the robust source model, or its `Learner` (copied: it is never modified)
                  lam:float=5e-3,        # weight of the penalty, on the scale of the per-example L1 norm
                  # None: the pooled penultimate vector; else the name of a module whose output is distilled
                  layer:str|None=None,
@@ -112,8 +112,9 @@ class FeatureDistillation(HookCallback):
                  precompute:bool=False,
                 ):
         who = 'FeatureDistillation'
+        if isinstance(source, Learner): source = source.model  # as `transfer_learner` takes it
         if not isinstance(source, nn.Module):
-            raise TypeError(f"{who}: `source` must be an nn.Module (the robust source model), "
+            raise TypeError(f"{who}: `source` must be an nn.Module (the robust source model) or its Learner, "
                             f"got {type(source).__name__}.")
         check_number(lam, 'lam', lo=0, who=who, fix='e.g. 5e-3')
         if not (callable(penalty) or (isinstance(penalty, str) and penalty in _dists)):
