@@ -240,11 +240,12 @@ def pgd_attack(model:nn.Module, # the model under attack; its modes are restored
                stats=None, # `(mean, std)`, a fastai `Normalize` or `DataLoaders`: maps `x` to pixels
                loss_func=None, # per-example loss `f(logits, y)`; default cross-entropy
                drop_fooled:bool=False, # stop attacking an example once it is misclassified
+               check_pixels:bool=True, # warn if `x`, mapped back to pixels, is not in [0,1] (one host-device sync)
                **threat_kw, # `ThreatModel` fields (eps, steps, alpha, norm, restarts, random_start); here steps=10
               )->torch.Tensor: # adversarial inputs, in the same space as `x`
     "Projected gradient descent (Madry et al. 2018) in pixel space."
     tm = as_threat(threat, dict(steps=10), 'pgd_attack', **threat_kw)
-    return _attack(model, x, y, tm, loss_func, stats, drop_fooled)[0]
+    return _attack(model, x, y, tm, loss_func, stats, drop_fooled, check_pixels=check_pixels)[0]
 
 def _check_xy(x, y):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -267,7 +268,7 @@ def _check_pixels(p, stats):
                   "to [0,1], so its examples leave the threat model's ball around the real images",
                   PixelRangeWarning, stacklevel=4)
 
-def _attack(model, x, y, tm:ThreatModel, loss_func, stats, drop_fooled, need_fooled=False):
+def _attack(model, x, y, tm:ThreatModel, loss_func, stats, drop_fooled, need_fooled=False, check_pixels=True):
     "Adversarial `x` and, when `drop_fooled` or `need_fooled`, whether each example is fooled by it."
     y = _check_xy(x, y)
     eps, steps, alpha, norm, restarts = tm.eps, tm.steps, tm.step_size, tm.norm, tm.restarts
@@ -277,7 +278,7 @@ def _attack(model, x, y, tm:ThreatModel, loss_func, stats, drop_fooled, need_foo
     space = _pixel_space(stats, xf)
     p = space.to_pixels(xf)
     n = p.shape[0]
-    if eps > 0 and n > 0: _check_pixels(p, stats)
+    if check_pixels and eps > 0 and n > 0: _check_pixels(p, stats)
     best = torch.zeros_like(p)
     best_loss = torch.full((n,), -float('inf'), device=p.device)
     fooled = torch.zeros(n, dtype=torch.bool, device=p.device)
@@ -309,6 +310,7 @@ def fgsm_attack(model:nn.Module, # the model under attack
                 *,
                 stats=None, # normalization stats, as for `pgd_attack`
                 loss_func=None, # per-example loss; default cross-entropy
+                check_pixels:bool=True, # warn if `x`, mapped back to pixels, is not in [0,1] (one host-device sync)
                 **threat_kw, # `ThreatModel` fields; here random_start=False, alpha eps (1.25*eps if random start)
                )->torch.Tensor:
     "Fast gradient sign method (Goodfellow et al. 2015), optionally from a random start (FGSM-RS, Wong et al. 2020)."
@@ -316,7 +318,7 @@ def fgsm_attack(model:nn.Module, # the model under attack
     alpha = tm.alpha
     if alpha is None: alpha = 1.25*tm.eps if tm.random_start else tm.eps
     tm = tm.replace(steps=1, restarts=1, alpha=alpha if tm.eps > 0 else None)
-    return _attack(model, x, y, tm, loss_func, stats, False)[0]
+    return _attack(model, x, y, tm, loss_func, stats, False, check_pixels=check_pixels)[0]
 
 # %% ../nbs/02_attacks.ipynb #ad16af3c
 def robust_eval_batch(model:nn.Module, x, y, # model, inputs as the model receives them, labels
@@ -325,6 +327,7 @@ def robust_eval_batch(model:nn.Module, x, y, # model, inputs as the model receiv
                       stats=None, # normalization stats, as for `pgd_attack`
                       loss_func=None, # per-example loss; default cross-entropy
                       drop_fooled:bool=True, # stop attacking examples once fooled (never weaker than plain PGD)
+                      check_pixels:bool=True, # warn if `x`, mapped back to pixels, is not in [0,1] (one sync)
                       **threat_kw, # `ThreatModel` fields (eps, steps, alpha, norm, restarts, random_start)
                      ):
     "Per-example `(clean_correct, robust_correct)` boolean tensors for one batch."
@@ -336,7 +339,8 @@ def robust_eval_batch(model:nn.Module, x, y, # model, inputs as the model receiv
     ti = clean.nonzero().squeeze(1)
     if tm.eps > 0 and len(ti):
         # the returned point of every run is evaluated inside the attack: no extra forward pass
-        _, fooled = _attack(model, plain(x)[ti], y[ti], tm, loss_func, stats, drop_fooled, need_fooled=True)
+        _, fooled = _attack(model, plain(x)[ti], y[ti], tm, loss_func, stats, drop_fooled, need_fooled=True,
+                            check_pixels=check_pixels)
         robust[ti] = ~fooled
     return clean, robust
 

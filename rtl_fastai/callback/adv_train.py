@@ -11,7 +11,8 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.training import GradientAccumulation
 from ..core import check_int, check_number, normalize_stats, check_normalization
-from ..attacks import ThreatModel, as_threat, pgd_attack, fgsm_attack, eval_mode, _pixel_space, _amp_context
+from ..attacks import (ThreatModel, as_threat, pgd_attack, fgsm_attack, eval_mode, _pixel_space, _amp_context,
+                                _check_pixels)
 
 # %% auto #0
 __all__ = ['PGDTraining', 'FreeAdvTraining', 'FastAdvTraining', 'trades_kl', 'TRADESTraining']
@@ -48,8 +49,12 @@ class _AdvTrainCallback(Callback):
         self._stats = self.learn.dls if self.stats is None else self.stats
         normalize_stats(self._stats)  # fail early on unusable stats
         check_normalization(self.learn.model, self.learn.dls, type(self).__name__)  # warns once per model and data
-        self._sp = None
+        self._sp, self._unchecked = None, True
     def after_fit(self): self._sp = None
+    def _check_now(self)->bool:
+        "True once a fit, on its first batch: whether to check the batch's pixel range (one host-device sync)"
+        c, self._unchecked = self._unchecked, False
+        return c
     def _space_of(self, x):
         "The pixel space of the stats on the device of `x`, built once per fit: no checks or copies per batch"
         if self._sp is None or self._sp.mean.device != x.device: self._sp = _pixel_space(self._stats, x)
@@ -68,7 +73,7 @@ class PGDTraining(_AdvTrainCallback):
         self._threat(threat, threat_kw, dict(steps=7)); self.stats = stats
     def before_batch(self):
         x,y = _one_input(self.learn, 'PGDTraining')
-        xa = pgd_attack(self.learn.model, x, y, self.threat, stats=self._space_of(x))
+        xa = pgd_attack(self.learn.model, x, y, self.threat, stats=self._space_of(x), check_pixels=self._check_now())
         self.learn.xb = (xa,)
 
 # %% ../../nbs/04_callback.adv_train.ipynb #ea2b06d4
@@ -108,6 +113,7 @@ class FreeAdvTraining(_AdvTrainCallback):
         x,_ = _one_input(self.learn, 'FreeAdvTraining')
         self._space = self._space_of(x)
         self._p = self._space.to_pixels(x.detach().float())
+        if self._check_now(): _check_pixels(self._p, self._space)
         d = ((self._p + self._carry(self._p)).clamp(0,1) - self._p).requires_grad_()
         self._d = d
         self.learn.xb = (self._space(self._p + d).to(x.dtype),)
@@ -143,7 +149,7 @@ class FastAdvTraining(_AdvTrainCallback):
         tm = self.threat
         alpha = 1.25*tm.eps if tm.alpha is None else tm.alpha
         fg = fgsm_attack(self.learn.model, x, y, tm.eps, norm=tm.norm, random_start=True, alpha=alpha,
-                         stats=self._space_of(x))
+                         stats=self._space_of(x), check_pixels=self._check_now())
         self.learn.xb = (fg,)
 
 # %% ../../nbs/04_callback.adv_train.ipynb #e58889a3
@@ -172,7 +178,8 @@ class TRADESTraining(_AdvTrainCallback):
         model = self.learn.model
         with _amp_context(self.learn, x.device):
             with eval_mode(model), torch.no_grad(): q = F.softmax(model(x).float(), 1)
-            self.x_adv = pgd_attack(model, x, q, self.threat, stats=self._space_of(x), loss_func=_kl_to)
+            self.x_adv = pgd_attack(model, x, q, self.threat, stats=self._space_of(x), loss_func=_kl_to,
+                                    check_pixels=self._check_now())
     def after_loss(self):
         adv = self.learn.model(self.x_adv)
         self.kl = trades_kl(adv, self.learn.pred)

@@ -56,7 +56,8 @@ class RobustAccuracy(Metric):
         rng = nullcontext() if self.seed is None else fork_rng(self.seed + self.seen, device=x.device)
         with rng, _amp_context(learn, x.device, self.amp, 'RobustAccuracy'):
             return robust_eval_batch(model, x, y, self.threat, loss_func=self.loss_func, drop_fooled=self.drop_fooled,
-                                     stats=self.stats if self.stats is not None else stats)
+                                     stats=self.stats if self.stats is not None else stats,
+                                     check_pixels=self.seen == 0)  # one host-device sync, on the first batch
 
     def _count(self, clean, robust, reduce=False):
         "Add a batch's counts (summed over the processes of a sharded `DistributedDL` when `reduce`)."
