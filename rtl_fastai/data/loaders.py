@@ -23,15 +23,17 @@ __all__ = ['ArrayDataset', 'ArrayDL', 'task_dls']
 
 # %% ../../nbs/00d_data.loaders.ipynb #c8fd10f5
 class ArrayDataset:
-    "Images and labels in tensors, typed like fastai's items; `split_idx` 0 (train) or 1 (valid)"
+    "Images and labels (None: unlabelled) in tensors, typed like fastai's items; `split_idx` 0 (train) or 1 (valid)"
     n_inp = 1
     def __init__(self, x, y, vocab, split_idx=None):
         store_attr(); self.c = len(vocab); self.loss_func = CrossEntropyLossFlat()
-    def __len__(self): return len(self.y)
-    def __getitem__(self, i): return TensorImage(self.x[i]), TensorCategory(self.y[i])
+    def __len__(self): return len(self.x)
+    def __getitem__(self, i):
+        return (TensorImage(self.x[i]),) if self.y is None else (TensorImage(self.x[i]), TensorCategory(self.y[i]))
     def __repr__(self):
         return f"ArrayDataset({len(self)} items, x {tuple(self.x.shape[1:])} {self.x.dtype}, {self.c} classes)"
-    def new_empty(self): return type(self)(self.x[:0], self.y[:0], self.vocab, self.split_idx)  # for `Learner.export`
+    def new_empty(self):  # for `Learner.export`
+        return type(self)(self.x[:0], None if self.y is None else self.y[:0], self.vocab, self.split_idx)
 
 class ArrayDL(TfmdDL):
     "A `TfmdDL` over an `ArrayDataset` that builds each batch by one tensor indexing"
@@ -46,7 +48,8 @@ class ArrayDL(TfmdDL):
     def create_batch(self, b):
         "Batch of the items with indices `b` (cut where the data set's tensors live)"
         b = to_device_async(torch.as_tensor(b, dtype=torch.long), self.dataset.x.device)
-        return TensorImage(self.dataset.x[b]), TensorCategory(self.dataset.y[b])
+        x, y = TensorImage(self.dataset.x[b]), self.dataset.y
+        return (x,) if y is None else (x, TensorCategory(y[b]))
 
     def create_batches(self, samps):
         # the epoch's order goes to the data's device once, not once per batch
@@ -61,6 +64,10 @@ class ArrayDL(TfmdDL):
         self._n_inp, self._types = 1, explode_types(its)
 
     def new(self, dataset=None, cls=None, **kwargs):
+        # fastai's `dls.test_dl(items)` passes the items themselves: images, or `(images, labels)` with labels
+        if isinstance(dataset, torch.Tensor): dataset = (dataset, None)
+        if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and isinstance(dataset[0], torch.Tensor):
+            dataset = ArrayDataset(*dataset, self.dataset.vocab, 1)
         return super().new(dataset, cls, **{'seed': self.seed, **kwargs})
 
 # %% ../../nbs/00d_data.loaders.ipynb #db391920
