@@ -130,6 +130,12 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, NotADirectoryError) as e:
         sys.exit(f"--data: {e}" + ("\n(no MNIST here and no download possible? `--data digits` runs on the embedded "
                                    "digits)" if args.data == 'mnist' else ''))
+    check_only = kw.pop('check_only', False)
+    try: run_pipeline(**kw, check_only=True)  # every bad option fails here, in one line, before any training
+    except (ValueError, TypeError, FileNotFoundError) as e: sys.exit(f"rtl-fastai run: {e}")
+    if check_only:
+        print(f"rtl-fastai run: the options and the data ({args.data}) check out; nothing was trained (--check-only)")
+        return 0
     print(f"rtl-fastai run: data={args.data}, results go to a new folder in {out}/", flush=True)
     res, crv, info = run_pipeline(**kw, bars=sys.stdout.isatty())
     settings = {k: v for k, v in vars(args).items() if k != 'cmd'}

@@ -19,7 +19,7 @@ from .attacks import ThreatModel
 from .callback.adv_valid import robust_accuracy_curve
 from .callback.adv_train import PGDTraining
 from .callback.transfer import transfer_learner
-from .callback.distill import FeatureDistillation
+from .callback.distill import FeatureDistillation, feature_hook
 
 # %% auto #0
 __all__ = ['DEFAULTS', 'FINDINGS', 'run_pipeline', 'summarize', 'verdicts', 'format_table', 'next_run_dir', 'save_run',
@@ -62,15 +62,27 @@ def _row_names(n_low, low_retrain=0):
     return {f: tuple(m.format(n=n_low, how=how) for m in ms) for f, ms in FINDINGS.items()}
 
 # %% ../nbs/08_pipeline.ipynb #133a5a85
+def _named(name, f, *args, **kwargs):
+    "`f(*args, **kwargs)`, its `ValueError` prefixed with the pipeline parameter `name` that caused it"
+    try: return f(*args, **kwargs)
+    except ValueError as e: raise ValueError(f"run_pipeline: `{name}`: {e}") from None
+
+def _seed_data(ds, src_cls, tgt_cls, d, seed):
+    "The source task, the target task, its training subset and its low-data subset of one seed (classes and sizes checked)"
+    src, tgt = _named('source_classes', select_classes, ds, src_cls), _named('target_classes', select_classes, ds, tgt_cls)
+    if d['holdout']:  # the test images unseen
+        src, tgt = _named('holdout', carve_valid, src, d['holdout']), _named('holdout', carve_valid, tgt, d['holdout'])
+    elif d['n_test']:
+        src, tgt = _named('n_test', subsample_valid, src, d['n_test']), _named('n_test', subsample_valid, tgt, d['n_test'])
+    if d['n_source']: src = _named('n_source', subsample, src, d['n_source'], seed=seed)
+    return (src, tgt, _named('n_per_class', subsample, tgt, d['n_target'], seed=seed) if d['n_target'] else tgt,
+            _named('n_low', subsample, tgt, d['n_low'], seed=seed))
+
 def _one_seed(ds, src_cls, tgt_cls, d, eps, steps, lam, seed, device, verbose, bars, step):
     "Every source and row of one seed; returns (rows, learners, source info)."
     kw = dict(bs=d['bs'], seed=seed, device=device, data_device='device')  # on a GPU the images live there
-    src, tgt = select_classes(ds, src_cls), select_classes(ds, tgt_cls)
-    if d['holdout']: src, tgt = carve_valid(src, d['holdout']), carve_valid(tgt, d['holdout'])  # test images unseen
-    elif d['n_test']: src, tgt = subsample_valid(src, d['n_test']), subsample_valid(tgt, d['n_test'])
-    if d['n_source']: src = subsample(src, d['n_source'], seed=seed)
-    src_dls = task_dls(src, **kw)
-    tgt_dls = task_dls(subsample(tgt, d['n_target'], seed=seed) if d['n_target'] else tgt, **kw)
+    src, tgt, tgt_n, low = _seed_data(ds, src_cls, tgt_cls, d, seed)
+    src_dls, tgt_dls = task_dls(src, **kw), task_dls(tgt_n, **kw)
     arch, width, lr = d['arch'], d['width'], d['lr']
     ev = lambda l: evaluate(l, eps, steps=steps, seed=seed)
     info, rows, learners = {}, [], {}
@@ -92,7 +104,7 @@ def _one_seed(ds, src_cls, tgt_cls, d, eps, steps, lam, seed, device, verbose, b
         secs = time.time() - t
         r = ev(l)
         rows.append(dict(finding=finding, method=method, seed=seed, clean_acc=r['clean_acc'], pgd_acc=r['pgd_acc'],
-                         seconds=secs))
+                         seconds=secs, n=r['n']))
         learners[method] = l
 
     f1, f2, f3 = FINDINGS
@@ -105,7 +117,7 @@ def _one_seed(ds, src_cls, tgt_cls, d, eps, steps, lam, seed, device, verbose, b
         cbs=[FeatureDistillation(rob.model, lam=lam, layer=d['distill_layer'], warmup_epochs=d['warmup_epochs'])],
         desc=f" (lam={lam:g}" + (f" on {d['distill_layer']}'s output" if d['distill_layer'] else '')
              + f", {d['warmup_epochs']} head-only warm-up epochs)")
-    low = task_dls(subsample(tgt, d['n_low'], seed=seed), **dict(kw, bs=min(d['bs'], 4*d['n_low'])))
+    low = task_dls(low, **dict(kw, bs=min(d['bs'], 4*d['n_low'])))
     low_ep = max(1, round(d['low_steps']/len(low.train)))  # both rows: the same number of optimizer steps
     row(f3, names[f3][0], lambda: transfer_learner(rob, low, n_retrain=d['low_retrain'], metrics=accuracy), low_ep,
         d['low_lr'] or (hl if d['low_retrain'] == 0 else lr))
@@ -149,6 +161,7 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
                  verbose:bool=False, # show fastai's epoch tables
                  bars:bool=False, # show fastai's progress bars
                  log=print, # where step messages go (None: silent)
+                 check_only:bool=False, # only check the arguments and the data (nothing is trained); returns None
                 ): # (results DataFrame: one row per method and seed, curve DataFrame or None, source info)
     "Train a natural and a robust source model, then the rows of the paper's three findings on the target task"
     d = _defaults(data)
@@ -172,6 +185,15 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
     split = default_split(ds) if (source_classes is None or target_classes is None) else None
     src_cls = list(source_classes) if source_classes is not None else list(split.source)
     tgt_cls = list(target_classes) if target_classes is not None else list(split.target)
+    # every check that can fail does so here, before any training
+    check_number(d['lam'], 'lam', lo=0, who='run_pipeline', fix='e.g. 3e-3')
+    check_int(seeds, 'seeds', who='run_pipeline'); check_int(seed, 'seed', lo=None, who='run_pipeline')
+    for k, v in dict(n_source=n_source, n_per_class=n_per_class, n_low=n_low, n_test=n_test, holdout=holdout).items():
+        check_int(v, k, none_ok=True, who='run_pipeline')
+    _seed_data(ds, src_cls, tgt_cls, d, seed)  # classes and sizes, cheaply (every seed draws the same sizes)
+    if d['distill_layer']:  # the same model family the rows fine-tune
+        feature_hook(make_model(d['arch'], ds.n_channels, len(tgt_cls), d['width']), d['distill_layer'], 'model')
+    if check_only: return None
     n_steps, i, t_all = 8*seeds, [0], time.time()
     def step(msg):
         i[0] += 1; log(f"[{i[0]}/{n_steps}] {msg}" + (f" (seed {s})" if seeds > 1 else ''))
@@ -204,12 +226,16 @@ def _curve(learners, eps, steps, seed, bars):
 # %% ../nbs/08_pipeline.ipynb #66f08020
 def summarize(res:pd.DataFrame) -> pd.DataFrame:
     "Mean and spread (std over seeds, 0 for one seed) of each row's figures, rows in their order."
-    g = res.groupby(['finding', 'method'], sort=False)[['clean_acc', 'pgd_acc', 'seconds']]
-    m, s = g.mean(), g.std(ddof=0).add_suffix('_sd')
+    cols = ['clean_acc', 'pgd_acc', 'seconds'] + (['n'] if 'n' in res else [])  # `n`: test images evaluated
+    g = res.groupby(['finding', 'method'], sort=False)[cols]
+    m, s = g.mean(), g.std(ddof=0)[cols[:3]].add_suffix('_sd')
     return pd.concat([m, s, g.size().rename('n_seeds')], axis=1).reset_index()
 
-def _noise_ok(a, b, col):
-    return a['n_seeds'] < 2 or abs(a[col]-b[col]) > 2*(a[col+'_sd']**2 + b[col+'_sd']**2)**0.5
+def _noise(a, b, col='pgd_acc') -> float:
+    "The margin in points two rows must exceed to be beyond noise: twice their combined spread over seeds, or with one seed twice the combined binomial standard error of their `n` test images"
+    if a['n_seeds'] >= 2: return 200*(a[col+'_sd']**2 + b[col+'_sd']**2)**0.5
+    if 'n' not in a or not (a['n'] > 0 and b['n'] > 0): return 0.
+    return 200*(a[col]*(1-a[col])/a['n'] + b[col]*(1-b[col])/b['n'])**0.5
 
 def verdicts(res:pd.DataFrame, times:bool=True) -> dict:
     "finding -> (shown, one-line verdict computed from the numbers)."
@@ -219,18 +245,20 @@ def verdicts(res:pd.DataFrame, times:bool=True) -> dict:
         if len(rows) != 2: continue
         a, b = rows.iloc[0], rows.iloc[1]  # baseline, then the method the finding is about
         pa, pb, ca, cb = 100*a.pgd_acc, 100*b.pgd_acc, 100*a.clean_acc, 100*b.clean_acc
+        noise = _noise(a, b)
         if f == 'robust features transfer':
-            ok = pb >= 3*pa and pb - pa >= 20 and _noise_ok(a, b, 'pgd_acc')
+            ok = pb >= 3*pa and pb - pa >= 20 and pb - pa > noise
             ratio = f"{pb/pa:.1f}x" if pa > 0 else "more than any multiple of"
             msg = (f"robust head-only keeps {pb:.1f}% PGD accuracy, {ratio} the natural source's {pa:.1f}% "
-                   f"({pb-pa:+.1f} points; needs >= 3x and >= +20)")
+                   f"({pb-pa:+.1f} points; needs >= 3x, >= +20 and > the noise, {noise:.1f})")
         elif f == 'distillation keeps robustness':
-            ok = pb - pa >= 5 and cb >= ca - 3 and _noise_ok(a, b, 'pgd_acc')
-            msg = (f"distillation {pb-pa:+.1f} PGD points over plain fine-tuning (needs >= +5), clean {cb-ca:+.1f} "
-                   f"points (needs >= -3)")
+            ok = pb - pa >= 5 and cb >= ca - 3 and pb - pa > noise
+            msg = (f"distillation {pb-pa:+.1f} PGD points over plain fine-tuning (needs >= +5 and > the noise, "
+                   f"{noise:.1f}), clean {cb-ca:+.1f} points (needs >= -3)")
         else:
-            ok = pb < pa and b.seconds > a.seconds and _noise_ok(a, b, 'pgd_acc')
-            msg = f"transfer {pa-pb:+.1f} PGD points over adversarial training from scratch"
+            ok = pa - pb > noise and b.seconds > a.seconds
+            msg = (f"transfer {pa-pb:+.1f} PGD points over adversarial training from scratch (needs > the noise, "
+                   f"{noise:.1f})")
             if times: msg += f", at a wall-time ratio of {a.seconds/b.seconds:.2f}x"  # timing last: one token
         out[f] = (bool(ok), f"{'SHOWN' if ok else 'NOT SHOWN'}: {msg}")
     return out

@@ -265,3 +265,15 @@ def test_task_dls_learner(digits):
     loss, acc = learn.validate()
     preds, targs = learn.get_preds()
     assert preds.shape == (len(dls.valid_ds), 5) and torch.equal(targs, dls.valid_ds.y)
+
+
+def test_offline_download_failure_is_a_clear_file_not_found(monkeypatch):
+    "No local copy and no network: a FileNotFoundError that says where to put the archive (the CLI's and the tutorials' fallbacks catch it)"
+    import urllib.error
+    import rtl_fastai.data.external as ext
+    monkeypatch.delenv('RTL_DATA', raising=False)
+    monkeypatch.setattr(ext, '_shared_candidates', lambda: [])
+    def offline(*a, **k): raise urllib.error.URLError('[Errno -2] Name or service not known')
+    monkeypatch.setattr(ext, 'untar_data', offline)
+    with pytest.raises(FileNotFoundError, match=r"downloading it from .* failed \(URLError.*set RTL_DATA"):
+        ext.find_data('cifar10')

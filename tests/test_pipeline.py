@@ -33,3 +33,24 @@ def test_reduced_default_run_prints_findings_and_verdicts(tmp_path):
     assert (run/'robust_curve.png').stat().st_size > 10_000
     crv = pd.read_csv(run/'robust_curve.csv')
     assert set(crv.method) == set(df.method) and crv.groupby('method').size().min() >= 3
+
+
+import pytest
+
+@pytest.mark.parametrize('opts,msg', [
+    (['--source-classes', '0,1,99'], "`source_classes`: class index 99 out of range"),
+    (['--n-test', '100000'], "`n_test`: class '0' has only"),
+    (['--n-low', '1000'], "`n_low`: class '5' has only"),
+    (['--lam', '-1'], "`lam` must be a number >= 0"),
+    (['--distill-layer', 'nolayer'], "`layer`='nolayer' is not a module of the model"),
+])
+def test_bad_run_options_fail_in_one_line_before_training(opts, msg, tmp_path, capsys):
+    "Every option the pipeline could only reject mid-run is checked first: one line, nothing trained or written"
+    with pytest.raises(SystemExit) as e: main(['run', '--data', 'digits', '--out', str(tmp_path), *opts])
+    assert str(e.value.code).startswith('rtl-fastai run: ') and msg in str(e.value.code), e.value.code
+    assert '[1/8]' not in capsys.readouterr().out and not list(tmp_path.iterdir())
+
+
+def test_check_only_trains_nothing(tmp_path, capsys):
+    assert main(['run', '--data', 'digits', '--check-only', '--out', str(tmp_path)]) == 0
+    assert 'nothing was trained' in capsys.readouterr().out and not list(tmp_path.iterdir())

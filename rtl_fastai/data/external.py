@@ -98,7 +98,13 @@ def find_data(name:str, # 'mnist' or 'cifar10'
     for c in _shared_candidates():
         res = _locate(name, c)
         if res is not None: return res
-    return ('folder', Path(untar_data(LAYOUTS[name].url)))
+    url = LAYOUTS[name].url
+    try: return ('folder', Path(untar_data(url)))
+    except OSError as e:  # offline: urllib's URLError, a refused connection, a full disk
+        raise FileNotFoundError(
+            f"{name} is not on this machine (RTL_DATA unset or without it, no shared data folder) and downloading it "
+            f"from {url} failed ({type(e).__name__}: {e}). Put {LAYOUTS[name].archive} or its {LAYOUTS[name].folder}/ "
+            f"folder in a directory and set RTL_DATA to it, or pass `path=`") from e
 
 # %% ../../nbs/00b_data.external.ipynb #12752342
 def _key(p:Path, archive:bool):
