@@ -271,7 +271,16 @@ def _load_into(model, src, key=None, map_location='cpu', cache=None, norm='auto'
         src, found = _resolve(src, name)
         info = info or found
         kw = dict(fname=info.filename, sha256=info.sha256) if found is not None else {}
-        ckpt = _read_checkpoint(checkpoint_path(src, cache=cache, name=name, **kw), map_location, name)
+        try: p = checkpoint_path(src, cache=cache, name=name, **kw)
+        except OSError as e:
+            if found is None or isinstance(e, FileNotFoundError): raise
+            f = info.filename or Path(urlparse(info.url).path).name
+            why = str(e).replace(f"`{name}`: ", '', 1).split(' Check the connection')[0]
+            raise OSError(f"{who or 'load_robust_checkpoint'}: the published model {info.name!r} is not in the cache: "
+                          f"{why} Offline? Fetch {info.url} where there is a connection, then pass the file: "
+                          f"`load_robust_checkpoint('{info.name}', 'path/to/{f}')` in Python, `--source path/to/{f}` "
+                          "on the command line") from e
+        ckpt = _read_checkpoint(p, map_location, name)
     sd, fstats = extract_state_dict(ckpt, key=key)
     msd = model.state_dict()
     sd = _align(sd, msd)
@@ -299,6 +308,15 @@ def load_robust_checkpoint(model:nn.Module|str, # the checkpoint's architecture 
     "Load a plain, fastai, DataParallel, MadryLab, RobustBench or safetensors checkpoint into `model`: all keys or none"
     # tensors only: `torch.load(weights_only=True)`
     info = None
+    if isinstance(model, str) and path_or_url is None and Path(model).expanduser().is_file():
+        # a checkpoint file given first: its name says the architecture when it is a registry file name
+        path_or_url = model
+        try: model = robust_model_info(Path(model).name).name
+        except ValueError:
+            raise ValueError(f"load_robust_checkpoint: `model`={path_or_url!r} is a checkpoint file, not an "
+                             "architecture: pass the model to load it into, `load_robust_checkpoint(model, "
+                             f"{path_or_url!r})`, or the registry name it was saved under, "
+                             f"`load_robust_checkpoint('resnet18_linf_eps4.0', {path_or_url!r})`") from None
     if isinstance(model, (str, RobustModelInfo)):
         try: info = robust_model_info(model)
         except ValueError as e: raise ValueError(str(e).replace('`name`:', '`model`:', 1)) from None

@@ -344,7 +344,7 @@ CASES = [
     ('ckpt-unknown-source', lambda d, m, r: load_robust_checkpoint(SmallCNN(), 'Salman2020Do_R1'), ValueError,
                            r"`path_or_url`: 'Salman2020Do_R1' is neither a checkpoint file nor a registered model.*'Salman2020Do_R18'"),
     ('ckpt-download-fails', lambda d, m, r: _bad_download(ConnectionError('network unreachable')), OSError,
-                           r'`path_or_url`: downloading https://huggingface.co/.*resnet18_l2_eps3.ckpt failed .*nothing was kept in the cache'),
+                           r"the published model 'resnet18_l2_eps3' is not in the cache: downloading https://huggingface.co/.*resnet18_l2_eps3.ckpt failed .*nothing was kept in the cache.*Offline\? Fetch"),
     ('ckpt-download-truncated', lambda d, m, r: _bad_download((r/'good.pth').read_bytes()[:300]), ValueError,
                            r'`path_or_url`: the file downloaded from .* is not a readable checkpoint .*nothing was kept in the cache'),
     ('ckpt-stats-channels', lambda d, m, r: load_robust_checkpoint(SmallCNN(), r/'good.pth', stats=([.5]*3, [.2]*3)),

@@ -415,3 +415,25 @@ def test_registry_wrong_architecture_is_a_mismatch(tmp_path, monkeypatch):
     _serve(monkeypatch, {info.url: tmp_path/'f.ckpt'}, [])
     with pytest.raises(CheckpointMismatchError, match='does not match the model'):
         load_robust_checkpoint(torchvision.models.resnet34(), 'resnet18_linf_eps4.0', cache=tmp_path/'c')
+
+
+def test_registry_file_given_first_and_offline_message(tmp_path, monkeypatch):
+    "A file named as a registry entry may come first; any other file gets the two forms that work; offline, the registry download failure names them"
+    import urllib.error
+    import rtl_fastai.checkpoint as ck
+    from rtl_fastai.hub import robust_model_info
+    m = robust_model_info('resnet18_linf_eps4.0').build()
+    torch.manual_seed(0)
+    for p_ in m.parameters(): p_.data.normal_()
+    f = tmp_path/'resnet18_linf_eps4.0.ckpt'
+    torch.save(m.state_dict(), f)
+    got = ck.load_robust_checkpoint(str(f))
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), m.state_dict().values()))
+    other = tmp_path/'weights.pt'
+    torch.save(m.state_dict(), other)
+    with pytest.raises(ValueError, match="is a checkpoint file, not an architecture.*load_robust_checkpoint\\(model"):
+        ck.load_robust_checkpoint(str(other))
+    def offline(url, dest): raise urllib.error.URLError('[Errno -2] Name or service not known')
+    monkeypatch.setattr(ck, '_download', offline)
+    with pytest.raises(OSError, match=r"'resnet18_linf_eps4.0' is not in the cache.*Offline\? Fetch .*--source path/to/resnet18_linf_eps4.0.ckpt"):
+        ck.load_robust_checkpoint('resnet18_linf_eps4.0', cache=tmp_path/'c')
