@@ -94,8 +94,13 @@ def robust_models(arch:str=None, # keep only this architecture, e.g. 'resnet50'
                   norm:str=None, # keep only this threat model: 'L2', 'Linf' (or 'standard')
                  )->list:
     "Names of the registered models"
-    if norm is not None and norm not in ('L2', 'Linf', 'standard'):
+    norms = {'l2': 'L2', 'linf': 'Linf', 'standard': 'standard'}  # any case, as `ThreatModel` writes 'linf'
+    if norm is not None and str(norm).lower() not in norms:
         raise ValueError(f"robust_models: `norm` must be 'L2', 'Linf', 'standard' or None, got {norm!r}")
+    if norm is not None: norm = norms[str(norm).lower()]
+    archs = sorted({m.arch for m in ROBUST_MODELS.values()})
+    if arch is not None and arch not in archs:
+        raise ValueError(f"robust_models: no registered model is a {arch!r}; the registry's architectures are {archs}")
     return [n for n, m in ROBUST_MODELS.items() if (arch is None or m.arch == arch)
             and (norm is None or (m.norm or 'standard') == norm)]
 

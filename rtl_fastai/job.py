@@ -49,7 +49,7 @@ def parse_eps(eps, # a radius in [0,1] pixel units: a number, or text such as '4
     v = check_number(v, name, lo=0, who=who, fix="give it in [0,1] pixel units, e.g. '4/255'")
     if norm == 'linf' and v > 1:
         raise ValueError(f"{who}: `{name}`={eps!r} is larger than the whole [0,1] pixel range: "
-                         f"give eps in pixel units, e.g. '{eps_str(v)}/255' not {eps_str(v)}")
+                         f"give {name} in pixel units, e.g. '{eps_str(v)}/255' not {eps_str(v)}")
     return v
 
 def parse_n_retrain(n_retrain, # 0, 2, '0', '2' or 'all'
@@ -198,7 +198,8 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, or 'tor
             raise ValueError(f"{who}: `arch` is missing: a checkpoint file needs its architecture, "
                              "e.g. arch='resnet50' (torchvision) or arch='timm:resnet50'")
         arch = info.arch
-    ckpt = _read_checkpoint(checkpoint_path(s, cache=cache, name='source'), name='source')
+    fp = checkpoint_path(s, cache=cache, name='source')  # the local file: `file://` resolved, a URL downloaded
+    ckpt = _read_checkpoint(fp, name='source')
     try: sd, fstats = extract_state_dict(ckpt)
     except (KeyError, ValueError) as e: raise ValueError(f"{who}: `source`: {e}") from None
     model, _ = build_arch(arch, who=who)
@@ -216,7 +217,8 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, or 'tor
     except CheckpointMismatchError as e:
         raise CheckpointMismatchError(f"{who}: `source` {p.name} is not a checkpoint of `arch`={arch!r} "
                                       f"({n or 1000} classes): {e}") from None
-    desc = dict(kind='checkpoint', name=s, arch=arch, threat=info.threat if info else 'unknown', file=str(p))
+    desc = dict(kind='checkpoint', name=s, arch=arch, threat=info.threat if info else 'unknown',
+                file=str(Path(fp).resolve()))
     return model, desc
 
 # %% ../nbs/08b_job.ipynb #d31fdfff
@@ -375,18 +377,22 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
                                  cache='auto' if cache else False)
         cbs = ([FeatureDistillation(j['model'], lam=j['lam'], warmup_epochs=j['warmup_epochs'])] if j['lam'] > 0
                else [])
-        log(f"training: {epochs} epochs on {summary.n_train} images of {len(summary.classes)} classes")
+        log(f"training: {epochs} epoch{'s' if epochs != 1 else ''} on {summary.n_train} images of {len(summary.classes)} classes")
         t = time.time()
-        fit_quietly(learn, epochs, lr, cbs, verbose=not quiet)  # fastai's table and bars unless `quiet`
+        # on a terminal fastai's table and bars (unless `quiet`); in a log the bars would be control characters,
+        # so the epoch table is printed from the recorder after the fit
+        tty = sys.stdout.isatty()
+        fit_quietly(learn, epochs, lr, cbs, verbose=not quiet and tty)
+        if not quiet and not tty: print(pd.DataFrame(_hist(learn)).to_string(index=False), flush=True)
         train_s = time.time() - t
         fc = next((c for c in learn.cbs if isinstance(c, FeatureCache)), None)
         log(f"evaluation: clean and {tm.name} accuracy on {summary.n_valid} validation images")
         t = time.time()
-        r = robust_validate(learn, threat=tm, n_batches=n_batches, seed=seed, show_progress=not quiet)
+        r = robust_validate(learn, threat=tm, n_batches=n_batches, seed=seed, show_progress=not quiet and tty)
         crv = None
         if curve:
             crv = robust_accuracy_curve(learn, _curve_eps(tm.eps, tm.norm), threat=tm, n_batches=n_batches, seed=seed,
-                                        show_progress=not quiet)
+                                        show_progress=not quiet and tty)
             label = f"{j['desc']['name']}, n_retrain={j['n_retrain']}" + (f", lam={j['lam']:g}" if j['lam'] else '')
             crv.insert(0, 'method', label)
         eval_s = time.time() - t
@@ -395,7 +401,7 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
                    n_retrain=j['n_retrain'], lam=j['lam'], epochs=epochs, clean_acc=r['clean_acc'],
                    pgd_acc=r['robust_acc'], attack=r['attack'], n_valid=r['n'], seconds=train_s + eval_s)
         res = pd.DataFrame([row])
-        info = dict(source=j['desc'], data=dict(path=str(summary.path), classes=summary.classes,
+        info = dict(source=j['desc'], data=dict(path=str(Path(summary.path).resolve()), classes=summary.classes,
                                                 n_train=summary.n_train, n_valid=summary.n_valid),
                     threat=dict(eps=tm.eps, steps=tm.steps, alpha=tm.step_size, norm=tm.norm, name=tm.name),
                     history=_hist(learn), feature_cache=None if fc is None else fc.reason,
