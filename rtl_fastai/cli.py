@@ -51,6 +51,12 @@ def _parser_of(anno, opt, default):
     if anno in (list, 'list'): return parse_classes
     return None
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    "argparse's help with defaults, except on/off flags: their name says what they do"
+    def _get_help_string(self, action):
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)): return action.help
+        return super()._get_help_string(action)
+
 def add_signature_args(parser:argparse.ArgumentParser,
                        func, # its parameters become options
                        skip=(), # parameters that are not options (set by the command itself)
@@ -64,7 +70,7 @@ def add_signature_args(parser:argparse.ArgumentParser,
         help = (v.docment or '').strip()
         names = lambda pre: list(dict.fromkeys(['--' + pre + k.replace('_', '-'), '--' + pre + k]))
         if v.anno in (bool, 'bool'):
-            if v.default: parser.add_argument(*names('no-'), dest=k, action='store_false', help=f"turn off: {help}")
+            if v.default: parser.add_argument(*names('no-'), dest=k, action='store_false', help=f"turns off (it is on by default): {help}")
             else: parser.add_argument(*names(''), dest=k, action='store_true', help=help)
             continue
         typ = types.get(k) or _parser_of(v.anno, names('')[0], v.default)
@@ -94,11 +100,11 @@ def make_parser() -> argparse.ArgumentParser:
     r = sub.add_parser('run', help="run the robust-transfer pipeline end to end and print a results table",
                        description=run_pipeline.__doc__ + ". Prints clean and PGD accuracy and wall time per row, "
                        "grouped by the paper's findings with a verdict for each; writes JSON, CSV and a plot.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     _run_options(r)
     from rtl_fastai.job import transfer_job
     t = sub.add_parser('transfer', help="robust transfer onto your own image folder from a robust (or natural) source",
-                       description=transfer_job.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description=transfer_job.__doc__, formatter_class=_Help)
     t.add_argument('data', help=docments(transfer_job)['data'])
     add_signature_args(t, transfer_job)
     return p
