@@ -101,6 +101,7 @@ def eps_str(eps:float, digits:int=4)->str:
     if eps == 0: return '0'
     if abs(round(eps, 3) - eps) < 1e-12: return f"{eps:g}"
     if abs(k - round(k)) < 1e-6*max(1., k): return '1' if round(k) == 255 else f"{round(k)}/255"
+    if abs(2*k - round(2*k)) < 1e-6*max(1., k): return f"{round(2*k)/2:g}/255"  # half grey levels (Salman's 0.5/255)
     return f"{eps:.{digits}g}"
 
 # %% ../nbs/00_core.ipynb #3842e813
