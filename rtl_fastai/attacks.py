@@ -75,7 +75,8 @@ class ThreatModel:
 
     @property
     def name(self)->str:
-        "Short name of the attack for metric columns, e.g. `pgd20_acc@8/255`, `pgd10_l2_acc@0.5`, `pgd20x5_acc@8/255`"
+        ("Short name of the attack for metric columns, e.g. `pgd20_acc@8/255`, `pgd10_l2_acc@0.5`, `pgd20x5_acc@8/255`; "
+         "the step size is not in it (the pipeline and `rtl-fastai transfer` step eps/4 and record it as `alpha`)")
         r, l2 = f'x{self.restarts}' if self.restarts > 1 else '', '_l2' if self.norm == 'l2' else ''
         return f"pgd{self.steps}{r}{l2}_acc@{eps_str(self.eps)}"
 

@@ -197,7 +197,7 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
     n_steps, i, t_all = 8*seeds, [0], time.time()
     def step(msg):
         i[0] += 1; log(f"[{i[0]}/{n_steps}] {msg}" + (f" (seed {s})" if seeds > 1 else ''))
-    rows, info, crv = [], dict(settings=dict(d, eps=eps, steps=steps)), []
+    rows, info, crv = [], dict(settings=dict(d, eps=eps, steps=steps, alpha=ALPHA_RATIO*eps)), []
     for s in range(seed, seed+seeds):
         r, learners, src_info = _one_seed(ds, src_cls, tgt_cls, d, eps, steps, d['lam'], s, device, verbose, bars, step)
         rows += r
