@@ -18,9 +18,9 @@ def parse_eps(s:str) -> float:
     "An eps in [0,1] pixel units from text: `0.2`, `8/255`."
     try: v = parse_number(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--eps: {s!r} is not a number; give pixel units such as 0.2 or 8/255")
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number; give pixel units such as 0.2 or 8/255")
     if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"--eps: {s!r} is outside [0,1]; give pixel units such as 8/255, not 8")
+        raise argparse.ArgumentTypeError(f"{s!r} is outside [0,1]; give pixel units such as 8/255, not 8")
     return v
 
 def parse_classes(s:str):
@@ -31,23 +31,23 @@ def parse_classes(s:str):
     return [int(c) if c.isdigit() else c for c in items]
 
 # %% ../nbs/09_cli.ipynb #5b90f3db
-def _int_arg(opt, lo):
+def _int_arg(lo):  # argparse names the option in its message
     def f(s):
         try: v = int(s)
-        except ValueError: raise argparse.ArgumentTypeError(f"{opt}: {s!r} is not an integer")
-        if v < lo: raise argparse.ArgumentTypeError(f"{opt}: must be >= {lo}, got {v}")
+        except ValueError: raise argparse.ArgumentTypeError(f"{s!r} is not an integer")
+        if v < lo: raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
         return v
     return f
 
-def _float_arg(opt):
+def _float_arg():
     def f(s):
         try: return parse_number(s)
-        except ValueError: raise argparse.ArgumentTypeError(f"{opt}: {s!r} is not a number")
+        except ValueError: raise argparse.ArgumentTypeError(f"{s!r} is not a number")
     return f
 
-def _parser_of(anno, opt, default):
-    if anno in (int, 'int'): return _int_arg(opt, 0 if default == 0 else 1)
-    if anno in (float, 'float'): return _float_arg(opt)
+def _parser_of(anno, default):
+    if anno in (int, 'int'): return _int_arg(0 if default == 0 else 1)
+    if anno in (float, 'float'): return _float_arg()
     if anno in (list, 'list'): return parse_classes
     return None
 
@@ -73,7 +73,7 @@ def add_signature_args(parser:argparse.ArgumentParser,
             if v.default: parser.add_argument(*names('no-'), dest=k, action='store_false', help=f"turns off (it is on by default): {help}")
             else: parser.add_argument(*names(''), dest=k, action='store_true', help=help)
             continue
-        typ = types.get(k) or _parser_of(v.anno, names('')[0], v.default)
+        typ = types.get(k) or _parser_of(v.anno, v.default)
         parser.add_argument(*names(''), dest=k, default=v.default, type=typ, choices=choices.get(k), help=help,
                             metavar=None if k in choices else k.upper())
     return parser
@@ -85,7 +85,7 @@ def _run_options(r):
     add_signature_args(r, run_pipeline, skip=('path', 'bars', 'log'), types=dict(eps=parse_eps),
                        choices=dict(arch=ARCHS))
     r.add_argument('--out', default='rtl_out', help="results folder; each run writes a new run_NNN inside it")
-    r.add_argument('--threads', type=_int_arg('--threads', 1), default=None,
+    r.add_argument('--threads', type=_int_arg(1), default=None,
                    help="torch CPU threads; default 1 for the small CNN (faster than 2 for such tiny layers), "
                    "else torch's choice")
     r.add_argument('--no-times', action='store_true', help="print the table without the wall-time column "

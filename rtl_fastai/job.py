@@ -4,7 +4,7 @@
 
 # %% ../nbs/08b_job.ipynb #850b8b8c
 from __future__ import annotations
-import difflib, os, sys, time
+import difflib, inspect, os, re, sys, time
 from pathlib import Path
 from urllib.parse import urlparse
 import pandas as pd
@@ -105,7 +105,7 @@ def build_arch(arch:str, # 'resnet50' or 'torchvision:resnet50' (torchvision), '
         raise TypeError(f"{who}: `{name}` must be a model name such as 'resnet50' or 'timm:resnet50', got {arch!r}")
     lib, n = _lib_name(arch)
     fail = (f"{who}: `{name}`: could not get the pretrained weights of {arch!r}" + " ({}); check the connection (the "
-            "library downloads them once into its cache), or use random weights (`pretrained=False`, --no-pretrained)")
+            "library downloads them once into its cache), or use random weights (`pretrained=False`)")
     if lib in (None, 'torchvision'):
         names = torchvision.models.list_models(module=torchvision.models)
         if n not in names:
@@ -419,11 +419,28 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
     finally: torch.set_num_threads(old_threads)
 
 # %% ../nbs/08b_job.ipynb #11ebd013
+def _cli_words(msg:str)->str:
+    "A message of `transfer_job` in the words of its command line: `--n-retrain 2` where Python reads n_retrain=2"
+    params = {k: p.default for k, p in inspect.signature(transfer_job).parameters.items() if k != 'data'}
+    def opt(k, v=None):
+        if isinstance(params[k], bool) and v in ('True', 'False'):  # flags: --no-pretrained, --quiet
+            on, name = v == 'True', k.replace('_', '-')
+            return f"--{name}" if on and not params[k] else f"--no-{name}" if not on and params[k] else "(the default)"
+        return '--' + k.replace('_', '-') + ('' if v is None else ' ' + v.strip("'"))
+    val = r"('[^']*'|[^\s:;,)`]+)"
+    sub = lambda pat, f, s: re.sub(pat, lambda m: f(m) if m[1] in params else m[0], s)
+    msg = msg.replace('transfer_job: ', '', 1)
+    msg = sub(r"`(\w+)=" + val + "`", lambda m: f"`{opt(m[1], m[2])}`", msg)  # `pretrained=False` -> `--no-pretrained`
+    msg = sub(r"`(\w+)`=" + val, lambda m: f"`{opt(m[1], m[2])}`", msg)   # `eps`='8'  -> `--eps 8`
+    msg = sub(r"`(\w+)=`", lambda m: f"`{opt(m[1])}`", msg)                # `train=`   -> `--train`
+    msg = sub(r"`(\w+)`", lambda m: f"`{opt(m[1])}`", msg)                 # `arch`     -> `--arch`
+    return sub(r"(?<![\w`-])(\w+)=" + val, lambda m: opt(m[1], m[2]), msg)  # arch='resnet50' -> --arch resnet50
+
 def run_transfer_job(**kwargs):
-    "`transfer_job(**kwargs)` for a command line: a bad input exits with its message alone (no traceback)."
+    "`transfer_job(**kwargs)` for a command line: a bad input exits with its message alone, in the command line's words."
     try: transfer_job(**kwargs)
     except Exception as e:
-        if getattr(e, 'bad_input', False): sys.exit(f"rtl-fastai transfer: {e}")
+        if getattr(e, 'bad_input', False): sys.exit(f"rtl-fastai transfer: {_cli_words(str(e))}")
         raise
     return 0
 

@@ -396,9 +396,9 @@ CASES = [
     ('job-bs-too-large',   lambda d, m, r: _job(r, bs=64), ValueError, r'`bs`=64 is larger than the 8 training images'),
     ('job-out-is-file',    lambda d, m, r: _job(r, out=str(r/'results.txt')), NotADirectoryError, r'transfer_job: `out`=.*results\.txt.* is a file'),
     ('job-cli-eps',        lambda d, m, r: _job_cli(str(r/'images'), '--eps', '8', '--out', str(r/'job_out')), ValueError,
-                           r"exit rtl-fastai transfer: transfer_job: `eps`='8' is larger"),
+                           r"exit rtl-fastai transfer: `--eps 8` is larger"),
     ('job-cli-folder',     lambda d, m, r: _job_cli(str(r/'no_images'), '--source', 'torchvision:resnet18', '--no-pretrained'),
-                           ValueError, r'exit rtl-fastai transfer: transfer_job: `data`: no image files under'),
+                           ValueError, r'exit rtl-fastai transfer: `data`: no image files under'),
 ]
 
 

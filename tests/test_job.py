@@ -153,7 +153,7 @@ def test_command_line(files, capsys):
     assert 'pgd2_acc@2/255' in printed and 'run_001' in printed
     assert (out/'run_001'/'export.pkl').is_file()
     with pytest.raises(SystemExit) as e: main([str(folder), '--eps', '8', '--out', str(out)])
-    assert "`eps`='8' is larger than the whole [0,1] pixel range" in str(e.value.code)
+    assert "`--eps 8` is larger than the whole [0,1] pixel range" in str(e.value.code)
     assert sorted(p.name for p in out.iterdir()) == ['run_001']
 
 
