@@ -233,6 +233,18 @@ def _in_channels(model):
     c = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     return None if c is None else c.in_channels
 
+def _item_channels(dls):
+    "Channels of the images `dls` hold, read from one item (no batch drawn, no random transform); None if unknown"
+    try:
+        ds = dls.train_ds if isinstance(dls, DataLoaders) else dls.dataset
+        x = getattr(ds, 'x', None)  # `ArrayDataset`: the tensor itself
+        if isinstance(x, torch.Tensor): return x.shape[1] if x.ndim == 4 else None
+        item = ds[0][0] if len(ds) else None
+    except Exception: return None  # a loader this check does not know: nothing to say
+    if isinstance(item, torch.Tensor): return item.shape[0] if item.ndim == 3 else None
+    bands = getattr(item, 'getbands', None)  # a PIL image: 'L' has 1 band, 'RGB' 3
+    return len(bands()) if callable(bands) else None
+
 def _cpu(st): return None if st is None else tuple(t.detach().cpu() for t in st)
 
 def _is_identity(st): return bool((st[0] == 0).all() and (st[1] == 1).all())
@@ -254,8 +266,13 @@ def check_normalization(model:nn.Module, # the model the inputs go to
                          f"first convolution takes {c}-channel images; give `Normalize.from_stats` one value per "
                          "channel of your images (or convert the images to the model's channels)")
     fix_dls = f"`batch_tfms=Normalize.from_stats(*input_stats(model))` in the DataLoaders"
-    n = _n_normalize(dls)
-    if n > 1:
+    n, k = _n_normalize(dls), _item_channels(dls)
+    if c is not None and k is not None and k != c:
+        load = "3 channels (fastai's `PILImage`, the default of `ImageBlock`)" if c == 3 else f"{c} channels"
+        kind, msg = 'channels', (f"the model's first convolution takes {c}-channel images but the images of the `dls` "
+                                 f"have {k}: unless a batch transform converts them, the first forward will fail. "
+                                 f"Load them with {load}")
+    elif n > 1:
         kind, msg = 'dls twice', (f"the `dls` normalize {n} times (`Normalize` is {n} times in their `after_batch`), "
                                   "but attacks and the model's statistics undo one: keep one `Normalize` "
                                   "(`ImageDataLoaders`' `batch_tfms`, or `dls.add_tfms`, not both)")
