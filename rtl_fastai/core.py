@@ -266,13 +266,14 @@ def check_normalization(model:nn.Module, # the model the inputs go to
                          f"first convolution takes {c}-channel images; give `Normalize.from_stats` one value per "
                          "channel of your images (or convert the images to the model's channels)")
     fix_dls = f"`batch_tfms=Normalize.from_stats(*input_stats(model))` in the DataLoaders"
-    n, k = _n_normalize(dls), _item_channels(dls)
-    if c is not None and k is not None and k != c:
+    k = _item_channels(dls)
+    if c is not None and k is not None and k != c:  # a warning of its own: the normalization is checked as well
         load = "3 channels (fastai's `PILImage`, the default of `ImageBlock`)" if c == 3 else f"{c} channels"
-        kind, msg = 'channels', (f"the model's first convolution takes {c}-channel images but the images of the `dls` "
-                                 f"have {k}: unless a batch transform converts them, the first forward will fail. "
-                                 f"Load them with {load}")
-    elif n > 1:
+        _warn_once(model, dls, 'channels', f"{who}: the model's first convolution takes {c}-channel images but the "
+                   f"images of the `dls` have {k}: unless a batch transform converts them, the first forward will "
+                   f"fail. Load them with {load}")
+    n = _n_normalize(dls)
+    if n > 1:
         kind, msg = 'dls twice', (f"the `dls` normalize {n} times (`Normalize` is {n} times in their `after_batch`), "
                                   "but attacks and the model's statistics undo one: keep one `Normalize` "
                                   "(`ImageDataLoaders`' `batch_tfms`, or `dls.add_tfms`, not both)")
@@ -293,11 +294,15 @@ def check_normalization(model:nn.Module, # the model the inputs go to
         kind, msg = 'other', (f"the model expects inputs normalized with {_fmt_stats(exp)} "
                               f"but the `dls` normalize with {_fmt_stats(got)}. Use {fix_dls}")
     else: return None
+    _warn_once(model, dls, kind, f"{who}: {msg}")
+    return msg
+
+def _warn_once(model, dls, kind, msg):
+    "`msg` as a warning, once per model, `dls` and kind of problem"
     seen = _WARNED.setdefault(model, set())
     if (id(dls), kind) not in seen:
         seen.add((id(dls), kind))
-        warnings.warn(f"{who}: {msg}", UserWarning, stacklevel=2)
-    return msg
+        warnings.warn(msg, UserWarning, stacklevel=3)
 
 # %% ../nbs/00_core.ipynb #329af922
 def parse_number(s:str)->float:
