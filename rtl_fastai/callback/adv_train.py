@@ -49,12 +49,11 @@ class _AdvTrainCallback(Callback):
         self._stats = self.learn.dls if self.stats is None else self.stats
         normalize_stats(self._stats)  # fail early on unusable stats
         check_normalization(self.learn.model, self.learn.dls, type(self).__name__)  # warns once per model and data
-        self._sp, self._unchecked = None, True
+        self._sp = None
     def after_fit(self): self._sp = None
     def _check_now(self)->bool:
-        "True once a fit, on its first batch: whether to check the batch's pixel range (one host-device sync)"
-        c, self._unchecked = self._unchecked, False
-        return c
+        "Whether to check the batch's pixel range: on the first training batch of a fit (one host-device sync a fit)"
+        return self.train_iter == 0
     def _space_of(self, x):
         "The pixel space of the stats on the device of `x`, built once per fit: no checks or copies per batch"
         if self._sp is None or self._sp.mean.device != x.device: self._sp = _pixel_space(self._stats, x)
