@@ -110,24 +110,16 @@ def _as_stat(v, what):
     if t.numel() == 0: raise ValueError(f"normalize_stats: {what} is empty")
     return t.reshape(1, -1, 1, 1)
 
-def _find_normalize(obj):
+def _normalizes(obj)->list:
+    "The `Normalize` transforms the batches of `obj` go through: of each loader of `DataLoaders`, else of `obj`"
+    if isinstance(obj, DataLoaders): return [ns for dl in obj.loaders for ns in _normalizes(dl)]
     for o in (obj, getattr(obj, 'dl', None)):  # fastai's `DistributedDL` wraps the real loader in `.dl`
-        tfms = getattr(o, 'after_batch', None)
-        for t in getattr(tfms, 'fs', []) or []:
-            if isinstance(t, Normalize): return t
-    if isinstance(obj, DataLoaders):
-        for dl in obj.loaders:
-            n = _find_normalize(dl)
-            if n is not None: return n
-    return None
+        ns = [t for t in getattr(getattr(o, 'after_batch', None), 'fs', None) or [] if isinstance(t, Normalize)]
+        if ns: return [ns]
+    return [[]]
 
-def _n_normalize(obj):
-    "How many `Normalize` the batches of `obj` (a `DataLoader`, or the most of the loaders of `DataLoaders`) go through"
-    if isinstance(obj, DataLoaders): return max((_n_normalize(dl) for dl in obj.loaders), default=0)
-    for o in (obj, getattr(obj, 'dl', None)):
-        fs = getattr(getattr(o, 'after_batch', None), 'fs', None)
-        if fs: return sum(isinstance(t, Normalize) for t in fs)
-    return 0
+def _find_normalize(obj): return next((ns[0] for ns in _normalizes(obj) if ns), None)
+def _n_normalize(obj): return max(map(len, _normalizes(obj)), default=0)
 
 def normalize_stats(obj, # `DataLoaders`/`DataLoader`, a `Normalize`, a `(mean, std)` pair, or None
                    ):
