@@ -6,23 +6,21 @@
 import sys, time, os, json, torch
 torch.set_num_threads(1)
 from fastai.vision.all import Learner, accuracy, set_seed
-from rtl_fastai.pipeline import _defaults
+from rtl_fastai.pipeline import _defaults, _seed_data
 from rtl_fastai.attacks import ThreatModel
-from rtl_fastai.data.arrays import default_split, select_classes, subsample
+from rtl_fastai.data.arrays import default_split, subsample
 from rtl_fastai.data.external import load_dataset
 from rtl_fastai.data.loaders import task_dls
-from rtl_fastai.experiment import make_model, fit_quietly, evaluate, train_source, carve_valid
+from rtl_fastai.experiment import make_model, fit_quietly, evaluate, train_source
 from rtl_fastai.callback.adv_train import PGDTraining
 from rtl_fastai.callback.transfer import transfer_learner
 seed = int(sys.argv[1]); eps = float(sys.argv[2]); cfg = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
-d = _defaults('mnist'); d.update(cfg.get('d', {}))
+d = _defaults('mnist'); d.update(cfg.get('d', {})); d['holdout'] = 100
 tm_train = ThreatModel(eps, 7, norm='l2'); tm_eval = ThreatModel(eps, 20, alpha=eps/4, norm='l2')
 ds = load_dataset('mnist'); sp = default_split(ds)
-src, tgt = select_classes(ds, list(sp.source)), select_classes(ds, list(sp.target))
-src, tgt = carve_valid(src, 100), carve_valid(tgt, 100)
-src = subsample(src, d['n_source'], seed=seed)
+src, tgt, tgt_n, _ = _seed_data(ds, list(sp.source), list(sp.target), d, seed)  # the pipeline's split
 kw = dict(bs=d['bs'], seed=seed)
-src_dls = task_dls(src, **kw); tgt_dls = task_dls(subsample(tgt, d['n_target'], seed=seed), **kw)
+src_dls = task_dls(src, **kw); tgt_dls = task_dls(tgt_n, **kw)
 ev = lambda l: evaluate(l, tm_eval, seed=seed)
 def out(name, r, t): print(json.dumps(dict(seed=seed, eps=eps, name=name, clean=round(100*r['clean_acc'],1), pgd=round(100*r['pgd_acc'],1), s=round(t,1))), flush=True)
 srcs = {}

@@ -10,22 +10,20 @@ The optional last argument overrides the MNIST defaults. The robust source of ea
 import sys, time, os, json, torch
 torch.set_num_threads(1)
 from fastai.vision.all import Learner, accuracy, set_seed
-from rtl_fastai.pipeline import _defaults
-from rtl_fastai.data.arrays import default_split, select_classes, subsample
+from rtl_fastai.pipeline import _defaults, _seed_data
+from rtl_fastai.data.arrays import default_split, subsample
 from rtl_fastai.data.external import load_dataset
 from rtl_fastai.data.loaders import task_dls
-from rtl_fastai.experiment import make_model, fit_quietly, evaluate, train_source, carve_valid
+from rtl_fastai.experiment import make_model, fit_quietly, evaluate, train_source
 from rtl_fastai.callback.adv_train import PGDTraining
 from rtl_fastai.callback.transfer import transfer_learner
 from rtl_fastai.callback.distill import FeatureDistillation
 seed = int(sys.argv[1]); mode = sys.argv[2]; cfgs = json.loads(sys.argv[3]) if len(sys.argv) > 3 else []
 d = _defaults('mnist'); d.update(json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}); d['holdout'] = 100; eps = d['eps']
 ds = load_dataset('mnist'); sp = default_split(ds)
-src, tgt = select_classes(ds, list(sp.source)), select_classes(ds, list(sp.target))
-src, tgt = carve_valid(src, 100), carve_valid(tgt, 100)
-src = subsample(src, d['n_source'], seed=seed)
+src, tgt, tgt_n, _ = _seed_data(ds, list(sp.source), list(sp.target), d, seed)  # the pipeline's split
 kw = dict(bs=d['bs'], seed=seed)
-src_dls = task_dls(src, **kw); tgt_dls = task_dls(subsample(tgt, d['n_target'], seed=seed), **kw)
+src_dls = task_dls(src, **kw); tgt_dls = task_dls(tgt_n, **kw)
 src_eps = d.get('src_eps', eps)  # the robust source's training radius (default: the evaluation's)
 fn = os.path.expanduser(f"~/.cache/rtl_fastai/issue13_rob_{seed}_{d['n_source']}x{d['source_epochs']}"
                         + (f"_eps{src_eps:g}" if src_eps != eps else '') + f"{'_w'+str(d['width']) if d['width'] != 16 else ''}.pth"); os.makedirs(os.path.dirname(fn), exist_ok=True)
