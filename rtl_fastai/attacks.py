@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_attacks.ipynb #a858ad88
 from __future__ import annotations
-import dataclasses, warnings
+import dataclasses, difflib, inspect, warnings
 from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn as nn
@@ -93,15 +93,25 @@ class ThreatModel:
 # %% ../nbs/02_attacks.ipynb #fd9f8965
 _FIELDS = tuple(f.name for f in dataclasses.fields(ThreatModel))
 
+def _unexpected_kwargs(bad, who=None)->str:
+    "The message for keyword arguments `bad` that are neither fields of `ThreatModel` nor arguments of `who`."
+    name, own = getattr(who, '__name__', who) or 'as_threat', []
+    if callable(who):
+        own = [p.name for p in inspect.signature(who).parameters.values()
+               if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != 'self']
+    hints = [f"'{k}' (did you mean '{close[0]}'?)" if (close := difflib.get_close_matches(k, own + list(_FIELDS), n=1))
+             else repr(k) for k in bad]
+    return (f"{name}() got unexpected keyword argument(s) {', '.join(hints)}; the threat model's fields are "
+            f"{list(_FIELDS)}" + (f", and {name}'s own arguments are {own}" if own else ""))
+
 def as_threat(threat=None, # a `ThreatModel`, a radius `eps` (pixel units), or None
               defaults:dict=None, # the caller's defaults of the fields not given (e.g. `dict(steps=10)`)
-              who:str=None, # the function the user called, for error messages
+              who:str|callable=None, # the function (or its name) the user called, for error messages
               **kwargs, # `ThreatModel` fields; they override those of `threat`
              )->ThreatModel:
     "The `ThreatModel` a function was called with: `threat`, a radius, or keyword arguments"
     bad = [k for k in kwargs if k not in _FIELDS]
-    if bad: raise TypeError(f"{who or 'as_threat'}() got unexpected keyword argument(s) {bad}; "
-                            f"the threat model's fields are {list(_FIELDS)}")
+    if bad: raise TypeError(_unexpected_kwargs(bad, who))
     if isinstance(threat, ThreatModel): return threat.replace(**kwargs) if kwargs else threat
     if threat is not None:
         if 'eps' in kwargs:
@@ -245,7 +255,7 @@ def pgd_attack(model:nn.Module, # the model under attack; its modes are restored
                **threat_kw, # `ThreatModel` fields (eps, steps, alpha, norm, restarts, random_start); here steps=10
               )->torch.Tensor: # adversarial inputs, in the same space as `x`
     "Projected gradient descent (Madry et al. 2018) in pixel space."
-    tm = as_threat(threat, dict(steps=10), 'pgd_attack', **threat_kw)
+    tm = as_threat(threat, dict(steps=10), pgd_attack, **threat_kw)
     return _attack(model, x, y, tm, loss_func, stats, drop_fooled, check_pixels=check_pixels)[0]
 
 def _check_xy(x, y):
@@ -315,7 +325,7 @@ def fgsm_attack(model:nn.Module, # the model under attack
                 **threat_kw, # `ThreatModel` fields; here random_start=False, alpha eps (1.25*eps if random start)
                )->torch.Tensor:
     "Fast gradient sign method (Goodfellow et al. 2015), optionally from a random start (FGSM-RS, Wong et al. 2020)."
-    tm = as_threat(threat, dict(random_start=False), 'fgsm_attack', **threat_kw)
+    tm = as_threat(threat, dict(random_start=False), fgsm_attack, **threat_kw)
     alpha = tm.alpha
     if alpha is None: alpha = 1.25*tm.eps if tm.random_start else tm.eps
     tm = tm.replace(steps=1, restarts=1, alpha=alpha if tm.eps > 0 else None)
@@ -332,7 +342,7 @@ def robust_eval_batch(model:nn.Module, x, y, # model, inputs as the model receiv
                       **threat_kw, # `ThreatModel` fields (eps, steps, alpha, norm, restarts, random_start)
                      ):
     "Per-example `(clean_correct, robust_correct)` boolean tensors for one batch."
-    tm = as_threat(threat, None, 'robust_eval_batch', **threat_kw)
+    tm = as_threat(threat, None, robust_eval_batch, **threat_kw)
     y = plain(y)
     with eval_mode(model), torch.no_grad():
         clean = _check_out(model(plain(x)), x).argmax(1) == y

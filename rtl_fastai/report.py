@@ -53,7 +53,7 @@ def torchattack_evaluate(learn:Learner, # the learner whose model is attacked (i
                          **threat_kw, # `ThreatModel` fields (eps, norm)
                         )->dict: # `clean_acc`, `robust_acc`, `n`, `attack`, `max_perturbation`
     "Clean and robust accuracy of `learn.model` under a torchattacks attack, in pixel space."
-    tm = as_threat(threat, None, 'torchattack_evaluate', **threat_kw)
+    tm = as_threat(threat, None, torchattack_evaluate, **threat_kw)
     eps, norm = tm.eps, tm.norm
     check_int(n_batches, 'n_batches', none_ok=True)
     if dl is None: dl = learn.dls.valid
@@ -98,7 +98,7 @@ def autoattack_evaluate(learn:Learner, # the learner whose model is attacked
                                      # APGD-CE, APGD-T and FAB-T, as in the reference AutoAttack; torchattacks' is 10)
                        )->dict: # `clean_acc`, `robust_acc`, `n`, `attack`, `max_perturbation`
     "Clean and AutoAttack robust accuracy of `learn.model` (torchattacks, optional dependency), eps in pixel units."
-    tm = as_threat(threat, dict(steps=100), 'autoattack_evaluate', **threat_kw)
+    tm = as_threat(threat, dict(steps=100), autoattack_evaluate, **threat_kw)
     if version not in _VERSIONS: raise ValueError(f"`version` must be one of {_VERSIONS}, got {version!r}")
     check_int(n_batches, 'n_batches', none_ok=True)
     ta = _torchattacks('autoattack_evaluate')
@@ -123,7 +123,7 @@ def square_evaluate(learn:Learner, # the learner whose model is attacked
                     **threat_kw, # `ThreatModel` fields (eps, norm)
                    )->dict:
     "Clean and Square (black-box) robust accuracy of `learn.model` (torchattacks), eps in pixel units."
-    tm = as_threat(threat, None, 'square_evaluate', **threat_kw)
+    tm = as_threat(threat, None, square_evaluate, **threat_kw)
     check_int(n_queries, 'n_queries')
     ta = _torchattacks('square_evaluate')
     mk = lambda m: ta.Square(m, norm=_TA_NORMS[tm.norm], eps=tm.eps, n_queries=n_queries, n_restarts=1, seed=seed)
@@ -212,7 +212,7 @@ def robustness_report(self:Learner,
                       **threat_kw, # `ThreatModel` fields of the reference attack (eps, steps, alpha, norm)
                      )->dict: # `results` (one row per attack) and `checks` (one row per sanity check) DataFrames
     "Robust accuracy under PGD, FGSM, Square (and AutoAttack), with gradient-masking checks; failed checks warn."
-    ref = as_threat(threat, None, 'robustness_report', **threat_kw).replace(restarts=1)
+    ref = as_threat(threat, None, Learner.robustness_report, **threat_kw).replace(restarts=1)
     eps, steps, norm = ref.eps, ref.steps, ref.norm
     check_int(restarts, 'restarts')
     if eps == 0: raise ValueError("`eps` must be > 0 for a robustness report, e.g. 8/255")

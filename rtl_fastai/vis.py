@@ -94,7 +94,7 @@ def adversarial_examples(learn, # a fastai `Learner` (or anything with `.model`,
                         )->dict:
     "PGD adversarial examples of `n` images with their pixels, perturbations and class probabilities"
     check_int(n, 'n')
-    tm = as_threat(threat, dict(steps=10), 'adversarial_examples', **threat_kw)
+    tm = as_threat(threat, dict(steps=10), adversarial_examples, **threat_kw)
     x, y = _get_batch(learn, dl, batch)
     if idxs is None:
         if n > len(x):
@@ -302,7 +302,7 @@ class AdversarialExplorer:
                  seed:int=0, # seed of PGD's random start, so that only the sliders change the picture
                  **threat_kw, # `ThreatModel` fields (eps, steps, norm, ...)
                 ):
-        self.threat = as_threat(threat, dict(steps=10), 'AdversarialExplorer', **threat_kw)
+        self.threat = as_threat(threat, dict(steps=10), type(self), **threat_kw)
         check_int(max_steps, 'max_steps'); check_int(k, 'k')
         if max_eps is None: max_eps = min(1., max(2*self.eps, 32/255))
         max_eps = check_number(max_eps, 'max_eps', lo=0, hi=1, lo_open=True, fix="it is the end of the eps slider")

@@ -34,7 +34,7 @@ class _AdvTrainCallback(Callback):
         if threat is None and 'eps' not in kw:
             raise TypeError(f"{who} needs the radius: {who}(eps) with eps in [0,1] pixel units, "
                             f"or {who}(ThreatModel(...))")
-        self.threat = as_threat(threat, defaults, who, **kw)
+        self.threat = as_threat(threat, defaults, type(self), **kw)
         if linf_only and self.threat.norm != 'linf':
             raise ValueError(f"{who} trains against L-inf attacks only, got `norm`={self.threat.norm!r}")
     @property

@@ -33,7 +33,7 @@ class RobustAccuracy(Metric):
                  amp:bool|None=None, # None: as the learner; True: its MixedPrecision dtype, CPU too; False: fp32
                  **threat_kw, # `ThreatModel` fields (eps, steps, alpha, norm, restarts, random_start)
                 ):
-        self.threat = as_threat(threat, None, 'RobustAccuracy', **threat_kw)
+        self.threat = as_threat(threat, None, type(self), **threat_kw)
         check_int(n_batches, 'n_batches', none_ok=True, fix="it is the number of validation batches to attack")
         check_int(seed, 'seed', lo=None, none_ok=True)
         if not (amp is None or isinstance(amp, bool)):
@@ -123,7 +123,7 @@ def robust_validate(self:Learner,
         raise ValueError("robust_validate: the DataLoader is empty (a learner from `load_learner` keeps no data): "
                          "pass one with labels, e.g. `dl=learn.dls.test_dl(items, with_labels=True)`")
     check_normalization(self.model, _inner(dl), 'robust_validate')
-    met = RobustAccuracy(as_threat(threat, None, 'robust_validate', **threat_kw), n_batches=n_batches,
+    met = RobustAccuracy(as_threat(threat, None, Learner.robust_validate, **threat_kw), n_batches=n_batches,
                          drop_fooled=drop_fooled, loss_func=loss_func, stats=stats, seed=seed, amp=amp)
     if stats is None: stats = normalize_stats(_inner(dl))
     n_inp = getattr(_inner(dl), 'n_inp', 1)
@@ -165,7 +165,7 @@ def robust_accuracy_curve(learn:Learner,
     eps_list = list(eps_list)
     if not eps_list: raise ValueError("`eps_list` is empty: give the radii to evaluate, e.g. [0, 2/255, 4/255, 8/255]")
     tkw = {k: kwargs.pop(k) for k in list(kwargs) if k in _FIELDS}
-    tm = as_threat(threat, None, 'robust_accuracy_curve', **tkw)
+    tm = as_threat(threat, None, robust_accuracy_curve, **tkw)
     threats = [tm.at(e) for e in eps_list]  # each eps checked once, here
     rows = []
     # a hidden fastprogress bar still prints a probe character: no bar at all unless asked
