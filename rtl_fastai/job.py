@@ -346,7 +346,7 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
                  seed:int=0, # random seed (training order, head initialization, attack starts)
                  device:str=None, # torch device, e.g. 'cpu' or 'cuda:0'; default fastai's `default_device()`
                  threads:int=None, # torch CPU threads during the job (None: torch's choice)
-                 quiet:bool=False, # no step messages, progress bars or tables
+                 quiet:bool=False, # print only the run folder: no step messages, progress bars or tables
                 )->dict:
     ("Robust transfer from `source` onto the image folder `data`: check all, train, evaluate (clean, PGD), "
      "write a new run folder")
@@ -412,8 +412,8 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
         paths = save_run(run_dir, res, dict(settings=settings, sources=info), crv, fig)
         learn.export(run_dir.resolve()/'export.pkl')
         paths['export'] = run_dir/'export.pkl'
-        if not quiet:
-            print(f"\n{_table(res)}\n\nwrote {run_dir}/: " + ', '.join(p.name for p in paths.values()), flush=True)
+        if quiet: print(run_dir, flush=True)  # for scripts: `run=$(rtl-fastai transfer ... --quiet)`
+        else: print(f"\n{_table(res)}\n\nwrote {run_dir}/: " + ', '.join(p.name for p in paths.values()), flush=True)
         return dict(clean_acc=r['clean_acc'], pgd_acc=r['robust_acc'], attack=r['attack'], n=r['n'], results=res,
                     curve=crv, run_dir=run_dir, paths=paths, source=j['desc'], learn=learn)
     finally: torch.set_num_threads(old_threads)

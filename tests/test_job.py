@@ -34,12 +34,13 @@ def files(tmp_path_factory):
 KW = dict(arch='resnet18', size=32, bs=8, epochs=1, steps=2, seed=0)
 
 
-def test_end_to_end_and_new_run_folders(files):
+def test_end_to_end_and_new_run_folders(files, capsys):
     root, folder, net = files
     out = root/'out'
     res = transfer_job(str(folder), source=str(root/'robust_r18.ckpt'), out=str(out), quiet=True, **KW)
     run1 = out/'run_001'
     assert res['run_dir'] == run1
+    assert capsys.readouterr().out == f"{run1}\n"  # quiet: the run folder alone, for scripts
     assert sorted(p.name for p in run1.iterdir()) == ['export.pkl', 'results.csv', 'results.json', 'robust_curve.csv',
                                                       'robust_curve.png']
     js = json.loads((run1/'results.json').read_text())
