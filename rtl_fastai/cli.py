@@ -11,17 +11,14 @@ from fastcore.docments import docments
 from .core import parse_number
 
 # %% auto #0
-__all__ = ['parse_eps', 'parse_classes', 'add_signature_args', 'make_parser', 'main']
+__all__ = ['parse_classes', 'add_signature_args', 'make_parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #8464e4f1
-def parse_eps(s:str) -> float:
-    "An eps in [0,1] pixel units from text: `0.2`, `8/255`."
-    try: v = parse_number(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number; give pixel units such as 0.2 or 8/255")
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"{s!r} is outside [0,1]; give pixel units such as 8/255, not 8")
-    return v
+def _eps_arg(s:str) -> float:
+    "`--eps` of `rtl-fastai run`: `job.parse_eps` (L-inf, [0,1] pixel units: `0.2`, `8/255`) as an argparse type."
+    from rtl_fastai.job import parse_eps
+    try: return parse_eps(s, who='')
+    except ValueError as e: raise argparse.ArgumentTypeError(str(e).removeprefix(': '))  # argparse names the option
 
 def parse_classes(s:str):
     "A class list from text: `0,1,2` (indices) or `cat,dog` (names)."
@@ -82,7 +79,7 @@ def add_signature_args(parser:argparse.ArgumentParser,
 def _run_options(r):
     from rtl_fastai.pipeline import run_pipeline
     from rtl_fastai.experiment import ARCHS
-    add_signature_args(r, run_pipeline, skip=('path', 'bars', 'log'), types=dict(eps=parse_eps),
+    add_signature_args(r, run_pipeline, skip=('path', 'bars', 'log'), types=dict(eps=_eps_arg),
                        choices=dict(arch=ARCHS))
     r.add_argument('--out', default='rtl_out', help="results folder; each run writes a new run_NNN inside it")
     r.add_argument('--threads', type=_int_arg(1), default=None,
