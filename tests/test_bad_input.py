@@ -357,7 +357,7 @@ CASES = [
     # -- pipeline and command line
     ('pipeline-arch',      lambda d, m, r: run_pipeline(arch='vgg', log=None), ValueError, r'`arch` must be one of'),
     ('run-dir-is-file',    lambda d, m, r: next_run_dir(r/'results.txt'), NotADirectoryError, r'`out`=.*results\.txt.* is a file'),
-    ('cli-eps',            lambda d, m, r: _cli('run', '--eps', '8'), ValueError, r"--eps: '8' is outside \[0,1\].*8/255"),
+    ('cli-eps',            lambda d, m, r: _cli('run', '--eps', '8'), ValueError, r"--eps: `eps`='8' is larger than the whole \[0,1\] pixel range.*'8/255'"),
     ('cli-steps',          lambda d, m, r: _cli('run', '--steps', '0'), ValueError, r'--steps: must be >= 1'),
     ('cli-classes',        lambda d, m, r: _cli('run', '--source-classes', ','), ValueError, r'class list is empty'),
     ('cli-out-is-file',    lambda d, m, r: _cli('run', '--out', str(r/'results.txt')), ValueError, r'--out.*results\.txt.* is a file'),
