@@ -4,17 +4,18 @@
 
 # %% ../nbs/00_core.ipynb #e2e0aabd
 from __future__ import annotations
-import math, numbers, random
+import math, numbers, os, random, warnings
 from contextlib import contextmanager
 from fractions import Fraction
 import numpy as np
 import torch
 from torch import nn
+from fastai.torch_core import default_device, defaults
 from fastai.data.core import DataLoaders, TfmdDL
 from fastai.data.transforms import Normalize
 
 # %% auto #0
-__all__ = ['plain', 'to_device_async', 'is_int', 'is_number', 'check_int', 'check_number', 'fork_rng', 'eps_str',
+__all__ = ['plain', 'to_device_async', 'use_device', 'is_int', 'is_number', 'check_int', 'check_number', 'fork_rng', 'eps_str',
            'normalize_stats', 'NormalizeInput', 'input_stats', 'add_input_norm', 'check_normalization', 'parse_number']
 
 # %% ../nbs/00_core.ipynb #7803692f
@@ -30,6 +31,33 @@ def to_device_async(t:torch.Tensor, device) -> torch.Tensor:
     if device.type == 'cuda' and t.device.type == 'cpu': t = t.pin_memory()
     return t.to(device, non_blocking=True)
 
+
+# %% ../nbs/00_core.ipynb #87dabee9
+def use_device(device=None, # 'cpu', 'cuda', 'cuda:N' or a `torch.device`; None: the `RTL_DEVICE` environment variable
+              )->torch.device:
+    "Make `device` fastai's `default_device()` for this process; returns the default device (unchanged if none is named)"
+    if device is None: device = os.environ.get('RTL_DEVICE') or None
+    if device is None: return default_device()
+    try: dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"use_device: `device`={device!r} is not a torch device ({e}); give 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type not in ('cpu', 'cuda'):
+        raise ValueError(f"use_device: `device`={device!r}: give 'cpu', 'cuda' or 'cuda:N' (fastai's default device)")
+    if dev.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise ValueError(f"use_device: `device`={device!r} asks for CUDA but torch sees no GPU "
+                             "(torch.cuda.is_available() is False); use 'cpu'")
+        if dev.index is not None: torch.cuda.set_device(dev.index)
+    defaults.use_cuda = dev.type == 'cuda'
+    return default_device()
+
+def _use_env_device():
+    "At import: `use_device()` if `RTL_DEVICE` is set; a bad value warns and leaves fastai's choice."
+    if not os.environ.get('RTL_DEVICE'): return
+    try: use_device()
+    except ValueError as e: warnings.warn(f"RTL_DEVICE: {e}; keeping fastai's default device, {default_device()}")
+
+_use_env_device()
 
 # %% ../nbs/00_core.ipynb #2d5252cb
 def is_int(v)->bool:

@@ -24,17 +24,26 @@ def digits_model(digits_dls):
 def pytest_addoption(parser):
     parser.addoption('--device', default=None,
                      help="device the device-aware tests use: 'cpu' (default), 'cuda' or 'cuda:N'; "
-                          "the RTL_TEST_DEVICE environment variable sets it too (the option wins)")
+                          "the RTL_TEST_DEVICE (or RTL_DEVICE) environment variable sets it too (the option wins)")
 
-def device_name(config) -> str:
-    "The device asked for by `--device`, else `RTL_TEST_DEVICE`, else 'cpu'."
+def asked_device(config):
+    "The device asked for by `--device`, else `RTL_TEST_DEVICE`, else `RTL_DEVICE` (what the notebooks honour), else None."
     import os
-    return config.getoption('--device') or os.environ.get('RTL_TEST_DEVICE') or 'cpu'
+    return config.getoption('--device') or os.environ.get('RTL_TEST_DEVICE') or os.environ.get('RTL_DEVICE') or None
+
+def pytest_configure(config):
+    "A device asked for is also fastai's `default_device()` (`use_device`), so code that takes no device follows it."
+    from rtl_fastai.core import use_device
+    name = asked_device(config)
+    if name is None: return
+    try: dev = torch.device(name)
+    except RuntimeError: return  # the `device` fixture reports it
+    if dev.type == 'cpu' or (dev.type == 'cuda' and torch.cuda.is_available()): use_device(dev)
 
 @pytest.fixture(scope='session')
 def device(pytestconfig) -> torch.device:
-    "The `torch.device` tests run on (`--device` / `RTL_TEST_DEVICE`, default cpu); skips if CUDA is asked for but absent."
-    name = device_name(pytestconfig)
+    "The `torch.device` tests run on (`--device` / `RTL_TEST_DEVICE` / `RTL_DEVICE`, default cpu); skips if CUDA is asked for but absent."
+    name = asked_device(pytestconfig) or 'cpu'
     try: dev = torch.device(name)
     except RuntimeError as e: raise pytest.UsageError(f"--device / RTL_TEST_DEVICE: {name!r} is not a torch device ({e})") from None
     if dev.type == 'cuda' and not torch.cuda.is_available():
