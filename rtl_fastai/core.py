@@ -32,7 +32,7 @@ def to_device_async(t:torch.Tensor, device) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
-# %% ../nbs/00_core.ipynb #87dabee9
+# %% ../nbs/00_core.ipynb #d247fec5
 def use_device(device=None, # 'cpu', 'cuda', 'cuda:N' or a `torch.device`; None: the `RTL_DEVICE` environment variable
               )->torch.device:
     "Make `device` fastai's `default_device()` for this process; returns the default device (unchanged if none is named)"

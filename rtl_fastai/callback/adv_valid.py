@@ -11,6 +11,8 @@ import pandas as pd
 from fastcore.basics import store_attr, patch
 from fastprogress.fastprogress import progress_bar
 from fastai.learner import Learner, Metric
+from fastai.data.load import DataLoader
+from fastai.callback.core import GatherPredsCallback
 from ..core import check_int, is_number, fork_rng, eps_str, normalize_stats, check_normalization
 from ..models import unwrap_model
 from ..attacks import ThreatModel, as_threat, robust_eval_batch, _FIELDS, _amp_context
@@ -84,8 +86,10 @@ class RobustAccuracy(Metric):
         if self.n_batches is not None and self.seen >= self.n_batches: return
         if len(learn.xb) != 1:
             raise ValueError(f"RobustAccuracy attacks models with one input; this batch has {len(learn.xb)} inputs")
+        # `get_preds` (and `tta`, `show_results`, `ClassificationInterpretation`) run the metrics and read none
+        if any(isinstance(cb, GatherPredsCallback) for cb in learn.cbs): return
         dl = getattr(learn, 'dl', None)
-        src = _inner(dl) if dl is not None else learn.dls
+        src = _inner(dl) if isinstance(_inner(dl), DataLoader) else learn.dls  # `validate(dl=[batch])`: a list
         if self.seen == 0: check_normalization(learn.model, src, 'RobustAccuracy')  # warns once per model and data
         stats = None if self.stats is not None else normalize_stats(src)
         self._update(learn.model, learn.xb[0], learn.yb[0], stats, dl, learn)

@@ -10,10 +10,10 @@ import torch
 from fastcore.basics import store_attr
 from fastai.torch_core import TensorImage, TensorCategory, default_device, to_device
 from fastai.data.core import TfmdDL, DataLoaders
-from fastai.data.transforms import Normalize, IntToFloatTensor
+from fastai.data.transforms import Normalize, IntToFloatTensor, CategoryMap, Category
 from fastai.losses import CrossEntropyLossFlat
 from fastai.data.core import explode_types # fasttransform's, as fastai uses it
-from ..core import check_int, normalize_stats, to_device_async
+from ..core import check_int, normalize_stats, to_device_async, plain
 from .arrays import ArrayData, select_classes, subsample, channel_stats
 from .external import load_dataset
 from .augment import FlipPadCrop
@@ -27,6 +27,8 @@ class ArrayDataset:
     n_inp = 1
     def __init__(self, x, y, vocab, split_idx=None):
         store_attr(); self.c = len(vocab); self.loss_func = CrossEntropyLossFlat()
+        # fastai's vocab type: `ClassificationInterpretation` reads a plain list as a list of vocabularies
+        if not isinstance(vocab, CategoryMap): self.vocab = CategoryMap(list(vocab), sort=False)
     def __len__(self): return len(self.x)
     def __getitem__(self, i):
         return (TensorImage(self.x[i]),) if self.y is None else (TensorImage(self.x[i]), TensorCategory(self.y[i]))
@@ -34,6 +36,9 @@ class ArrayDataset:
         return f"ArrayDataset({len(self)} items, x {tuple(self.x.shape[1:])} {self.x.dtype}, {self.c} classes)"
     def new_empty(self):  # for `Learner.export`
         return type(self)(self.x[:0], None if self.y is None else self.y[:0], self.vocab, self.split_idx)
+    def decode(self, o, full=True):
+        "An item as fastai shows it (`show_batch`, `show_results`, `predict`): the image, and the label as a `Category`"
+        return (o[0], *(Category(self.vocab[int(t)]) for t in o[1:]))
 
 class ArrayDL(TfmdDL):
     "A `TfmdDL` over an `ArrayDataset` that builds each batch by one tensor indexing"
@@ -64,11 +69,33 @@ class ArrayDL(TfmdDL):
         self._n_inp, self._types = 1, explode_types(its)
 
     def new(self, dataset=None, cls=None, **kwargs):
-        # fastai's `dls.test_dl(items)` passes the items themselves: images, or `(images, labels)` with labels
-        if isinstance(dataset, torch.Tensor): dataset = (dataset, None)
-        if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and isinstance(dataset[0], torch.Tensor):
-            dataset = ArrayDataset(*dataset, self.dataset.vocab, 1)
+        # fastai's `dls.test_dl(items)` and `learn.predict(item)` pass the items themselves
+        if isinstance(dataset, (torch.Tensor, tuple, list)): dataset = self._test_items(dataset)
         return super().new(dataset, cls, **{'seed': self.seed, **kwargs})
+
+    def _test_items(self, items)->ArrayDataset:
+        "Test items as an `ArrayDataset`: images `(n, *shape)`, a list of images, `(images, labels)`, or `(image, label)` pairs"
+        ref = self.dataset.x
+        shape, is_t = tuple(ref.shape[1:]), lambda t: isinstance(t, torch.Tensor)
+        img, batch = lambda t: is_t(t) and tuple(t.shape) == shape, lambda t: is_t(t) and tuple(t.shape[1:]) == shape
+        labels = lambda v, n: (is_t(v) and v.ndim == 1 or isinstance(v, (list, tuple))) and len(v) == n
+        x = y = None
+        if batch(items): x = items
+        elif len(items) == 2 and batch(items[0]) and labels(items[1], len(items[0])): x, y = items
+        elif len(items) and all(img(t) for t in items): x = torch.stack(list(items))
+        elif len(items) and all(isinstance(p, (tuple, list)) and len(p) == 2 and img(p[0]) for p in items):
+            x, y = torch.stack([p[0] for p in items]), [p[1] for p in items]
+        if x is None:
+            got = [tuple(t.shape) if is_t(t) else type(t).__name__ for t in list(items)[:3]]
+            raise ValueError(f"test_dl: these loaders take images of shape {shape}: a tensor (n, {', '.join(map(str, shape))}), "
+                             f"a list of such images, (images, labels), or (image, label) pairs; got {type(items).__name__} "
+                             f"{tuple(items.shape) if is_t(items) else got}")
+        if x.dtype != ref.dtype:
+            hint = " (pixels 0-255: e.g. `(img*255).round().byte()`)" if ref.dtype == torch.uint8 else ""
+            raise ValueError(f"test_dl: the images are {x.dtype} but these loaders' images are {ref.dtype}{hint}; "
+                             "the loaders' transforms expect the training images' type (e.g. `dls.valid_ds[0][0]`)")
+        if y is not None: y = torch.as_tensor([int(t) for t in y] if isinstance(y, (list, tuple)) else y, dtype=torch.long)
+        return ArrayDataset(plain(x).to(ref.device), None if y is None else plain(y).to(ref.device), self.dataset.vocab, 1)
 
 # %% ../../nbs/00d_data.loaders.ipynb #db391920
 def _data_device(data_device, device):
@@ -122,5 +149,5 @@ def task_dls(data='digits',        # 'digits', 'mnist', 'cifar10', a path (see `
     dls = DataLoaders(ArrayDL(trn, bs=bs, shuffle=True, drop_last=len(trn) > bs, seed=seed, after_batch=tfms),
                       ArrayDL(val, bs=val_bs, shuffle=False, drop_last=False, after_batch=tfms),
                       device=device)
-    dls.stats, dls.vocab, dls.c, dls.data = stats, list(d.classes), d.c, d
+    dls.stats, dls.vocab, dls.c, dls.data = stats, trn.vocab, d.c, d
     return dls
