@@ -258,14 +258,22 @@ def pgd_attack(model:nn.Module, # the model under attack; its modes are restored
     tm = as_threat(threat, dict(steps=10), pgd_attack, **threat_kw)
     return _attack(model, x, y, tm, loss_func, stats, drop_fooled, check_pixels=check_pixels)[0]
 
-def _check_xy(x, y):
+def _check_labels(y, n:int, who:str=None, fix:str=None):
+    "`y` (plain) after checking it holds `n` labels, and (if `who` needs them) `n` class indices; shapes only, no sync"
+    y = plain(y)
+    if not isinstance(y, torch.Tensor) or y.shape[:1] != (n,):
+        raise ValueError(f"`y` must be a tensor of {n} labels, one per example of `x`, got {getattr(y, 'shape', type(y))}")
+    if who is None or (y.ndim == 1 and not (y.is_floating_point() or y.dtype == torch.bool)): return y
+    raise ValueError(f"{who} needs class indices, an integer tensor of shape ({n},) (single-label classification); "
+                     f"got {y.dtype} {tuple(y.shape)} (multi-label or regression targets?): {fix}")
+
+def _check_xy(x, y, classes:bool=True):
+    "`y` (plain) after checking `x` is a float batch and `y` one label per example (class indices if `classes`)"
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"`x` must be a floating point tensor (a batch of images), got {getattr(x, 'dtype', type(x))}")
-    y = plain(y)
-    if not isinstance(y, torch.Tensor) or y.shape[:1] != x.shape[:1]:
-        raise ValueError(f"`y` must be a tensor of {x.shape[0]} labels, one per example of `x`, "
-                         f"got {getattr(y, 'shape', type(y))}")
-    return y
+    if not classes: return _check_labels(y, x.shape[0])
+    return _check_labels(y, x.shape[0], "the attack's default loss (cross-entropy) or its `drop_fooled`",
+                         "pass `loss_func=` (a per-example loss of the output and `y`) with `drop_fooled=False`")
 
 def _check_pixels(p, stats):
     "Warn when `p`, a batch mapped back to pixels, is not in [0,1] (one host-device sync, once per attack)"
@@ -281,7 +289,7 @@ def _check_pixels(p, stats):
 
 def _attack(model, x, y, tm:ThreatModel, loss_func, stats, drop_fooled, need_fooled=False, check_pixels=True):
     "Adversarial `x` and, when `drop_fooled` or `need_fooled`, whether each example is fooled by it."
-    y = _check_xy(x, y)
+    y = _check_xy(x, y, classes=loss_func is None or drop_fooled or need_fooled)
     eps, steps, alpha, norm, restarts = tm.eps, tm.steps, tm.step_size, tm.norm, tm.restarts
     if loss_func is None: loss_func = nn.CrossEntropyLoss(reduction='none')
     x0 = x
@@ -343,7 +351,7 @@ def robust_eval_batch(model:nn.Module, x, y, # model, inputs as the model receiv
                      ):
     "Per-example `(clean_correct, robust_correct)` boolean tensors for one batch."
     tm = as_threat(threat, None, robust_eval_batch, **threat_kw)
-    y = plain(y)
+    y = _check_labels(y, len(x), "robust accuracy (argmax == y)", "it is defined for single-label classifiers")
     with eval_mode(model), torch.no_grad():
         clean = _check_out(model(plain(x)), x).argmax(1) == y
     robust = clean.clone()

@@ -246,3 +246,23 @@ def test_free_at_skips_a_nonfinite_gradient_step():
     assert step(bad, big) is big                                  # skipped: kept whole, for the next batch
     d = (p + big[:4]).clamp(0, 1) - p
     assert torch.equal(step(g, big), (p + (d + 0.1*g.sign()).clamp(-0.1, 0.1)).clamp(0, 1) - p)   # a finite step replaces it
+
+
+def test_single_label_targets_or_a_clear_error():
+    "Multi-label targets: refused by the callbacks whose attack maximizes cross-entropy (or TRADES' softmax KL), which "
+    "would read them as soft labels; FreeAdvTraining follows the learner's own loss, so it trains."
+    from fastai.data.load import DataLoader
+    from fastai.losses import BCEWithLogitsLossFlat
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.rand(16, 1, 8, 8, generator=g), (torch.rand(16, 5, generator=g) > 0.5).float())
+    mdls = DataLoaders(DataLoader(ds, bs=8), DataLoader(ds, bs=8))
+    mdls.c = 5
+    for name in ('pgd', 'fast', 'trades'):
+        learn = _learn(mdls, loss_func=BCEWithLogitsLossFlat())
+        with pytest.raises(ValueError, match=r"needs class indices.*got torch.float32 \(8, 5\) \(multi-label"):
+            with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+                warnings.simplefilter('ignore'); learn.fit(1, cbs=METHODS[name]())
+    learn = _learn(mdls, loss_func=BCEWithLogitsLossFlat())
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+        warnings.simplefilter('ignore'); learn.fit(1, cbs=METHODS['free']())
+    assert learn.recorder.losses and all(torch.isfinite(torch.as_tensor(l)) for l in learn.recorder.losses)

@@ -12,17 +12,20 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.training import GradientAccumulation
 from ..core import check_int, check_number, normalize_stats, check_normalization
 from ..attacks import (ThreatModel, as_threat, pgd_attack, fgsm_attack, eval_mode, _pixel_space, _amp_context,
-                                _check_pixels)
+                                _check_pixels, _check_labels)
 
 # %% auto #0
 __all__ = ['PGDTraining', 'FreeAdvTraining', 'FastAdvTraining', 'trades_kl', 'TRADESTraining']
 
 # %% ../../nbs/04_callback.adv_train.ipynb #ccc102b6
-def _one_input(learn, who):
+def _one_input(learn, who, classes=True):
     if len(learn.xb) != 1:
         raise ValueError(f"{who} attacks models with one input; this batch has {len(learn.xb)} inputs (`learn.xb`)")
     if len(learn.yb) != 1:
         raise ValueError(f"{who} needs one label tensor per batch; this batch has {len(learn.yb)} (`learn.yb`)")
+    if classes:  # the attack maximizes cross-entropy (or TRADES' softmax KL): single-label targets
+        _check_labels(learn.yb[0], len(learn.xb[0]), who, "it is for single-label classifiers (a `CategoryBlock` "
+                      "target); FreeAdvTraining, whose attack follows the learner's own loss, takes any target")
     return learn.xb[0], learn.yb[0]
 
 class _AdvTrainCallback(Callback):
@@ -109,7 +112,7 @@ class FreeAdvTraining(_AdvTrainCallback):
         if d.shape[0] >= p.shape[0]: return d[:p.shape[0]]
         return torch.cat([d, torch.zeros_like(p[d.shape[0]:])])
     def before_batch(self):
-        x,_ = _one_input(self.learn, 'FreeAdvTraining')
+        x,_ = _one_input(self.learn, 'FreeAdvTraining', classes=False)
         self._space = self._space_of(x)
         self._p = self._space.to_pixels(x.detach().float())
         if self._check_now(): _check_pixels(self._p, self._space)
