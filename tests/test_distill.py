@@ -218,6 +218,25 @@ def test_precompute_same_as_per_batch(source):
     torch.testing.assert_close(fd._src_feats[:10], get_features(source, x))
 
 
+
+def test_precompute_exported_learner_predicts(source, tmp_path):
+    "`validate`, `get_preds` and `predict` fire `before_fit` but train nothing: no precompute there (after `load_learner`"
+    "the loaders are empty); the export leaves the precomputed features out, and the next fit computes them again."
+    from fastai.learner import load_learner
+    fd = FeatureDistillation(source, lam=1e-2, precompute=True)
+    learn = make_learner(source, cbs=fd)
+    learn.validate()
+    assert fd._src_feats is None  # a validation precomputes nothing
+    learn.fit(1, 1e-2)
+    assert fd._src_feats is not None
+    learn.export(tmp_path/'fd.pkl')
+    assert fd._src_feats is not None  # the learner's own callback keeps them
+    loaded = load_learner(tmp_path/'fd.pkl')
+    lfd = next(c for c in loaded.cbs if isinstance(c, FeatureDistillation))
+    assert lfd._src_feats is None
+    item = learn.dls.valid_ds[0][0]
+    assert loaded.predict(item)[0] == learn.predict(item)[0]
+
 def test_precompute_refuses_augmentation():
     src = SmallCNN(n_in=3, n_out=2, widths=(8,))
     dls = task_dls(_rand_data(size=32), bs=16, augment=True)

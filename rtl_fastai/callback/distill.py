@@ -130,6 +130,10 @@ class FeatureDistillation(HookCallback):
         self._cache_key, self._src_feats, self._pre_dl = None, None, None
         self.batch_term, self.train_sum, self.train_n = None, 0., 0
 
+    def __getstate__(self):
+        "Pickled (`learn.export`) without the precomputed source features: the next fit computes them again"
+        return {**self.__dict__, '_src_feats': None, '_cache_key': None, '_pre_dl': None}
+
     @property
     def train_term(self):
         "Mean of `lam*d` over the training batches of the current (or last) epoch."
@@ -176,7 +180,6 @@ class FeatureDistillation(HookCallback):
         self._add_metrics()
         self._checked, self._fitting = False, True
         self._check_useful(model)
-        if self.precompute: self._setup_precompute()
         if self.warmup_epochs: self._freeze()  # `before_train` unfreezes from epoch `warmup_epochs` on
 
     def _check_useful(self, model):
@@ -215,6 +218,9 @@ class FeatureDistillation(HookCallback):
 
     # -- epochs and batches -------------------------------------------------------------------------------------
     def before_train(self):
+        # here, not in `before_fit`, which `validate`, `get_preds` and `predict` fire too (after `load_learner`, on
+        # empty loaders): only a fit trains; later epochs find the features cached
+        if self.precompute: self._setup_precompute()
         self.train_sum, self.train_n = 0., 0
         if self._frozen is not None and self.epoch >= self.warmup_epochs: self._unfreeze()
         if self._frozen is not None:  # warm start: the body is a fixed feature extractor (BatchNorm stats, dropout off)
