@@ -158,9 +158,21 @@ def _step(delta, g, p, eps, alpha, norm):
     return (p+delta).clamp(0,1) - p
 
 # %% ../nbs/02_attacks.ipynb #46b1ba4c
-def _input_grad(out, out32, losses, d):
-    "Gradient of `losses.sum()` (from `out32=out.float()`) with respect to `d`, rescaled per example if `out` is fp16."
-    if out.dtype != torch.float16: return torch.autograd.grad(losses.sum(), d)[0]
+def _autocast_dtype(dev:str):
+    "The dtype of the autocast enabled for device type `dev` ('cuda', 'cpu'), else None"
+    try: on, dt = torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
+    except (TypeError, AttributeError):  # torch < 2.4: no device argument
+        on, dt = ((torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()) if dev == 'cuda' else
+                  (torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()))
+    return dt if on else None
+
+def _half_backward(out, in_dtype)->bool:
+    "Whether the backward pass runs (partly) in fp16: fp16 outputs or inputs, or an fp16 autocast on `out`'s device"
+    return torch.float16 in (out.dtype, in_dtype) or _autocast_dtype(out.device.type) == torch.float16
+
+def _input_grad(out, out32, losses, d, in_dtype=torch.float32):
+    "Gradient of `losses.sum()` (from `out32=out.float()`) with respect to `d`, rescaled per example under fp16."
+    if not _half_backward(out, in_dtype): return torch.autograd.grad(losses.sum(), d)[0]
     gl, = torch.autograd.grad(losses.sum(), out32, retain_graph=True)
     gl = gl / gl.flatten(1).abs().amax(1).clamp_min(1e-30).view(-1, *[1]*(gl.ndim-1))
     return torch.autograd.grad(out, d, grad_outputs=gl.to(out.dtype))[0]
@@ -196,6 +208,13 @@ class _Nonfinite:
         for (n_bad, out_bad), n in zip(self.counts[:self.i].tolist(), self.sizes):
             if n_bad: _raise_nonfinite(n_bad, n, bool(out_bad))
 
+def _sync_steps(steps:int, device)->set:
+    ("The steps after which `drop_fooled` removes the fooled examples, at one host-device sync each: every step on "
+     "the CPU, where reading a count costs nothing; elsewhere steps 0, 1, 2, 4, 8, ... and the last, log2(steps) "
+     "syncs instead of one a step (the examples fooled in between wait, frozen, and cost their passes until then)")
+    if torch.device(device).type == 'cpu': return set(range(steps+1))
+    return {0} | {2**k for k in range(steps.bit_length())} | {steps}
+
 def _pgd_core(model, p, y, space, eps, steps, alpha, norm, random_start, loss_func, drop_fooled,
               final_eval=True, in_dtype=torch.float32):
     n = p.shape[0]
@@ -204,6 +223,8 @@ def _pgd_core(model, p, y, space, eps, steps, alpha, norm, random_start, loss_fu
     loss_at = torch.full((n,), -float('inf'), device=p.device)
     bad = _Nonfinite(steps, p.device)              # the losses of steps after the first, checked after the loop
     idx, pa, ya, da = None, p, y, delta            # the examples still attacked (None: all of them)
+    syncs = _sync_steps(steps, p.device) if drop_fooled else ()
+    act = None  # `drop_fooled`: which of them are not fooled yet, on the device; the fooled wait, frozen, for a sync
     for i in range(steps+1):
         last = i == steps
         if last and not final_eval: break
@@ -214,28 +235,33 @@ def _pgd_core(model, p, y, space, eps, steps, alpha, norm, random_start, loss_fu
             losses = loss_func(out32, ya)
         _check_losses(losses, out32, d, None if i == 0 else bad)
         wrong = out.detach().argmax(1) != ya if (drop_fooled or last) else None
-        g = None if last else _input_grad(out, out32, losses, d)
+        g = None if last else _input_grad(out, out32, losses, d, in_dtype)
         ls, d = losses.detach(), d.detach()
-        k = int((~wrong).sum()) if drop_fooled else len(ls)   # examples still attacked: the one sync of a step
-        if k < len(ls):
-            # the fooled examples leave with their current perturbation and loss; a stable sort puts the kept
-            # examples first, in their order, so integer indices do what boolean masks did, without a sync each
-            perm = torch.argsort(wrong.to(torch.int8), stable=True)
-            kept, gone = perm[:k], perm[k:]
-            gi = torch.arange(n, device=p.device) if idx is None else idx
-            w = gi[gone]
-            fooled[w], loss_at[w], delta[w] = True, ls[gone], d[gone]
-            idx, pa, ya, d, ls = gi[kept], pa[kept], ya[kept], d[kept], ls[kept]
-            if g is not None: g = g[kept]
-            if k == 0:
-                bad.check()
-                return delta, loss_at, fooled
+        if drop_fooled: act = ~wrong if act is None else act & ~wrong
+        if drop_fooled and (i in syncs or last):
+            k = int(act.sum())   # examples still attacked: a host-device sync (see `_sync_steps`)
+            if k < len(ls):
+                # the fooled examples leave with their perturbation (frozen since they were fooled) and loss; a
+                # stable sort puts the kept examples first, in their order, so integer indices do what boolean
+                # masks did, without a sync each
+                perm = torch.argsort((~act).to(torch.int8), stable=True)
+                kept, gone = perm[:k], perm[k:]
+                gi = torch.arange(n, device=p.device) if idx is None else idx
+                w = gi[gone]
+                fooled[w], loss_at[w], delta[w] = True, ls[gone], d[gone]
+                idx, pa, ya, d, ls = gi[kept], pa[kept], ya[kept], d[kept], ls[kept]
+                if g is not None: g = g[kept]
+                if k == 0:
+                    bad.check()
+                    return delta, loss_at, fooled
+            act = None
         if last:
             if idx is None: loss_at, delta = ls, d
             else: loss_at[idx], delta[idx] = ls, d
             if not drop_fooled: fooled = wrong   # plain PGD: fooled at the returned (last) point
             break
         da = _step(d, g, pa, eps, alpha, norm)
+        if act is not None: da = torch.where(act.view(-1, *[1]*(d.ndim-1)), da, d)  # fooled: frozen until a sync
     bad.check()
     if not final_eval:
         if idx is None: delta = da
