@@ -267,3 +267,22 @@ def test_nonfinite_loss_at_a_later_step(digits_dls, digits_model, drop):
     with pytest.raises(ValueError, match=r"non-finite .*the loss itself is not finite"):
         pgd_attack(copy.deepcopy(digits_model), x, y, eps=0.05, steps=4, stats=digits_dls,
                    loss_func=lambda o, t: nn.functional.cross_entropy(o, t, reduction='none') / (o[:, :1].sum()*0 + 0))
+
+
+def test_stats_read_once_per_validation(digits_dls, digits_model, monkeypatch):
+    "The metric builds its pixel space (checking the stats: a host-device sync for GPU stats) on the first batch of "
+    "each validation only, and `robust_validate` reads the loader's stats once."
+    import rtl_fastai.callback.adv_valid as av
+    calls = {'space': 0, 'stats': 0}
+    def counted(f, k):
+        def g(*a, **kw): calls[k] += 1; return f(*a, **kw)
+        return g
+    monkeypatch.setattr(av, '_pixel_space', counted(av._pixel_space, 'space'))
+    monkeypatch.setattr(av, 'normalize_stats', counted(av.normalize_stats, 'stats'))
+    learn = Learner(digits_dls, copy.deepcopy(digits_model), metrics=RobustAccuracy(0.1, steps=2, n_batches=3))
+    with learn.no_bar(): learn.validate()
+    assert calls == {'space': 1, 'stats': 1}
+    with learn.no_bar(): learn.validate()
+    assert calls == {'space': 2, 'stats': 2}
+    learn.robust_validate(eps=0.1, steps=2, n_batches=3, show_progress=False)
+    assert calls == {'space': 3, 'stats': 3}

@@ -15,7 +15,7 @@ from fastai.data.load import DataLoader
 from fastai.callback.core import GatherPredsCallback
 from ..core import check_int, is_number, fork_rng, eps_str, normalize_stats, check_normalization
 from ..models import unwrap_model
-from ..attacks import ThreatModel, as_threat, robust_eval_batch, _FIELDS, _amp_context
+from ..attacks import ThreatModel, as_threat, robust_eval_batch, _FIELDS, _amp_context, _pixel_space
 from ..distributed import DistributedDL, _inner, _sharded, _n_real, _in_distrib_ctx
 
 # %% auto #0
@@ -42,6 +42,7 @@ class RobustAccuracy(Metric):
             raise ValueError(f"RobustAccuracy: `amp` must be None (the learner's precision), True or False, "
                              f"got {amp!r}")
         store_attr('n_batches,drop_fooled,loss_func,stats,seed,amp')
+        self._space = None
         self.reset()
 
     def reset(self):
@@ -55,11 +56,15 @@ class RobustAccuracy(Metric):
         return clean, robust
 
     def _attack(self, model, x, y, stats, learn=None):
+        # the pixel space is built (and its stats checked, a host-device sync for GPU stats) on the first batch
+        # after `reset`, then reused
+        if self.seen == 0 or getattr(self, '_space', None) is None:  # (None in a metric pickled before it existed)
+            self._space = _pixel_space(self.stats if self.stats is not None else stats, x)
+        elif self._space.mean.device != x.device: self._space.to(x.device)
         rng = nullcontext() if self.seed is None else fork_rng(self.seed + self.seen, device=x.device)
         with rng, _amp_context(learn, x.device, self.amp, 'RobustAccuracy'):
             return robust_eval_batch(model, x, y, self.threat, loss_func=self.loss_func, drop_fooled=self.drop_fooled,
-                                     stats=self.stats if self.stats is not None else stats,
-                                     check_pixels=self.seen == 0)  # one host-device sync, on the first batch
+                                     stats=self._space, check_pixels=self.seen == 0)  # one sync, on the first batch
 
     def _count(self, clean, robust, reduce=False):
         "Add a batch's counts (summed over the processes of a sharded `DistributedDL` when `reduce`)."
@@ -91,7 +96,7 @@ class RobustAccuracy(Metric):
         dl = getattr(learn, 'dl', None)
         src = _inner(dl) if isinstance(_inner(dl), DataLoader) else learn.dls  # `validate(dl=[batch])`: a list
         if self.seen == 0: check_normalization(learn.model, src, 'RobustAccuracy')  # warns once per model and data
-        stats = None if self.stats is not None else normalize_stats(src)
+        stats = None if self.stats is not None or self.seen else normalize_stats(src)  # read on the first batch
         self._update(learn.model, learn.xb[0], learn.yb[0], stats, dl, learn)
 
     @property
