@@ -42,6 +42,19 @@ def acc_tol(p:float, n:int) -> float:
     return 2*math.sqrt(max(p*(1-p), 1/n)/n) + 1/n
 
 
+@contextlib.contextmanager
+def exact_kernels():
+    """Deterministic cuDNN kernels, and no TF32 (on by default for cuDNN convolutions on Ampere and later: a 10-bit
+    mantissa, about 1e-3 relative): two runs that should give the same sums then give them up to fp32 rounding."""
+    keys = [(torch.backends.cudnn, 'deterministic', True), (torch.backends.cudnn, 'benchmark', False),
+            (torch.backends.cudnn, 'allow_tf32', False), (torch.backends.cuda.matmul, 'allow_tf32', False)]
+    old = [getattr(m, k) for m, k, _ in keys]
+    for m, k, v in keys: setattr(m, k, v)
+    try: yield
+    finally:
+        for (m, k, _), v in zip(keys, old): setattr(m, k, v)
+
+
 @pytest.fixture(scope='module')
 def dev(device):
     "The GPU of the tests: `--device`/`RTL_TEST_DEVICE` if it names a CUDA device, else 'cuda' (the CPU under RTL_TEST_CUDA_ON_CPU=1)."
@@ -163,8 +176,9 @@ def test_robust_validate_close_to_fp32(mode, channels_last, gdls, gmodel, dev):
 def test_robust_metric_matches_robust_validate(gdls, gmodel, dev):
     "`RobustAccuracy` as a metric of `Learner.validate` counts what `robust_validate` counts (fp32, same seed)."
     learn = Learner(gdls, fresh(gmodel, dev), metrics=[accuracy, RobustAccuracy(eps=EPS, steps=10)])
-    with learn.no_bar(): _, acc, rob = learn.validate()
-    r = learn.robust_validate(eps=EPS, steps=10, show_progress=False)
+    with exact_kernels():
+        with learn.no_bar(): _, acc, rob = learn.validate()
+        r = learn.robust_validate(eps=EPS, steps=10, show_progress=False)
     assert abs(rob - r['robust_acc']) <= 2/r['n'], (rob, r)   # same seeds; GPU rounding may flip an example
     assert abs(acc - r['clean_acc']) <= 1e-6
 
@@ -248,10 +262,7 @@ def test_adv_training_on_gpu(method, mode, gdls, gmodel, dev):
 def test_feature_cache_on_gpu(mode, gdls, gmodel, dev):
     "Head + last block retrained with and without the cache on the GPU: the cache lives there and gives the same model."
     res = {}
-    det = torch.backends.cudnn.deterministic
-    torch.backends.cudnn.deterministic = True   # both runs then compute the same sums in the same order
-    try: _cache_runs(mode, gmodel, dev, res)
-    finally: torch.backends.cudnn.deterministic = det
+    with exact_kernels(): _cache_runs(mode, gmodel, dev, res)
     (v1, p1), (v0, p0) = res[True], res[False]
     assert all(math.isfinite(v) for v in v1 + v0)
     n = len(gdls.valid.dataset)

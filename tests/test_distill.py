@@ -237,6 +237,30 @@ def test_precompute_exported_learner_predicts(source, tmp_path):
     item = learn.dls.valid_ds[0][0]
     assert loaded.predict(item)[0] == learn.predict(item)[0]
 
+
+def test_feature_module_that_never_runs(source):
+    "A feature module the forward skips (a frozen block the feature cache replaces, or hooks a compiled model ignores) "
+    "is an error, not a fit that silently distils nothing."
+    class Skip(torch.nn.Module):
+        def __init__(self, m): super().__init__(); self.m, self.unused = m, torch.nn.Identity()
+        def forward(self, x): return self.m(x)
+    learn = Learner(target_dls(), Skip(replace_head(deepcopy(source), 5)), loss_func=CrossEntropyLossFlat())
+    fd = FeatureDistillation(Skip(source), layer='unused')
+    with pytest.raises(RuntimeError, match="did not run its feature module .'unused'. in this training batch"):
+        learn.fit(1, 1e-3, cbs=fd)
+    assert fd.hooks is None and learn.metrics == []  # cleaned up
+
+
+def test_source_follows_channels_last(source):
+    "A channels-last learner gets a channels-last source copy (no format conversion in each source forward)."
+    learn = make_learner(source)
+    learn.model.to(memory_format=torch.channels_last)
+    fd = FeatureDistillation(source, lam=1e-2)
+    learn.fit(1, 1e-3, cbs=fd)
+    from rtl_fastai.callback.distill import _channels_last
+    assert _channels_last(fd.source) and not _channels_last(source)  # the user's source is untouched
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in fd.source.parameters() if p.ndim == 4)
+
 def test_precompute_refuses_augmentation():
     src = SmallCNN(n_in=3, n_out=2, widths=(8,))
     dls = task_dls(_rand_data(size=32), bs=16, augment=True)

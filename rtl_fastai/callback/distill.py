@@ -95,6 +95,12 @@ class DistillMetric(Metric):
 class _StopForward(Exception):
     "Raised by the source's hook once the features are computed: the rest of its forward is skipped."
 
+def _channels_last(model:nn.Module)->bool:
+    "Whether `model`'s convolution weights are stored channels-last (read off the first whose strides tell)"
+    ws = (p for p in model.parameters() if p.ndim == 4 and p.is_contiguous() != p.is_contiguous(
+        memory_format=torch.channels_last))   # a 1-channel or 1x1 weight is both
+    return not next(ws, torch.empty(0)).is_contiguous()
+
 class FeatureDistillation(HookCallback):
     ("Add `lam * penalty(f(x), f_src(x))` to the training loss: `f` the learner's features, `f_src` a frozen source "
      "copy's.")
@@ -172,6 +178,8 @@ class FeatureDistillation(HookCallback):
         model = unwrap_model(self.learn.model)
         p = next(model.parameters(), None)
         if p is not None: self.source.to(p.device)
+        if _channels_last(model) and not _channels_last(self.source):  # the learner's memory format: no conversions
+            self.source.to(memory_format=torch.channels_last)
         mod, self._hook_fn = feature_hook(model, self.layer, "learner's model")
         ptrs = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
         if any(t.data_ptr() in ptrs for t in list(self.source.parameters()) + list(self.source.buffers())):
@@ -237,6 +245,13 @@ class FeatureDistillation(HookCallback):
     def after_loss(self):
         self.batch_term = None
         f, self._feats = self._feats, None
+        if self._fitting and self.training and f is None and len(self.yb):
+            self._cleanup()
+            raise RuntimeError(f"FeatureDistillation: the learner's model did not run its feature module "
+                               f"({self.layer or 'the pooled penultimate vector'!r}) in this training batch, so there "
+                               "is nothing to distil. A `torch.compile`d model ignores hooks added after its first call: "
+                               "distil with the model before compiling it. A module the feature cache skips (a frozen "
+                               "block) never runs: name a `layer` after the frozen blocks.")
         if not self._fitting or f is None or not len(self.yb): return
         if not self.training and not any(not m.train_only for m in self._mets): return  # nothing to log in validation
         fs = self._target_features()
