@@ -202,12 +202,14 @@ import warnings, weakref
 
 # %% ../nbs/00_core.ipynb #0dab7019
 class _InputNormHook:
-    "Forward pre-hook that normalizes the model's input with its `NormalizeInput` (moved to the input's device/dtype)"
+    ("Forward pre-hook that normalizes the model's input with its `NormalizeInput` (moved to the input's device once; "
+     "its float32 statistics cast to the input's dtype per call, never stored rounded)")
     def __init__(self, norm:NormalizeInput): self.norm = norm
     def __call__(self, module, args):
         x, n = args[0], self.norm
-        if n.mean.device != x.device or n.mean.dtype != x.dtype: n.to(device=x.device, dtype=x.dtype)
-        return (n(x), *args[1:])
+        if n.mean.device != x.device: n.to(x.device)
+        y = n(x) if x.dtype == n.mean.dtype else (x - n.mean.to(x.dtype)) / n.std.to(x.dtype)
+        return (y, *args[1:])
 
 def _unwrap(model):
     return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model

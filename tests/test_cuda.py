@@ -335,3 +335,16 @@ def test_dataset_on_gpu(dev):
     assert on(aug.train.dataset.x, dev)
     xb, yb = aug.train.one_batch()
     assert on(xb, dev) and xb.shape == (16, 3, 32, 32) and xb.dtype == torch.float32
+
+
+def test_task_dls_from_arrays_on_the_gpu(dev):
+    "An `ArrayData` whose tensors already live on the GPU: class selection, subsampling and the statistics work there."
+    from rtl_fastai.data.arrays import load_digits_data, channel_stats
+    d = load_digits_data()
+    g = ArrayData(*(t.to(dev) for t in (d.x_train, d.y_train, d.x_valid, d.y_valid)), d.classes, d.name)
+    dls = task_dls(g, classes='source', n_per_class=20, bs=16, device=dev, data_device='device')
+    x, y = dls.one_batch()
+    assert on(x, dev) and on(y, dev) and len(dls.train_ds) == 100 and dls.vocab == list('01234')
+    ref = task_dls(d, classes='source', n_per_class=20, bs=16, device='cpu')
+    torch.testing.assert_close(dls.stats[0].cpu(), ref.stats[0]); torch.testing.assert_close(dls.stats[1].cpu(), ref.stats[1])
+    assert [t.device.type for t in channel_stats(g.x_train)] == ['cpu', 'cpu']

@@ -100,8 +100,9 @@ def select_classes(data:ArrayData, # Dataset to filter
     lut = torch.full((data.c,), -1, dtype=torch.long)
     lut[torch.tensor(idx)] = torch.arange(len(idx))
     def _f(x, y):
-        m = lut[y] >= 0
-        return x[m], lut[y[m]]
+        lt = lut.to(y.device)  # labels already on a GPU
+        m = lt[y] >= 0
+        return x[m], lt[y[m]]
     xt, yt = _f(data.x_train, data.y_train)
     xv, yv = _f(data.x_valid, data.y_valid)
     return ArrayData(xt, yt, xv, yv, [data.classes[i] for i in idx], data.name)
@@ -138,12 +139,12 @@ def subsample_valid(data:ArrayData,   # Dataset to subsample
 # %% ../../nbs/00a_data.arrays.ipynb #ef7ecdbe
 def channel_stats(x:torch.Tensor, # NCHW images, uint8 0..255 or float in [0,1]
                   chunk:int=4096)->tuple:
-    "Per-channel mean and std (in [0,1] pixel units) of `x`, computed in chunks"
-    s = torch.zeros(x.shape[1], dtype=torch.float64); s2 = torch.zeros_like(s)
+    "Per-channel mean and std (in [0,1] pixel units) of `x`, computed in chunks where `x` lives; returned on the CPU"
+    s = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device); s2 = torch.zeros_like(s)
     scale = 255. if x.dtype == torch.uint8 else 1.
     for i in range(0, len(x), chunk):
         b = x[i:i+chunk].double() / scale
         s += b.sum((0,2,3)); s2 += (b*b).sum((0,2,3))
     n = x.shape[0]*x.shape[2]*x.shape[3]
     mean = s/n; std = (s2/n - mean**2).clamp_min(0).sqrt()
-    return mean.float(), std.float().clamp_min(1e-6)
+    return mean.float().cpu(), std.float().clamp_min(1e-6).cpu()
