@@ -286,3 +286,21 @@ def test_stats_read_once_per_validation(digits_dls, digits_model, monkeypatch):
     assert calls == {'space': 2, 'stats': 2}
     learn.robust_validate(eps=0.1, steps=2, n_batches=3, show_progress=False)
     assert calls == {'space': 3, 'stats': 3}
+
+
+def test_n_batches_of_a_class_sorted_validation_set_warns(digits_model):
+    "The first batches of a validation set in class order (image folders) hold few classes: a warning says so."
+    import warnings
+    from rtl_fastai.data.arrays import load_digits_data, ArrayData
+    d = load_digits_data()
+    o = d.y_valid.argsort(stable=True)
+    dls = task_dls(ArrayData(d.x_train, d.y_train, d.x_valid[o], d.y_valid[o], d.classes, d.name), bs=32, val_bs=32)
+    learn = Learner(dls, copy.deepcopy(digits_model), metrics=RobustAccuracy(0.1, steps=2, n_batches=2))
+    with pytest.warns(UserWarning, match=r'RobustAccuracy\(n_batches=2\) attacked examples of only 2 of the 10 classes'):
+        with learn.no_bar(): learn.validate()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        with learn.no_bar(): learn.validate()   # once per metric
+        torch.manual_seed(0); import random; random.seed(0)   # the shuffled loader's order (128 of 450 images)
+        learn.robust_validate(dls.valid.new(shuffle=True), eps=0.1, steps=2, n_batches=4, show_progress=False)
+        learn.robust_validate(eps=0.1, steps=2, show_progress=False)   # all batches

@@ -5,6 +5,7 @@
 # %% ../../nbs/03_callback.adv_valid.ipynb #dd629a9f
 from __future__ import annotations
 from contextlib import nullcontext
+import warnings
 import torch
 import torch.distributed as dist
 import pandas as pd
@@ -47,7 +48,27 @@ class RobustAccuracy(Metric):
 
     def reset(self):
         self.correct, self.clean_correct, self.total = (torch.zeros((), dtype=torch.long) for _ in range(3))
-        self.seen = 0
+        self.seen, self._classes = 0, None
+
+    def _mark_classes(self, y, learn):
+        "With `n_batches`: the classes of the examples attacked, marked on the device (no sync)"
+        c = getattr(getattr(learn, 'dls', None), 'c', None)
+        if self.n_batches is None or not isinstance(c, int) or c < 2 or not len(y): return
+        if self._classes is None: self._classes = torch.zeros(c, dtype=torch.bool, device=y.device)
+        self._classes[y.to(self._classes.device)] = True
+
+    def _check_classes(self):
+        "Warn (once per metric) when the first `n_batches` batches held examples of only some classes"
+        cl = getattr(self, '_classes', None)
+        if cl is None or getattr(self, '_warned_classes', False): return
+        k = int(cl.sum())
+        if k == len(cl): return
+        self._warned_classes = True
+        warnings.warn(f"RobustAccuracy(n_batches={self.n_batches}) attacked examples of only {k} of the {len(cl)} "
+                      "classes: the first batches of a validation set in class order (as `ImageDataLoaders.from_folder`"
+                      " and `DataBlock` loaders keep image folders) hold few classes, so this robust accuracy is theirs "
+                      "alone. Attack every batch (n_batches=None), or more of them, or validate on a shuffled loader: "
+                      "`learn.robust_validate(dls.valid.new(shuffle=True), n_batches=...)`", UserWarning, stacklevel=2)
 
     def attack_batch(self, model, x, y, stats=None):
         "Update the counts with one batch `x` (as the model receives it) and labels `y`; returns `(clean, robust)`."
@@ -85,6 +106,7 @@ class RobustAccuracy(Metric):
         # not through DDP: its forward syncs buffers
         if n: clean, robust = self._attack(unwrap_model(model), x, y, stats, learn)
         else: clean = robust = torch.zeros(0, dtype=torch.bool, device=y.device)
+        self._mark_classes(y, learn)
         self._count(clean, robust, reduce=sharded)
 
     def accumulate(self, learn):
@@ -100,7 +122,10 @@ class RobustAccuracy(Metric):
         self._update(learn.model, learn.xb[0], learn.yb[0], stats, dl, learn)
 
     @property
-    def value(self): return None if self.total == 0 else (self.correct.float()/self.total).item()
+    def value(self):
+        if self.total == 0: return None
+        self._check_classes()
+        return (self.correct.float()/self.total).item()
     @property
     def clean_value(self): return None if self.total == 0 else (self.clean_correct.float()/self.total).item()
     @property
