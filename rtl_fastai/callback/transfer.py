@@ -93,10 +93,15 @@ def transfer_learner(source,              # the source model (`nn.Module`) or a 
                      n_out:int=None,       # target classes (default `dls.c`)
                      cache='auto',         # cache the frozen features: 'auto', True or False (see `FeatureCache`)
                      cache_max_mb:float=2048., # largest feature cache, in MiB
-                     loss_func=None, opt_func=Adam, lr=1e-3, metrics=None, cbs=None,
+                     loss_func=None,       # as fastai's `Learner` (None: the loss of `dls`, cross-entropy for classes)
+                     opt_func=Adam,        # as fastai's `Learner`; it only sees the parameters retrained
+                     lr=1e-3,              # as fastai's `Learner`: the default learning rate of `fit`
+                     metrics=None,         # as fastai's `Learner`, e.g. `[accuracy, RobustAccuracy()]`
+                     cbs=None,             # more callbacks, after `FreezeBlocks` and `FeatureCache`
                      **kwargs,             # passed to `Learner`
                     ) -> Learner:
-    "A fastai `Learner` that retrains the last `n_retrain` blocks of a copy of `source` and a new head on `dls`."
+    ("A fastai `Learner` that retrains the last `n_retrain` blocks of a copy of `source` and a new head on `dls`; the "
+     "frozen blocks stay frozen through `learn.unfreeze()` (`FreezeBlocks`): change `n_retrain` to retrain more")
     model = source.model if isinstance(source, Learner) else source
     if not isinstance(model, nn.Module):
         raise TypeError("transfer_learner: `source` must be an nn.Module or a fastai Learner, "
