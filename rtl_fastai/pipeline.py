@@ -218,8 +218,10 @@ def _curve(learners, eps, steps, seed, bars):
         set_seed(seed, reproducible=True)
         # fastprogress's console bar prints a probe character even when hidden: keep it out of captured output
         with quiet(l, True, bars), (nullcontext() if bars else redirect_stdout(io.StringIO())):
-            df = robust_accuracy_curve(l, eps_list, threat=ThreatModel(eps, 10, alpha=ALPHA_RATIO*eps),
-                                       n_batches=2, show_progress=bars)
+            # 2 batches of the test images in a seeded shuffle: in their own order (class order) they hold few classes
+            df = robust_accuracy_curve(l, eps_list, dl=l.dls.valid.new(shuffle=True, seed=seed),
+                                       threat=ThreatModel(eps, 10, alpha=ALPHA_RATIO*eps), n_batches=2,
+                                       show_progress=bars)
         df.insert(0, 'method', m); parts.append(df.drop(columns=['clean_acc'], errors='ignore'))
     return pd.concat(parts, ignore_index=True)
 
