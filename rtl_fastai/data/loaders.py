@@ -5,6 +5,7 @@
 # %% ../../nbs/00d_data.loaders.ipynb #3a008396
 from __future__ import annotations
 import random
+from contextlib import contextmanager
 
 import torch
 from fastcore.basics import store_attr
@@ -36,6 +37,12 @@ class ArrayDataset:
         return f"ArrayDataset({len(self)} items, x {tuple(self.x.shape[1:])} {self.x.dtype}, {self.c} classes)"
     def new_empty(self):  # for `Learner.export`
         return type(self)(self.x[:0], None if self.y is None else self.y[:0], self.vocab, self.split_idx)
+    @contextmanager
+    def set_split_idx(self, i):
+        "Apply the transforms of split `i` (0: training) meanwhile, as fastai's `Datasets` does (for `learn.tta`)"
+        old, self.split_idx = self.split_idx, i
+        try: yield self
+        finally: self.split_idx = old
     def decode(self, o, full=True):
         "An item as fastai shows it (`show_batch`, `show_results`, `predict`): the image, and the label as a `Category`"
         return (o[0], *(Category(self.vocab[int(t)]) for t in o[1:]))
