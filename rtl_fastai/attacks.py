@@ -221,7 +221,7 @@ def _pgd_core(model, p, y, space, eps, steps, alpha, norm, random_start, loss_fu
     delta = _random_start(p, eps, norm) if random_start else torch.zeros_like(p)
     fooled = torch.zeros(n, dtype=torch.bool, device=p.device)
     loss_at = torch.full((n,), -float('inf'), device=p.device)
-    bad = _Nonfinite(steps, p.device)              # the losses of steps after the first, checked after the loop
+    bad = _Nonfinite(steps+1, p.device)            # every step's non-finite losses, counted on the device, read after
     idx, pa, ya, da = None, p, y, delta            # the examples still attacked (None: all of them)
     syncs = _sync_steps(steps, p.device) if drop_fooled else ()
     act = None  # `drop_fooled`: which of them are not fooled yet, on the device; the fooled wait, frozen, for a sync
@@ -233,7 +233,7 @@ def _pgd_core(model, p, y, space, eps, steps, alpha, norm, random_start, loss_fu
             out = _check_out(model(space(pa+d).to(in_dtype)), d)
             out32 = out.float()
             losses = loss_func(out32, ya)
-        _check_losses(losses, out32, d, None if i == 0 else bad)
+        _check_losses(losses, out32, d, bad)
         wrong = out.detach().argmax(1) != ya if (drop_fooled or last) else None
         g = None if last else _input_grad(out, out32, losses, d, in_dtype)
         ls, d = losses.detach(), d.detach()
