@@ -178,15 +178,11 @@ def _input_grad(out, out32, losses, d, in_dtype=torch.float32):
     return torch.autograd.grad(out, d, grad_outputs=gl.to(out.dtype))[0]
 
 # %% ../nbs/02_attacks.ipynb #9a5fa1fa
-def _check_losses(losses, out32, d, bad=None):
-    "Check the `losses` of one step; with `bad` (a `_Nonfinite`), only record non-finite ones on the device."
+def _check_losses(losses, out32, d, bad):
+    "Check the shape of the `losses` of one step, and record the non-finite ones in `bad` (a `_Nonfinite`)."
     if losses.ndim == 0 or losses.shape[0] != d.shape[0]:
         raise ValueError("`loss_func` must return one loss per example (e.g. `nn.CrossEntropyLoss(reduction='none')`)")
-    if bad is not None:   # no host-device sync: the counts are read once, after the loop
-        bad.record(losses, out32)
-        return
-    if not torch.isfinite(losses).all():
-        _raise_nonfinite(int((~torch.isfinite(losses)).sum()), len(losses), not torch.isfinite(out32).all())
+    bad.record(losses, out32)   # no host-device sync: the counts are read once, after the loop
 
 def _raise_nonfinite(n_bad, n, out_bad):
     why = ("the model's outputs are nan/inf (diverged weights or bad inputs?)" if out_bad
