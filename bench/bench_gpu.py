@@ -15,7 +15,8 @@ PreActResNet18 of full width (64):
 
     python bench/bench_gpu.py                          # on a GPU (about 3 minutes on one H200)
     python bench/bench_gpu.py --bf16 --channels_last   # mixed precision (fastai's to_bf16 / autocast) and NHWC
-    python bench/bench_gpu.py --compile                # also torch.compile'd model for the evaluation (against eager)
+    python bench/bench_gpu.py --compile                # also torch.compile'd model for the evaluation (against eager;
+                                                       # GPU only: inductor's CPU code crashed on a dynamic batch size here)
     OMP_NUM_THREADS=1 python bench/bench_gpu.py --device cpu --tiny   # the same code at tiny sizes (well under a minute)
 
 Times are wall times with `torch.cuda.synchronize()` around each region, after a warm-up; `--reps` timed runs, median.
@@ -153,12 +154,13 @@ def main(device:str=None,         # 'cuda', 'cuda:N' or 'cpu' (default: cuda if 
         with torch.no_grad(), autocast(dev, dtype):
             pm0 = nn.Sequential(NormalizeInput(mean, std), src).eval()
             pix_cc = [(p[k], y[k]) for p, y in pix for k in [pm0(p).argmax(1) == y]]
-        def methods_for(model, tag=''):
+        def methods_for(model, tag='', ours_compile=False):
+            "The methods on `model`; ours with the library's `compile=` option on `src` instead when `ours_compile`"
             pm = nn.Sequential(NormalizeInput(mean, std), model).eval()
-            lr_ = Learner(dls, model)
-            ms = {f'ours (drop fooled){tag}': lambda: lr_.robust_validate(eps=EPS, steps=20, alpha=ALPHA, show_progress=False)['robust_acc'],
-                  f'ours (no dropping){tag}': lambda: lr_.robust_validate(eps=EPS, steps=20, alpha=ALPHA, drop_fooled=False,
-                                                                           show_progress=False)['robust_acc'],
+            lr_ = Learner(dls, src if ours_compile else model)
+            kw = dict(eps=EPS, steps=20, alpha=ALPHA, show_progress=False, compile=ours_compile)
+            ms = {f'ours (drop fooled){tag}': lambda: lr_.robust_validate(**kw)['robust_acc'],
+                  f'ours (no dropping){tag}': lambda: lr_.robust_validate(**kw, drop_fooled=False)['robust_acc'],
                   f'minimal loop{tag}': lambda: (sum(count(pm, minimal_pgd(pm, p, y, EPS, ALPHA, 20), y) for p, y in pix_cc)/n).item()}
             if torchattacks is not None:
                 atk = torchattacks.PGD(pm, eps=EPS, alpha=ALPHA, steps=20, random_start=True)
@@ -168,7 +170,7 @@ def main(device:str=None,         # 'cuda', 'cuda:N' or 'cpu' (default: cuda if 
         methods = methods_for(src)
         if compile:
             csrc = torch.compile(src)
-            methods.update(methods_for(csrc, ' [compiled]'))
+            methods.update(methods_for(csrc, ' [compiled]', ours_compile=True))
         with torch.no_grad(), autocast(dev, dtype): clean = (sum((src(x).argmax(1) == y).sum() for x, y in batches)/n).item()
         rows = {}
         for k, f in methods.items():

@@ -5,7 +5,7 @@
 # %% ../../nbs/03_callback.adv_valid.ipynb #dd629a9f
 from __future__ import annotations
 from contextlib import nullcontext
-import warnings
+import warnings, weakref
 import torch
 import torch.distributed as dist
 import pandas as pd
@@ -23,6 +23,20 @@ from ..distributed import DistributedDL, _inner, _sharded, _n_real, _in_distrib_
 __all__ = ['robust_validate', 'RobustAccuracy', 'robust_accuracy_curve']
 
 # %% ../../nbs/03_callback.adv_valid.ipynb #05b4fb3f
+_COMPILED = []  # [(weak reference to a model, `how`, its compiled form)], the newest last; the last 2 are kept
+
+def _compiled(model:torch.nn.Module, how)->torch.nn.Module:
+    ("`torch.compile(model)` (`how`: True, or a dict of `torch.compile`'s arguments), compiled once and reused while "
+     "`model` is one of the last 2 models compiled here")
+    for i, (ref, h, c) in enumerate(_COMPILED):
+        if ref() is model and h == how:
+            _COMPILED.append(_COMPILED.pop(i))
+            return c
+    c = torch.compile(model, **({} if how is True else how))
+    _COMPILED.append((weakref.ref(model), how, c))
+    del _COMPILED[:-2]
+    return c
+
 class RobustAccuracy(Metric):
     "Accuracy under a PGD attack in pixel space, on (the first `n_batches` of) each validation."
     def __init__(self,
@@ -34,15 +48,19 @@ class RobustAccuracy(Metric):
                  stats=None, # normalization stats; default: those of the `DataLoaders` being validated
                  seed:int=0, # seed of the random starts (None: use and advance the global RNG)
                  amp:bool|None=None, # None: as the learner; True: its MixedPrecision dtype, CPU too; False: fp32
+                 compile:bool|dict=False, # attack a `torch.compile`d model (True, or `torch.compile`'s arguments)
                  **threat_kw, # `ThreatModel` fields (eps, steps, alpha, norm, restarts, random_start)
                 ):
         self.threat = as_threat(threat, None, type(self), **threat_kw)
+        if not isinstance(compile, (bool, dict)):
+            raise ValueError(f"RobustAccuracy: `compile` must be False, True or a dict of `torch.compile` arguments "
+                             f"(e.g. dict(mode='max-autotune')), got {compile!r}")
         check_int(n_batches, 'n_batches', none_ok=True, fix="it is the number of validation batches to attack")
         check_int(seed, 'seed', lo=None, none_ok=True)
         if not (amp is None or isinstance(amp, bool)):
             raise ValueError(f"RobustAccuracy: `amp` must be None (the learner's precision), True or False, "
                              f"got {amp!r}")
-        store_attr('n_batches,drop_fooled,loss_func,stats,seed,amp')
+        store_attr('n_batches,drop_fooled,loss_func,stats,seed,amp,compile')
         self._space = None
         self.reset()
 
@@ -82,6 +100,7 @@ class RobustAccuracy(Metric):
         if self.seen == 0 or getattr(self, '_space', None) is None:  # (None in a metric pickled before it existed)
             self._space = _pixel_space(self.stats if self.stats is not None else stats, x)
         elif self._space.mean.device != x.device: self._space.to(x.device)
+        if getattr(self, 'compile', False): model = _compiled(model, self.compile)
         rng = nullcontext() if self.seed is None else fork_rng(self.seed + self.seen, device=x.device)
         with rng, _amp_context(learn, x.device, self.amp, 'RobustAccuracy'):
             return robust_eval_batch(model, x, y, self.threat, loss_func=self.loss_func, drop_fooled=self.drop_fooled,
@@ -145,6 +164,7 @@ def robust_validate(self:Learner,
                     show_progress:bool=True, # show a progress bar
                     distributed:bool=None, # shard `dl` and sum the counts over the processes (None: in `distrib_ctx`)
                     amp:bool|None=None, # None: as the learner; True: its MixedPrecision dtype, CPU too; False: fp32
+                    compile:bool|dict=False, # attack a `torch.compile`d model (True, or `torch.compile`'s arguments)
                     **threat_kw, # `ThreatModel` fields (eps, steps, alpha, norm, restarts, random_start)
                    )->dict: # `clean_acc`, `robust_acc`, `n` (examples attacked) and `attack` (the name)
     "Clean and PGD robust accuracy of `self.model` on `dl`, eps in pixel units."
@@ -158,7 +178,7 @@ def robust_validate(self:Learner,
                          "pass one with labels, e.g. `dl=learn.dls.test_dl(items, with_labels=True)`")
     check_normalization(self.model, _inner(dl), 'robust_validate')
     met = RobustAccuracy(as_threat(threat, None, Learner.robust_validate, **threat_kw), n_batches=n_batches,
-                         drop_fooled=drop_fooled, loss_func=loss_func, stats=stats, seed=seed, amp=amp)
+                         drop_fooled=drop_fooled, loss_func=loss_func, stats=stats, seed=seed, amp=amp, compile=compile)
     if stats is None: stats = normalize_stats(_inner(dl))
     n_inp = getattr(_inner(dl), 'n_inp', 1)
     if distributed is None: distributed = _sharded(dl) or _in_distrib_ctx(self)
