@@ -115,7 +115,8 @@ def as_threat(threat=None, # a `ThreatModel`, a radius `eps` (pixel units), or N
     if isinstance(threat, ThreatModel): return threat.replace(**kwargs) if kwargs else threat
     if threat is not None:
         if 'eps' in kwargs:
-            raise TypeError(f"{who or 'as_threat'}() got the radius twice: as `threat` ({threat!r}) and `eps`")
+            raise TypeError(f"{getattr(who, '__name__', who) or 'as_threat'}() got the radius twice: as `threat` "
+                            f"({threat!r}) and `eps`")
         kwargs['eps'] = threat
     return ThreatModel(**{**(defaults or {}), **kwargs})
 
@@ -219,7 +220,8 @@ def _pgd_core(model, p, y, space, eps, steps, alpha, norm, random_start, loss_fu
     loss_at = torch.full((n,), -float('inf'), device=p.device)
     bad = _Nonfinite(steps+1, p.device)            # every step's non-finite losses, counted on the device, read after
     idx, pa, ya, da = None, p, y, delta            # the examples still attacked (None: all of them)
-    syncs = _sync_steps(steps, p.device) if drop_fooled else ()
+    # without `final_eval` the loop ends after step steps-1: the examples fooled by then leave there
+    syncs = (_sync_steps(steps, p.device) | ({steps-1} if not final_eval else set())) if drop_fooled else ()
     act = None  # `drop_fooled`: which of them are not fooled yet, on the device; the fooled wait, frozen, for a sync
     for i in range(steps+1):
         last = i == steps
@@ -294,8 +296,9 @@ def _check_xy(x, y, classes:bool=True):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"`x` must be a floating point tensor (a batch of images), got {getattr(x, 'dtype', type(x))}")
     if not classes: return _check_labels(y, x.shape[0])
-    return _check_labels(y, x.shape[0], "the attack's default loss (cross-entropy) or its `drop_fooled`",
-                         "pass `loss_func=` (a per-example loss of the output and `y`) with `drop_fooled=False`")
+    return _check_labels(y, x.shape[0], "the attack's default loss (cross-entropy), `drop_fooled` or `restarts` "
+                         "(they keep the examples the model misclassifies)", "pass `loss_func=` (a per-example loss "
+                         "of the output and `y`) with `drop_fooled=False` and `restarts=1`")
 
 def _check_pixels(p, stats):
     "Warn when `p`, a batch mapped back to pixels, is not in [0,1] (one host-device sync, once per attack)"
@@ -311,7 +314,7 @@ def _check_pixels(p, stats):
 
 def _attack(model, x, y, tm:ThreatModel, loss_func, stats, drop_fooled, need_fooled=False, check_pixels=True):
     "Adversarial `x` and, when `drop_fooled` or `need_fooled`, whether each example is fooled by it."
-    y = _check_xy(x, y, classes=loss_func is None or drop_fooled or need_fooled)
+    y = _check_xy(x, y, classes=loss_func is None or drop_fooled or need_fooled or tm.restarts > 1)
     eps, steps, alpha, norm, restarts = tm.eps, tm.steps, tm.step_size, tm.norm, tm.restarts
     if loss_func is None: loss_func = nn.CrossEntropyLoss(reduction='none')
     x0 = x

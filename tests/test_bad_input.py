@@ -241,7 +241,7 @@ CASES = [
     ('threat-restarts-bool', lambda d, m, r: ThreatModel(0.1, restarts=True), ValueError, r'`restarts`'),
     ('threat-random_start', lambda d, m, r: ThreatModel(0.1, random_start='yes'), ValueError, r'`random_start` must be True or False'),
     ('threat-unknown-field', lambda d, m, r: _pgd(d, m, step=3), TypeError, r"unexpected keyword argument.*'step'.*fields"),
-    ('threat-eps-twice',   lambda d, m, r: pgd_attack(m, *_x(d), 0.1, eps=0.2), TypeError, r'radius twice.*`eps`'),
+    ('threat-eps-twice',   lambda d, m, r: pgd_attack(m, *_x(d), 0.1, eps=0.2), TypeError, r'^pgd_attack\(\) got the radius twice.*`eps`'),
     ('pgdtrain-no-eps',    lambda d, m, r: PGDTraining(), TypeError, r'PGDTraining needs the radius'),
     ('free-l2',            lambda d, m, r: FreeAdvTraining(0.1, norm='l2'), ValueError, r'L-inf attacks only.*`norm`'),
     ('fit-loss-turns-nan', lambda d, m, r: _nan_fit(d), ValueError, r"non-finite .*the model's outputs are nan/inf"),

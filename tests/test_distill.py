@@ -233,7 +233,7 @@ def test_precompute_exported_learner_predicts(source, tmp_path):
     assert fd._src_feats is not None  # the learner's own callback keeps them
     loaded = load_learner(tmp_path/'fd.pkl')
     lfd = next(c for c in loaded.cbs if isinstance(c, FeatureDistillation))
-    assert lfd._src_feats is None
+    assert lfd._src_feats is None and not lfd._fitting and 'hooks' not in lfd.__dict__  # no hooks pickled
     item = learn.dls.valid_ds[0][0]
     assert loaded.predict(item)[0] == learn.predict(item)[0]
 
@@ -268,6 +268,11 @@ def test_precompute_refuses_augmentation():
     with pytest.raises(ValueError, match='FlipPadCrop'): learn.fit(1, cbs=FeatureDistillation(src, precompute=True))
     assert len(learn.metrics) == 0
     learn.fit(1, cbs=FeatureDistillation(src, precompute=False))  # per batch is fine
+    # a callback of the Learner (not of `fit`), with a warm-up: the failed fit leaves nothing frozen or hooked behind
+    fd = FeatureDistillation(src, precompute=True, warmup_epochs=1)
+    learn = Learner(dls, replace_head(deepcopy(src), 2), loss_func=CrossEntropyLossFlat(), cbs=fd)
+    with pytest.raises(ValueError, match='FlipPadCrop'): learn.fit(2)
+    assert all(p.requires_grad for p in learn.model.parameters()) and len(learn.metrics) == 0 and fd.hooks is None
 
 
 class NoisyInputs(Callback):

@@ -66,7 +66,7 @@ class RobustAccuracy(Metric):
 
     def reset(self):
         self.correct, self.clean_correct, self.total = (torch.zeros((), dtype=torch.long) for _ in range(3))
-        self.seen, self._classes = 0, None
+        self.seen, self._classes, self._skipped = 0, None, False   # `_skipped`: batches left out by `n_batches`
 
     def _mark_classes(self, y, learn):
         "With `n_batches`: the classes of the examples attacked, marked on the device (no sync)"
@@ -76,11 +76,11 @@ class RobustAccuracy(Metric):
         self._classes[y.to(self._classes.device)] = True
 
     def _check_classes(self):
-        "Warn (once per metric) when the first `n_batches` batches held examples of only some classes"
+        "Warn (once per metric) when the first `n_batches` batches, of more, held examples of half the classes or fewer"
         cl = getattr(self, '_classes', None)
-        if cl is None or getattr(self, '_warned_classes', False): return
+        if cl is None or not getattr(self, '_skipped', False) or getattr(self, '_warned_classes', False): return
         k = int(cl.sum())
-        if k == len(cl): return
+        if k > len(cl)//2: return   # a random sample of a few batches may miss a class or two: no alarm
         self._warned_classes = True
         warnings.warn(f"RobustAccuracy(n_batches={self.n_batches}) attacked examples of only {k} of the {len(cl)} "
                       "classes: the first batches of a validation set in class order (as `ImageDataLoaders.from_folder`"
@@ -90,14 +90,14 @@ class RobustAccuracy(Metric):
 
     def attack_batch(self, model, x, y, stats=None):
         "Update the counts with one batch `x` (as the model receives it) and labels `y`; returns `(clean, robust)`."
-        clean, robust = self._attack(model, x, y, stats)
+        clean, robust = self._attack(model, x, y, stats, cache=False)
         self._count(clean, robust)
         return clean, robust
 
-    def _attack(self, model, x, y, stats, learn=None):
-        # the pixel space is built (and its stats checked, a host-device sync for GPU stats) on the first batch
-        # after `reset`, then reused
-        if self.seen == 0 or getattr(self, '_space', None) is None:  # (None in a metric pickled before it existed)
+    def _attack(self, model, x, y, stats, learn=None, cache=True):
+        # in a validation (`cache`) the pixel space is built (and its stats checked, a host-device sync for GPU
+        # stats) on the first batch after `reset`, then reused; `attack_batch` builds it from its `stats` each call
+        if not cache or self.seen == 0 or getattr(self, '_space', None) is None:  # (None: pickled before it existed)
             self._space = _pixel_space(self.stats if self.stats is not None else stats, x)
         elif self._space.mean.device != x.device: self._space.to(x.device)
         if getattr(self, 'compile', False): model = _compiled(model, self.compile)
@@ -129,11 +129,13 @@ class RobustAccuracy(Metric):
         self._count(clean, robust, reduce=sharded)
 
     def accumulate(self, learn):
-        if self.n_batches is not None and self.seen >= self.n_batches: return
-        if len(learn.xb) != 1:
-            raise ValueError(f"RobustAccuracy attacks models with one input; this batch has {len(learn.xb)} inputs")
         # `get_preds` (and `tta`, `show_results`, `ClassificationInterpretation`) run the metrics and read none
         if any(isinstance(cb, GatherPredsCallback) for cb in learn.cbs): return
+        if self.n_batches is not None and self.seen >= self.n_batches:
+            self._skipped = True
+            return
+        if len(learn.xb) != 1:
+            raise ValueError(f"RobustAccuracy attacks models with one input; this batch has {len(learn.xb)} inputs")
         dl = getattr(learn, 'dl', None)
         src = _inner(dl) if isinstance(_inner(dl), DataLoader) else learn.dls  # `validate(dl=[batch])`: a list
         if self.seen == 0: check_normalization(learn.model, src, 'RobustAccuracy')  # warns once per model and data
@@ -189,6 +191,7 @@ def robust_validate(self:Learner,
         if not isinstance(dl, DistributedDL): dl = DistributedDL(dl)
         if dist.get_rank() != 0: show_progress = False
     total = len(dl) if n_batches is None else min(n_batches, len(dl))
+    met._skipped = total < len(dl)
     it = progress_bar(dl, total=total, leave=False) if show_progress else dl
     for i, b in enumerate(it):
         if n_batches is not None and i >= n_batches: break

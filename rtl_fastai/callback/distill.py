@@ -137,8 +137,8 @@ class FeatureDistillation(HookCallback):
         self.batch_term, self.train_sum, self.train_n = None, 0., 0
 
     def __getstate__(self):
-        "Pickled (`learn.export`) without the precomputed source features: the next fit computes them again"
-        return {**self.__dict__, '_src_feats': None, '_cache_key': None, '_pre_dl': None}
+        "Pickled (`learn.export`) without hooks or the precomputed source features: the next fit computes them again"
+        return {**super().__getstate__(), '_src_feats': None, '_cache_key': None, '_pre_dl': None, '_fitting': False}
 
     @property
     def train_term(self):
@@ -228,7 +228,9 @@ class FeatureDistillation(HookCallback):
     def before_train(self):
         # here, not in `before_fit`, which `validate`, `get_preds` and `predict` fire too (after `load_learner`, on
         # empty loaders): only a fit trains; later epochs find the features cached
-        if self.precompute: self._setup_precompute()
+        if self.precompute:
+            try: self._setup_precompute()
+            except Exception: self._cleanup(); raise   # hooks, columns and warm-up freeze undone, as in `after_loss`
         self.train_sum, self.train_n = 0., 0
         if self._frozen is not None and self.epoch >= self.warmup_epochs: self._unfreeze()
         if self._frozen is not None:  # warm start: the body is a fixed feature extractor (BatchNorm stats, dropout off)
