@@ -80,6 +80,16 @@ class ArrayDL(TfmdDL):
         if isinstance(dataset, (torch.Tensor, tuple, list)): dataset = self._test_items(dataset)
         return super().new(dataset, cls, **{'seed': self.seed, **kwargs})
 
+    def _label(self, t)->int:
+        "A test item's label as a class index: an index, or a class name of the vocabulary"
+        vocab = self.dataset.vocab
+        if isinstance(t, str) and t in vocab.o2i: return vocab.o2i[t]
+        try: i = int(t)
+        except (TypeError, ValueError): i = None
+        if i is None or not 0 <= i < len(vocab):
+            raise ValueError(f"test_dl: label {t!r} is neither a class name nor an index of the vocabulary {list(vocab)}")
+        return i
+
     def _test_items(self, items)->ArrayDataset:
         "Test items as an `ArrayDataset`: images `(n, *shape)`, a list of images, `(images, labels)`, or `(image, label)` pairs"
         ref = self.dataset.x
@@ -101,7 +111,8 @@ class ArrayDL(TfmdDL):
             hint = " (pixels 0-255: e.g. `(img*255).round().byte()`)" if ref.dtype == torch.uint8 else ""
             raise ValueError(f"test_dl: the images are {x.dtype} but these loaders' images are {ref.dtype}{hint}; "
                              "the loaders' transforms expect the training images' type (e.g. `dls.valid_ds[0][0]`)")
-        if y is not None: y = torch.as_tensor([int(t) for t in y] if isinstance(y, (list, tuple)) else y, dtype=torch.long)
+        if isinstance(y, (list, tuple)): y = [self._label(t) for t in y]
+        if y is not None: y = torch.as_tensor(y, dtype=torch.long)
         return ArrayDataset(plain(x).to(ref.device), None if y is None else plain(y).to(ref.device), self.dataset.vocab, 1)
 
 # %% ../../nbs/00d_data.loaders.ipynb #db391920
