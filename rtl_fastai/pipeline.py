@@ -8,6 +8,7 @@ import io, json, time
 from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
 import pandas as pd
+import torch
 from fastai.vision.all import Learner, accuracy, set_seed
 from fastprogress.fastprogress import progress_bar
 from .core import eps_str, check_int, check_number
@@ -211,6 +212,12 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
     return pd.DataFrame(rows), crv, info
 
 # %% ../nbs/08_pipeline.ipynb #7d98fcab
+def _in_random_order(dls, seed:int):
+    "A loader of the validation items of `dls` (`task_dls`) in one seeded random order, the same at every pass"
+    ds = dls.valid_ds
+    i = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).to(ds.x.device)
+    return dls.valid.new(type(ds)(ds.x[i], ds.y[i], ds.vocab, ds.split_idx))
+
 def _curve(learners, eps, steps, seed, bars):
     eps_list = [eps*f for f in (0, 0.5, 1., 1.5) if eps*f <= 1]
     parts = []
@@ -218,8 +225,9 @@ def _curve(learners, eps, steps, seed, bars):
         set_seed(seed, reproducible=True)
         # fastprogress's console bar prints a probe character even when hidden: keep it out of captured output
         with quiet(l, True, bars), (nullcontext() if bars else redirect_stdout(io.StringIO())):
-            # 2 batches of the test images in a seeded shuffle: in their own order (class order) they hold few classes
-            df = robust_accuracy_curve(l, eps_list, dl=l.dls.valid.new(shuffle=True, seed=seed),
+            # 2 batches of the test images in one seeded random order, the same for every eps (a shuffling loader
+            # would draw other images at each eps): in their own order (class order) they hold few classes
+            df = robust_accuracy_curve(l, eps_list, dl=_in_random_order(l.dls, seed),
                                        threat=ThreatModel(eps, 10, alpha=ALPHA_RATIO*eps), n_batches=2,
                                        show_progress=bars)
         df.insert(0, 'method', m); parts.append(df.drop(columns=['clean_acc'], errors='ignore'))

@@ -76,7 +76,7 @@ class RobustAccuracy(Metric):
         self._classes[y.to(self._classes.device)] = True
 
     def _check_classes(self):
-        "Warn (once per metric) when the first `n_batches` batches, of more, held examples of half the classes or fewer"
+        "Warn (once per metric) when the first `n_batches` batches (of more) held examples of half the classes or fewer"
         cl = getattr(self, '_classes', None)
         if cl is None or not getattr(self, '_skipped', False) or getattr(self, '_warned_classes', False): return
         k = int(cl.sum())
