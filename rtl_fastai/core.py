@@ -208,8 +208,7 @@ class _InputNormHook:
     def __call__(self, module, args):
         x, n = args[0], self.norm
         if n.mean.device != x.device: n.to(x.device)
-        y = n(x) if x.dtype == n.mean.dtype else (x - n.mean.to(x.dtype)) / n.std.to(x.dtype)
-        return (y, *args[1:])
+        return ((x - n.mean.to(x.dtype)) / n.std.to(x.dtype), *args[1:])  # `.to` of the same dtype: no copy
 
 def _unwrap(model):
     return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model

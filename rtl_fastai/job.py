@@ -382,17 +382,18 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
         # on a terminal fastai's table and bars (unless `quiet`); in a log the bars would be control characters,
         # so the epoch table is printed from the recorder after the fit
         tty = sys.stdout.isatty()
-        fit_quietly(learn, epochs, lr, cbs, verbose=not quiet and tty)
+        bars = not quiet and tty
+        fit_quietly(learn, epochs, lr, cbs, verbose=bars)
         if not quiet and not tty: print(pd.DataFrame(_hist(learn)).to_string(index=False), flush=True)
         train_s = time.time() - t
         fc = next((c for c in learn.cbs if isinstance(c, FeatureCache)), None)
         log(f"evaluation: clean and {tm.name} accuracy on {summary.n_valid} validation images")
         t = time.time()
-        r = robust_validate(learn, threat=tm, n_batches=n_batches, seed=seed, show_progress=not quiet and tty)
+        r = robust_validate(learn, threat=tm, n_batches=n_batches, seed=seed, show_progress=bars)
         crv = None
         if curve:
             crv = robust_accuracy_curve(learn, _curve_eps(tm.eps, tm.norm), threat=tm, n_batches=n_batches, seed=seed,
-                                        show_progress=not quiet and tty)
+                                        show_progress=bars)
             label = f"{j['desc']['name']}, n_retrain={j['n_retrain']}" + (f", lam={j['lam']:g}" if j['lam'] else '')
             crv.insert(0, 'method', label)
         eval_s = time.time() - t

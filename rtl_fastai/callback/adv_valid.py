@@ -137,7 +137,8 @@ class RobustAccuracy(Metric):
         if len(learn.xb) != 1:
             raise ValueError(f"RobustAccuracy attacks models with one input; this batch has {len(learn.xb)} inputs")
         dl = getattr(learn, 'dl', None)
-        src = _inner(dl) if isinstance(_inner(dl), DataLoader) else learn.dls  # `validate(dl=[batch])`: a list
+        src = _inner(dl)
+        if not isinstance(src, DataLoader): src = learn.dls  # `validate(dl=[batch])`: a list
         if self.seen == 0: check_normalization(learn.model, src, 'RobustAccuracy')  # warns once per model and data
         stats = None if self.stats is not None or self.seen else normalize_stats(src)  # read on the first batch
         self._update(learn.model, learn.xb[0], learn.yb[0], stats, dl, learn)
