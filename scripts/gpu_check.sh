@@ -26,6 +26,13 @@ TINY_ARGS=(); [ "${TINY:-0}" = 1 ] && TINY_ARGS=(--device cpu --tiny)   # TINY=1
 if [ "${SKIP_INSTALL:-0}" = 1 ]; then :   # SKIP_INSTALL=1: the stack is already there (a dry run here)
 elif ls .gpu/wheels/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps .gpu/wheels/*.whl 2>&1 | grep -v -i 'warning' || true
+  # the fallback wheels (gpu_prepare.sh) only for the distributions the machine's image lacks
+  missing=$("$PY" -c 'import glob, importlib.metadata as md
+for w in sorted(glob.glob(".gpu/wheels/fallback/*.whl")):
+    try: md.version(w.split("/")[-1].split("-")[0])
+    except md.PackageNotFoundError: print(w)')
+  if [ -n "$missing" ]; then echo "gpu_check: installing what the image lacks:" $missing
+    "$PY" -m pip install -q --no-index --no-deps $missing 2>&1 | grep -v -i 'warning' || true; fi
 else echo "gpu_check: no .gpu/wheels/*.whl (run scripts/gpu_prepare.sh here and carry ['.gpu'])"; fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 [ -f .gpu/cifar10.tgz ] && export RTL_DATA=$PWD/.gpu
@@ -57,7 +64,8 @@ for p in "${parts[@]}"; do
   esac
 done
 # the study's results as two files of $OUT's top level (a folder two deep comes back too, but keep the count at 8)
-[ -f "$OUT/study/results.md" ] && mv "$OUT/study/results.md" "$OUT/study_results.md" && mv "$OUT/study/results.json" "$OUT/study_results.json" && rmdir "$OUT/study" 2>/dev/null
+for f in results.md results.json; do [ -f "$OUT/study/$f" ] && mv "$OUT/study/$f" "$OUT/study_$f"; done
+[ -d "$OUT/study" ] && rmdir "$OUT/study" 2>/dev/null
 
 echo; echo "==================== summary ($(( $(date +%s) - T0 ))s) ===================="
 for p in "${parts[@]}"; do echo "$p: ${STATUS[$p]:-not run}"; done

@@ -24,6 +24,13 @@ if ls .gpu/wheels/plum_dispatch-2.1[0-9]* >/dev/null 2>&1; then
   py=${PYTHON:-python3}; [ -x .venv/bin/python ] && py=.venv/bin/python
   "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform any -d .gpu/wheels 'plum-dispatch<2.10'
 fi
+# fallbacks, installed there only where the machine's image lacks them: fastai imports requests and yaml at import,
+# and a recent huggingface_hub (timm's) no longer brings requests along; the study's report needs tabulate
+py=${PYTHON:-python3}; [ -x .venv/bin/python ] && py=.venv/bin/python
+mkdir -p .gpu/wheels/fallback
+"$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+  --platform manylinux2014_x86_64 --platform any -d .gpu/wheels/fallback \
+  requests urllib3 certifi charset-normalizer idna pyyaml tabulate
 [ -f "$data/cifar10.tgz" ] || { echo "gpu_prepare: no $data/cifar10.tgz (set RTL_DATA to the folder that holds it)" >&2; exit 1; }
 cp -u "$data/cifar10.tgz" .gpu/
 ls -1 .gpu .gpu/wheels

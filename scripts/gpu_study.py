@@ -233,6 +233,9 @@ def main(device:str=None,            # 'cuda', 'cuda:N' or 'cpu' (default: cuda 
     import pandas as pd
     times['total'] = time.time() - t0
     res['times_s'] = {k_: round(v, 1) for k_, v in times.items()}
+    if out:   # the numbers first, whatever happens to the report below
+        o = Path(out); o.mkdir(parents=True, exist_ok=True)
+        (o/'results.json').write_text(json.dumps(res, indent=1))
     md = [f"settings: {res['settings']}", f"plan: {res['plan']}", '', '### wall time per stage (s): planned vs measured',
           pd.DataFrame([dict(stage=s, planned=res['plan']['estimated_s'].get(s, ''), measured=round(v, 1)) for s, v in times.items()]).to_markdown(index=False),
           '', '### source', pd.DataFrame([res['source']]).to_markdown(index=False)]
@@ -240,8 +243,6 @@ def main(device:str=None,            # 'cuda', 'cuda:N' or 'cpu' (default: cuda 
         if k_ in res: md += ['', f'### {k_}', pd.DataFrame(res[k_]).to_markdown(index=False)]
     text = '\n'.join(md) + '\n'
     print('\n' + text, flush=True)
-    if out:
-        o = Path(out); o.mkdir(parents=True, exist_ok=True)
-        (o/'results.json').write_text(json.dumps(res, indent=1)); (o/'results.md').write_text(text)
+    if out: (o/'results.md').write_text(text)
     within = times['total'] <= budget_minutes*60
     print(f"# total {times['total']:.1f}s, budget {budget_minutes*60:.0f}s: {'within' if within else 'OVER'}", flush=True)
