@@ -4,7 +4,7 @@
 
 # %% ../nbs/01a_checkpoint.ipynb #bdb74818
 from __future__ import annotations
-import os, pickle, hashlib, warnings
+import os, pickle, hashlib, warnings, contextlib
 from pathlib import Path
 from collections import OrderedDict
 from urllib.parse import urlparse, unquote
@@ -26,15 +26,18 @@ def _safe_globals():
     "The same allowlist as fastai's `Learner.load`: fastcore's `L` (fastai optimizer states) and numpy scalars/dtypes"
     import numpy as np
     from fastcore.foundation import L
-    core = getattr(np, '_core', None) or np.core
+    core = np._core if np.lib.NumpyVersion(np.__version__) >= '2.0.0' else np.core   # numpy 1 has a stub `_core`
     return [L, core.multiarray.scalar, np.dtype, *[getattr(np.dtypes, d) for d in np.dtypes.__all__]]
 
 def _safe_load(path:Path, map_location='cpu', name='path_or_url'):
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
+        # torch < 2.5 has no `safe_globals`: its own allowlist then, and a file with numpy scalars is refused below
+        allow = getattr(torch.serialization, 'safe_globals', None)
+        with (allow(_safe_globals()) if allow else contextlib.nullcontext()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        if not isinstance(e, pickle.UnpicklingError) or 'Unsupported global' not in str(e):
+        if not isinstance(e, pickle.UnpicklingError) or not any(s in str(e) for s in ('Unsupported global',
+                                                                                     'Unsupported class')):  # torch<2.5
             raise ValueError(f"`{name}`: {path} is not a readable torch checkpoint "
                              "(empty, truncated or corrupted file?): "
                              f"save or download it again. torch said: {e}") from e

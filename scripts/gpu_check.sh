@@ -36,6 +36,7 @@ for w in sorted(glob.glob(".gpu/wheels/fallback/*.whl")):
 else echo "gpu_check: no .gpu/wheels/*.whl (run scripts/gpu_prepare.sh here and carry ['.gpu'])"; fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 [ -f .gpu/cifar10.tgz ] && export RTL_DATA=$PWD/.gpu
+[ -w "${HOME:-/nonexistent}" ] || export RTL_CACHE=${RTL_CACHE:-${TMPDIR:-/tmp}/rtl_fastai_cache}   # no writable home
 
 declare -A STATUS
 # run NAME FILE TIMEOUT CMD...: at most TIMEOUT seconds and never past the deadline; skipped under 20 s left

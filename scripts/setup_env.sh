@@ -22,7 +22,7 @@ if [ ! -f "$_stamp" ] || [ "$(cat "$_stamp")" != "$_want" ]; then
   echo "setup_env: installing torch, torchvision, the dev stack and rtl_fastai (a few minutes the first time)"
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v "is ignored: it is neither" || true
   # torch/torchvision first: where a pip constraint file caps them (as on our CI), pip takes them from local disk.
-  .venv/bin/python -m pip install -q --disable-pip-version-check 'torch>=2.0' 'torchvision>=0.15' 2>&1 | grep -v "is ignored: it is neither" || true
+  .venv/bin/python -m pip install -q --disable-pip-version-check 'torch>=2.5' 'torchvision>=0.20' 2>&1 | grep -v "is ignored: it is neither" || true
   .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
   .venv/bin/python -c "import rtl_fastai, fastai, nbdev" || { echo "setup_env: install failed" >&2; exit 1; }
   echo "$_want" > "$_stamp"

@@ -72,6 +72,15 @@ def test_madrylab_checkpoint_with_numpy_scalars(tmp_path, src):
     torch.save({'model': _madry_sd(src, [.5]*3, [.25]*3), 'prec1': np.float64(51.2), 'epoch': 3}, tmp_path/'m.pt')
     with pytest.warns(UserWarning): _same(load_robust_checkpoint(_src(), tmp_path/'m.pt'), src)
 
+def test_torch_without_safe_globals(tmp_path, src, monkeypatch):
+    "torch < 2.5 (no `safe_globals`): plain weights load; a file with numpy scalars is refused, never unpickled freely"
+    import numpy as np
+    monkeypatch.delattr(torch.serialization, 'safe_globals')
+    torch.save(src.state_dict(), tmp_path/'p.pt')
+    _same(load_robust_checkpoint(_src(), tmp_path/'p.pt'), src)
+    torch.save({'model': src.state_dict(), 'prec1': np.float64(51.2)}, tmp_path/'n.pt')
+    with pytest.raises(UnsafeCheckpointError, match='weights_only=True'): load_robust_checkpoint(_src(), tmp_path/'n.pt')
+
 @pytest.mark.parametrize('wrap', [False, True])
 def test_robustbench_style(tmp_path, src, wrap):
     "RobustBench zoo files: a (DataParallel 'module.'-prefixed) state dict, optionally under 'state_dict'"
