@@ -8,11 +8,11 @@ cd "$(dirname "$0")/.."
 shared=${RTL_SHARED:-../shared}
 data=${RTL_DATA:-$shared/data}
 mkdir -p .gpu/wheels
+py=${PYTHON:-python3}; [ -x .venv/bin/python ] && py=.venv/bin/python
 if [ -d .git ] && [ -f "$shared/gpu/wheels.sh" ]; then
   bash "$shared/gpu/wheels.sh"
 else
   # a git worktree (.git is a file) or no shared folder: the same download as ../shared/gpu/wheels.sh, same pins
-  py=${PYTHON:-python3}; [ -x .venv/bin/python ] && py=.venv/bin/python
   "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --platform manylinux2014_x86_64 --platform any -d .gpu/wheels \
     fastai==2.8.7 'fastcore>=1.14,<2' fastprogress==1.0.3 fastdownload fasttransform==0.0.2 'plum-dispatch<2.10' beartype \
@@ -21,12 +21,10 @@ fi
 # rtl_fastai requires plum-dispatch<2.10 (2.10 breaks fastai's learn.export): one version of it in the wheels
 if ls .gpu/wheels/plum_dispatch-2.1[0-9]* >/dev/null 2>&1; then
   rm -f .gpu/wheels/plum_dispatch-*
-  py=${PYTHON:-python3}; [ -x .venv/bin/python ] && py=.venv/bin/python
   "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform any -d .gpu/wheels 'plum-dispatch<2.10'
 fi
 # fallbacks, installed there only where the machine's image lacks them: fastai imports requests and yaml at import,
 # and a recent huggingface_hub (timm's) no longer brings requests along; the study's report needs tabulate
-py=${PYTHON:-python3}; [ -x .venv/bin/python ] && py=.venv/bin/python
 mkdir -p .gpu/wheels/fallback
 "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --platform manylinux2014_x86_64 --platform any -d .gpu/wheels/fallback \
