@@ -10,7 +10,7 @@ from collections import OrderedDict
 from urllib.parse import urlparse, unquote
 import torch
 import torch.nn as nn
-from .core import normalize_stats, add_input_norm, _norm_layer, _in_channels, _fmt_stats
+from .core import normalize_stats, add_input_norm, _norm_layer, _in_channels, _fmt_stats, _record_stats
 from .data.external import cache_dir
 from .hub import RobustModelInfo, robust_model_info
 
@@ -238,7 +238,7 @@ def _use_stats(model, stats, norm, what, pre=''):
         layer.mean.copy_(mean.view_as(layer.mean)); layer.std.copy_(std.view_as(layer.std))
     elif norm == 'model': add_input_norm(model, stats)
     else:
-        model.input_stats = (mean, std)
+        _record_stats(model, (mean, std))
         if norm == 'auto':
             warnings.warn(f"{pre}the checkpoint's model expects [0,1] inputs normalized with {_fmt_stats(stats)} "
                           f"({what}), and `model` has no NormalizeInput "

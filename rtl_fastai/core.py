@@ -221,11 +221,18 @@ def _norm_layer(model):
     return next((m for m in model.modules() if isinstance(m, NormalizeInput)), None)
 
 def input_stats(model:nn.Module)->tuple|None:
-    "`(mean, std)` (1,C,1,1) of the inputs of `model`: its `NormalizeInput`, else `model.input_stats`, else None"
+    "`(mean, std)` (1,C,1,1) of the inputs of `model`: its `NormalizeInput`, else its `input_stats`, else None"
     n = _norm_layer(model)
     if n is not None: return normalize_stats(n)
-    st = getattr(_unwrap(model), 'input_stats', None)
+    # `model.input_stats`, else those recorded on a first child (`_record_stats`) of a model cut to its children
+    st = next((vars(m)['input_stats'] for m in _unwrap(model).modules() if 'input_stats' in vars(m)), None)
     return None if st is None else normalize_stats(st)
+
+def _record_stats(model, stats, top=True):
+    "Record the `stats` `model` expects as `model.input_stats` (if `top`) and on its first child, which `vision_learner` keeps"
+    model, st = _unwrap(model), normalize_stats(stats)
+    first = next(iter(model.children()), None)  # fastai's `create_body` keeps the children and drops `model` itself
+    for m in [model]*top + [first]*(first is not None): m.input_stats = st
 
 def add_input_norm(model:nn.Module, # any model; changed in place
                    stats, # `(mean, std)` or anything `normalize_stats` takes
@@ -240,6 +247,7 @@ def add_input_norm(model:nn.Module, # any model; changed in place
     if p is not None: norm.to(p.device)
     model.register_forward_pre_hook(_InputNormHook(norm))
     if 'input_stats' in vars(model): del model.input_stats
+    _record_stats(model, norm, top=False)  # a body cut from `model` loses the hook, not what its inputs need
     return model
 
 # %% ../nbs/00_core.ipynb #38d11b2b
@@ -309,7 +317,11 @@ def check_normalization(model:nn.Module, # the model the inputs go to
                                 "but the `dls` do not normalize. "
                                 f"Add {fix_dls}, or normalize inside the model with "
                                 "`add_input_norm(model, input_stats(model))` "
-                                "(or `load_robust_checkpoint(..., norm='model')`)")
+                                "(or `load_robust_checkpoint(..., norm='model')`)" + (
+                                "" if 'input_stats' in vars(_unwrap(model)) else
+                                ". (These statistics were recorded on a model that was then cut to its children, as "
+                                "`vision_learner` does with what its `arch` returns: a normalization inside that "
+                                "model is lost with it.)"))
     elif layer is None and not (torch.allclose(got[0], exp[0], atol=1e-4)
                                 and torch.allclose(got[1], exp[1], atol=1e-4)):
         kind, msg = 'other', (f"the model expects inputs normalized with {_fmt_stats(exp)} "

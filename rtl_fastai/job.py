@@ -14,12 +14,12 @@ import torchvision
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from .core import (parse_number, is_int, check_int, check_number, eps_str, normalize_stats, input_stats, add_input_norm,
-                             check_normalization)
+                             check_normalization, _record_stats)
 from .data.folder import check_image_folder, folder_dls
 from .models import model_blocks
 from .hub import IMAGENET_STATS, robust_model_info
 from .checkpoint import (checkpoint_path, extract_state_dict, load_robust_checkpoint, CheckpointMismatchError,
-                                   _read_checkpoint)
+                                   _read_checkpoint, _CKPT_EXTS)
 from .attacks import ThreatModel
 from .callback.freeze import n_frozen_entries
 from .callback.feature_cache import FeatureCache
@@ -142,10 +142,8 @@ def _place_stats(model, st, normalize):
     "Record `st` as `model.input_stats` ('dls') or normalize inside the model ('model'); nothing for 'none'"
     if st is None or isinstance(st, str): return model
     if normalize == 'model': return add_input_norm(model, st)
-    model.input_stats = normalize_stats(st)
+    _record_stats(model, st)
     return model
-
-_PATHLIKE = ('.pt', '.pth', '.ckpt', '.bin', '.safetensors', '.pkl', '.tar')
 
 def load_source(source:str, # a registry name, a checkpoint file or URL, or 'torchvision:NAME' / 'timm:NAME'
                 arch:str=None, # a checkpoint file's architecture ('resnet50', 'timm:resnet50'); default: the registry's
@@ -175,7 +173,7 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, or 'tor
     if not is_url and not p.exists():
         try: info = robust_model_info(s)
         except ValueError as e:
-            if '/' in s or os.sep in s or s.lower().endswith(_PATHLIKE):
+            if '/' in s or os.sep in s or s.lower().endswith(_CKPT_EXTS):
                 raise FileNotFoundError(f"{who}: `source`: no checkpoint file at {p}") from None
             tv = (f" For the natural torchvision model write 'torchvision:{s}'."
                   if s in torchvision.models.list_models(module=torchvision.models) else '')

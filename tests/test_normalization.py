@@ -101,3 +101,20 @@ def test_loaded_checkpoint_statistics(tmp_path):
                                  weights=tmp_path/'rb.pt', cache=False)
     assert not [x for x in w if 'normaliz' in str(x.message)], [str(x.message) for x in w]
     torch.testing.assert_close(input_stats(learn.model)[0].flatten(), torch.tensor(IMAGENET[0]))
+
+@pytest.mark.parametrize('norm', ['dls', 'model'])
+def test_vision_learner_keeps_what_the_inputs_need(tmp_path, norm):
+    "`vision_learner` keeps only the children of the model its `arch` returns: the loaded statistics must survive that"
+    import torchvision
+    from fastai.vision.learner import vision_learner
+    src = torchvision.models.resnet18(weights=None)
+    torch.save({'state_dict': {**{f'model.{k}': v for k, v in src.state_dict().items()},
+                               'normalize.mean': torch.tensor(IMAGENET[0]).view(1, 3, 1, 1),
+                               'normalize.std': torch.tensor(IMAGENET[1]).view(1, 3, 1, 1)}}, tmp_path/'rb.pt')
+    def robust_resnet18(pretrained=False, **kwargs):
+        return load_robust_checkpoint(torchvision.models.resnet18(weights=None), tmp_path/'rb.pt', norm=norm)
+    learn = vision_learner(_dls(), robust_resnet18, pretrained=False)
+    torch.testing.assert_close(input_stats(learn.model)[0].flatten(), torch.tensor(IMAGENET[0]))
+    msgs = _run('robust_validate', learn.model, _dls())   # a `norm='model'` normalization is lost with the cut: warned
+    assert len(msgs) == 1 and 'do not normalize' in msgs[0] and 'vision_learner' in msgs[0], msgs
+    assert not _run('transfer_learner', learn, _dls(IMAGENET))   # the tutorial's route: Normalize in the DataLoaders

@@ -222,6 +222,11 @@ def test_vision_learner_source():
     assert [l.out_features for l in lin] == [32, 5]
     assert len(learn.opt.param_lists) == 2  # last body block, head
     with pytest.raises(ValueError, match=r"0\.\.4"): transfer_learner(src, dls, n_retrain=7)
+    # `p_drop` is fastai's `ps` (fastai halves all dropouts but the last); None keeps fastai's own (0.25, 0.5)
+    drops = lambda l: [m.p for m in l.model[1].modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops(transfer_learner(src, dls, p_drop=0.1, cache=False)) == [0.05, 0.1]
+    assert drops(transfer_learner(src, dls, cache=False)) == [0.25, 0.5]
+    assert drops(transfer_learner(src, dls, p_drop=0., cache=False)) == []  # fastai adds no Dropout(0)
 
 
 @pytest.mark.parametrize('bad', [-1, 4, 2.0, True, 'some', None])
@@ -235,6 +240,7 @@ def test_bad_inputs(digits):
     with pytest.raises(TypeError, match='source'): transfer_learner('model.pth', dls)
     with pytest.raises(ValueError, match='mode'): FeatureCache('yes')
     with pytest.raises(ValueError, match='p_drop'): transfer_learner(src, dls, hidden=(8,), p_drop=1.5)
+    with pytest.raises(ValueError, match='give `hidden`'): transfer_learner(src, dls, p_drop=0.2)  # no hidden layer
     with pytest.raises(CheckpointMismatchError, match='architecture'):
         transfer_learner(src, dls, weights=SmallCNN(n_out=7).state_dict())
     learn = Learner(dls, SmallCNN(n_out=5, widths=(8, 16)), cbs=FreezeBlocks(5))

@@ -39,6 +39,9 @@ def transfer_head(n_in:int,      # number of input features (the source's penult
                              f"hidden={hidden!r}.")
     if not 0 <= p_drop < 1:
         raise ValueError(f"transfer_head: `p_drop` is a dropout probability in [0, 1), got {p_drop!r}.")
+    if p_drop and not hidden:
+        raise ValueError(f"transfer_head: `p_drop`={p_drop!r} is the dropout after each hidden layer, and there is none: "
+                         "give `hidden` (e.g. hidden=(256,)), or leave p_drop at 0.")
     if not hidden: return nn.Linear(n_in, n_out)
     layers, ni = [], n_in
     for i, h in enumerate(hidden, 1):
@@ -57,7 +60,7 @@ def _first_linear(head):
 def new_head(model:nn.Module, # a model `model_blocks` supports; changed in place
              n_out:int,       # number of target classes
              hidden=None,     # hidden layer sizes; None: no hidden layer (fastai heads: fastai's default `create_head`)
-             p_drop:float=0., # dropout after each hidden layer (fastai heads: `ps`)
+             p_drop:float=None, # dropout after each hidden layer (None: 0); fastai heads: their `ps` (None: fastai's)
             ) -> nn.Module:
     "Replace the head of `model` in place by a new random `transfer_head` (or a fastai `create_head`); returns `model`."
     # a head that is not a Linear (ConvNeXt: norm + Linear; EfficientNet: dropout + Linear;
@@ -65,9 +68,12 @@ def new_head(model:nn.Module, # a model `model_blocks` supports; changed in plac
     # by a `transfer_head` when `hidden` is given
     if is_int(hidden): hidden = (hidden,)
     old = model_blocks(model).head
+    if p_drop is not None and not 0 <= p_drop < 1:
+        raise ValueError(f"new_head: `p_drop` is a dropout probability in [0, 1), got {p_drop!r}.")
+    drop = p_drop or 0.  # fastai's heads take None as their own default
     lin = _first_linear(old)
     if lin is None and _is_fastai_resnet(model) and getattr(model, 'rtl_blocks', None) is None:
-        kw = {} if hidden is None else dict(lin_ftrs=list(hidden), ps=p_drop)
+        kw = ({} if hidden is None else dict(lin_ftrs=list(hidden))) | ({} if p_drop is None else dict(ps=p_drop))
         return replace_head(model, n_out, **kw)
     if lin is None and hidden:  # a structured head (ConvNeXt's norm + Linear, EfficientNet's dropout + Linear)
         last = _last_linear(old)
@@ -76,19 +82,20 @@ def new_head(model:nn.Module, # a model `model_blocks` supports; changed in plac
                             f"model's head is a {type(old).__name__} (e.g. a distilled DeiT's two classifiers). Use "
                             "hidden=None, or replace the head yourself.")
         name, lin = last
-        new = transfer_head(lin.in_features, n_out, hidden, p_drop).to(lin.weight).train(lin.training)
+        new = transfer_head(lin.in_features, n_out, hidden, drop).to(lin.weight).train(lin.training)
         _set_module(old, name, new)  # the rest of the head (its norm, its dropout) stays
         return model
     if lin is None:
+        if drop: raise ValueError(f"new_head: `p_drop`={p_drop!r} needs hidden layers in the new head: give `hidden`")
         return replace_head(model, n_out)  # raises a clear error for unknown heads
-    return swap_head(model, transfer_head(lin.in_features, n_out, hidden, p_drop))
+    return swap_head(model, transfer_head(lin.in_features, n_out, hidden, drop))
 
 # %% ../../nbs/05c_callback.transfer.ipynb #000ed74d
 def transfer_learner(source,              # the source model (`nn.Module`) or a `Learner` (its model); copied
                      dls:DataLoaders,      # the target task
                      n_retrain:int|str=0,  # residual blocks retrained from the end: 0 (head only) .. N, or 'all'
                      hidden=None,          # hidden layer sizes of the new head, e.g. (256,); see `new_head`
-                     p_drop:float=0.,      # dropout after each hidden layer
+                     p_drop:float=None,    # dropout after each hidden layer of the new head; see `new_head`
                      weights=None,         # a checkpoint (path, URL, registry name or dict), loaded before the new head
                      n_out:int=None,       # target classes (default `dls.c`)
                      cache='auto',         # cache the frozen features: 'auto', True or False (see `FeatureCache`)

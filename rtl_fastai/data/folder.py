@@ -293,7 +293,7 @@ def folder_dls(path,                  # the folder that holds the `train` and `v
                augment:bool=False,    # add fastai's `aug_transforms()` to the batch transforms
                device=None,           # device of the batches; None: fastai's `default_device()`
                num_workers:int=0,     # worker processes that decode the images
-               seed:int=None,         # seed of the training shuffle (None: random)
+               seed:int=None,         # seed of the training shuffle (fresh loaders repeat a run; None: random)
                verify:bool=True,      # decode every file first (see `check_image_folder`)
                **kwargs,              # passed on to `ImageDataLoaders.from_folder` (e.g. `val_bs`, `img_cls`)
               ):

@@ -51,7 +51,7 @@ class ArrayDL(TfmdDL):
     "A `TfmdDL` over an `ArrayDataset` that builds each batch by one tensor indexing"
     def __init__(self, dataset, bs=64, shuffle=False,
                  num_workers=0, # Ignored: batches are one indexing op, worker processes would only add overhead
-                 seed=None,     # Seed of the shuffle (reproducible epochs); None is random
+                 seed=None,     # Seed of the shuffle: the same epochs for fresh loaders (reused ones draw on); None is random
                  **kwargs):
         super().__init__(dataset, bs=bs, shuffle=shuffle, num_workers=0, **kwargs)
         self.seed = seed
@@ -132,7 +132,7 @@ def task_dls(data='digits',        # 'digits', 'mnist', 'cifar10', a path (see `
              val_bs:int=None,      # Validation batch size (default: 2*bs)
              normalize:bool=True,  # Add fastai's `Normalize` with per-channel stats of the training subset
              augment:bool=False,   # Random flip + 4px pad-and-crop on training batches (32x32 data only)
-             seed:int=0,           # Seed of the subsample and of the training shuffle
+             seed:int=0,           # Seed of the subsample and of the training shuffle (fresh loaders repeat a run)
              device=None,          # Device of the batches; None is fastai's `default_device()`
              path=None,            # Where to read 'mnist'/'cifar10' from (see `find_data`)
              # Where the images live: None keeps them on the CPU (each batch copied to `device`); 'device' (or a
