@@ -162,7 +162,7 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
                  verbose:bool=False, # show fastai's epoch tables
                  bars:bool=False, # show fastai's progress bars
                  log=print, # where step messages go (None: silent)
-                 check_only:bool=False, # only check the arguments and the data (nothing is trained); returns None
+                 check_only:bool=False, # only check the arguments and the data (nothing is trained, nothing returned)
                 ): # (results DataFrame: one row per method and seed, curve DataFrame or None, source info)
     "Train a natural and a robust source model, then the rows of the paper's three findings on the target task"
     d = _defaults(data)

@@ -17,13 +17,13 @@ __all__ = ['n_frozen_entries', 'FreezeBlocks', 'trainable_splitter']
 
 # %% ../../nbs/05a_callback.freeze.ipynb #61e66375
 def n_frozen_entries(model:nn.Module, # any model `model_blocks` supports
-                     n_retrain:int|str=0, # residual blocks retrained from the end (0..N), or 'all'
+                     n_retrain:int|str=0, # blocks retrained from the end (0..N), or 'all'
                     ) -> int:
     "Number of leading entries of `model_blocks(model).all` that `n_retrain` leaves frozen."
     n = len(model_blocks(model).blocks)
     if isinstance(n_retrain, str) and n_retrain == 'all': return 0
     if not is_int(n_retrain) or not 0 <= n_retrain <= n:
-        raise ValueError(f"`n_retrain` must be an integer in 0..{n} (this model has {n} residual blocks: 0 trains the "
+        raise ValueError(f"`n_retrain` must be an integer in 0..{n} (this model has {n} blocks: 0 trains the "
                          f"head only, {n} every block but the stem) or 'all' (full fine-tuning); got {n_retrain!r}.")
     return 1 + n - n_retrain
 

@@ -93,7 +93,7 @@ def new_head(model:nn.Module, # a model `model_blocks` supports; changed in plac
 # %% ../../nbs/05c_callback.transfer.ipynb #000ed74d
 def transfer_learner(source,              # the source model (`nn.Module`) or a `Learner` (its model); copied
                      dls:DataLoaders,      # the target task
-                     n_retrain:int|str=0,  # residual blocks retrained from the end: 0 (head only) .. N, or 'all'
+                     n_retrain:int|str=0,  # blocks retrained from the end: 0 (head only) .. N, or 'all'
                      hidden=None,          # hidden layer sizes of the new head, e.g. (256,); see `new_head`
                      p_drop:float=None,    # dropout after each hidden layer of the new head; see `new_head`
                      weights=None,         # a checkpoint (path, URL, registry name or dict), loaded before the new head
