@@ -131,8 +131,10 @@ def main(argv=None):
     from rtl_fastai.data.external import load_dataset
     try: load_dataset(args.data)  # fail on a bad --data before anything is written
     except (FileNotFoundError, ValueError, NotADirectoryError) as e:
-        sys.exit(f"--data: {e}" + ("\n(no MNIST here and no download possible? `--data digits` runs on the embedded "
-                                   "digits)" if args.data == 'mnist' else ''))
+        sys.exit(f"rtl-fastai run: --data: {e}" + (
+            "\n(no MNIST here and no download possible? `--data digits` runs on the embedded digits)"
+            if args.data == 'mnist' else "\n(your own image folder? `rtl-fastai transfer FOLDER --source ...` "
+            "transfers onto it)" if isinstance(e, FileNotFoundError) else ''))
     check_only = kw.pop('check_only', False)
     try: run_pipeline(**kw, check_only=True)  # every bad option fails here, in one line, before any training
     except (ValueError, TypeError, FileNotFoundError) as e: sys.exit(f"rtl-fastai run: {e}")
