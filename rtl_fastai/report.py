@@ -248,7 +248,7 @@ def robustness_report(self:Learner,
             res = f()
             rows.append(dict(attack=att, eps=eps, steps=None, restarts=1, clean_acc=res['clean_acc'],
                              robust_acc=res['robust_acc'], n=res['n']))
-    results = pd.DataFrame(rows)
+    results = pd.DataFrame(rows).astype({'steps': 'Int64'})  # whole step counts; none for Square and AutoAttack
     checks = masking_checks(results, eps, steps, tol)
     for c in checks[~checks.passed].itertuples():
         hint = next((h for k, h in _HINTS.items() if k in c.check), '')
