@@ -27,7 +27,8 @@ def _safe_globals():
     import numpy as np
     from fastcore.foundation import L
     core = np._core if np.lib.NumpyVersion(np.__version__) >= '2.0.0' else np.core   # numpy 1 has a stub `_core`
-    return [L, core.multiarray.scalar, np.dtype, *[getattr(np.dtypes, d) for d in np.dtypes.__all__]]
+    dts = getattr(np, 'dtypes', None)  # numpy >= 1.25
+    return [L, core.multiarray.scalar, np.dtype, *([getattr(dts, d) for d in dts.__all__] if dts else [])]
 
 def _safe_load(path:Path, map_location='cpu', name='path_or_url'):
     try:

@@ -213,19 +213,27 @@ class _InputNormHook:
 def _unwrap(model):
     return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
 
+def _front(model):
+    "`model`, its first child, that one's first child...: what sees the input first (and what a cut model keeps)"
+    while model is not None:
+        yield model
+        model = next(iter(model.children()), None)
+
 def _norm_layer(model):
-    "The `NormalizeInput` of `add_input_norm`, else the first `NormalizeInput` layer of `model`, else None"
-    model = _unwrap(model)
-    h = next((h for h in model._forward_pre_hooks.values() if isinstance(h, _InputNormHook)), None)
-    if h is not None: return h.norm
-    return next((m for m in model.modules() if isinstance(m, NormalizeInput)), None)
+    "The `NormalizeInput` of `add_input_norm` on `model` or its first children, else the first `NormalizeInput` in it"
+    for m in _front(model):  # a wrapper (DataParallel, torch.compile), a Sequential around a model that normalizes
+        h = next((h for h in m._forward_pre_hooks.values() if isinstance(h, _InputNormHook)), None)
+        if h is not None: return h.norm
+    return next((m for m in _unwrap(model).modules() if isinstance(m, NormalizeInput)), None)
 
 def input_stats(model:nn.Module)->tuple|None:
     "`(mean, std)` (1,C,1,1) of the inputs of `model`: its `NormalizeInput`, else its `input_stats`, else None"
     n = _norm_layer(model)
     if n is not None: return normalize_stats(n)
-    # `model.input_stats`, else those recorded on a first child (`_record_stats`) of a model cut to its children
-    st = next((vars(m)['input_stats'] for m in _unwrap(model).modules() if 'input_stats' in vars(m)), None)
+    st = getattr(_unwrap(model), 'input_stats', None)
+    for m in list(_front(_unwrap(model)))[1:]:  # else those `_record_stats` left on the first child of a cut model
+        if st is not None or type(m).__name__ == 'Normalize': break  # (not past a torchvision `Normalize` in front)
+        st = vars(m).get('input_stats')
     return None if st is None else normalize_stats(st)
 
 def _record_stats(model, stats, top=True):
@@ -318,7 +326,7 @@ def check_normalization(model:nn.Module, # the model the inputs go to
                                 f"Add {fix_dls}, or normalize inside the model with "
                                 "`add_input_norm(model, input_stats(model))` "
                                 "(or `load_robust_checkpoint(..., norm='model')`)" + (
-                                "" if 'input_stats' in vars(_unwrap(model)) else
+                                "" if getattr(_unwrap(model), 'input_stats', None) is not None else
                                 ". (These statistics were recorded on a model that was then cut to its children, as "
                                 "`vision_learner` does with what its `arch` returns: a normalization inside that "
                                 "model is lost with it.)"))

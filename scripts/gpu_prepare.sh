@@ -25,7 +25,7 @@ if ls .gpu/wheels/plum_dispatch-2.1[0-9]* >/dev/null 2>&1; then
 fi
 # fallbacks, installed there only where the machine's image lacks them: fastai imports requests and yaml at import,
 # and a recent huggingface_hub (timm's) no longer brings requests along; the study's report needs tabulate
-mkdir -p .gpu/wheels/fallback
+rm -rf .gpu/wheels/fallback; mkdir -p .gpu/wheels/fallback   # one version of each (gpu_check installs them together)
 "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --platform manylinux2014_x86_64 --platform any -d .gpu/wheels/fallback \
   requests urllib3 certifi charset-normalizer idna pyyaml tabulate

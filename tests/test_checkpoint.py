@@ -72,6 +72,16 @@ def test_madrylab_checkpoint_with_numpy_scalars(tmp_path, src):
     torch.save({'model': _madry_sd(src, [.5]*3, [.25]*3), 'prec1': np.float64(51.2), 'epoch': 3}, tmp_path/'m.pt')
     with pytest.warns(UserWarning): _same(load_robust_checkpoint(_src(), tmp_path/'m.pt'), src)
 
+def test_numpy_without_dtypes(monkeypatch):
+    "numpy 1.x before 1.25 (no `np.dtypes`, scalars in `np.core`): the loader's allowlist is still built"
+    import sys, types, numpy as np
+    scalar = object()
+    old = types.SimpleNamespace(__version__='1.24.4', lib=np.lib, dtype=np.dtype,
+                                core=types.SimpleNamespace(multiarray=types.SimpleNamespace(scalar=scalar)))
+    monkeypatch.setitem(sys.modules, 'numpy', old)
+    short = ck._safe_globals()
+    assert len(short) == 3 and short[1] is scalar and short[2] is np.dtype
+
 def test_torch_without_safe_globals(tmp_path, src, monkeypatch):
     "torch < 2.5 (no `safe_globals`): plain weights load; a file with numpy scalars is refused, never unpickled freely"
     import numpy as np

@@ -118,3 +118,17 @@ def test_vision_learner_keeps_what_the_inputs_need(tmp_path, norm):
     msgs = _run('robust_validate', learn.model, _dls())   # a `norm='model'` normalization is lost with the cut: warned
     assert len(msgs) == 1 and 'do not normalize' in msgs[0] and 'vision_learner' in msgs[0], msgs
     assert not _run('transfer_learner', learn, _dls(IMAGENET))   # the tutorial's route: Normalize in the DataLoaders
+
+def test_models_that_contain_a_normalizing_model():
+    "A model in front (first child) that normalizes itself, a wrapper, a class attribute: read as what they are"
+    import torchvision
+    from rtl_fastai.core import add_input_norm
+    inside = lambda: add_input_norm(SmallCNN(n_in=3, n_out=2, widths=(8, 16)), IMAGENET)
+    for model in (torch.nn.Sequential(inside(), torch.nn.Softmax(-1)), add_input_norm(torch.nn.DataParallel(
+                  SmallCNN(n_in=3, n_out=2, widths=(8, 16))), IMAGENET)):
+        assert not _run('robust_validate', model, _dls())                  # [0,1] inputs are right
+        assert 'twice' in _run('robust_validate', model, _dls(IMAGENET))[0]
+    tv_norm = torch.nn.Sequential(torchvision.transforms.Normalize(*IMAGENET), _expects_imagenet())
+    assert input_stats(tv_norm) is None and not _run('robust_validate', tv_norm, _dls())
+    class Net(SmallCNN): input_stats = IMAGENET
+    torch.testing.assert_close(input_stats(Net(n_in=3, n_out=2, widths=(8, 16)))[0].flatten(), torch.tensor(IMAGENET[0]))

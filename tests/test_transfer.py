@@ -227,6 +227,7 @@ def test_vision_learner_source():
     assert drops(transfer_learner(src, dls, p_drop=0.1, cache=False)) == [0.05, 0.1]
     assert drops(transfer_learner(src, dls, cache=False)) == [0.25, 0.5]
     assert drops(transfer_learner(src, dls, p_drop=0., cache=False)) == []  # fastai adds no Dropout(0)
+    assert drops(transfer_learner(src, dls, hidden=(16,), p_drop=[0.1, 0.2], cache=False)) == [0.1, 0.2]  # a list
 
 
 @pytest.mark.parametrize('bad', [-1, 4, 2.0, True, 'some', None])
@@ -241,6 +242,7 @@ def test_bad_inputs(digits):
     with pytest.raises(ValueError, match='mode'): FeatureCache('yes')
     with pytest.raises(ValueError, match='p_drop'): transfer_learner(src, dls, hidden=(8,), p_drop=1.5)
     with pytest.raises(ValueError, match='give `hidden`'): transfer_learner(src, dls, p_drop=0.2)  # no hidden layer
+    with pytest.raises(ValueError, match='fastai heads'): transfer_learner(src, dls, hidden=(8,), p_drop=[0.1, 0.2])
     with pytest.raises(CheckpointMismatchError, match='architecture'):
         transfer_learner(src, dls, weights=SmallCNN(n_out=7).state_dict())
     learn = Learner(dls, SmallCNN(n_out=5, widths=(8, 16)), cbs=FreezeBlocks(5))

@@ -14,7 +14,7 @@ from fastai.optimizer import Adam
 from fastai.data.core import DataLoaders
 # fit_one_cycle, lr_find, progress bars, as in fastai.vision.all
 import fastai.callback.schedule, fastai.callback.progress  # noqa: F401
-from ..core import is_int
+from ..core import is_int, is_number
 from ..core import check_normalization, _norm_layer
 from ..models import model_blocks, replace_head, swap_head, _is_fastai_resnet, _last_linear, _set_module
 from ..checkpoint import load_weights
@@ -68,13 +68,15 @@ def new_head(model:nn.Module, # a model `model_blocks` supports; changed in plac
     # by a `transfer_head` when `hidden` is given
     if is_int(hidden): hidden = (hidden,)
     old = model_blocks(model).head
-    if p_drop is not None and not 0 <= p_drop < 1:
+    ps = list(p_drop) if isinstance(p_drop, (list, tuple)) else [p_drop]  # fastai's `ps` may be a list
+    if p_drop is not None and not all(is_number(p) and 0 <= p < 1 for p in ps):
         raise ValueError(f"new_head: `p_drop` is a dropout probability in [0, 1), got {p_drop!r}.")
     drop = p_drop or 0.  # fastai's heads take None as their own default
     lin = _first_linear(old)
     if lin is None and _is_fastai_resnet(model) and getattr(model, 'rtl_blocks', None) is None:
         kw = ({} if hidden is None else dict(lin_ftrs=list(hidden))) | ({} if p_drop is None else dict(ps=p_drop))
         return replace_head(model, n_out, **kw)
+    if len(ps) > 1: raise ValueError(f"new_head: a list `p_drop`={p_drop!r} is for fastai heads (their `ps`): give one")
     if lin is None and hidden:  # a structured head (ConvNeXt's norm + Linear, EfficientNet's dropout + Linear)
         last = _last_linear(old)
         if last is None or not any(m is old for m in model.modules()):
