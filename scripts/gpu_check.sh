@@ -25,14 +25,15 @@ parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(env cuda_tests bench study tests 
 TINY_ARGS=(); [ "${TINY:-0}" = 1 ] && TINY_ARGS=(--device cpu --tiny)   # TINY=1: a dry run of this script on a CPU
 if [ "${SKIP_INSTALL:-0}" = 1 ]; then :   # SKIP_INSTALL=1: the stack is already there (a dry run here)
 elif ls .gpu/wheels/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps .gpu/wheels/*.whl 2>&1 | grep -v -i 'warning' || true
+  install() { "$PY" -m pip install -q --no-index --no-deps "$@" 2>&1 | grep -v -i 'warning' || true; }
+  install .gpu/wheels/*.whl
   # the fallback wheels (gpu_prepare.sh) only for the distributions the machine's image lacks
   missing=$("$PY" -c 'import glob, importlib.metadata as md
 for w in sorted(glob.glob(".gpu/wheels/fallback/*.whl")):
     try: md.version(w.split("/")[-1].split("-")[0])
     except md.PackageNotFoundError: print(w)')
   if [ -n "$missing" ]; then echo "gpu_check: installing what the image lacks:" $missing
-    "$PY" -m pip install -q --no-index --no-deps $missing 2>&1 | grep -v -i 'warning' || true; fi
+    install $missing; fi
 else echo "gpu_check: no .gpu/wheels/*.whl (run scripts/gpu_prepare.sh here and carry ['.gpu'])"; fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 [ -f .gpu/cifar10.tgz ] && export RTL_DATA=$PWD/.gpu

@@ -9,26 +9,26 @@ shared=${RTL_SHARED:-../shared}
 data=${RTL_DATA:-$shared/data}
 mkdir -p .gpu/wheels
 py=${PYTHON:-python3}; [ -x .venv/bin/python ] && py=.venv/bin/python
+# wheels DEST SPEC...: binary wheels for the GPU machine's Python 3.12 (Linux x86_64 or pure Python) into DEST
+wheels() { local dest=$1; shift
+  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --platform manylinux2014_x86_64 --platform any -d "$dest" "$@"; }
 if [ -d .git ] && [ -f "$shared/gpu/wheels.sh" ]; then
   bash "$shared/gpu/wheels.sh"
 else
   # a git worktree (.git is a file) or no shared folder: the same download as ../shared/gpu/wheels.sh, same pins
-  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-    --platform manylinux2014_x86_64 --platform any -d .gpu/wheels \
-    fastai==2.8.7 'fastcore>=1.14,<2' fastprogress==1.0.3 fastdownload fasttransform==0.0.2 'plum-dispatch<2.10' beartype \
-    torchattacks==3.5.1
+  wheels .gpu/wheels fastai==2.8.7 'fastcore>=1.14,<2' fastprogress==1.0.3 fastdownload fasttransform==0.0.2 \
+    'plum-dispatch<2.10' beartype torchattacks==3.5.1
 fi
 # rtl_fastai requires plum-dispatch<2.10 (2.10 breaks fastai's learn.export): one version of it in the wheels
 if ls .gpu/wheels/plum_dispatch-2.1[0-9]* >/dev/null 2>&1; then
   rm -f .gpu/wheels/plum_dispatch-*
-  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform any -d .gpu/wheels 'plum-dispatch<2.10'
+  wheels .gpu/wheels 'plum-dispatch<2.10'
 fi
 # fallbacks, installed there only where the machine's image lacks them: fastai imports requests and yaml at import,
 # and a recent huggingface_hub (timm's) no longer brings requests along; the study's report needs tabulate
 rm -rf .gpu/wheels/fallback; mkdir -p .gpu/wheels/fallback   # one version of each (gpu_check installs them together)
-"$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-  --platform manylinux2014_x86_64 --platform any -d .gpu/wheels/fallback \
-  requests urllib3 certifi charset-normalizer idna pyyaml tabulate
+wheels .gpu/wheels/fallback requests urllib3 certifi charset-normalizer idna pyyaml tabulate
 [ -f "$data/cifar10.tgz" ] || { echo "gpu_prepare: no $data/cifar10.tgz (set RTL_DATA to the folder that holds it)" >&2; exit 1; }
 cp -u "$data/cifar10.tgz" .gpu/
 ls -1 .gpu .gpu/wheels

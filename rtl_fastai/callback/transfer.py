@@ -76,7 +76,8 @@ def new_head(model:nn.Module, # a model `model_blocks` supports; changed in plac
     if lin is None and _is_fastai_resnet(model) and getattr(model, 'rtl_blocks', None) is None:
         kw = ({} if hidden is None else dict(lin_ftrs=list(hidden))) | ({} if p_drop is None else dict(ps=p_drop))
         return replace_head(model, n_out, **kw)
-    if len(ps) > 1: raise ValueError(f"new_head: a list `p_drop`={p_drop!r} is for fastai heads (their `ps`): give one")
+    if isinstance(p_drop, (list, tuple)):
+        raise ValueError(f"new_head: a list `p_drop`={p_drop!r} is for fastai heads (their `ps`): give one probability")
     if lin is None and hidden:  # a structured head (ConvNeXt's norm + Linear, EfficientNet's dropout + Linear)
         last = _last_linear(old)
         if last is None or not any(m is old for m in model.modules()):
