@@ -60,6 +60,9 @@ class ThreatModel:
         check_int(self.restarts, 'restarts')
         if not isinstance(self.random_start, bool):
             raise ValueError(f"`random_start` must be True or False, got {self.random_start!r}")
+        if self.restarts > 1 and not self.random_start:
+            raise ValueError(f"`restarts`={self.restarts} with `random_start`=False runs the same deterministic attack "
+                             f"{self.restarts} times: set random_start=True for independent runs, or restarts=1")
         if self.norm == 'linf' and 0.5 <= self.eps <= 1:
             warnings.warn(f"`eps`={self.eps} is half the [0,1] pixel range or more for an L-inf attack: it was almost "
                           f"surely meant in grey levels, e.g. eps={self.eps:g}/255 ({self.eps/255:.4g}); pass eps as "
@@ -359,6 +362,9 @@ def fgsm_attack(model:nn.Module, # the model under attack
                )->torch.Tensor:
     "Fast gradient sign method (Goodfellow et al. 2015), optionally from a random start (FGSM-RS, Wong et al. 2020)."
     tm = as_threat(threat, dict(random_start=False), fgsm_attack, **threat_kw)
+    if threat_kw.get('steps', 1) != 1 or tm.restarts != 1:
+        raise ValueError(f"fgsm_attack takes one step from one start, got `steps`={threat_kw.get('steps', 1)}, "
+                         f"`restarts`={tm.restarts}: use `pgd_attack` for more steps or restarts")
     alpha = tm.alpha
     if alpha is None: alpha = 1.25*tm.eps if tm.random_start else tm.eps
     tm = tm.replace(steps=1, restarts=1, alpha=alpha if tm.eps > 0 else None)

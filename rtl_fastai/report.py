@@ -202,8 +202,8 @@ def robustness_report(self:Learner,
                       n_batches:int|None=2, # evaluate on the first `n_batches` validation batches (None: all)
                       eps_factors=(0.25, 0.5, 1., 2.), # the eps check attacks at `eps*f` (f <= 1/eps)
                       steps_list=None, # the steps check; default `(steps//4, steps, 2*steps)`
-                      restarts:int=3, # restarts of the restart check (1: skip it); the reference runs once
-                      square_queries:int|None=1000, # queries of the Square attack (None: skip it; needs torchattacks)
+                      restarts:int=3, # restarts of the restart check (1, or a threat without random start: skip it)
+                      square_queries:int|None=1000, # queries of the Square attack (None: skip it; without torchattacks: skipped, a warning)
                       autoattack:bool=False, # also run `autoattack_evaluate` (slower; needs torchattacks)
                       tol:float=0.01, # differences within `tol` are attributed to the attacks' randomness
                       dl=None, # default: the validation `DataLoader`
@@ -224,7 +224,13 @@ def robustness_report(self:Learner,
         raise ValueError(f"`eps_factors` must be positive numbers, got {eps_factors!r}")
     steps_list = sorted({max(1, steps//4), steps, 2*steps} if steps_list is None else set(steps_list))
     for s in steps_list: check_int(s, 'steps_list', fix="give PGD step counts, e.g. (5, 20, 40)")
-    if square_queries is not None or autoattack: _torchattacks('robustness_report (Square/AutoAttack)')
+    if autoattack: _torchattacks('robustness_report (AutoAttack)')
+    if square_queries is not None:
+        try: _torchattacks('robustness_report (Square)')
+        except ImportError as e:  # the default report runs without the optional dependency
+            warnings.warn(f"{e}; the Square attack is left out of this report (pass square_queries=None to leave it "
+                          "out without this warning)", UserWarning, stacklevel=2)
+            square_queries = None
     rows = []
     def pgd(e, s, r=1, attack='pgd', **kw):
         with warnings.catch_warnings():  # the radii derived from `eps` (e.g. the unbounded eps=1) are meant
@@ -240,7 +246,7 @@ def robustness_report(self:Learner,
     with fork_rng():  # iterating a DataLoader draws from torch's global RNG: leave it as it was
         for s in steps_list: pgd(eps, s)
         for e in sorted({eps*f for f in factors if f != 1 and eps*f <= 1}): pgd(e, steps)
-        if restarts > 1: pgd(eps, steps, restarts)
+        if restarts > 1 and ref.random_start: pgd(eps, steps, restarts)  # restarts of a fixed start repeat it
         pgd(eps, 1, attack='fgsm', alpha=eps, random_start=False)
         if norm == 'linf' and eps < 1: pgd(1., steps, attack='pgd-unbounded')
         for att, on, f in others:

@@ -182,6 +182,64 @@ def to_markdown(proc, rels, md_dir, doc_url):
     return pages
 
 
+_re_link = re.compile(r'(?<!!)\[((?:[^\[\]\n]|\[[^\]\n]*\])*)\]\(([^()\s]+)\)')
+_re_fence = re.compile(r'^\s*(```|~~~)')
+
+
+def _slug(text):
+    "The id MkDocs' `toc` gives a heading (or an anchor written as nbdev/Quarto would): `Learner.fit` -> `learnerfit`"
+    from markdown.extensions.toc import slugify
+    text = re.sub(r'\[([^\]]*)\]\([^)]*\)', r'\1', text.replace('`', ''))
+    return slugify(re.sub(r'\s*\{[^}]*\}\s*$', '', text), '-')
+
+
+def _anchors(md):
+    "The ids of a Markdown page: its headings' (or their `{#id}`) and those written in HTML"
+    ids, fence = set(re.findall(r'\bid="([^"]+)"', md)), False
+    for line in md.splitlines():
+        if _re_fence.match(line): fence = not fence
+        elif not fence and (m := re.match(r'#{1,6}\s+(.*?)\s*$', line)):
+            a = re.search(r'\{[^}]*#([^\s}]+)[^}]*\}\s*$', m.group(1))
+            ids.add(a.group(1) if a else _slug(m.group(1)))
+    return ids
+
+
+def fix_links(md_dir, pages):
+    ("Links that work on a Quarto site but not here: to a notebook (`x.ipynb`) become links to its page; anchors get "
+     "MkDocs' ids (`#learner.fit` -> `#learnerfit`); a link to an anchor its page lacks (nbdev links private names, "
+     "which have no heading) keeps its text only. Returns the links unlinked, as `(page, target)`.")
+    import posixpath
+    page_of = {rel.as_posix(): out_rel.as_posix() for rel, out_rel, _ in pages}
+    texts = {out_rel.as_posix(): (md_dir/out_rel).read_text(encoding='utf-8') for _, out_rel, _ in pages}
+    ids = {k: _anchors(v) for k, v in texts.items()}
+    dropped = []
+    for rel, out_rel, _ in pages:
+        here, nb_dir = out_rel.as_posix(), rel.parent.as_posix()
+        def fix(m):
+            text, url = m.group(1), m.group(2)
+            if re.match(r'^[a-z][\w+.-]*:|^/', url): return m.group(0)  # another site, or absolute
+            path, _, frag = url.partition('#')
+            target = here
+            if path.endswith('.ipynb'):
+                nb = posixpath.normpath(posixpath.join(nb_dir, path))
+                if nb not in page_of: return m.group(0)
+                target = page_of[nb]
+                path = posixpath.relpath(target, posixpath.dirname(here) or '.')
+            elif path:
+                target = posixpath.normpath(posixpath.join(posixpath.dirname(here), re.sub(r'\.html$', '.md', path)))
+            if not frag or target not in ids: return f'[{text}]({path}{"#" + frag if frag else ""})'
+            if frag not in ids[target]: frag = _slug(frag)
+            if frag in ids[target]: return f'[{text}]({path}#{frag})'
+            dropped.append((here, url))
+            return text
+        out, fence = [], False
+        for line in texts[here].splitlines(keepends=True):
+            if _re_fence.match(line): fence = not fence
+            out.append(line if fence else _re_link.sub(fix, line))
+        (md_dir/out_rel).write_text(''.join(out), encoding='utf-8')
+    return dropped
+
+
 def copy_assets(nbs, md_dir):
     "Images referenced from markdown cells (e.g. `![](images/x.png)`) keep their paths relative to nbs/"
     for f in nbs.rglob('*'):
@@ -229,6 +287,8 @@ def build(execute=False, n_workers=None):
     shutil.rmtree(md_dir, ignore_errors=True); md_dir.mkdir(parents=True)
     doc_url = (cfg.get('doc_host', '') + cfg.get('doc_baseurl', '')) if cfg.get('doc_host') else ''
     pages = to_markdown(proc, rels, md_dir, doc_url)
+    dropped = fix_links(md_dir, pages)
+    if dropped: _say(f'{len(dropped)} links to anchors without a heading kept as text, e.g. {dropped[0][1]} in {dropped[0][0]}')
     copy_assets(nbs, md_dir)
     shutil.copy2(SCRIPTS/'docs_extra.css', md_dir/'docs_extra.css')
     site = ROOT/'_site'

@@ -243,9 +243,41 @@ def test_free_at_skips_a_nonfinite_gradient_step():
     assert torch.equal(step(bad, ref.clone()), ref)               # skipped: the carried perturbation stays
     assert torch.equal(step(bad, None), torch.zeros_like(p))      # skipped, nothing carried: the start (zeros)
     big = torch.rand(6, 1, 3, 3, generator=g0) * 0.1              # carried from a larger batch (other shape)
-    assert step(bad, big) is big                                  # skipped: kept whole, for the next batch
+    assert torch.equal(step(bad, big), big)                       # skipped: kept whole, for the next batch
     d = (p + big[:4]).clamp(0, 1) - p
-    assert torch.equal(step(g, big), (p + (d + 0.1*g.sign()).clamp(-0.1, 0.1)).clamp(0, 1) - p)   # a finite step replaces it
+    upd = step(g, big)  # a finite step updates the rows of this batch and keeps the others for the next full batch
+    assert torch.equal(upd[:4], (p + (d + 0.1*g.sign()).clamp(-0.1, 0.1)).clamp(0, 1) - p)
+    assert torch.equal(upd[4:], big[4:])
+    cb.threat = cb.threat.replace(alpha=0.03)                     # `alpha`: the FGSM step (default eps)
+    assert torch.equal(step(g, None), (p + (0.03*g.sign()).clamp(-0.1, 0.1)).clamp(0, 1) - p)
+
+
+def test_unused_threat_fields_are_refused():
+    "Fields a method cannot use raise an error naming them, rather than being ignored"
+    from rtl_fastai.attacks import ThreatModel
+    for f, what in ((lambda: FreeAdvTraining(EPS, steps=5), 'replays'),
+                    (lambda: FreeAdvTraining(ThreatModel(EPS, restarts=2)), '`restarts`'),
+                    (lambda: FastAdvTraining(EPS, steps=7), 'PGDTraining'),
+                    (lambda: FastAdvTraining(EPS, restarts=3), '`restarts`'),
+                    (lambda: TRADESTraining(EPS, restarts=2), '`restarts`')):
+        with pytest.raises(ValueError, match=what): f()
+    assert PGDTraining(EPS, restarts=2).threat.restarts == 2   # PGD keeps the run that fools, else the highest loss
+
+
+def test_free_at_keeps_the_perturbation_of_rows_a_small_batch_lacks(dls):
+    "A last batch smaller than the others (drop_last=False) updates only its rows of the carried perturbation"
+    cb = FreeAdvTraining(EPS, replays=1)
+    learn = _learn(dls)
+    cb.learn = learn
+    cb._sp, cb._stats, cb.delta = None, dls, None
+    x, learn.train_iter = torch.rand(6, 1, 8, 8), 1
+    for i, n in enumerate((6, 2, 6)):
+        learn.xb, learn.yb = (x[:n],), (torch.zeros(n, dtype=torch.long),)
+        cb.before_batch()
+        if i == 2: assert (cb._d[2:].detach() != 0).all()  # rows 2-5 start from the first step's perturbation
+        cb._d.grad = torch.randn_like(cb._d)
+        cb.after_backward()
+        assert len(cb.delta) == 6
 
 
 def test_single_label_targets_or_a_clear_error():

@@ -105,6 +105,20 @@ def test_metric_leaves_learner_and_model_alone(digits_dls, digits_model):
     _same_state(before, _state(m))
     assert before_modes == [x.training for x in m.modules()]
 
+def test_train_metrics_leave_training_batches_alone(digits_dls, digits_model):
+    "With `Recorder(train_metrics=True)` the metric attacks no training batch (it may be adversarial already): "
+    "a warning, an empty training column, and the validation column as without it"
+    from rtl_fastai.callback.adv_train import PGDTraining
+    learn = Learner(digits_dls, copy.deepcopy(digits_model), metrics=RobustAccuracy(eps=EPS, steps=3),
+                    cbs=PGDTraining(EPS, steps=2))
+    learn.recorder.train_metrics = True
+    with learn.no_bar(), learn.no_logging(), pytest.warns(UserWarning, match='validation batches only'):
+        learn.fit(1, 0)  # lr 0: the model does not change
+    ra = learn.metrics[0]
+    assert ra.value == learn.robust_validate(eps=EPS, steps=3, show_progress=False)['robust_acc']
+    names, vals = learn.recorder.metric_names[1:-1], learn.recorder.values[-1]
+    assert vals[names.index('train_pgd3_acc@0.1')] is None
+
 def test_metric_rng_and_n_batches(digits_dls, digits_model):
     learn = _learn(digits_dls, digits_model)
     ra = RobustAccuracy(eps=EPS, steps=5, n_batches=1)

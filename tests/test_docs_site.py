@@ -170,3 +170,30 @@ def test_tutorial_page(browser, server, nav):
     try:
         assert page.locator('article pre').count() >= 1, f'{path}: no code cell rendered'
     finally: ctx.close()
+
+
+def test_internal_links_resolve(site):
+    "Every relative link of every page opens a page of the site, and its #anchor is an id of that page (the 404 page's "
+    "links are absolute: it is served at any depth)"
+    from html.parser import HTMLParser
+    class Page(HTMLParser):
+        def __init__(self): super().__init__(); self.ids, self.hrefs = set(), []
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if a.get('id'): self.ids.add(a['id'])
+            if tag == 'a' and a.get('href'): self.hrefs.append(a['href'])
+    pages = {}
+    for f in site.rglob('*.html'):
+        pages[f.resolve()] = p = Page()
+        p.feed(f.read_text(encoding='utf-8'))
+    bad = set()
+    for f, p in pages.items():
+        for h in p.hrefs:
+            u = urllib.parse.urlsplit(h)
+            if u.scheme or u.netloc or h.startswith('/'): continue
+            t = (f.parent/urllib.parse.unquote(u.path)).resolve() if u.path else f
+            if t.is_dir(): t = t/'index.html'
+            rel = f.relative_to(site.resolve())
+            if not t.exists(): bad.add(f'{rel}: {h} (no such page)')
+            elif u.fragment and t in pages and u.fragment not in pages[t].ids: bad.add(f'{rel}: {h} (no such anchor)')
+    assert not bad, '\n'.join(sorted(bad))

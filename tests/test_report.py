@@ -105,8 +105,14 @@ def test_missing_torchattacks(digits_dls, digits_model, monkeypatch):
     learn = _learn(digits_dls, digits_model)
     monkeypatch.setitem(sys.modules, 'torchattacks', None)  # `import torchattacks` raises ImportError
     for f in (lambda: autoattack_evaluate(learn, eps=0.1), lambda: square_evaluate(learn, eps=0.1),
-              lambda: learn.robustness_report(eps=0.1)):
+              lambda: learn.robustness_report(eps=0.1, autoattack=True)):
         with pytest.raises(ImportError, match=r"optional dependency torchattacks.*pip install --no-deps 'torchattacks==3\.5\.1'"): f()
-    # without Square and AutoAttack, the report needs no torchattacks
-    rep = learn.robustness_report(eps=0.1, steps=5, n_batches=1, square_queries=None, show=False)
-    assert 'square' not in set(rep['results'].attack)
+    # the default report leaves Square out, with a warning that says how to get it
+    with pytest.warns(UserWarning, match=r"pip install --no-deps 'torchattacks==3\.5\.1'.*Square attack is left out"):
+        rep = learn.robustness_report(eps=0.1, steps=5, n_batches=1, show=False)
+    assert 'square' not in set(rep['results'].attack) and 'pgd' in set(rep['results'].attack)
+    with warnings.catch_warnings(record=True) as w:   # asked for no Square: no warning about it
+        warnings.simplefilter('always')
+        rep = learn.robustness_report(eps=0.1, steps=5, n_batches=1, square_queries=None, random_start=False, show=False)
+    assert not [x for x in w if 'Square' in str(x.message)]
+    assert (rep['results'].restarts == 1).all()   # a fixed start: restarts would repeat the same run, so none

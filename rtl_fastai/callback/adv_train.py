@@ -31,8 +31,9 @@ def _one_input(learn, who, classes=True):
 class _AdvTrainCallback(Callback):
     "Common base: the threat model, and the normalization `stats` of the learner's `DataLoaders`"
     run_valid = False
-    def _threat(self, threat, kw, defaults=None, linf_only=False):
-        "The callback's `ThreatModel`: `threat` (or eps) with the fields of `kw`; the radius is required"
+    def _threat(self, threat, kw, defaults=None, linf_only=False, restarts=False, one_step:str=None):
+        ("The callback's `ThreatModel`: `threat` (or eps) with the fields of `kw`; the radius is required. Fields the "
+         "method cannot use are refused: `restarts` > 1 unless `restarts`, `steps` != 1 where `one_step` says why")
         who = type(self).__name__
         if threat is None and 'eps' not in kw:
             raise TypeError(f"{who} needs the radius: {who}(eps) with eps in [0,1] pixel units, "
@@ -40,6 +41,10 @@ class _AdvTrainCallback(Callback):
         self.threat = as_threat(threat, defaults, type(self), **kw)
         if linf_only and self.threat.norm != 'linf':
             raise ValueError(f"{who} trains against L-inf attacks only, got `norm`={self.threat.norm!r}")
+        if not restarts and self.threat.restarts != 1:
+            raise ValueError(f"{who} runs one attack per batch: `restarts` must be 1, got {self.threat.restarts}")
+        if one_step and kw.get('steps', 1) != 1:
+            raise ValueError(f"{who} takes one FGSM step per batch, got `steps`={kw['steps']}: {one_step}")
     @property
     def eps(self): return self.threat.eps
     def before_fit(self):
@@ -72,7 +77,7 @@ class PGDTraining(_AdvTrainCallback):
                  stats=None, # normalization stats (see `pgd_attack`); default: those of `learn.dls`
                  **threat_kw, # `ThreatModel` fields; here steps=7 (step size 2.5*eps/steps, random start)
                 ):
-        self._threat(threat, threat_kw, dict(steps=7)); self.stats = stats
+        self._threat(threat, threat_kw, dict(steps=7), restarts=True); self.stats = stats
     def before_batch(self):
         x,y = _one_input(self.learn, 'PGDTraining')
         xa = pgd_attack(self.learn.model, x, y, self.threat, stats=self._space_of(x), check_pixels=self._check_now())
@@ -92,13 +97,14 @@ class FreeAdvTraining(_AdvTrainCallback):
     "Free adversarial training (Shafahi et al. 2019): each batch replayed `replays` times, perturbation carried over"
     order = MixedPrecision.order+1
     def __init__(self,
-                 threat:ThreatModel|float=None, # a `ThreatModel` (L-inf), or its eps: radius and FGSM step
+                 threat:ThreatModel|float=None, # a `ThreatModel` (L-inf), or its eps: the radius, and the FGSM step
                  replays:int=4, # `m`: how many times each minibatch is replayed (divide the epochs by it)
                  *,
                  stats=None, # normalization stats; default: those of `learn.dls`
-                 **threat_kw, # `ThreatModel` fields (only eps and norm matter here)
+                 **threat_kw, # `ThreatModel` fields: eps, and `alpha`, the FGSM step (default eps, as the paper)
                 ):
-        self._threat(threat, threat_kw, linf_only=True)
+        self._threat(threat, threat_kw, linf_only=True,
+                     one_step="the attack's steps are the replays, `replays`=m")
         check_int(replays, 'replays', fix="it is m, how many times each minibatch is replayed")
         store_attr('replays,stats')
     def before_fit(self):
@@ -123,14 +129,15 @@ class FreeAdvTraining(_AdvTrainCallback):
         d,g = self._d, self._d.grad
         if g is None: return
         # the loss may be scaled (GradScaler, GradientAccumulation): only the sign of the gradient is used;
-        # a step whose gradient overflowed (and that GradScaler skips) leaves the perturbation as it was;
-        # chosen on the device (no sync) unless the batch size changed (the old perturbation has other rows)
-        nd = (d.detach() + self.eps*g.sign()).clamp(-self.eps, self.eps)
-        new = (self._p + nd).clamp(0,1) - self._p
-        old = d.detach() if self.delta is None else self.delta
-        if old.shape == new.shape and old.device == new.device:
-            self.delta = torch.where(torch.isfinite(g).all(), new, old)
-        elif torch.isfinite(g).all(): self.delta = new
+        # a step whose gradient overflowed (and that GradScaler skips) leaves the perturbation as it was,
+        # chosen on the device (no sync); a smaller batch updates only its rows of the carried perturbation
+        step = self.threat.alpha or self.eps
+        nd = (d.detach() + step*g.sign()).clamp(-self.eps, self.eps)
+        new, n = (self._p + nd).clamp(0,1) - self._p, len(d)
+        old = self.delta
+        if old is None or old.shape[1:] != d.shape[1:] or old.device != d.device or len(old) < n: old = d.detach()
+        upd = torch.where(torch.isfinite(g).all(), new, old[:n])
+        self.delta = upd if len(old) == n else torch.cat([upd, old[n:]])
         self._d.grad = None
     def after_batch(self): self._d = self._p = None
 
@@ -142,15 +149,14 @@ class FastAdvTraining(_AdvTrainCallback):
                  threat:ThreatModel|float=None, # a `ThreatModel`, or its eps in [0,1] pixel units
                  *,
                  stats=None, # normalization stats; default: those of `learn.dls`
-                 **threat_kw, # `ThreatModel` fields; here `alpha` is the FGSM step, default 1.25*eps
+                 **threat_kw, # `ThreatModel` fields; `alpha` is the FGSM step, default 1.25*eps (eps if not random_start)
                 ):
-        self._threat(threat, threat_kw, dict(steps=1))
+        self._threat(threat, threat_kw, dict(steps=1), one_step="use PGDTraining for a multi-step attack")
         self.stats = stats
     def before_batch(self):
         x,y = _one_input(self.learn, 'FastAdvTraining')
         tm = self.threat
-        alpha = 1.25*tm.eps if tm.alpha is None else tm.alpha
-        fg = fgsm_attack(self.learn.model, x, y, tm.eps, norm=tm.norm, random_start=True, alpha=alpha,
+        fg = fgsm_attack(self.learn.model, x, y, tm.eps, norm=tm.norm, random_start=tm.random_start, alpha=tm.alpha,
                          stats=self._space_of(x), check_pixels=self._check_now())
         self.learn.xb = (fg,)
 

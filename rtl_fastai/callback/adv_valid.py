@@ -131,6 +131,13 @@ class RobustAccuracy(Metric):
     def accumulate(self, learn):
         # `get_preds` (and `tta`, `show_results`, `ClassificationInterpretation`) run the metrics and read none
         if any(isinstance(cb, GatherPredsCallback) for cb in learn.cbs): return
+        if getattr(learn, 'training', False):  # `Recorder(train_metrics=True)`
+            if not getattr(self, '_warned_train', False):
+                self._warned_train = True
+                warnings.warn("RobustAccuracy measures validation batches only: its training column stays empty "
+                              "(a training batch may already be adversarial, or emptied by the feature cache)",
+                              UserWarning, stacklevel=2)
+            return
         if self.n_batches is not None and self.seen >= self.n_batches:
             self._skipped = True
             return
