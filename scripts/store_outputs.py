@@ -22,7 +22,7 @@ def collapse_streams(path):
             if o.get('output_type') == 'stream': o['text'] = o['text'].replace('\u2588', '')
     nbformat.write(nb, path)
 
-FULL_FORM = {'tutorials/paper_cpu_scale.ipynb'}  # stored outputs come from RTL_FULL=1 (about an hour on CPU)
+FULL_FORM = {'tutorials/paper_cpu_scale.ipynb'}  # stored outputs come from RTL_FULL=1 (about 35 minutes on one CPU thread)
 
 def main(args):
     streams_only = '--streams-only' in args
