@@ -27,11 +27,12 @@ from .pipeline import *
 from .job import *
 
 # %% ../nbs/12_all.ipynb #3ce029ae
-from . import core, models, checkpoint, hub, attacks, distributed, vis, report, experiment, pipeline, job
-from .data import all as data_all
-from .callback import adv_valid, adv_train, batch_items, freeze, feature_cache, transfer, distill
+import importlib
+_names = ('core', 'data.all', 'models', 'checkpoint', 'hub', 'attacks', 'distributed', 'callback.adv_valid',
+          'callback.adv_train', 'callback.batch_items', 'callback.freeze', 'callback.feature_cache', 'callback.transfer',
+          'callback.distill', 'vis', 'report', 'experiment', 'pipeline', 'job')
+# the modules are not bound to names here: `batch_items`, for one, is a module and the function it exports
 
 # %% ../nbs/12_all.ipynb #2a222eb1
-_modules = (core, data_all, models, checkpoint, hub, attacks, distributed, adv_valid, adv_train, batch_items, freeze,
-            feature_cache, transfer, distill, vis, report, experiment, pipeline, job)
+_modules = tuple(importlib.import_module(f'rtl_fastai.{n}') for n in _names)
 __all__ = list(dict.fromkeys(n for m in _modules for n in m.__all__))

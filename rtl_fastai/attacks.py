@@ -121,7 +121,10 @@ def as_threat(threat=None, # a `ThreatModel`, a radius `eps` (pixel units), or N
             raise TypeError(f"{getattr(who, '__name__', who) or 'as_threat'}() got the radius twice: as `threat` "
                             f"({threat!r}) and `eps`")
         kwargs['eps'] = threat
-    return ThreatModel(**{**(defaults or {}), **kwargs})
+    try: return ThreatModel(**{**(defaults or {}), **kwargs})
+    except ValueError as e:  # the message names the field; say which call it came from
+        if who is None: raise
+        raise ValueError(f"{getattr(who, '__name__', who)}: {e}") from None
 
 def check_attack_args(eps, steps=1, alpha=None, norm='linf', restarts=1)->ThreatModel:
     "Raise a clear error for an attack argument out of range (the checks of `ThreatModel`)."

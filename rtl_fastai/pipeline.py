@@ -126,7 +126,9 @@ def _one_seed(ds, src_cls, tgt_cls, d, eps, steps, lam, seed, device, verbose, b
         lambda: Learner(low, make_model(arch, low.train_ds.x.shape[1], low.c, width), metrics=accuracy), low_ep,
         d['scratch_lr'] or lr,
         cbs=[PGDTraining(eps, steps=d['at_steps'])],
-        desc=f" (PGD-{d['at_steps']} at eps={eps_str(eps)}, {low_ep*len(low.train)} steps as the row above)")
+        desc=f" (PGD-{d['at_steps']} at eps={eps_str(eps)}, {low_ep*len(low.train)} steps as the row above, lr "
+             + (f"{d['scratch_lr']:g})" if d['scratch_lr'] else f"{lr:g}: the sources', not tuned for this baseline; "
+                "`scratch_lr` sets it)"))
     return rows, learners, info
 
 # %% ../nbs/08_pipeline.ipynb #de9ed6ae

@@ -183,3 +183,56 @@ def test_feature_cache_patch_after_exception(dls, digits_model):
     learn, cbs, _ = SETUPS['transfer-cache'](dls, digits_model)
     with pytest.raises(RuntimeError, match='boom'): _fit(learn, 1, cbs=[Boom()])
     assert 'get_idxs' not in vars(learn.dls.train)
+
+
+def _within(f, seconds=120):
+    "Run `f` in a thread; fail (instead of hanging the suite) if it has not returned after `seconds`"
+    import threading
+    out = {}
+    def run():
+        try: out['value'] = f()
+        except BaseException as e: out['error'] = e
+    t = threading.Thread(target=run, daemon=True); t.start(); t.join(seconds)
+    assert not t.is_alive(), f"{getattr(f, '__name__', f)} did not return within {seconds} s (fastai's `Learner.lock`?)"
+    if 'error' in out: raise out['error']
+    return out.get('value')
+
+
+def test_nothing_set_up_or_raised_outside_a_fit(dls, digits_model):
+    "`validate`, `get_preds` and `predict` fire `before_fit`: our callbacks neither work nor fail there (an error in "
+    "`before_fit` leaves fastai's `Learner.lock` held, and the next `get_preds` hangs), and a fit still checks"
+    learn = transfer_learner(_model(digits_model), dls, n_retrain=1, cache=True, metrics=accuracy,
+                             cbs=[PGDTraining(0.1, steps=2), FastAdvTraining(0.1)])  # two trainers: a fit refuses
+    fc = learn.feature_cache
+    for f in (learn.validate, learn.get_preds, lambda: learn.predict(dls.valid_ds[0][0]), learn.validate):
+        _within(f)
+    assert fc.reason == 'not fitted yet' and fc.cached is None  # no forward pass over the training set in `validate`
+    with learn.no_bar(), learn.no_logging(), pytest.raises(ValueError, match='another adversarial-training callback'):
+        learn.fit(1)
+    _within(learn.validate)
+
+
+def test_distillation_outside_a_fit(dls, digits_model):
+    "`get_preds` runs no source forward; a setup that fails leaves `validate` running (a warning) and fails the fit"
+    src = _model(digits_model)
+    calls = []
+    learn = Learner(dls, _model(digits_model), metrics=accuracy, cbs=FeatureDistillation(src, lam=1e-3))
+    cb = learn.feature_distillation
+    cb.source.register_forward_hook(lambda m, i, o: calls.append(1))
+    _within(learn.get_preds)
+    assert not calls
+    bad = Learner(dls, torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), metrics=accuracy,
+                  cbs=FeatureDistillation(src, lam=1e-3, layer='block1'))
+    with pytest.warns(UserWarning, match='left out of this validation'): _within(bad.validate)
+    with bad.no_bar(), bad.no_logging(), pytest.raises(Exception, match='block1'): bad.fit(1)
+    with pytest.warns(UserWarning, match='left out of this validation'): _within(bad.validate)  # not locked
+
+
+def test_export_holds_no_data(dls, tmp_path):
+    "`learn.export()` of a learner on `task_dls` keeps no images (an empty view would pickle the whole tensor)"
+    learn = Learner(dls, SmallCNN(n_in=1, n_out=dls.c, widths=(8,)))
+    learn.export(tmp_path/'x.pkl')
+    assert (tmp_path/'x.pkl').stat().st_size < dls.train_ds.x.nbytes / 4
+    for cb in (PGDTraining(0.1, steps=2),):
+        learn.add_cb(cb); _fit(learn); learn.export(tmp_path/'y.pkl')
+        assert cb._stats is None and (tmp_path/'y.pkl').stat().st_size < dls.train_ds.x.nbytes / 4

@@ -93,9 +93,9 @@ def test_validation_runs_full_model(digits):
     src, dls = digits
     seen = {True: set(), False: set()}
     class Spy(Callback):
-        order = FeatureCache.order + 1  # its hooks go on after the cache is built
-        def before_fit(self):
-            self.hs = [getattr(self.learn.model, n).register_forward_hook(
+        order, hs = FeatureCache.order + 1, None  # its hooks go on after the cache is built (first `before_train`)
+        def before_train(self):
+            if self.hs is None: self.hs = [getattr(self.learn.model, n).register_forward_hook(
                            lambda m, i, o, n=n: seen[self.learn.training].add((n, len(i[0]) > 0))) for n in ('stem', 'block3')]
         def after_fit(self):
             for h in self.hs: h.remove()

@@ -47,7 +47,12 @@ class _AdvTrainCallback(Callback):
             raise ValueError(f"{who} takes one FGSM step per batch, got `steps`={kw['steps']}: {one_step}")
     @property
     def eps(self): return self.threat.eps
-    def before_fit(self):
+    # `validate`, `get_preds` and `predict` fire `before_fit` too: the checks wait for the first training epoch, so that
+    # they never fail outside a fit (where an error in `before_fit` leaves fastai's `Learner.lock` held)
+    def before_fit(self): self._sp, self._ready = None, False
+    def before_train(self):
+        if getattr(self, '_ready', False): return
+        self._ready = True
         others = [type(c).__name__ for c in self.learn.cbs if isinstance(c, _AdvTrainCallback) and c is not self]
         if others:
             raise ValueError(f"{type(self).__name__}: the learner has another adversarial-training callback "
@@ -57,8 +62,7 @@ class _AdvTrainCallback(Callback):
         self._stats = self.learn.dls if self.stats is None else self.stats
         normalize_stats(self._stats)  # fail early on unusable stats
         check_normalization(self.learn.model, self.learn.dls, type(self).__name__)  # warns once per model and data
-        self._sp = None
-    def after_fit(self): self._sp = None
+    def after_fit(self): self._sp = self._stats = None  # nothing of the data travels with `learn.export()`
     def _check_now(self)->bool:
         "Whether to check the batch's pixel range: on the first training batch of a fit (one host-device sync a fit)"
         return self.train_iter == 0
@@ -110,7 +114,9 @@ class FreeAdvTraining(_AdvTrainCallback):
     def before_fit(self):
         super().before_fit()
         self.delta = None
-    def before_train(self): self.learn.dl = _ReplayDL(self.learn.dl, self.replays)
+    def before_train(self):
+        super().before_train()
+        self.learn.dl = _ReplayDL(self.learn.dl, self.replays)
     def _carry(self, p):
         "The perturbation carried over, fitted to this batch's shape (zeros for new rows)"
         d = self.delta

@@ -65,7 +65,7 @@ def feature_hook(model:nn.Module,     # a model
     raise ValueError(f"FeatureDistillation: `layer`={layer!r} is not a module of the {who}.{hint} "
                      "Its top-level modules "
                      f"are {[n for n, _ in model.named_children()]}; any name of `model.named_modules()` works "
-                     "(e.g. 'block3.unit2').")
+                     f"(e.g. {next((n for n in reversed(names) if '.' in n), names[-1] if names else '')!r}).")
 
 def feature_module(model:nn.Module, layer:str|None=None, who:str='model') -> nn.Module:
     "The module `feature_hook` hooks."
@@ -138,7 +138,8 @@ class FeatureDistillation(HookCallback):
 
     def __getstate__(self):
         "Pickled (`learn.export`) without hooks or the precomputed source features: the next fit computes them again"
-        return {**super().__getstate__(), '_src_feats': None, '_cache_key': None, '_pre_dl': None, '_fitting': False}
+        return {**super().__getstate__(), '_src_feats': None, '_cache_key': None, '_pre_dl': None, '_fitting': False,
+                '_setup_error': None}
 
     @property
     def train_term(self):
@@ -175,6 +176,16 @@ class FeatureDistillation(HookCallback):
     # -- fit --------------------------------------------------------------------------------------------------
     def before_fit(self):
         self._cleanup()  # after a fit that an exception ended
+        self._setup_error = None
+        if hasattr(self.learn, 'gather_preds'): return  # `get_preds`, `predict`, `tta`: nothing to distil or log
+        # `validate` fires `before_fit` too, and an error there would leave fastai's `Learner.lock` held: a setup that
+        # fails is raised when training starts (`before_train`), and a validation goes on without the columns
+        try: self._setup()
+        except Exception as e:
+            self._cleanup()
+            self._setup_error = e
+
+    def _setup(self):
         model = unwrap_model(self.learn.model)
         p = next(model.parameters(), None)
         if p is not None: self.source.to(p.device)
@@ -225,7 +236,13 @@ class FeatureDistillation(HookCallback):
     def after_fit(self): self._cleanup()
 
     # -- epochs and batches -------------------------------------------------------------------------------------
+    def before_validate(self):  # a validation outside a fit (a fit raises in `before_train` first)
+        e = getattr(self, '_setup_error', None)
+        if e is not None: warnings.warn(f"FeatureDistillation is left out of this validation, its setup failed: {e}",
+                                        UserWarning, stacklevel=2)
     def before_train(self):
+        e, self._setup_error = getattr(self, '_setup_error', None), None
+        if e is not None: raise e
         # here, not in `before_fit`, which `validate`, `get_preds` and `predict` fire too (after `load_learner`, on
         # empty loaders): only a fit trains; later epochs find the features cached
         if self.precompute:

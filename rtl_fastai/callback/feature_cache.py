@@ -102,7 +102,9 @@ class FeatureCache(Callback):
         if getattr(self.dls, 'n_inp', 1) != 1:
             return f'the data have {self.dls.n_inp} inputs (the cache supports 1)', None
         rnd = random_tfms(self.dls.train)
-        if rnd: return f'the training data are randomly augmented ({", ".join(rnd)})', None
+        if rnd: return (f'the training data are randomly augmented ({", ".join(rnd)})'
+                        + ("; fastai's Resize crops at a random place in training, Resize(size, method='squish') does not"
+                           if any(r.startswith("Resize(method='crop'") for r in rnd) else '')), None
         bad = [type(cb).__name__ for cb in self.learn.cbs if _may_change_inputs(cb)]
         if bad: return (f'callbacks {bad} may change the inputs or need the frozen activations '
                         '(set `feature_cache_safe = True` on a callback that does not)'), None
@@ -169,8 +171,17 @@ class FeatureCache(Callback):
         if len(self.targets) != len(dl.dataset): return 'the training DataLoader does not give every item once'
         return None
 
+    # `validate`, `get_preds` and `predict` fire `before_fit` too: the cache is planned and built when the first training
+    # epoch starts, so that nothing is computed (or fails, leaving fastai's `Learner.lock` held) outside a fit
     def before_fit(self):
         self._unhook()  # left by a fit that an exception ended
+        self._pending = True
+    def before_train(self):
+        if getattr(self, '_pending', False):
+            self._pending = False
+            self._setup()
+        self._check_labels = True   # the labels of the first batch of each epoch are checked
+    def _setup(self):
         reason, n = self._plan()
         if reason is not None: return self._off(reason)
         model, entries, dl = self.learn.model, model_blocks(self.learn.model).all, self.dls.train
@@ -197,7 +208,6 @@ class FeatureCache(Callback):
         self.reason = f'on: {len(self.cached)} items, features {tuple(self.cached.shape[1:])} at the input of entry {k}'
 
     # -- training -------------------------------------------------------------------------------------
-    def before_train(self): self._check_labels = True   # the labels of the first batch of each epoch are checked
     def before_batch(self):
         if not self.active or self.dl is not self.dl_train: return  # e.g. a fit over another DataLoader
         xb, yb = self.learn.xb[0], plain(self.learn.yb[0])

@@ -35,8 +35,9 @@ class ArrayDataset:
         return (TensorImage(self.x[i]),) if self.y is None else (TensorImage(self.x[i]), TensorCategory(self.y[i]))
     def __repr__(self):
         return f"ArrayDataset({len(self)} items, x {tuple(self.x.shape[1:])} {self.x.dtype}, {self.c} classes)"
-    def new_empty(self):  # for `Learner.export`
-        return type(self)(self.x[:0], None if self.y is None else self.y[:0], self.vocab, self.split_idx)
+    def new_empty(self):  # for `Learner.export`: new tensors, not views (a view would pickle the whole data set)
+        e = lambda t: t.new_empty((0, *t.shape[1:]))
+        return type(self)(e(self.x), None if self.y is None else e(self.y), self.vocab, self.split_idx)
     @contextmanager
     def set_split_idx(self, i):
         "Apply the transforms of split `i` (0: training) meanwhile, as fastai's `Datasets` does (for `learn.tta`)"
