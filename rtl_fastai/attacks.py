@@ -364,10 +364,11 @@ def fgsm_attack(model:nn.Module, # the model under attack
                 **threat_kw, # `ThreatModel` fields; here random_start=False, alpha eps (1.25*eps if random start)
                )->torch.Tensor:
     "Fast gradient sign method (Goodfellow et al. 2015), optionally from a random start (FGSM-RS, Wong et al. 2020)."
+    s, r = threat_kw.get('steps', 1), threat_kw.get('restarts', getattr(threat, 'restarts', 1))  # before `ThreatModel`'s
+    if s != 1 or r != 1:
+        raise ValueError(f"fgsm_attack takes one step from one start, got `steps`={s}, `restarts`={r}: use `pgd_attack` "
+                         "for more steps or restarts")
     tm = as_threat(threat, dict(random_start=False), fgsm_attack, **threat_kw)
-    if threat_kw.get('steps', 1) != 1 or tm.restarts != 1:
-        raise ValueError(f"fgsm_attack takes one step from one start, got `steps`={threat_kw.get('steps', 1)}, "
-                         f"`restarts`={tm.restarts}: use `pgd_attack` for more steps or restarts")
     alpha = tm.alpha
     if alpha is None: alpha = 1.25*tm.eps if tm.random_start else tm.eps
     tm = tm.replace(steps=1, restarts=1, alpha=alpha if tm.eps > 0 else None)

@@ -182,7 +182,8 @@ def to_markdown(proc, rels, md_dir, doc_url):
     return pages
 
 
-_re_link = re.compile(r'(?<!!)\[((?:[^\[\]\n]|\[[^\]\n]*\])*)\]\(([^()\s]+)\)')
+_re_link = re.compile(r'(?<!!)\[((?:[^\[\]\n]|\[[^\]\n]*\])*)\]\(([^()\s]+)((?:\s+"[^"\n]*")?)\)')
+_re_code = re.compile(r'(`+)(?:(?!\1).)+?\1')  # an inline code span
 _re_fence = re.compile(r'^\s*(```|~~~)')
 
 
@@ -200,14 +201,18 @@ def _anchors(md):
         if _re_fence.match(line): fence = not fence
         elif not fence and (m := re.match(r'#{1,6}\s+(.*?)\s*$', line)):
             a = re.search(r'\{[^}]*#([^\s}]+)[^}]*\}\s*$', m.group(1))
-            ids.add(a.group(1) if a else _slug(m.group(1)))
+            i = a.group(1) if a else _slug(m.group(1))
+            k, base = 0, i
+            while i in ids: k += 1; i = f'{base}_{k}'  # a repeated heading: `toc` numbers it
+            ids.add(i)
     return ids
 
 
 def fix_links(md_dir, pages):
     ("Links that work on a Quarto site but not here: to a notebook (`x.ipynb`) become links to its page; anchors get "
-     "MkDocs' ids (`#learner.fit` -> `#learnerfit`); a link to an anchor its page lacks (nbdev links private names, "
-     "which have no heading) keeps its text only. Returns the links unlinked, as `(page, target)`.")
+     "MkDocs' ids (`#learner.fit` -> `#learnerfit`); an anchor its page lacks (nbdev links private names, which have no "
+     "heading) is dropped: the link goes to the page, or, on the same page, keeps its text only. Code is left alone. "
+     "Returns the anchors dropped, as `(page, target)`.")
     import posixpath
     page_of = {rel.as_posix(): out_rel.as_posix() for rel, out_rel, _ in pages}
     texts = {out_rel.as_posix(): (md_dir/out_rel).read_text(encoding='utf-8') for _, out_rel, _ in pages}
@@ -216,7 +221,7 @@ def fix_links(md_dir, pages):
     for rel, out_rel, _ in pages:
         here, nb_dir = out_rel.as_posix(), rel.parent.as_posix()
         def fix(m):
-            text, url = m.group(1), m.group(2)
+            text, url, title = m.group(1), m.group(2), m.group(3)
             if re.match(r'^[a-z][\w+.-]*:|^/', url): return m.group(0)  # another site, or absolute
             path, _, frag = url.partition('#')
             target = here
@@ -227,15 +232,20 @@ def fix_links(md_dir, pages):
                 path = posixpath.relpath(target, posixpath.dirname(here) or '.')
             elif path:
                 target = posixpath.normpath(posixpath.join(posixpath.dirname(here), re.sub(r'\.html$', '.md', path)))
-            if not frag or target not in ids: return f'[{text}]({path}{"#" + frag if frag else ""})'
+            if not frag or target not in ids: return f'[{text}]({path}{"#" + frag if frag else ""}{title})'
             if frag not in ids[target]: frag = _slug(frag)
-            if frag in ids[target]: return f'[{text}]({path}#{frag})'
+            if frag in ids[target]: return f'[{text}]({path}#{frag}{title})'
             dropped.append((here, url))
-            return text
+            return f'[{text}]({path}{title})' if target != here else text
+        def outside_code(line):  # inline code spans are kept as they are (a link's text may hold one)
+            spans = []
+            def mask(m): spans.append(m.group(0)); return f'\0{len(spans)-1}\0'
+            line = _re_link.sub(fix, _re_code.sub(mask, line))
+            return re.sub(r'\0(\d+)\0', lambda m: spans[int(m.group(1))], line)
         out, fence = [], False
         for line in texts[here].splitlines(keepends=True):
             if _re_fence.match(line): fence = not fence
-            out.append(line if fence else _re_link.sub(fix, line))
+            out.append(line if fence else outside_code(line))
         (md_dir/out_rel).write_text(''.join(out), encoding='utf-8')
     return dropped
 
@@ -288,7 +298,7 @@ def build(execute=False, n_workers=None):
     doc_url = (cfg.get('doc_host', '') + cfg.get('doc_baseurl', '')) if cfg.get('doc_host') else ''
     pages = to_markdown(proc, rels, md_dir, doc_url)
     dropped = fix_links(md_dir, pages)
-    if dropped: _say(f'{len(dropped)} links to anchors without a heading kept as text, e.g. {dropped[0][1]} in {dropped[0][0]}')
+    if dropped: _say(f'{len(dropped)} links to anchors without a heading lost the anchor, e.g. {dropped[0][1]} in {dropped[0][0]}')
     copy_assets(nbs, md_dir)
     shutil.copy2(SCRIPTS/'docs_extra.css', md_dir/'docs_extra.css')
     site = ROOT/'_site'

@@ -133,10 +133,14 @@ def test_free_at_replays_and_carries_the_perturbation(dls):
         # the perturbation changes from replay to replay (it is updated by each backward pass)
         assert not torch.allclose(reps[0], reps[1])
     # the first replay of the second batch starts from the perturbation carried over (not zero)
-    cb = FreeAdvTraining(EPS, replays=m)
+    cb, kept = FreeAdvTraining(EPS, replays=m), []
+    class Keep(Callback):
+        def after_train(self): kept.append(cb.delta)
     learn2 = _learn(dls)
-    _fit(learn2, 1, [cb])
-    assert cb.delta is not None and cb.delta.abs().max() > 0 and cb.delta.abs().max() <= EPS + 1e-6
+    _fit(learn2, 1, [cb, Keep()])
+    d = kept[0]
+    assert d is not None and d.abs().max() > 0 and d.abs().max() <= EPS + 1e-6
+    assert cb.delta is None   # dropped after the fit: `learn.export()` does not carry a batch-sized tensor
 
 def test_free_at_epochs_match_natural_steps(dls):
     "fit_one_cycle(n//m) with free AT makes as many optimizer steps as fit_one_cycle(n) naturally, on one schedule"
@@ -259,7 +263,8 @@ def test_unused_threat_fields_are_refused():
                     (lambda: FreeAdvTraining(ThreatModel(EPS, restarts=2)), '`restarts`'),
                     (lambda: FastAdvTraining(EPS, steps=7), 'PGDTraining'),
                     (lambda: FastAdvTraining(EPS, restarts=3), '`restarts`'),
-                    (lambda: TRADESTraining(EPS, restarts=2), '`restarts`')):
+                    (lambda: TRADESTraining(EPS, restarts=2), '`restarts`'),
+                    (lambda: FastAdvTraining(EPS, restarts=2, random_start=False), 'runs one attack per batch')):
         with pytest.raises(ValueError, match=what): f()
     assert PGDTraining(EPS, restarts=2).threat.restarts == 2   # PGD keeps the run that fools, else the highest loss
 

@@ -228,11 +228,33 @@ def test_distillation_outside_a_fit(dls, digits_model):
     with pytest.warns(UserWarning, match='left out of this validation'): _within(bad.validate)  # not locked
 
 
-def test_export_holds_no_data(dls, tmp_path):
-    "`learn.export()` of a learner on `task_dls` keeps no images (an empty view would pickle the whole tensor)"
+def test_export_holds_no_data(dls, digits_model, tmp_path):
+    "`learn.export()` keeps no images: not the data sets (an empty view would pickle the whole tensor), nor what our "
+    "callbacks hold during a fit (the trainers' stats, free AT's perturbation, the cache's loader), even after a fit "
+    "an exception ended"
+    limit = dls.train_ds.x.nbytes / 4
     learn = Learner(dls, SmallCNN(n_in=1, n_out=dls.c, widths=(8,)))
     learn.export(tmp_path/'x.pkl')
-    assert (tmp_path/'x.pkl').stat().st_size < dls.train_ds.x.nbytes / 4
-    for cb in (PGDTraining(0.1, steps=2),):
-        learn.add_cb(cb); _fit(learn); learn.export(tmp_path/'y.pkl')
-        assert cb._stats is None and (tmp_path/'y.pkl').stat().st_size < dls.train_ds.x.nbytes / 4
+    assert (tmp_path/'x.pkl').stat().st_size < limit
+    class Stop(Callback):
+        def after_batch(self):
+            if self.iter == 1: raise RuntimeError('stop')
+    for i, cb in enumerate((PGDTraining(0.1, steps=2), FreeAdvTraining(0.1, replays=2), FastAdvTraining(0.1))):
+        learn = Learner(dls, SmallCNN(n_in=1, n_out=dls.c, widths=(8,)), cbs=cb)
+        _fit(learn)
+        with pytest.raises(RuntimeError, match='stop'): _fit(learn, cbs=Stop())
+        learn.export(tmp_path/f'{i}.pkl')
+        assert (tmp_path/f'{i}.pkl').stat().st_size < limit, type(cb).__name__
+    learn = transfer_learner(_model(digits_model), dls, n_retrain=1, cache=True)
+    with pytest.raises(RuntimeError, match='stop'): _fit(learn, cbs=Stop())
+    assert learn.feature_cache.active
+    learn.export(tmp_path/'cache.pkl')
+    assert (tmp_path/'cache.pkl').stat().st_size < limit + 2*sum(p.numel()*4 for p in learn.model.parameters())
+
+
+def test_freeze_blocks_outside_a_fit(dls):
+    "A model that does not fit `n_frozen`: `validate` runs (nothing frozen), the fit raises the clear error"
+    learn = Learner(dls, torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), cbs=FreezeBlocks(1))
+    _within(learn.validate); _within(learn.get_preds)
+    with pytest.raises((TypeError, ValueError)): _fit(learn)
+    _within(learn.validate)

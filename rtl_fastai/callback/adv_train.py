@@ -31,6 +31,7 @@ def _one_input(learn, who, classes=True):
 class _AdvTrainCallback(Callback):
     "Common base: the threat model, and the normalization `stats` of the learner's `DataLoaders`"
     run_valid = False
+    _stateattrs = ('_stats', '_sp')  # not pickled by `learn.export()`: the data, even after a fit an exception ended
     def _threat(self, threat, kw, defaults=None, linf_only=False, restarts=False, one_step:str=None):
         ("The callback's `ThreatModel`: `threat` (or eps) with the fields of `kw`; the radius is required. Fields the "
          "method cannot use are refused: `restarts` > 1 unless `restarts`, `steps` != 1 where `one_step` says why")
@@ -38,13 +39,13 @@ class _AdvTrainCallback(Callback):
         if threat is None and 'eps' not in kw:
             raise TypeError(f"{who} needs the radius: {who}(eps) with eps in [0,1] pixel units, "
                             f"or {who}(ThreatModel(...))")
+        r = kw.get('restarts', getattr(threat, 'restarts', 1))  # checked before the threat model's own checks
+        if not restarts and r != 1: raise ValueError(f"{who} runs one attack per batch: `restarts` must be 1, got {r}")
+        if one_step and kw.get('steps', 1) != 1:
+            raise ValueError(f"{who} takes one FGSM step per batch, got `steps`={kw['steps']}: {one_step}")
         self.threat = as_threat(threat, defaults, type(self), **kw)
         if linf_only and self.threat.norm != 'linf':
             raise ValueError(f"{who} trains against L-inf attacks only, got `norm`={self.threat.norm!r}")
-        if not restarts and self.threat.restarts != 1:
-            raise ValueError(f"{who} runs one attack per batch: `restarts` must be 1, got {self.threat.restarts}")
-        if one_step and kw.get('steps', 1) != 1:
-            raise ValueError(f"{who} takes one FGSM step per batch, got `steps`={kw['steps']}: {one_step}")
     @property
     def eps(self): return self.threat.eps
     # `validate`, `get_preds` and `predict` fire `before_fit` too: the checks wait for the first training epoch, so that
@@ -101,7 +102,7 @@ class FreeAdvTraining(_AdvTrainCallback):
     "Free adversarial training (Shafahi et al. 2019): each batch replayed `replays` times, perturbation carried over"
     order = MixedPrecision.order+1
     def __init__(self,
-                 threat:ThreatModel|float=None, # a `ThreatModel` (L-inf), or its eps: the radius, and the FGSM step
+                 threat:ThreatModel|float=None, # a `ThreatModel` (L-inf; its eps, and alpha as the FGSM step), or eps
                  replays:int=4, # `m`: how many times each minibatch is replayed (divide the epochs by it)
                  *,
                  stats=None, # normalization stats; default: those of `learn.dls`
@@ -111,8 +112,12 @@ class FreeAdvTraining(_AdvTrainCallback):
                      one_step="the attack's steps are the replays, `replays`=m")
         check_int(replays, 'replays', fix="it is m, how many times each minibatch is replayed")
         store_attr('replays,stats')
+    _stateattrs = _AdvTrainCallback._stateattrs + ('delta', '_d', '_p', '_space')  # the perturbation is the data's size
     def before_fit(self):
         super().before_fit()
+        self.delta = None
+    def after_fit(self):
+        super().after_fit()
         self.delta = None
     def before_train(self):
         super().before_train()
@@ -152,7 +157,7 @@ class FastAdvTraining(_AdvTrainCallback):
     "Fast adversarial training (Wong et al. 2020): FGSM from a random start, step `alpha`"
     order = MixedPrecision.order+1
     def __init__(self,
-                 threat:ThreatModel|float=None, # a `ThreatModel`, or its eps in [0,1] pixel units
+                 threat:ThreatModel|float=None, # a `ThreatModel` (its eps, norm, alpha, random_start), or its eps
                  *,
                  stats=None, # normalization stats; default: those of `learn.dls`
                  **threat_kw, # `ThreatModel` fields; `alpha` is the FGSM step, default 1.25*eps (eps if not random_start)

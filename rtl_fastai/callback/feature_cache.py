@@ -64,7 +64,7 @@ class _Captured(Exception):
 class FeatureCache(Callback):
     "Train the trainable suffix on features of the frozen prefix, computed once; validation runs the full model."
     order, run_valid = 15, False
-    _stateattrs = ('cached', 'targets', '_key', '_hook', '_armed')
+    _stateattrs = ('cached', 'targets', '_key', '_hook', '_armed', 'dl_train')  # `learn.export()` keeps no data
     def __init__(self,
                  mode='auto', # 'auto': on when it gives the same model; True: required (error if not); False: off
                  max_mb:float=2048., # largest cache, in MiB
@@ -77,7 +77,7 @@ class FeatureCache(Callback):
 
     def _init_state(self):
         super()._init_state()
-        self.cached = self.targets = self._key = self._hook = self._armed = None
+        self.cached = self.targets = self._key = self._hook = self._armed = self.dl_train = None
 
     def clear(self):
         "Free the cached features (`cached`, and their labels `targets`)."

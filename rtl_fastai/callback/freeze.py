@@ -64,13 +64,22 @@ class FreezeBlocks(Callback):
         for m in self.frozen: m.eval()
 
     def before_fit(self):
-        self.frozen = self.frozen_modules()
+        # `validate`, `get_preds` and `predict` fire `before_fit` too, and an error there leaves fastai's `Learner.lock`
+        # held: a model that does not fit `n_frozen` is reported when training starts
+        self._error = None
+        try: self.frozen = self.frozen_modules()
+        except (TypeError, ValueError) as e:
+            self.frozen, self._error = [], e
+            return
         ids = set()
         for m in self.frozen:
             for p in m.parameters(): p.requires_grad_(False); ids.add(id(p))
         _prune_optimizer(self.learn.opt, ids)
         self._set_eval()
-    def before_train(self): self._set_eval()
+    def before_train(self):
+        e, self._error = getattr(self, '_error', None), None
+        if e is not None: raise e
+        self._set_eval()
     def before_validate(self): self._set_eval()
     def after_fit(self): self._set_eval()
 
