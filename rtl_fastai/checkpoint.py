@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from .core import normalize_stats, add_input_norm, _norm_layer, _in_channels, _fmt_stats, _record_stats
 from .data.external import cache_dir
-from .hub import RobustModelInfo, robust_model_info
+from .hub import RobustModelInfo, robust_model_info, _CKPT_EXTS
 
 # %% auto #0
 __all__ = ['UnsafeCheckpointError', 'checkpoint_path', 'extract_state_dict', 'CheckpointMismatchError', 'load_robust_checkpoint',
@@ -249,8 +249,6 @@ def _use_stats(model, stats, norm, what, pre=''):
                           "input_stats(model))`). Pass `norm='dls'` to choose the DataLoaders without this warning.")
 
 # %% ../nbs/01a_checkpoint.ipynb #381093a7
-_CKPT_EXTS = ('.pt', '.pth', '.ckpt', '.bin', '.safetensors', '.pkl', '.tar')
-
 def _resolve(src, name):
     "`(path_or_url, registry entry or None)` for a path, URL or registry name"
     if isinstance(src, RobustModelInfo): return src.url, src

@@ -4,8 +4,11 @@
 
 # %% ../nbs/09_cli.ipynb #f8cf4515
 from __future__ import annotations
-import argparse, inspect, sys
+import argparse, inspect, sys, warnings
 from pathlib import Path
+# fastai decorates a few layers with `torch.jit.script`, which recent torch deprecates with a FutureWarning at import:
+# three lines of noise before every command's output (filtered before anything imports fastai)
+warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
 import torch
 from fastcore.docments import docments
 from .core import parse_number
@@ -134,7 +137,7 @@ def main(argv=None):
         sys.exit(f"rtl-fastai run: --data: {e}" + (
             "\n(no MNIST here and no download possible? `--data digits` runs on the embedded digits)"
             if args.data == 'mnist' else "\n(your own image folder? `rtl-fastai transfer FOLDER --source ...` "
-            "transfers onto it)" if isinstance(e, FileNotFoundError) else ''))
+            "transfers onto it)" if isinstance(e, FileNotFoundError) or Path(args.data).expanduser().is_dir() else ''))
     check_only = kw.pop('check_only', False)
     try: run_pipeline(**kw, check_only=True)  # every bad option fails here, in one line, before any training
     except (ValueError, TypeError, FileNotFoundError) as e: sys.exit(f"rtl-fastai run: {e}")

@@ -90,6 +90,8 @@ def _registry():
 ROBUST_MODELS = _registry()
 
 # %% ../nbs/01b_hub.ipynb #f07dfe7e
+_CKPT_EXTS = ('.pt', '.pth', '.ckpt', '.bin', '.safetensors', '.pkl', '.tar')  # checkpoint file names end so
+
 def robust_models(arch:str=None, # keep only this architecture, e.g. 'resnet50'
                   norm:str=None, # keep only this threat model: 'L2', 'Linf' (or 'standard')
                  )->list:
@@ -106,13 +108,14 @@ def robust_models(arch:str=None, # keep only this architecture, e.g. 'resnet50'
 
 def robust_model_info(name:str, # a registry name, e.g. 'resnet50_l2_eps3' or 'Salman2020Do_R50'
                      )->RobustModelInfo:
-    "The registry entry `name` (exact, else case-insensitive, a trailing `.ckpt` allowed)"
+    "The registry entry `name` (exact, else case-insensitive, a trailing file extension allowed: `.ckpt`, `.pt`, ...)"
     if isinstance(name, RobustModelInfo): return name
     if not isinstance(name, str):
         raise TypeError(f"robust_model_info: `name` must be a string, got {type(name).__name__}")
     if name in ROBUST_MODELS: return ROBUST_MODELS[name]
     low = {n.lower(): n for n in ROBUST_MODELS}
-    key = name.lower().removesuffix('.ckpt')
+    key = name.lower()
+    key = next((key[:-len(e)] for e in _CKPT_EXTS if key.endswith(e)), key)  # a file fetched by hand
     if key in low: return ROBUST_MODELS[low[key]]
     close = [low[c] for c in difflib.get_close_matches(key, list(low), n=5, cutoff=0.6)]
     hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ''

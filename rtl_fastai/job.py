@@ -4,7 +4,7 @@
 
 # %% ../nbs/08b_job.ipynb #850b8b8c
 from __future__ import annotations
-import difflib, inspect, os, re, sys, time
+import difflib, inspect, os, re, sys, time, warnings
 from pathlib import Path
 from urllib.parse import urlparse
 import pandas as pd
@@ -13,8 +13,9 @@ from torch import nn
 import torchvision
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
+from fastprogress.fastprogress import IN_NOTEBOOK
 from .core import (parse_number, is_int, check_int, check_number, eps_str, normalize_stats, input_stats, add_input_norm,
-                             check_normalization, _record_stats)
+                             check_normalization, _record_stats, _fmt_stats)
 from .data.folder import check_image_folder, folder_dls
 from .models import model_blocks
 from .hub import IMAGENET_STATS, robust_model_info
@@ -145,6 +146,10 @@ def _place_stats(model, st, normalize):
     _record_stats(model, st)
     return model
 
+def _differ(st, stats)->bool:
+    "Whether the parsed `stats` option `st` (None: not given) contradicts the source's own statistics `stats`"
+    return st is not None and (st == 'none' or not all(torch.allclose(a, b) for a, b in zip(st, normalize_stats(stats))))
+
 def load_source(source:str, # a registry name, a checkpoint file or URL, or 'torchvision:NAME' / 'timm:NAME'
                 arch:str=None, # a checkpoint file's architecture ('resnet50', 'timm:resnet50'); default: the registry's
                 stats=None, # input statistics of a checkpoint that stores none (see `parse_stats`)
@@ -166,7 +171,8 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, or 'tor
             raise ValueError(f"{who}: `arch`={arch!r} contradicts `source`={s!r}; leave `arch` out for a {lib} source")
         model, nat = build_arch(s, pretrained=pretrained, name='source', who=who)
         st = nat if st is None else st
-        desc = dict(kind='natural', name=s, arch=s, pretrained=pretrained, threat='standard')
+        desc = dict(kind='natural', name=s, arch=s, pretrained=pretrained,
+                    threat='standard' if pretrained else 'not trained (random weights)')
         return _place_stats(model, st, normalize), desc
     is_url = len(urlparse(s).scheme) > 1
     p = Path(s).expanduser()
@@ -181,9 +187,9 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, or 'tor
                              f"natural model.{tv}") from None
         if arch is not None and _lib_name(arch)[1] != info.arch:
             raise ValueError(f"{who}: `arch`={arch!r} contradicts `source`={s!r}, a {info.arch}; leave `arch` out")
-        reg = normalize_stats(info.stats)
-        if st is not None and st != 'none' and not all(torch.allclose(a, b) for a, b in zip(st, reg)):
-            raise ValueError(f"{who}: `stats` differ from the statistics of {info.name!r}: leave `stats` out")
+        if _differ(st, info.stats):
+            raise ValueError(f"{who}: `stats` differ from the statistics {info.name!r} was trained with "
+                             f"({_fmt_stats(normalize_stats(info.stats))}): leave `stats` out")
         model = load_robust_checkpoint(info.name, norm=normalize, cache=cache)
         return model, dict(kind='registry', name=info.name, arch=info.arch, threat=info.threat, url=info.url,
                            citation=info.citation)
@@ -200,6 +206,9 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, or 'tor
     ckpt = _read_checkpoint(fp, name='source')
     try: sd, fstats = extract_state_dict(ckpt)
     except (KeyError, ValueError) as e: raise ValueError(f"{who}: `source`: {e}") from None
+    if fstats is not None and _differ(st, fstats):  # the file's own statistics win: say so rather than ignore `stats`
+        raise ValueError(f"{who}: `stats`: the checkpoint {p.name} stores the input statistics its model was trained "
+                         f"with ({_fmt_stats(normalize_stats(fstats))}): leave `stats` out")
     model, _ = build_arch(arch, who=who)
     n = _head_classes(model, sd)
     if n is not None and n != 1000: model, _ = build_arch(arch, num_classes=n, who=who)
@@ -240,12 +249,23 @@ def _check_device(device, who):
         raise ValueError(f"{who}: `device`={device!r} asks for CUDA but torch sees no GPU; use device='cpu'")
     return d
 
+def _eval_dl(dls, n_batches, seed):
+    ("The validation DataLoader; with `n_batches`, one whose batches are a fixed random sample of it (an image folder's "
+     "validation images are in class order: its first batches would hold few classes)")
+    if n_batches is None: return dls.valid
+    idxs = torch.randperm(len(dls.valid.dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    return dls.valid.new(get_idxs=lambda: idxs)  # the same sample for every attack
+
 def _curve_eps(eps, norm):
     "The radii of the robust-accuracy curve: 0, eps/4, eps/2, eps, 1.5 eps, 2 eps (below 0.5 for L-inf)"
     top = 0.5 if norm == 'linf' else float('inf')
     return sorted({eps*f for f in (0, .25, .5, 1, 1.5, 2) if f == 1 or eps*f < top})
 
 # %% ../nbs/08b_job.ipynb #1a67c2b8
+def _bars(quiet:bool)->bool:
+    "Progress bars and fastai's live table: on a terminal or in a notebook unless `quiet` (in a log: control characters)"
+    return not quiet and (sys.stdout.isatty() or IN_NOTEBOOK)
+
 def _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha, epochs, bs, lr, warmup_epochs,
                stats, normalize, pretrained, curve, n_batches, cache, train, valid, out, seed, device, threads, quiet,
                who):
@@ -281,15 +301,16 @@ def _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha
         if not isinstance(v, str) or not v: raise ValueError(f"{who}: `{k}` must be a folder name, got {v!r}")
     dev, out = _check_device(device, who), _check_out(out, who)
     # the image folder
-    try: summary = check_image_folder(data, train, valid, verify=True)
+    try: summary = check_image_folder(data, train, valid, verify=True, bar_over=300 if _bars(quiet) else sys.maxsize)
     except (FileNotFoundError, NotADirectoryError, ValueError, TypeError) as err:
-        raise type(err)(f"{who}: `data`: " + str(err).replace('check_image_folder: ', '', 1)) from None
+        raise type(err)(f"{who}: `data`: " + str(err).replace('check_image_folder: ', '', 1).replace('`path`=', '', 1)) from None
     # the source
     model, desc = load_source(source, arch, stats, normalize, pretrained, who=who)
     try: n_frozen_entries(model, n_retrain)
     except ValueError as err: raise ValueError(f"{who}: {err}") from None
-    dls = folder_dls(summary.path, size=size, bs=bs, stats=input_stats(model) if normalize == 'dls' else None,
-                     train=train, valid=valid, device=dev, seed=seed, verify=False)
+    try: dls = folder_dls(summary.path, size=size, bs=bs, stats=input_stats(model) if normalize == 'dls' else None,
+                          train=train, valid=valid, device=dev, seed=seed, verify=False)
+    except ValueError as err: raise ValueError(f"{who}: " + str(err).replace('folder_dls: ', '', 1)) from None
     problem = check_normalization(model, dls, who)
     if problem is not None:
         raise RuntimeError(f"{who}: inconsistent normalization (a bug; please report it): {problem}")
@@ -367,6 +388,12 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
             except AttributeError: pass
             raise
         dls, tm, summary = j['dls'], j['threat'], j['summary']
+        src_norm = str(j['desc'].get('threat', '')).split(' ')[0].lower()   # 'linf', 'l2', 'standard' or 'unknown'
+        if src_norm in ('linf', 'l2') and src_norm != tm.norm:
+            warnings.warn(f"{who}: the source was trained against {j['desc']['threat']} attacks, and this job evaluates "
+                          f"{tm.norm} attacks at eps={eps_str(tm.eps)}: robustness carries over for the threat model "
+                          f"the source was trained for; evaluate there with norm={src_norm!r} and its eps",
+                          UserWarning, stacklevel=2)
         log(f"{summary!r}\nsource: {j['desc']['name']} ({j['desc']['arch']}, trained: {j['desc']['threat']}); "
             f"n_retrain={j['n_retrain']}, lam={j['lam']:g}; evaluation: {tm.name} ({tm.norm}, eps={eps_str(tm.eps)}, "
             f"step {eps_str(tm.step_size)})")
@@ -377,21 +404,24 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
                else [])
         log(f"training: {epochs} epoch{'s' if epochs != 1 else ''} on {summary.n_train} images of {len(summary.classes)} classes")
         t = time.time()
-        # on a terminal fastai's table and bars (unless `quiet`); in a log the bars would be control characters,
-        # so the epoch table is printed from the recorder after the fit
-        tty = sys.stdout.isatty()
-        bars = not quiet and tty
+        # on a terminal or in a notebook fastai's table and bars (unless `quiet`); in a log the bars would be control
+        # characters, so the epoch table is printed from the recorder after the fit
+        bars = _bars(quiet)
         fit_quietly(learn, epochs, lr, cbs, verbose=bars)
-        if not quiet and not tty: print(pd.DataFrame(_hist(learn)).to_string(index=False), flush=True)
+        if not quiet and not bars: print(pd.DataFrame(_hist(learn)).to_string(index=False), flush=True)
         train_s = time.time() - t
         fc = next((c for c in learn.cbs if isinstance(c, FeatureCache)), None)
-        log(f"evaluation: clean and {tm.name} accuracy on {summary.n_valid} validation images")
+        vdl = _eval_dl(dls, n_batches, seed)
+        n_eval = summary.n_valid if n_batches is None else min(summary.n_valid, n_batches*vdl.bs)
+        log(f"evaluation: clean and {tm.name} accuracy on {n_eval} validation images"
+            + ('' if n_batches is None else f" (a random sample of the {summary.n_valid}: `n_batches`={n_batches})")
+            + (f", then at {len(_curve_eps(tm.eps, tm.norm)) - 1} more radii for the robustness curve" if curve else ''))
         t = time.time()
-        r = robust_validate(learn, threat=tm, n_batches=n_batches, seed=seed, show_progress=bars)
+        r = robust_validate(learn, vdl, threat=tm, n_batches=n_batches, seed=seed, show_progress=bars)
         crv = None
         if curve:
-            crv = robust_accuracy_curve(learn, _curve_eps(tm.eps, tm.norm), threat=tm, n_batches=n_batches, seed=seed,
-                                        show_progress=bars)
+            crv = robust_accuracy_curve(learn, _curve_eps(tm.eps, tm.norm), vdl, threat=tm, n_batches=n_batches,
+                                        seed=seed, show_progress=bars)
             label = f"{j['desc']['name']}, n_retrain={j['n_retrain']}" + (f", lam={j['lam']:g}" if j['lam'] else '')
             crv.insert(0, 'method', label)
         eval_s = time.time() - t

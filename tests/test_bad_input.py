@@ -363,7 +363,7 @@ CASES = [
     ('cli-out-is-file',    lambda d, m, r: _cli('run', '--out', str(r/'results.txt')), ValueError, r'--out.*results\.txt.* is a file'),
     # -- the user's own transfer job (`rtl-fastai transfer`, issue 12): every bad input fails before any training
     ('job-folder-missing', lambda d, m, r: _job(r, data=str(r/'my_photos')), FileNotFoundError,
-                           r"transfer_job: `data`: `path`=.*my_photos' does not exist"),
+                           r"transfer_job: `data`: '.*my_photos' does not exist"),
     ('job-folder-one-class', lambda d, m, r: _job(r, data=str(r/'one_class')), ValueError,
                            r'transfer_job: `data`: a classifier needs images of at least 2 classes'),
     ('job-folder-unreadable', lambda d, m, r: _job(r, data=str(r/'corrupt_images')), ValueError,

@@ -101,6 +101,60 @@ def test_load_source_checkpoint_layout(files):
     assert desc['kind'] == 'natural' and input_stats(m) is not None
 
 
+def test_stats_that_contradict_the_source_are_refused(files, tmp_path):
+    "A checkpoint that stores its statistics (or a registry model) with other `stats`, or 'none': an error, not ignored"
+    root, _, net = files
+    for st in ('0.5,0.5,0.5/0.5,0.5,0.5', 'none'):
+        with pytest.raises(ValueError, match=r"`stats`: the checkpoint robust_r18\.ckpt stores the input statistics"):
+            load_source(str(root/'robust_r18.ckpt'), arch='resnet18', stats=st)
+    m, _ = load_source(str(root/'robust_r18.ckpt'), arch='resnet18', stats='imagenet')   # the same: accepted
+    for st in ('0.5,0.5,0.5/0.5,0.5,0.5', 'none'):
+        with pytest.raises(ValueError, match=r"`stats` differ from the statistics 'resnet18_linf_eps4\.0'"):
+            load_source('resnet18_linf_eps4.0', stats=st)
+
+
+def test_registry_file_fetched_by_hand_under_its_own_name(files, tmp_path):
+    "A registry model's file saved under its published name (`Salman2020Do_R18.pt`) needs no `arch`"
+    root, _, net = files
+    (tmp_path/'Salman2020Do_R18.pt').write_bytes((root/'robust_r18.ckpt').read_bytes())
+    m, desc = load_source(str(tmp_path/'Salman2020Do_R18.pt'))
+    assert desc['arch'] == 'resnet18' and desc['threat'] != 'unknown'
+
+
+def test_quiet_prints_the_run_folder_alone_on_a_large_folder(files, tmp_path, capsys):
+    "More images than the folder check's bar threshold (300): `quiet` still prints the run folder alone"
+    root, _, _ = files
+    folder = make_image_folder(tmp_path/'big', n_per_class=100, n_valid=2, classes=3, size=8)
+    res = transfer_job(str(folder), source=str(root/'robust_r18.ckpt'), out=str(tmp_path/'out'), quiet=True,
+                       curve=False, **{**KW, 'steps': 1})
+    assert capsys.readouterr().out == f"{res['run_dir']}\n"
+
+
+def test_n_batches_samples_the_classes(files, tmp_path, recwarn):
+    "`n_batches` attacks a fixed random sample of the validation images (in class order, the first batch is one class)"
+    root, folder, _ = files
+    res = transfer_job(str(folder), source=str(root/'robust_r18.ckpt'), out=str(tmp_path/'out'), quiet=True,
+                       **{**KW, 'bs': 4}, n_batches=1)
+    assert res['n'] == 4 and len(res['curve']) and (res['curve'].n == 4).all()
+    assert not [w for w in recwarn if 'classes' in str(w.message)]
+
+
+def test_warns_when_evaluating_another_threat_model_than_the_sources(files, tmp_path):
+    "An L2 source evaluated with L-inf attacks: a warning naming the source's threat model"
+    root, folder, _ = files
+    (tmp_path/'resnet18_l2_eps3.ckpt').write_bytes((root/'robust_r18.ckpt').read_bytes())
+    with pytest.warns(UserWarning, match=r"trained against L2 eps=3 attacks.*norm='l2'"):
+        transfer_job(str(folder), source=str(tmp_path/'resnet18_l2_eps3.ckpt'), out=str(tmp_path/'out'), quiet=True,
+                     curve=False, **{k: v for k, v in KW.items() if k != 'arch'})
+
+
+def test_run_on_an_image_folder_points_to_transfer(files):
+    "`rtl-fastai run --data FOLDER` with the user's own folder says that `rtl-fastai transfer` is for that"
+    _, folder, _ = files
+    with pytest.raises(SystemExit) as e: cli_main(['run', '--data', str(folder), '--check-only'])
+    assert 'neither MNIST nor CIFAR-10' in str(e.value) and '`rtl-fastai transfer FOLDER' in str(e.value)
+
+
 def test_checkpoint_of_other_classes_and_plain_state_dict(tmp_path):
     "A plain state dict (no statistics stored) of a 10-class ResNet-18: the head size is read from the file, stats said"
     torch.manual_seed(1)
