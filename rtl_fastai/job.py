@@ -172,7 +172,7 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, or 'tor
         model, nat = build_arch(s, pretrained=pretrained, name='source', who=who)
         st = nat if st is None else st
         desc = dict(kind='natural', name=s, arch=s, pretrained=pretrained,
-                    threat='standard' if pretrained else 'not trained (random weights)')
+                    threat='standard' if pretrained else 'none (random weights)')
         return _place_stats(model, st, normalize), desc
     is_url = len(urlparse(s).scheme) > 1
     p = Path(s).expanduser()
@@ -268,7 +268,7 @@ def _bars(quiet:bool)->bool:
 
 def _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha, epochs, bs, lr, warmup_epochs,
                stats, normalize, pretrained, curve, n_batches, cache, train, valid, out, seed, device, threads, quiet,
-               who):
+               who, valid_pct=None):
     "Every check of `transfer_job`, in order of cost; returns what the training needs"
     # options
     n_retrain = parse_n_retrain(n_retrain, who)
@@ -301,7 +301,8 @@ def _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha
         if not isinstance(v, str) or not v: raise ValueError(f"{who}: `{k}` must be a folder name, got {v!r}")
     dev, out = _check_device(device, who), _check_out(out, who)
     # the image folder
-    try: summary = check_image_folder(data, train, valid, verify=True, bar_over=300 if _bars(quiet) else sys.maxsize)
+    try: summary = check_image_folder(data, train, valid, verify=True, bar_over=300 if _bars(quiet) else sys.maxsize,
+                                      valid_pct=valid_pct, seed=seed)
     except (FileNotFoundError, NotADirectoryError, ValueError, TypeError) as err:
         raise type(err)(f"{who}: `data`: " + str(err).replace('check_image_folder: ', '', 1).replace('`path`=', '', 1)) from None
     # the source
@@ -309,7 +310,7 @@ def _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha
     try: n_frozen_entries(model, n_retrain)
     except ValueError as err: raise ValueError(f"{who}: {err}") from None
     try: dls = folder_dls(summary.path, size=size, bs=bs, stats=input_stats(model) if normalize == 'dls' else None,
-                          train=train, valid=valid, device=dev, seed=seed, verify=False)
+                          train=train, valid=valid, device=dev, seed=seed, verify=False, valid_pct=valid_pct)
     except ValueError as err: raise ValueError(f"{who}: " + str(err).replace('folder_dls: ', '', 1)) from None
     problem = check_normalization(model, dls, who)
     if problem is not None:
@@ -337,7 +338,7 @@ def _hist(learn):
     return [dict(epoch=i, **{n: (float(v) if v is not None else None) for n, v in zip(names, vals)})
             for i, vals in enumerate(learn.recorder.values)]
 
-def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `data/valid/<class>/*.jpg`
+def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `data/valid/<class>/*.jpg` (or `valid_pct`)
                  # a registry name (`robust_models()`), a checkpoint file/URL, or 'torchvision:NAME' / 'timm:NAME'
                  source:str='resnet18_linf_eps4.0',
                  # a checkpoint file's architecture: 'resnet50' (torchvision) or 'timm:NAME'; default: the registry's
@@ -361,6 +362,7 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
                  cache:bool=True, # cache the frozen blocks' features when the training images are deterministic
                  train:str='train', # the training folder's name
                  valid:str='valid', # the validation folder's name
+                 valid_pct:float=None, # `data` holds class folders (`data/<class>/*.jpg`): the share kept for validation
                  out:str='rtl_out', # results folder: each run writes a new `out/run_NNN`, earlier runs are kept
                  seed:int=0, # random seed (training order, head initialization, attack starts)
                  device:str=None, # torch device, e.g. 'cpu' or 'cuda:0'; default fastai's `default_device()`
@@ -373,7 +375,8 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
     settings = dict(data=str(data), source=str(source), arch=arch, size=size, n_retrain=n_retrain, lam=lam, eps=eps,
                     norm=norm, steps=steps, alpha=alpha, epochs=epochs, bs=bs, lr=lr, warmup_epochs=warmup_epochs,
                     stats=stats, normalize=normalize, pretrained=pretrained, curve=curve, n_batches=n_batches,
-                    cache=cache, train=train, valid=valid, out=str(out), seed=seed, device=device, threads=threads)
+                    cache=cache, train=train, valid=valid, valid_pct=valid_pct, out=str(out), seed=seed, device=device,
+                    threads=threads)
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     old_threads = torch.get_num_threads()
     try:
@@ -382,7 +385,7 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
         try:
             j = _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha, epochs, bs, lr,
                            warmup_epochs, stats, normalize, pretrained, curve, n_batches, cache, train, valid, out,
-                           seed, device, threads, quiet, who)
+                           seed, device, threads, quiet, who, valid_pct)
         except Exception as err:
             try: err.bad_input = True  # `main` prints the message alone
             except AttributeError: pass

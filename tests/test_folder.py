@@ -279,3 +279,27 @@ def test_plain_fastai_from_folder_squish_is_deterministic(shapes):
     assert random_tfms(dls.train) == []
     dls = ImageDataLoaders.from_folder(shapes, item_tfms=Resize(64), bs=8, device='cpu', num_workers=0)
     assert random_tfms(dls.train) == ["Resize(method='crop')"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a folder of class folders, split at random (`valid_pct`)
+def test_valid_pct_split_is_fastais(shapes):
+    "`valid_pct`: `path/<class>/*.png` split as `ImageDataLoaders.from_folder(valid_pct=...)` splits it; the summary "
+    "counts the same images, whatever `seed` the loaders get; the global random state is left alone"
+    root = shapes/'train'   # class folders, no split
+    st = torch.get_rng_state()
+    s = check_image_folder(root, valid_pct=0.25, seed=3)
+    assert torch.equal(st, torch.get_rng_state())
+    assert s.n_train + s.n_valid == 24 and s.n_valid == 6 and s.valid_pct == 0.25 and s.seed == 3
+    dls = folder_dls(root, size=24, bs=4, valid_pct=0.25, seed=3, stats=None)
+    assert sorted(map(str, dls.valid_ds.items)) == sorted(map(str, s.files[s.valid]))
+    assert len(dls.train_ds) == s.n_train and dls.vocab == s.classes
+    d0 = folder_dls(root, size=24, bs=4, valid_pct=0.25, stats=None)   # seed None: the split is seeded with 0
+    assert sorted(map(str, d0.valid_ds.items)) == sorted(map(str, check_image_folder(root, valid_pct=0.25).files['valid']))
+
+
+def test_valid_pct_errors(shapes):
+    _fails(lambda: check_image_folder(shapes/'train'), ValueError, r"class folders without a train/valid split.*`valid_pct=0\.2`")
+    _fails(lambda: check_image_folder(shapes, valid_pct=0.2), ValueError, r"already has train/ and valid/ folders: leave `valid_pct` out")
+    for bad in (0, 1, 1.5, '0.2'):
+        _fails(lambda: check_image_folder(shapes/'train', valid_pct=bad), ValueError, r"`valid_pct` must be a fraction in \(0, 1\)")

@@ -155,6 +155,17 @@ def test_run_on_an_image_folder_points_to_transfer(files):
     assert 'neither MNIST nor CIFAR-10' in str(e.value) and '`rtl-fastai transfer FOLDER' in str(e.value)
 
 
+def test_valid_pct_on_a_folder_of_class_folders(files, tmp_path, capsys):
+    "`rtl-fastai transfer DATA --valid-pct 0.25` on class folders without a split; without it, the error names the option"
+    root, folder, _ = files
+    with pytest.raises(SystemExit) as e: main([str(folder/'train'), '--source', str(root/'robust_r18.ckpt'), '--arch', 'resnet18'])
+    assert '`--valid-pct 0.2`' in str(e.value)
+    main([str(folder/'train'), '--source', str(root/'robust_r18.ckpt'), '--arch', 'resnet18', '--size', '32', '--bs', '4',
+          '--epochs', '1', '--steps', '1', '--no-curve', '--valid-pct', '0.25', '--out', str(tmp_path/'out'), '--quiet'])
+    js = json.loads((Path(capsys.readouterr().out.strip().splitlines()[-1])/'results.json').read_text())
+    assert js['sources']['data']['n_valid'] == 6 and js['settings']['valid_pct'] == 0.25
+
+
 def test_checkpoint_of_other_classes_and_plain_state_dict(tmp_path):
     "A plain state dict (no statistics stored) of a 10-class ResNet-18: the head size is read from the file, stats said"
     torch.manual_seed(1)

@@ -12,12 +12,12 @@ import torch
 from PIL import Image, ImageDraw
 from fastcore.basics import store_attr
 from fastprogress.fastprogress import progress_bar
-from fastai.data.transforms import get_image_files, image_extensions, Normalize
+from fastai.data.transforms import get_image_files, image_extensions, Normalize, RandomSplitter
 from fastai.vision.core import PILImage, imagenet_stats
 from fastai.vision.augment import Resize, aug_transforms
 from fastai.vision.data import ImageDataLoaders
 from fastai.torch_core import default_device
-from ..core import is_int, check_int, normalize_stats
+from ..core import is_int, is_number, check_int, normalize_stats, fork_rng
 from .arrays import ArrayData, select_classes, subsample, subsample_valid
 from .external import load_dataset
 
@@ -139,7 +139,8 @@ def save_image_folder(data,                 # an `ArrayData`, or a name/path for
 # %% ../../nbs/00f_data.folder.ipynb #e469fcf3
 class FolderSummary:
     "What `check_image_folder` found: images per class in each split, and the files' PIL modes"
-    def __init__(self, path:Path, train:str, valid:str, counts:dict, files:dict, modes:Counter=None): store_attr()
+    def __init__(self, path:Path, train:str, valid:str, counts:dict, files:dict, modes:Counter=None,
+                 valid_pct:float=None, seed:int=None): store_attr()  # `valid_pct`: a random split of class folders
     @property
     def classes(self)->list: return sorted(self.counts[self.train])
     @property
@@ -182,11 +183,28 @@ def _layout_error(path, train, valid, missing):
     fixes = [f"`{k}={v[0]!r}`" for k, v in alt.items() if v and (train if k == 'train' else valid) in missing]
     if fixes: msg += f". Pass the names of your split folders: {' and '.join(fixes)}"
     elif subs and all(any(f.suffix.lower() in image_extensions for f in (path/s).iterdir()) for s in subs[:5]):
-        msg += (". These look like class folders without a train/valid split: move the images into "
-                f"{train}/<class>/ and {valid}/<class>/, or let fastai split them "
-                "(`ImageDataLoaders.from_folder(path, valid_pct=0.2, ...)`)")
+        msg += (". These look like class folders without a train/valid split: split them at random with "
+                f"`valid_pct=0.2` (a random fifth of the images for validation), or move the images into "
+                f"{train}/<class>/ and {valid}/<class>/")
     else: msg += f". Pass `train=` and `valid=` with the names of your split folders"
     return ValueError(msg)
+
+def _random_split(path, train, valid, valid_pct, seed):
+    ("The files and images per class of fastai's random split of `path/<class>/*.jpg` (`get_image_files`, then "
+     "`RandomSplitter(valid_pct, seed)`, as `ImageDataLoaders.from_folder(valid_pct=...)` does)")
+    who = 'check_image_folder'
+    if not (is_number(valid_pct) and 0 < valid_pct < 1):
+        raise ValueError(f"{who}: `valid_pct` must be a fraction in (0, 1), the share of the images kept for "
+                         f"validation (e.g. 0.2), got {valid_pct!r}")
+    check_int(seed, 'seed', lo=None, who=who)
+    if (path/train).is_dir() and (path/valid).is_dir():
+        raise ValueError(f"{who}: `valid_pct` splits a folder of class folders (path/<class>/*.jpg), but {path} "
+                         f"already has {train}/ and {valid}/ folders: leave `valid_pct` out to use them")
+    _split_counts(path, '.', 'path')  # the checks of a split folder (images in class folders)
+    files = get_image_files(path)  # in fastai's order, so that the split is fastai's
+    with fork_rng(): itr, iva = RandomSplitter(valid_pct, seed=seed)(files)  # it seeds torch's global RNG
+    ftr, fva = [files[i] for i in itr], [files[i] for i in iva]
+    return (ftr, Counter(f.parent.name for f in ftr)), (fva, Counter(f.parent.name for f in fva))
 
 def _split_counts(path, split, param):
     "Images per class (parent folder) under `path/split`; errors for no images and for images outside a class folder"
@@ -216,6 +234,10 @@ def check_image_folder(path,               # the folder that holds the `train` a
                        valid:str='valid',  # the validation folder's name (`path/valid/<class>/*.jpg`)
                        verify:bool=True,   # decode every file (at reduced size) and report the unreadable ones
                        bar_over:int=300,   # show a progress bar when verifying more files than this
+                       # None: the `train`/`valid` layout; a fraction: `path/<class>/*.jpg` split at random, as fastai's
+                       # `ImageDataLoaders.from_folder(path, valid_pct=...)` splits it
+                       valid_pct:float=None,
+                       seed:int=0,         # seed of the `valid_pct` split (fastai's `RandomSplitter`)
                       )->FolderSummary:
     "Check an image folder in fastai's `train/<class>/*.jpg`, `valid/<class>/*.jpg` layout; a summary or a clear error"
     if not isinstance(path, (str, Path)):
@@ -231,9 +253,11 @@ def check_image_folder(path,               # the folder that holds the `train` a
                                  f"{train}/ and {valid}/.{hint}")
     if train == valid:
         raise ValueError(f"check_image_folder: `train` and `valid` are both {train!r}; give two different folders")
-    missing = [s for s in (train, valid) if not (path/s).is_dir()]
-    if missing: raise _layout_error(path, train, valid, missing)
-    (ftr, ctr), (fva, cva) = _split_counts(path, train, 'train'), _split_counts(path, valid, 'valid')
+    if valid_pct is None:
+        missing = [s for s in (train, valid) if not (path/s).is_dir()]
+        if missing: raise _layout_error(path, train, valid, missing)
+        (ftr, ctr), (fva, cva) = _split_counts(path, train, 'train'), _split_counts(path, valid, 'valid')
+    else: (ftr, ctr), (fva, cva) = _random_split(path, train, valid, valid_pct, seed)
     if len(ctr) < 2:
         raise ValueError(f"check_image_folder: a classifier needs images of at least 2 classes, {path/train} has "
                          f"{len(ctr)} ({dict(ctr)}); add a folder {train}/<class>/ per class")
@@ -257,7 +281,8 @@ def check_image_folder(path,               # the folder that holds the `train` a
                              "remove them, e.g. `for f in verify_images(get_image_files(path)): f.unlink()` "
                              "(`from fastai.vision.all import verify_images, get_image_files`), or replace them")
         modes = Counter(m for m in res)
-    return FolderSummary(path, train, valid, {train: ctr, valid: cva}, {train: ftr, valid: fva}, modes)
+    return FolderSummary(path, train, valid, {train: ctr, valid: cva}, {train: ftr, valid: fva}, modes,
+                         valid_pct, None if valid_pct is None else seed)
 
 # %% ../../nbs/00f_data.folder.ipynb #bdb93dbf
 _METHODS = ('squish', 'pad', 'crop')
@@ -295,6 +320,7 @@ def folder_dls(path,                  # the folder that holds the `train` and `v
                num_workers:int=0,     # worker processes that decode the images
                seed:int=None,         # seed of the training shuffle (fresh loaders repeat a run; None: random)
                verify:bool=True,      # decode every file first (see `check_image_folder`)
+               valid_pct:float=None,  # a folder of class folders (`path/<class>/*.jpg`): the share kept for validation
                **kwargs,              # passed on to `ImageDataLoaders.from_folder` (e.g. `val_bs`, `img_cls`)
               ):
     "`DataLoaders` on a checked image folder (`ImageDataLoaders.from_folder`), pixels in [0,1] before `Normalize`"
@@ -306,7 +332,8 @@ def folder_dls(path,                  # the folder that holds the `train` and `v
                          "'pad' and 'crop' are random on the training set")
     check_int(bs, 'bs', who=who); check_int(num_workers, 'num_workers', lo=0, who=who)
     st = normalize_stats(stats)
-    summary = check_image_folder(path, train, valid, verify=verify)
+    split_seed = 0 if seed is None else seed  # a `valid_pct` split is always seeded: the summary counts its images
+    summary = check_image_folder(path, train, valid, verify=verify, valid_pct=valid_pct, seed=split_seed)
     if bs > summary.n_train and kwargs.get('drop_last', True):
         raise ValueError(f"{who}: `bs`={bs} is larger than the {summary.n_train} training images: "
                          "fastai drops the last incomplete training batch, so an epoch would have no batch; "
@@ -314,7 +341,8 @@ def folder_dls(path,                  # the folder that holds the `train` and `v
     if st is not None: _check_channels(st, summary, kwargs.get('img_cls', PILImage))
     tfms = aug_transforms() if augment else []
     if st is not None: tfms.append(Normalize.from_stats(st[0].flatten().tolist(), st[1].flatten().tolist(), cuda=False))
-    dls = ImageDataLoaders.from_folder(summary.path, train=train, valid=valid, seed=seed,
+    dls = ImageDataLoaders.from_folder(summary.path, train=train, valid=valid, valid_pct=valid_pct,
+                                       seed=split_seed if valid_pct else seed,
                                        item_tfms=Resize(size[0] if size[0] == size[1] else size, method=method),
                                        batch_tfms=tfms, bs=bs,
                                        device=device if device is not None else default_device(),
