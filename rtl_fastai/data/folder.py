@@ -200,16 +200,17 @@ def _random_split(path, train, valid, valid_pct, seed):
     if (path/train).is_dir() and (path/valid).is_dir():
         raise ValueError(f"{who}: `valid_pct` splits a folder of class folders (path/<class>/*.jpg), but {path} "
                          f"already has {train}/ and {valid}/ folders: leave `valid_pct` out to use them")
-    _split_counts(path, '.', 'path')  # the checks of a split folder (images in class folders)
     files = get_image_files(path)  # in fastai's order, so that the split is fastai's
+    _split_counts(path, '.', 'path', files)  # the checks of a split folder (images in class folders)
     with fork_rng(): itr, iva = RandomSplitter(valid_pct, seed=seed)(files)  # it seeds torch's global RNG
     ftr, fva = [files[i] for i in itr], [files[i] for i in iva]
     return (ftr, Counter(f.parent.name for f in ftr)), (fva, Counter(f.parent.name for f in fva))
 
-def _split_counts(path, split, param):
-    "Images per class (parent folder) under `path/split`; errors for no images and for images outside a class folder"
+def _split_counts(path, split, param, files=None):
+    ("Images per class (parent folder) under `path/split` (`files`: its image files, when they are listed already); "
+     "errors for no images and for images outside a class folder")
     root = path/split
-    files = sorted(get_image_files(root))
+    files = sorted(get_image_files(root) if files is None else files)
     if not files:
         other = Counter(f.suffix.lower() or '(none)' for f in root.rglob('*') if f.is_file())
         other = dict(sorted(other.items(), key=lambda kv: (-kv[1], kv[0]))[:5])
