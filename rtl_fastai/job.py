@@ -146,6 +146,11 @@ def _place_stats(model, st, normalize):
     _record_stats(model, st)
     return model
 
+def _trained_for(info)->dict:
+    "The threat model a registry source was trained against, as `ThreatModel` spells it (norm None: standard or unknown)"
+    if info is None or not info.norm: return dict(norm=None, eps=0. if info else None)
+    return dict(norm=info.norm.lower(), eps=info.eps)
+
 def _differ(st, stats)->bool:
     "Whether the parsed `stats` option `st` (None: not given) contradicts the source's own statistics `stats`"
     return st is not None and (st == 'none' or not all(torch.allclose(a, b) for a, b in zip(st, normalize_stats(stats))))
@@ -172,7 +177,7 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, or 'tor
         model, nat = build_arch(s, pretrained=pretrained, name='source', who=who)
         st = nat if st is None else st
         desc = dict(kind='natural', name=s, arch=s, pretrained=pretrained,
-                    threat='standard' if pretrained else 'none (random weights)')
+                    threat='standard' if pretrained else 'none (random weights)', norm=None, eps=0.)
         return _place_stats(model, st, normalize), desc
     is_url = len(urlparse(s).scheme) > 1
     p = Path(s).expanduser()
@@ -192,7 +197,7 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, or 'tor
                              f"({_fmt_stats(normalize_stats(info.stats))}): leave `stats` out")
         model = load_robust_checkpoint(info.name, norm=normalize, cache=cache)
         return model, dict(kind='registry', name=info.name, arch=info.arch, threat=info.threat, url=info.url,
-                           citation=info.citation)
+                           citation=info.citation, **_trained_for(info))
     if p.is_dir():
         raise IsADirectoryError(f"{who}: `source`={s!r} is a folder; give a checkpoint file (or a registry name)")
     try: info = robust_model_info(Path(urlparse(s).path).name if is_url else p.name)  # a registry file fetched by hand
@@ -225,7 +230,7 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, or 'tor
         raise CheckpointMismatchError(f"{who}: `source` {p.name} is not a checkpoint of `arch`={arch!r} "
                                       f"({n or 1000} classes): {e}") from None
     desc = dict(kind='checkpoint', name=s, arch=arch, threat=info.threat if info else 'unknown',
-                file=str(Path(fp).resolve()))
+                file=str(Path(fp).resolve()), **_trained_for(info))
     return model, desc
 
 # %% ../nbs/08b_job.ipynb #d31fdfff
@@ -391,12 +396,12 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
             except AttributeError: pass
             raise
         dls, tm, summary = j['dls'], j['threat'], j['summary']
-        src_norm = str(j['desc'].get('threat', '')).split(' ')[0].lower()   # 'linf', 'l2', 'standard' or 'unknown'
-        if src_norm in ('linf', 'l2') and src_norm != tm.norm:
+        src_norm = j['desc']['norm']   # 'linf', 'l2', or None (a standard or unknown source)
+        if src_norm is not None and src_norm != tm.norm:
             warnings.warn(f"{who}: the source was trained against {j['desc']['threat']} attacks, and this job evaluates "
                           f"{tm.norm} attacks at eps={eps_str(tm.eps)}: robustness carries over for the threat model "
-                          f"the source was trained for; evaluate there with norm={src_norm!r} and its eps",
-                          UserWarning, stacklevel=2)
+                          f"the source was trained for; evaluate there with norm={src_norm!r}, "
+                          f"eps={eps_str(j['desc']['eps'])}", UserWarning, stacklevel=2)
         log(f"{summary!r}\nsource: {j['desc']['name']} ({j['desc']['arch']}, trained: {j['desc']['threat']}); "
             f"n_retrain={j['n_retrain']}, lam={j['lam']:g}; evaluation: {tm.name} ({tm.norm}, eps={eps_str(tm.eps)}, "
             f"step {eps_str(tm.step_size)})")

@@ -119,6 +119,10 @@ def test_registry_file_fetched_by_hand_under_its_own_name(files, tmp_path):
     (tmp_path/'Salman2020Do_R18.pt').write_bytes((root/'robust_r18.ckpt').read_bytes())
     m, desc = load_source(str(tmp_path/'Salman2020Do_R18.pt'))
     assert desc['arch'] == 'resnet18' and desc['threat'] != 'unknown'
+    assert desc['norm'] == 'linf' and abs(desc['eps'] - 4/255) < 1e-12
+    (tmp_path/'mine.pt').write_bytes((root/'robust_r18.ckpt').read_bytes())
+    m, desc = load_source(str(tmp_path/'mine.pt'), arch='resnet18')   # a file of unknown training
+    assert desc['threat'] == 'unknown' and desc['norm'] is None and desc['eps'] is None
 
 
 def test_quiet_prints_the_run_folder_alone_on_a_large_folder(files, tmp_path, capsys):
@@ -143,7 +147,7 @@ def test_warns_when_evaluating_another_threat_model_than_the_sources(files, tmp_
     "An L2 source evaluated with L-inf attacks: a warning naming the source's threat model"
     root, folder, _ = files
     (tmp_path/'resnet18_l2_eps3.ckpt').write_bytes((root/'robust_r18.ckpt').read_bytes())
-    with pytest.warns(UserWarning, match=r"trained against L2 eps=3 attacks.*norm='l2'"):
+    with pytest.warns(UserWarning, match=r"trained against L2 eps=3 attacks.*norm='l2', eps=3"):
         transfer_job(str(folder), source=str(tmp_path/'resnet18_l2_eps3.ckpt'), out=str(tmp_path/'out'), quiet=True,
                      curve=False, **{k: v for k, v in KW.items() if k != 'arch'})
 
@@ -201,6 +205,7 @@ def test_registry_name_with_mocked_download(files, tmp_path, monkeypatch):
     m, desc = load_source('resnet18_linf_eps4.0')
     assert urls == ['https://huggingface.co/madrylab/robust-imagenet-models/resolve/main/resnet18_linf_eps4.0.ckpt']
     assert desc['kind'] == 'registry' and desc['threat'] == 'Linf eps=4/255'
+    assert desc['norm'] == 'linf' and abs(desc['eps'] - 4/255) < 1e-12
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in m.state_dict().items())
 
 
