@@ -363,7 +363,7 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
                  normalize:str='dls', # where the stats go: 'dls' (fastai's Normalize) or 'model' (inside the model)
                  pretrained:bool=True, # torchvision/timm sources: the library's ImageNet weights (False: random)
                  curve:bool=True, # also robust accuracy at a few eps around `eps` (robust_curve.csv and .png)
-                 n_batches:int=None, # attack only the first `n_batches` validation batches (None: all)
+                 n_batches:int=None, # attack `n_batches` batches of a fixed random sample of the validation images (None: all)
                  cache:bool=True, # cache the frozen blocks' features when the training images are deterministic
                  train:str='train', # the training folder's name
                  valid:str='valid', # the validation folder's name
@@ -373,9 +373,10 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
                  device:str=None, # torch device, e.g. 'cpu' or 'cuda:0'; default fastai's `default_device()`
                  threads:int=None, # torch CPU threads during the job (None: torch's choice)
                  quiet:bool=False, # print only the run folder: no step messages, progress bars or tables
+                 check_only:bool=False, # check the folder, the source and the options, say what would run, and stop
                 )->dict:
     ("Robust transfer from `source` onto the image folder `data`: check all, train, evaluate (clean, PGD), "
-     "write a new run folder")
+     "write a new run folder (`check_only`: check all and stop)")
     who, t0 = 'transfer_job', time.time()
     settings = dict(data=str(data), source=str(source), arch=arch, size=size, n_retrain=n_retrain, lam=lam, eps=eps,
                     norm=norm, steps=steps, alpha=alpha, epochs=epochs, bs=bs, lr=lr, warmup_epochs=warmup_epochs,
@@ -405,6 +406,11 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
         log(f"{summary!r}\nsource: {j['desc']['name']} ({j['desc']['arch']}, trained: {j['desc']['threat']}); "
             f"n_retrain={j['n_retrain']}, lam={j['lam']:g}; evaluation: {tm.name} ({tm.norm}, eps={eps_str(tm.eps)}, "
             f"step {eps_str(tm.step_size)})")
+        if check_only:
+            log(f"{who}: every check passed; nothing was trained or written ({epochs} epoch{'s' if epochs != 1 else ''} "
+                f"would train on {summary.n_train} images)")
+            return dict(summary=summary, source=j['desc'], threat=tm, n_retrain=j['n_retrain'], lam=j['lam'],
+                        run_dir=None)
         set_seed(seed, reproducible=True)
         learn = transfer_learner(j['model'], dls, n_retrain=j['n_retrain'], metrics=accuracy, lr=lr,
                                  cache='auto' if cache else False)

@@ -226,6 +226,14 @@ def test_command_line(files, capsys):
     with pytest.raises(SystemExit) as e: main([str(folder), '--eps', '8', '--out', str(out)])
     assert "`--eps 8` is larger than the whole [0,1] pixel range" in str(e.value.code)
     assert sorted(p.name for p in out.iterdir()) == ['run_001']
+    capsys.readouterr()
+    assert main([str(folder), '--source', str(root/'robust_r18.ckpt'), '--arch', 'resnet18', '--size', '32', '--bs', '8',
+                 '--out', str(out), '--check-only']) == 0   # every check, then nothing trained or written
+    assert 'every check passed; nothing was trained or written' in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ['run_001']
+    with pytest.raises(SystemExit) as e:
+        main([str(folder), '--source', str(root/'robust_r18.ckpt'), '--size', '32', '--check-only'])
+    assert '`--arch` is missing' in str(e.value.code)
 
 
 def test_python_m_help():
