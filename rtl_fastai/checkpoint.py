@@ -11,6 +11,7 @@ from urllib.parse import urlparse, unquote
 import torch
 import torch.nn as nn
 from .core import normalize_stats, add_input_norm, _norm_layer, _in_channels, _fmt_stats, _record_stats
+from .core import _NormView, _norm_name
 from .data.external import cache_dir
 from .hub import RobustModelInfo, robust_model_info, _CKPT_EXTS
 
@@ -229,7 +230,13 @@ def _use_stats(model, stats, norm, what, pre=''):
                                       "use the checkpoint's architecture, "
                                       "or give statistics with one value per channel")
     layer = _norm_layer(model)
-    if layer is not None:
+    if isinstance(layer, _NormView):  # the model's own normalization (a torchvision `Normalize` in front, ...)
+        have = normalize_stats(layer)
+        if not (torch.allclose(have[0], mean) and torch.allclose(have[1], std)):
+            raise ValueError(f"{pre}`model` normalizes its inputs itself ({_norm_name(layer)}, {_fmt_stats(have)}), "
+                             f"with other statistics than the checkpoint's ({what}: {_fmt_stats(stats)}): "
+                             "give the model without its normalization, or with the checkpoint's statistics")
+    elif layer is not None:
         if norm == 'dls':
             raise ValueError("`norm`='dls', but `model` normalizes its inputs itself (it has a NormalizeInput layer): "
                              "use norm='model' (or 'auto'), or build the model without `stats`")

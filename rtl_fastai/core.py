@@ -7,6 +7,7 @@ from __future__ import annotations
 import math, numbers, os, random, warnings
 from contextlib import contextmanager
 from fractions import Fraction
+from typing import NamedTuple
 import numpy as np
 import torch
 from torch import nn
@@ -147,6 +148,12 @@ def _normalizes(obj)->list:
     return [[]]
 
 def _find_normalize(obj): return next((ns[0] for ns in _normalizes(obj) if ns), None)
+
+class _NormView(NamedTuple):
+    "A normalization that a model which is not ours does in its forward: its statistics (its own tensors) and its name"
+    mean: object
+    std: object
+    name: str
 def _n_normalize(obj): return max(map(len, _normalizes(obj)), default=0)
 
 def normalize_stats(obj, # `DataLoaders`/`DataLoader`, a `Normalize`, a `(mean, std)` pair, or None
@@ -154,6 +161,7 @@ def normalize_stats(obj, # `DataLoaders`/`DataLoader`, a `Normalize`, a `(mean, 
     "`(mean, std)` float tensors shaped (1,C,1,1) used to normalize pixels in [0,1], or None if not normalized"
     if obj is None: return None
     if isinstance(obj, NormalizeInput): return obj.mean.clone(), obj.std.clone()
+    if isinstance(obj, _NormView): return normalize_stats((obj.mean, obj.std))
     if isinstance(obj, Normalize):
         if obj.mean is None or obj.std is None:
             raise ValueError("normalize_stats: this Normalize has no mean/std yet; "
@@ -219,12 +227,33 @@ def _front(model):
         yield model
         model = next(iter(model.children()), None)
 
+def _is_stat(v): return isinstance(v, torch.Tensor) or (isinstance(v, (tuple, list)) and all(isinstance(a, numbers.Real) for a in v))
+
+def _foreign_norm(m)->_NormView|None:
+    ("The normalization `m` does if it is a parameter-free layer with a `mean` and a `std` (torchvision's `Normalize`, "
+     "RobustBench's `ImageNormalizer`, advertorch's `NormalizeByChannelMeanStd`), or a RobustBench model that "
+     "normalizes in its forward with buffers `mean`/`std` or `mu`/`sigma`; else None")
+    if isinstance(m, (NormalizeInput, nn.Sequential, nn.ModuleList, nn.ModuleDict)): return None
+    if next(m.parameters(), None) is None:
+        mean, std = getattr(m, 'mean', None), getattr(m, 'std', None)
+        return _NormView(mean, std, type(m).__name__) if _is_stat(mean) and _is_stat(std) else None
+    if not any(c.__module__.startswith('robustbench.') for c in type(m).__mro__): return None  # a RobustBench model
+    bufs = dict(m.named_buffers(recurse=False))
+    for a, b in (('mean', 'std'), ('mu', 'sigma')):
+        if a in bufs and b in bufs: return _NormView(bufs[a], bufs[b], f"{type(m).__name__}'s {a}/{b}")
+    return None
+
 def _norm_layer(model):
-    "The `NormalizeInput` of `add_input_norm` on `model` or its first children, else the first `NormalizeInput` in it"
+    ("The `NormalizeInput` of `add_input_norm` on `model` or its first children, else the first `NormalizeInput` in it, "
+     "else the normalization of a layer in front that is not ours (a `_NormView`, see `_foreign_norm`)")
     for m in _front(model):  # a wrapper (DataParallel, torch.compile), a Sequential around a model that normalizes
         h = next((h for h in m._forward_pre_hooks.values() if isinstance(h, _InputNormHook)), None)
         if h is not None: return h.norm
-    return next((m for m in _unwrap(model).modules() if isinstance(m, NormalizeInput)), None)
+    n = next((m for m in _unwrap(model).modules() if isinstance(m, NormalizeInput)), None)
+    if n is not None: return n
+    return next((v for v in map(_foreign_norm, _front(_unwrap(model))) if v is not None), None)
+
+def _norm_name(layer)->str: return layer.name if isinstance(layer, _NormView) else 'NormalizeInput'
 
 def input_stats(model:nn.Module)->tuple|None:
     "`(mean, std)` (1,C,1,1) of the inputs of `model`: its `NormalizeInput`, else its `input_stats`, else None"
@@ -248,6 +277,9 @@ def add_input_norm(model:nn.Module, # any model; changed in place
     "Normalize the inputs of `model` inside it, with a forward pre-hook holding a `NormalizeInput`"
     norm = NormalizeInput.from_stats(stats)
     if norm is None: raise ValueError("add_input_norm: `stats` is None; give the (mean, std) the model expects")
+    if isinstance(_norm_layer(model), _NormView):
+        raise ValueError(f"add_input_norm: `model` normalizes its inputs itself ({_norm_name(_norm_layer(model))}, "
+                         f"{_fmt_stats(normalize_stats(_norm_layer(model)))}); it needs no other normalization")
     if _norm_layer(model) is not None:
         raise ValueError("add_input_norm: `model` already has a NormalizeInput; set its statistics instead "
                          "(`layer.mean.copy_(...)`) or build the model without `stats`")
@@ -317,9 +349,10 @@ def check_normalization(model:nn.Module, # the model the inputs go to
     elif exp is None: return None
     elif layer is not None and got is not None:
         kind, msg = 'twice', ("the inputs are normalized twice: the model normalizes inside "
-                              f"(NormalizeInput, {_fmt_stats(exp)}) and the `dls` normalize too ({_fmt_stats(got)}). "
-                              "Remove `Normalize` from the DataLoaders' `batch_tfms`, "
-                              "or take the layer out of the model (load with `norm='dls'`)")
+                              f"({_norm_name(layer)}, {_fmt_stats(exp)}) and the `dls` normalize too "
+                              f"({_fmt_stats(got)}). Remove `Normalize` from the DataLoaders' `batch_tfms`" +
+                              ("" if isinstance(layer, _NormView) else
+                               ", or take the layer out of the model (load with `norm='dls'`)"))
     elif layer is None and got is None:
         kind, msg = 'missing', (f"the model expects inputs normalized with {_fmt_stats(exp)} "
                                 "but the `dls` do not normalize. "

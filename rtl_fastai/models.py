@@ -9,19 +9,20 @@ from collections import OrderedDict
 from typing import Callable, NamedTuple
 import torch
 from torch import nn
+import torch.nn.functional as F
 import torchvision
 from fastcore.basics import store_attr
 from fastcore.foundation import L
 from fastai.torch_core import params
 from fastai.layers import AdaptiveConcatPool2d
 from fastai.vision.learner import create_head, apply_init, TimmBody
-from .core import check_int
+from .core import check_int, _foreign_norm
 
 # %% auto #0
 __all__ = ['BlockNet', 'conv_bn_relu', 'SmallCNN', 'PreActBlock', 'PreActResNet18', 'wrn_units', 'WideResNet', 'ModelBlocks',
-           'Stage', 'model_blocks', 'set_blocks', 'unwrap_model', 'head_module', 'get_features', 'feature_shape',
-           'Penultimate', 'penultimate', 'pooled_features', 'swap_head', 'replace_head', 'n_blocks', 'freeze_blocks',
-           'block_splitter', 'NormalizeInput']
+           'Stage', 'forward_to', 'model_blocks', 'set_blocks', 'unwrap_model', 'head_module', 'get_features',
+           'feature_shape', 'Penultimate', 'penultimate', 'pooled_features', 'swap_head', 'replace_head', 'n_blocks',
+           'freeze_blocks', 'block_splitter', 'NormalizeInput']
 
 # %% ../nbs/01_models.ipynb #9b25a71a
 from .core import NormalizeInput
@@ -293,10 +294,62 @@ def _tv_blocks(m) -> ModelBlocks:
         return ModelBlocks(f[0], blocks, m.classifier, pool=nn.Sequential(m.avgpool, nn.Flatten()))
     return None
 
+# %% ../nbs/01_models.ipynb #fef026f5
+class _Reached(Exception):
+    "Raised by a hook to end a forward where it is, with what the hook saw."
+
+def forward_to(model:nn.Module, module:nn.Module, x:torch.Tensor):
+    "The input that `module` receives in `model(x)`, the rest of the forward skipped (None if `module` is never called)."
+    def grab(m, args): raise _Reached(args[0] if args else None)
+    h = module.register_forward_pre_hook(grab)
+    try: model(x)
+    except _Reached as e: return e.args[0]
+    finally: h.remove()
+    return None
+
+_RB = 'robustbench.model_zoo.architectures.'
+_RB_KINDS = {(_RB + 'wide_resnet', 'WideResNet'): 'wrn', (_RB + 'dm_wide_resnet', 'DMWideResNet'): 'dm_wrn',
+             (_RB + 'dm_wide_resnet', 'DMPreActResNet'): 'dm_preact', (_RB + 'resnet', 'ResNet'): 'resnet',
+             (_RB + 'resnet', 'PreActResNet'): 'preact'}
+
+def _rb_kind(m):
+    "The RobustBench architecture `m` is (or a subclass of), or None; robustbench is not imported."
+    return next((_RB_KINDS[k] for c in type(m).__mro__ if (k := (c.__module__, c.__name__)) in _RB_KINDS), None)
+
+def _rb_layout(m):
+    "`(blocks, tail, head, pool size)` of a RobustBench model, as its architecture's forward runs them."
+    k = _rb_kind(m)
+    if k == 'wrn': return [m.block1, m.block2, m.block3], [m.bn1, m.relu], m.fc, 8
+    if k == 'dm_wrn': return list(m.layer), [m.batchnorm, m.relu], m.logits, 8
+    if k == 'dm_preact': return [m.layer_0, m.layer_1, m.layer_2, m.layer_3], [m.batchnorm, m.relu], m.logits, 4
+    tail = [m.bn, nn.ReLU()] if k == 'preact' and m.bn_before_fc else []
+    return [m.layer1, m.layer2, m.layer3, m.layer4], tail, m.linear, 4
+
+def _rb_stem(m, x):
+    f = forward_to(m, _rb_layout(m)[0][0], x)
+    if f is None: raise RuntimeError(f"the forward of {type(m).__name__} never calls its first block")
+    return f
+
+def _rb_pool(m, x): return F.avg_pool2d(x, _rb_layout(m)[3]).flatten(1)
+
+def _rb_blocks(m) -> ModelBlocks:
+    blocks, tail, head, _ = _rb_layout(m)
+    used = {id(p) for e in blocks + tail + [head] for p in e.parameters()}
+    stem_parts = {n: c for n, c in m.named_children() if not any(id(p) in used for p in c.parameters())}
+    if tail: blocks[-1] = nn.Sequential(blocks[-1], *tail)
+    return ModelBlocks(Stage(m, _rb_stem, **stem_parts), blocks, head, pool=Stage(m, _rb_pool))
+
+def _normalized_inner(model):
+    "The model inside `nn.Sequential(normalization, model)` (see `_foreign_norm`), else None"
+    if not (isinstance(model, nn.Sequential) and len(model) == 2): return None
+    return model[1] if isinstance(model[0], NormalizeInput) or _foreign_norm(model[0]) is not None else None
+
 # %% ../nbs/01_models.ipynb #ae5c1e62
 _SUPPORTED = ("model_blocks supports: rtl_fastai `BlockNet` models (SmallCNN, PreActResNet18, WideResNet), "
               "torchvision ResNet, VisionTransformer, ConvNeXt and EfficientNet, "
               "timm ResNet, EfficientNet, ConvNeXt and VisionTransformer (ViT, DeiT), "
+              "RobustBench's WideResNet, DMWideResNet, DMPreActResNet, ResNet and PreActResNet, "
+              "any of those after a normalization layer in an `nn.Sequential`, "
               "fastai `vision_learner` models on a torchvision ResNet or a timm model, and any "
               "model whose blocks were declared with `set_blocks(model, stem=..., blocks=[...], head=..., pool=None)`")
 
@@ -324,7 +377,7 @@ def _fastai_timm_blocks(model):
     return ModelBlocks(inner.stem, inner.blocks, model[1], pool=pool)
 
 def model_blocks(model:nn.Module) -> ModelBlocks:
-    "The `ModelBlocks` of `model`: this library's models; torchvision and timm ResNet, EfficientNet, ConvNeXt and ViT; fastai `vision_learner` models on those; or blocks declared with `set_blocks`."
+    "The `ModelBlocks` of `model`: this library's models; torchvision and timm ResNet, EfficientNet, ConvNeXt and ViT; RobustBench's CIFAR architectures; those after a normalization layer; fastai `vision_learner` models on those; or blocks declared with `set_blocks`."
     rb = getattr(model, 'rtl_blocks', None)
     if rb is not None:
         if callable(rb) and not isinstance(rb, (ModelBlocks, nn.Module)): rb = rb(model)
@@ -345,6 +398,11 @@ def model_blocks(model:nn.Module) -> ModelBlocks:
     if _is_fastai_model(model):
         body = model[0]
         return ModelBlocks(body[0:4], list(body.children())[4:], model[1])
+    if _rb_kind(model) is not None: return _rb_blocks(model)
+    inner = _normalized_inner(model)
+    if inner is not None:
+        mb = model_blocks(inner)
+        return ModelBlocks(nn.Sequential(model[0], mb.stem), mb.blocks, mb.head, pool=mb.pool)
     raise TypeError(f"model_blocks: unsupported model {type(model).__name__}. {_SUPPORTED}.")
 
 # %% ../nbs/01_models.ipynb #04c14103
@@ -446,6 +504,8 @@ def penultimate(model:nn.Module) -> Penultimate:
     if isinstance(model, tvm.VisionTransformer): return Penultimate(model.heads, _flat_in)
     if isinstance(model, (tvm.ResNet, tvm.ConvNeXt, tvm.EfficientNet)): return Penultimate(model.avgpool, _gap_in)
     if isinstance(model, BlockNet): return Penultimate(model.pool, _gap_in)
+    if _rb_kind(model) is not None: return Penultimate(model_blocks(model).head, _flat_in)
+    if _normalized_inner(model) is not None: return penultimate(_normalized_inner(model))
     raise TypeError(f"penultimate: unsupported model {type(model).__name__}. {_SUPPORTED}.")
 
 def pooled_features(model:nn.Module, x:torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ OLDEST=(torch==2.5.1 torchvision==0.20.1 'numpy<2' fastai==2.7.19 'plum-dispatch
 [ -x .venv-oldest/bin/python ] || "$py" -m venv .venv-oldest
 .venv-oldest/bin/python -m pip install -q --disable-pip-version-check "${OLDEST[@]}" 'pytest>=7' timm scikit-learn \
   pandas matplotlib ipywidgets tabulate safetensors accelerate 2>&1 | grep -v "is ignored: it is neither" || true
-.venv-oldest/bin/python -m pip install -q --disable-pip-version-check --no-deps torchattacks==3.5.1 2>&1 \
+.venv-oldest/bin/python -m pip install -q --disable-pip-version-check --no-deps torchattacks==3.5.1 robustbench==1.1.1 2>&1 \
   | grep -v "is ignored: it is neither" || true
 .venv-oldest/bin/python -c "import sys, torch, torchvision, numpy, fastai, fastcore
 print(f'oldest stack: Python {sys.version.split()[0]}, torch {torch.__version__}, torchvision {torchvision.__version__}, numpy {numpy.__version__}, fastai {fastai.__version__}, fastcore {fastcore.__version__}')"

@@ -4,6 +4,9 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 # torchattacks 3.5.1 pins an old `requests`: it is a test-only reference, installed without its deps.
 python -c "import torchattacks" 2>/dev/null || python -m pip install -q --disable-pip-version-check --no-deps 'torchattacks==3.5.1' 2>&1 | grep -v "is ignored: it is neither" || true
+# robustbench: its CIFAR architectures are test-only references too (tests/test_robustbench.py); its own imports
+# (autoattack from git, geotorch, gdown) are not needed for them, so it is installed without its deps as well.
+python -c "import importlib.util as u, sys; sys.exit(u.find_spec('robustbench') is None)" 2>/dev/null || python -m pip install -q --disable-pip-version-check --no-deps 'robustbench==1.1.1' 2>&1 | grep -v "is ignored: it is neither" || true
 export MPLBACKEND=Agg
 echo "== nbdev_export is in sync with the notebooks"
 nbdev_export

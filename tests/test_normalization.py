@@ -129,6 +129,9 @@ def test_models_that_contain_a_normalizing_model():
         assert not _run('robust_validate', model, _dls())                  # [0,1] inputs are right
         assert 'twice' in _run('robust_validate', model, _dls(IMAGENET))[0]
     tv_norm = torch.nn.Sequential(torchvision.transforms.Normalize(*IMAGENET), _expects_imagenet())
-    assert input_stats(tv_norm) is None and not _run('robust_validate', tv_norm, _dls())
+    # a normalization layer in front that is not ours is read as the model's own, like a `NormalizeInput`
+    torch.testing.assert_close(input_stats(tv_norm)[1].flatten(), torch.tensor(IMAGENET[1]))
+    assert not _run('robust_validate', tv_norm, _dls())
+    assert 'normalizes inside (Normalize,' in _run('robust_validate', tv_norm, _dls(IMAGENET))[0]
     class Net(SmallCNN): input_stats = IMAGENET
     torch.testing.assert_close(input_stats(Net(n_in=3, n_out=2, widths=(8, 16)))[0].flatten(), torch.tensor(IMAGENET[0]))

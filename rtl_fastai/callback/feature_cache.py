@@ -12,7 +12,7 @@ from fastai.torch_core import params
 from fastai.callback.core import Callback
 from ..distributed import DistributedDL
 from ..core import plain, fork_rng
-from ..models import model_blocks
+from ..models import model_blocks, forward_to
 from ..data.augment import random_tfms
 from ..attacks import eval_mode
 from .batch_items import batch_items
@@ -57,9 +57,6 @@ def _called_entry(model, entry):
 
 # %% ../../nbs/05b_callback.feature_cache.ipynb #2223b034
 _EXPECTED = ('off (mode=False)', 'no FreezeBlocks', 'nothing is frozen')  # reasons not worth a line
-
-class _Captured(Exception):
-    "Raised by the build's hook with the input of the first trained entry: the rest of the forward is skipped."
 
 class FeatureCache(Callback):
     "Train the trainable suffix on features of the frozen prefix, computed once; validation runs the full model."
@@ -150,14 +147,10 @@ class FeatureCache(Callback):
 
     def _build_(self, model, entry, dl):
         entry = _called_entry(model, entry)
-        def grab(m, args): raise _Captured(args[0] if args else None)
         feats, targs = [], []
         for b in dl.new(shuffle=False, drop_last=False):
             xb, yb = plain(b[0]), plain(b[1])
-            h, f = entry.register_forward_pre_hook(grab), None
-            try: model(xb)
-            except _Captured as e: f = e.args[0]
-            finally: h.remove()
+            f = forward_to(model, entry, xb)   # the rest of the forward is skipped
             if not isinstance(f, torch.Tensor) or len(f) != len(xb):
                 return "the model's forward does not pass its first trained entry one batch tensor"
             if not feats:
