@@ -240,7 +240,7 @@ def _pgd_core(model, p, y, space, eps, steps, alpha, norm, random_start, loss_fu
         _check_losses(losses, out32, d, bad)
         wrong = out.detach().argmax(1) != ya if (drop_fooled or last) else None
         g = None if last else _input_grad(out, out32, losses, d, in_dtype)
-        ls, d = losses.detach(), d.detach()
+        ls, d = losses.detach().float(), d.detach()   # (a custom loss may return its autocast dtype)
         if drop_fooled: act = ~wrong if act is None else act & ~wrong
         if drop_fooled and (i in syncs or last):
             k = int(act.sum())   # examples still attacked: a host-device sync (see `_sync_steps`)

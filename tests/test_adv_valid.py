@@ -327,3 +327,24 @@ def test_n_batches_of_a_class_sorted_validation_set_warns(digits_model):
         torch.manual_seed(0); import random; random.seed(0)   # the shuffled loader's order (128 of 450 images)
         learn.robust_validate(dls.valid.new(shuffle=True), eps=0.1, steps=2, n_batches=4, show_progress=False)
         learn.robust_validate(eps=0.1, steps=2, show_progress=False)   # all batches
+
+
+def test_robust_validate_puts_the_model_on_the_datas_device(digits_dls, digits_model):
+    "As fastai's `validate` (`TrainEvalCallback.before_fit`): the model goes to the device of the DataLoader first"
+    learn, moved = _learn(digits_dls, digits_model), []
+    to = learn.model.to
+    learn.model.to = lambda *a, **k: (moved.append(a), to(*a, **k))[1]
+    learn.robust_validate(eps=EPS, steps=2, n_batches=1, show_progress=False)
+    assert moved and moved[0][0] == digits_dls.valid.device
+
+
+def test_custom_loss_in_autocast_dtype_with_drop_fooled(digits_dls, digits_model):
+    "A per-example loss whose own layers run in the autocast dtype (bf16 here): the examples that leave keep their loss"
+    x, y = _valid(digits_dls)
+    torch.manual_seed(0); W = torch.randn(10, 10)
+    def loss(o, t): z = torch.nn.functional.linear(o, W); return z.logsumexp(1) - z.gather(1, t[:, None]).squeeze(1)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert loss(torch.randn(2, 10), torch.tensor([0, 1])).dtype == torch.bfloat16
+        clean, robust = robust_eval_batch(digits_model, x[:64], y[:64], eps=EPS, steps=5, stats=digits_dls,
+                                          loss_func=loss, drop_fooled=True)
+    assert robust.sum() <= clean.sum()

@@ -348,3 +348,10 @@ def test_task_dls_from_arrays_on_the_gpu(dev):
     ref = task_dls(d, classes='source', n_per_class=20, bs=16, device='cpu')
     torch.testing.assert_close(dls.stats[0].cpu(), ref.stats[0]); torch.testing.assert_close(dls.stats[1].cpu(), ref.stats[1])
     assert [t.device.type for t in channel_stats(g.x_train)] == ['cpu', 'cpu']
+
+
+def test_robust_validate_moves_a_cpu_model_to_the_data(gdls, gmodel, dev):
+    "A learner whose model is still on the CPU (fresh from a checkpoint): `robust_validate` moves it, as `validate` does"
+    learn = Learner(gdls, copy.deepcopy(gmodel).cpu(), metrics=accuracy)
+    r = learn.robust_validate(eps=EPS, steps=3, n_batches=1, show_progress=False)
+    assert 0 <= r['robust_acc'] <= r['clean_acc'] and on(next(learn.model.parameters()), dev)

@@ -187,6 +187,8 @@ def robust_validate(self:Learner,
         raise ValueError("robust_validate: the DataLoader is empty (a learner from `load_learner` keeps no data): "
                          "pass one with labels, e.g. `dl=learn.dls.test_dl(items, with_labels=True)`")
     check_normalization(self.model, _inner(dl), 'robust_validate')
+    dev = getattr(_inner(dl), 'device', None)
+    if dev is not None: self.model.to(dev)  # as fastai's `validate` does (`TrainEvalCallback.before_fit`)
     met = RobustAccuracy(as_threat(threat, None, Learner.robust_validate, **threat_kw), n_batches=n_batches,
                          drop_fooled=drop_fooled, loss_func=loss_func, stats=stats, seed=seed, amp=amp, compile=compile)
     if stats is None: stats = normalize_stats(_inner(dl))
