@@ -210,13 +210,23 @@ import warnings, weakref
 
 # %% ../nbs/00_core.ipynb #0dab7019
 class _InputNormHook:
-    ("Forward pre-hook that normalizes the model's input with its `NormalizeInput` (moved to the input's device once; "
-     "its float32 statistics cast to the input's dtype per call, never stored rounded)")
-    def __init__(self, norm:NormalizeInput): self.norm = norm
+    ("Forward pre-hook that normalizes the model's input with its `NormalizeInput`. The layer stays where it is: on "
+     "another device the statistics are copied once per device (and again when they change), since the replicas of "
+     "`nn.DataParallel` share this hook across GPUs; the float32 statistics are cast to the input's dtype per call, "
+     "never stored rounded.")
+    def __init__(self, norm:NormalizeInput): self.norm, self._copies = norm, {}
+    def __getstate__(self): return {'norm': self.norm, '_copies': {}}  # no device copies in a pickle or a deepcopy
+    def _stats(self, dev):
+        n = self.norm
+        if n.mean.device == dev: return n.mean, n.std
+        key = (n.mean._version, n.std._version, n.mean.device)
+        c = self._copies.get(dev)
+        if c is None or c[0] != key: c = self._copies[dev] = (key, n.mean.to(dev), n.std.to(dev))
+        return c[1], c[2]
     def __call__(self, module, args):
-        x, n = args[0], self.norm
-        if n.mean.device != x.device: n.to(x.device)
-        return ((x - n.mean.to(x.dtype)) / n.std.to(x.dtype), *args[1:])  # `.to` of the same dtype: no copy
+        x = args[0]
+        mean, std = self._stats(x.device)
+        return ((x - mean.to(x.dtype)) / std.to(x.dtype), *args[1:])  # `.to` of the same dtype: no copy
 
 def _unwrap(model):
     return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model

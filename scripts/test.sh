@@ -18,3 +18,7 @@ echo "== nbdev_test (every notebook)"
 OMP_NUM_THREADS="${NB_THREADS:-1}" nbdev_test --n_workers "${NBDEV_WORKERS:-2}" --timing
 echo "== pytest tests/"
 python -m pytest tests/ -q "$@"
+echo "== the CUDA-only tests' code, run on the CPU (RTL_TEST_CUDA_ON_CPU=1; on a GPU they run on CUDA above)"
+if python -c "import torch, sys; sys.exit(torch.cuda.is_available())"; then
+  RTL_TEST_CUDA_ON_CPU=1 OMP_NUM_THREADS="${NB_THREADS:-1}" python -m pytest tests/test_cuda.py -q -p no:cacheprovider
+fi
