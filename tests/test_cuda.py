@@ -302,18 +302,19 @@ def test_distillation_on_gpu(mode, precompute, gdls, gmodel, dev):
     "Fine-tuning with `FeatureDistillation` on the GPU: source copy, penalty and precomputed features there, finite."
     learn = set_amp(Learner(gdls, fresh(gmodel, dev, channels_last=True), metrics=accuracy), mode)
     cb = FeatureDistillation(fresh(gmodel, 'cpu'), lam=5e-3, precompute=precompute)   # source given on the CPU: moved
-    probe = Probe(learn.model)
+    probe, src_probe = Probe(learn.model), Probe(cb.source)
     pens = []
     class Pen(Callback):
         order = 90
         def after_loss(self):
             if cb.batch_term is not None: pens.append(cb.batch_term)
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[cb, Pen()])
-    probe.remove()
+    probe.remove(); src_probe.remove()
     vals = learn.recorder.values[-1]
     assert all(math.isfinite(v) for v in vals), vals
     assert vals[2] > 0.8, vals
     assert all(on(p, dev) for p in cb.source.parameters())
+    check_reduced(src_probe, dev, mode, fastai_amp=True)   # the source's forward in the learner's precision too
     assert pens and all(on(p, dev) and p.dtype == torch.float32 and torch.isfinite(p) for p in pens)
     if precompute: assert cb._src_feats is not None and on(cb._src_feats, dev) and cb._src_feats.dtype == torch.float32
     check_reduced(probe, dev, mode, fastai_amp=True)

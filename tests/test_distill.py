@@ -387,3 +387,16 @@ def test_pooled_penultimate_is_the_head_input_for_our_models():
     for m, x in ((SmallCNN(widths=(8, 16)), torch.rand(4, 1, 28, 28)), (PreActResNet18(width=4), torch.rand(4, 3, 32, 32)),
                  (WideResNet(depth=10, widen=1), torch.rand(4, 3, 32, 32))):
         assert torch.equal(pooled_features(m, x), get_features(m, x))  # bit for bit
+
+
+def test_source_runs_in_the_callers_precision(source):
+    "Inside an autocast (fastai's, in a fit) the source's forward is reduced too; `exact=True` (precompute) is float32"
+    cb, seen = FeatureDistillation(source, lam=1e-3), []
+    conv = next(m for m in cb.source.modules() if isinstance(m, torch.nn.Conv2d))
+    h = conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    x = torch.rand(4, 1, 8, 8)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        f, f32 = cb.source_features(x), cb.source_features(x, exact=True)
+    h.remove()
+    assert seen == [torch.bfloat16, torch.float32] and f.dtype == f32.dtype == torch.float32
+    torch.testing.assert_close(f, f32, rtol=0.05, atol=0.05)

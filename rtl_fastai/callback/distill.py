@@ -4,7 +4,7 @@
 
 # %% ../../nbs/06_callback.distill.ipynb #f64a3884
 from __future__ import annotations
-import difflib, warnings
+import contextlib, difflib, warnings
 from copy import deepcopy
 import torch
 from torch import nn
@@ -158,13 +158,17 @@ class FeatureDistillation(HookCallback):
         "The learner's features (`HookCallback`'s hook): the pooled penultimate vector, or the output of `layer`."
         if self._capture: return self._hook_fn(m, inp, outp)
 
-    def source_features(self, x:torch.Tensor) -> torch.Tensor:
-        "The source model's features (float32, no gradient) for the batch `x`, as the learner's model receives it."
+    def source_features(self, x:torch.Tensor, # a batch, as the learner's model receives it
+                        exact:bool=False, # float32 forward even inside an autocast (the precomputed features)
+                       ) -> torch.Tensor:
+        ("The source model's features for the batch `x` (returned as float32, no gradient): in a fit, in the learner's "
+         "precision (fastai's `MixedPrecision` autocast), as the learner's own features")
         p = next(self.source.parameters(), None)
         if p is not None and p.device != x.device: self.source.to(x.device)
         mod, fn = feature_hook(self.source, self.layer, 'source model')
         def grab(m, inp, outp): raise _StopForward(fn(m, inp, outp))
-        with Hook(mod, grab, detach=False), torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        fp32 = torch.autocast(x.device.type, enabled=False) if exact else contextlib.nullcontext()
+        with Hook(mod, grab, detach=False), torch.no_grad(), fp32:
             try: self.source(x)
             except _StopForward as e: return e.args[0].detach().float()
         raise RuntimeError(f"FeatureDistillation: the source's forward never ran the feature module "
@@ -339,7 +343,7 @@ class FeatureDistillation(HookCallback):
             # in dataset order, as training sees the items; on a fork of the random state, so that training draws the
             # same shuffles and dropout masks as without `precompute`
             with fork_rng(all_rngs=True):
-                for b in dl.new(shuffle=False, drop_last=False): feats.append(self.source_features(b[0].to(dev)))
+                for b in dl.new(shuffle=False, drop_last=False): feats.append(self.source_features(b[0].to(dev), exact=True))
             feats = torch.cat(feats) if feats else None
             if feats is None or len(feats) != len(dl.dataset):
                 raise ValueError(f"FeatureDistillation(precompute=True): one pass over the training DataLoader gave "
@@ -354,7 +358,7 @@ class FeatureDistillation(HookCallback):
         if not (self.training and self._pre_dl is not None and self.dl is self._pre_dl): return self.source_features(x)
         fs = self._src_feats[batch_items(self.learn, self._src_feats.device)]
         if not self._checked:
-            ref = self.source_features(x)
+            ref = self.source_features(x, exact=True)   # as they were computed: float32
             if ref.shape != fs.shape or not torch.allclose(ref, fs, rtol=1e-3,
                                                            atol=1e-4 * (1 + ref.abs().max().item())):
                 self._cleanup()
