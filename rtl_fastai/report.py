@@ -236,7 +236,8 @@ def robustness_report(self:Learner,
         with warnings.catch_warnings():  # the radii derived from `eps` (e.g. the unbounded eps=1) are meant
             warnings.simplefilter('ignore', EpsScaleWarning)
             t = ref.at(e).replace(steps=s, restarts=r, **kw)
-        res = robust_validate(self, dl, t, n_batches=n_batches, seed=seed, show_progress=False)
+        # float32, as torchattacks' attacks run: the rows compare (a learner's fp16/bf16 would move PGD's alone)
+        res = robust_validate(self, dl, t, n_batches=n_batches, seed=seed, show_progress=False, amp=False)
         rows.append(dict(attack=attack, eps=e, steps=s, restarts=r, clean_acc=res['clean_acc'],
                          robust_acc=res['robust_acc'], n=res['n']))
     others = (('square', square_queries is not None,

@@ -360,3 +360,17 @@ def test_robust_validate_moves_a_cpu_model_to_the_data(gdls, gmodel, dev):
     learn = Learner(gdls, copy.deepcopy(gmodel).cpu(), metrics=accuracy)
     r = learn.robust_validate(eps=EPS, steps=3, n_batches=1, show_progress=False)
     assert 0 <= r['robust_acc'] <= r['clean_acc'] and on(next(learn.model.parameters()), dev)
+
+
+def test_report_attacks_in_float32(gdls, gmodel, dev):
+    "`robustness_report` of a `to_fp16()` learner: every attack in float32 (torchattacks' run so), on the GPU"
+    import warnings
+    import rtl_fastai.report  # noqa: F401  (Learner.robustness_report)
+    learn = set_amp(Learner(gdls, fresh(gmodel, dev), metrics=accuracy), 'fp16')
+    probe = Probe(learn.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        learn.robustness_report(eps=EPS, steps=3, n_batches=1, square_queries=None, eps_factors=(), restarts=1,
+                                show=False)
+    probe.remove()
+    assert probe.dtypes == {torch.float32} and {d.type for d in probe.devices} == {dev.type}, (probe.dtypes, probe.devices)

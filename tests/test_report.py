@@ -116,3 +116,18 @@ def test_missing_torchattacks(digits_dls, digits_model, monkeypatch):
         rep = learn.robustness_report(eps=0.1, steps=5, n_batches=1, square_queries=None, random_start=False, show=False)
     assert not [x for x in w if 'Square' in str(x.message)]
     assert (rep['results'].restarts == 1).all()   # a fixed start: restarts would repeat the same run, so none
+
+
+
+def test_every_row_in_float32_for_a_mixed_precision_learner(digits_dls, digits_model, monkeypatch):
+    "A learner under `to_bf16()`: the report's PGD rows run in float32 (`amp=False`), as torchattacks' Square does"
+    import fastai.callback.fp16  # noqa: F401  (Learner.to_bf16)
+    import rtl_fastai.report as rp
+    amps, rv = [], rp.robust_validate
+    monkeypatch.setattr(rp, 'robust_validate', lambda *a, **k: (amps.append(k.get('amp')), rv(*a, **k))[1])
+    learn, seen = _learn(digits_dls, digits_model).to_bf16(), set()
+    conv = next(m for m in learn.model.modules() if isinstance(m, nn.Conv2d))
+    h = conv.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+    try: _report(learn, square_queries=None, eps_factors=(), steps_list=(2,), restarts=1)
+    finally: h.remove()
+    assert amps and set(amps) == {False} and seen == {torch.float32}, (amps, seen)
