@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #e2e0aabd
 from __future__ import annotations
-import math, numbers, os, random, warnings
+import functools, math, numbers, os, random, warnings
 from contextlib import contextmanager
 from fractions import Fraction
 from typing import NamedTuple
@@ -16,8 +16,9 @@ from fastai.data.core import DataLoaders, TfmdDL
 from fastai.data.transforms import Normalize
 
 # %% auto #0
-__all__ = ['plain', 'to_device_async', 'use_device', 'is_int', 'is_number', 'check_int', 'check_number', 'fork_rng', 'eps_str',
-           'normalize_stats', 'NormalizeInput', 'input_stats', 'add_input_norm', 'check_normalization', 'parse_number']
+__all__ = ['plain', 'to_device_async', 'use_device', 'is_int', 'is_number', 'check_int', 'check_number', 'fork_rng',
+           'keeps_cudnn_flags', 'eps_str', 'normalize_stats', 'NormalizeInput', 'input_stats', 'add_input_norm',
+           'check_normalization', 'parse_number']
 
 # %% ../nbs/00_core.ipynb #7803692f
 def plain(t):
@@ -122,6 +123,16 @@ def fork_rng(seed:int=None, # seed the forked state with this (None: continue fr
         try: yield
         finally:
             if all_rngs: random.setstate(py); np.random.set_state(npy)
+
+# %% ../nbs/00_core.ipynb #20af84ae
+def keeps_cudnn_flags(f):
+    "Decorator: cuDNN's `deterministic` and `benchmark` flags are as before when `f` returns (or raises)"
+    @functools.wraps(f)
+    def _f(*args, **kwargs):
+        flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+        try: return f(*args, **kwargs)
+        finally: torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
+    return _f
 
 # %% ../nbs/00_core.ipynb #3cce00f1
 def eps_str(eps:float, digits:int=4)->str:

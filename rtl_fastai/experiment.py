@@ -7,7 +7,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 import torch
 from fastai.vision.all import Learner, accuracy, set_seed
-from .core import check_int
+from .core import check_int, keeps_cudnn_flags
 from .data.arrays import ArrayData
 from .models import SmallCNN, PreActResNet18, WideResNet
 from .attacks import ThreatModel
@@ -54,6 +54,7 @@ def fit_quietly(learn:Learner, epochs:int, lr:float,
 # %% ../nbs/07a_experiment.ipynb #c4b3d33a
 ALPHA_RATIO = 0.25  # PGD step = eps/4: the paper's 2/255 at eps 8/255
 
+@keeps_cudnn_flags
 def evaluate(learn:Learner,
              threat, # a `ThreatModel`, or an L-inf radius in [0,1] pixel units
              steps:int=20, # PGD steps (when `threat` is a radius)
@@ -74,6 +75,7 @@ def _n_in(dls):
     x = getattr(dls.train_ds, 'x', None)  # `ArrayDataset`: no batch drawn (drawing one would move the shuffle)
     return x.shape[1] if x is not None else dls.one_batch()[0].shape[1]
 
+@keeps_cudnn_flags
 def train_source(dls, # source-task DataLoaders
                  arch='smallcnn', # a name of `ARCHS`, or a function `n_out -> nn.Module`
                  epochs:int=10, lr:float=3e-3,

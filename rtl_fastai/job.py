@@ -14,7 +14,7 @@ import torchvision
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastprogress.fastprogress import IN_NOTEBOOK
-from .core import (parse_number, is_int, check_int, check_number, eps_str, normalize_stats, input_stats, add_input_norm,
+from .core import (parse_number, is_int, check_int, check_number, eps_str, normalize_stats, input_stats, add_input_norm, keeps_cudnn_flags,
                              check_normalization, _record_stats, _fmt_stats)
 from .data.folder import check_image_folder, folder_dls
 from .models import model_blocks
@@ -343,6 +343,7 @@ def _hist(learn):
     return [dict(epoch=i, **{n: (float(v) if v is not None else None) for n, v in zip(names, vals)})
             for i, vals in enumerate(learn.recorder.values)]
 
+@keeps_cudnn_flags
 def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `data/valid/<class>/*.jpg` (or `valid_pct`)
                  # a registry name (`robust_models()`), a checkpoint file/URL, or 'torchvision:NAME' / 'timm:NAME'
                  source:str='resnet18_linf_eps4.0',

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from fastai.vision.all import Learner, accuracy, set_seed
 from fastprogress.fastprogress import progress_bar
-from .core import eps_str, check_int, check_number
+from .core import eps_str, check_int, check_number, keeps_cudnn_flags
 from .data.arrays import default_split, select_classes, subsample, subsample_valid
 from .data.external import load_dataset
 from .data.loaders import task_dls
@@ -132,6 +132,7 @@ def _one_seed(ds, src_cls, tgt_cls, d, eps, steps, lam, seed, device, verbose, b
     return rows, learners, info
 
 # %% ../nbs/08_pipeline.ipynb #de9ed6ae
+@keeps_cudnn_flags
 def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloaded), 'digits' (embedded: no download),
                  # 'cifar10', or a folder in one of their layouts
                  data:str='mnist',
