@@ -124,7 +124,7 @@ def fork_rng(seed:int=None, # seed the forked state with this (None: continue fr
         finally:
             if all_rngs: random.setstate(py); np.random.set_state(npy)
 
-# %% ../nbs/00_core.ipynb #20af84ae
+# %% ../nbs/00_core.ipynb #e2539223
 def keeps_cudnn_flags(f):
     "Decorator: cuDNN's `deterministic` and `benchmark` flags are as before when `f` returns (or raises)"
     @functools.wraps(f)

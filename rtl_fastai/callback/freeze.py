@@ -28,29 +28,56 @@ def n_frozen_entries(model:nn.Module, # any model `model_blocks` supports
     return 1 + n - n_retrain
 
 # %% ../../nbs/05a_callback.freeze.ipynb #c8e076cf
-def _prune_optimizer(opt, frozen_ids):
-    "Remove the parameters whose ids are in `frozen_ids` from `opt` (a fastai `Optimizer` or `OptimWrapper`)."
-    if opt is None: return 0
-    n = 0
-    if isinstance(opt, Optimizer):
-        for i, pg in enumerate(opt.param_lists):
-            keep = L(p for p in pg if id(p) not in frozen_ids)
-            n += len(pg) - len(keep)
-            opt.param_lists[i] = keep
-        for p in [p for p in opt.state if id(p) in frozen_ids]: del opt.state[p]
-    elif hasattr(opt, 'opt') and hasattr(opt.opt, 'param_groups'):  # OptimWrapper around a torch optimizer
-        for g in opt.opt.param_groups:
-            keep = [p for p in g['params'] if id(p) not in frozen_ids]
-            n += len(g['params']) - len(keep)
-            g['params'] = keep
-        for p in [p for p in opt.opt.state if id(p) in frozen_ids]: del opt.opt.state[p]
-    return n
+def _opt_groups(opt)->tuple:
+    "The parameter lists of `opt` (a fastai `Optimizer`, or an `OptimWrapper` around a torch optimizer) and its state"
+    if isinstance(opt, Optimizer): return list(opt.param_lists), opt.state
+    if hasattr(opt, 'opt') and hasattr(opt.opt, 'param_groups'): return [g['params'] for g in opt.opt.param_groups], opt.opt.state
+    return [], {}
+
+def _set_group(opt, i, ps):
+    if isinstance(opt, Optimizer): opt.param_lists[i] = L(ps)
+    else: opt.opt.param_groups[i]['params'] = list(ps)
+
+def _prune_optimizer(opt, frozen_ids)->list:
+    "Remove the parameters whose ids are in `frozen_ids` from `opt`; what was removed, as `(group, position, param)`"
+    if opt is None: return []
+    groups, state = _opt_groups(opt)
+    removed = [(i, j, p) for i, pg in enumerate(groups) for j, p in enumerate(pg) if id(p) in frozen_ids]
+    for i, pg in enumerate(groups): _set_group(opt, i, [p for p in pg if id(p) not in frozen_ids])
+    for p in [p for p in state if id(p) in frozen_ids]: del state[p]
+    return removed
+
+def _restore_optimizer(opt, removed:list):
+    "Put what `_prune_optimizer` removed back in its groups, at its places (a parameter already in `opt` stays once)"
+    groups, _ = _opt_groups(opt)
+    have = {id(p) for pg in groups for p in pg}
+    for i in sorted({i for i, _, _ in removed if i < len(groups)}):
+        pg = list(groups[i])
+        for _, j, p in sorted((r for r in removed if r[0] == i), key=lambda r: r[1]):
+            if id(p) not in have: pg.insert(min(j, len(pg)), p)
+        _set_group(opt, i, pg)
 
 class FreezeBlocks(Callback):
     "Keep the first `n_frozen` entries of `model_blocks(model).all` frozen: no gradients, out of the optimizer, in eval"
     order = TrainEvalCallback.order + 1
+    _stateattrs = ('_undo',)  # not pickled by `learn.export()` (it holds the optimizer)
     def __init__(self, n_frozen:int): # entries of `model_blocks(model).all` to freeze (stem: 1, + block1: 2, ...)
         self.n_frozen = check_int(n_frozen, 'n_frozen', lo=0, who='FreezeBlocks')
+        self._undo = None
+
+    def __setattr__(self, name, value):
+        # fastai sets `learn` to None when the callback leaves the learner (`fit(cbs=...)` ends, `learn.remove_cb`),
+        # even after a fit that an exception ended: the freeze leaves with it
+        if name == 'learn' and value is None and getattr(self, 'learn', None) is not None: self._thaw()
+        super().__setattr__(name, value)
+
+    def _thaw(self):
+        "Undo the freeze: `requires_grad` as it was before, the parameters back in the optimizer's groups"
+        undo, self._undo = getattr(self, '_undo', None), None
+        if undo is None: return
+        opt, removed, flags = undo
+        for p, rg in flags: p.requires_grad_(rg)
+        if opt is not None and opt is getattr(self.learn, 'opt', None): _restore_optimizer(opt, removed)
 
     def frozen_modules(self, model=None) -> list:
         "The frozen entries of `model` (default: the learner's model)."
@@ -66,15 +93,16 @@ class FreezeBlocks(Callback):
     def before_fit(self):
         # `validate`, `get_preds` and `predict` fire `before_fit` too, and an error there leaves fastai's `Learner.lock`
         # held: a model that does not fit `n_frozen` is reported when training starts
+        self._thaw()   # frozen anew each fit: a changed `n_frozen` (or model) takes effect both ways
         self._error = None
         try: self.frozen = self.frozen_modules()
         except (TypeError, ValueError) as e:
             self.frozen, self._error = [], e
             return
-        ids = set()
-        for m in self.frozen:
-            for p in m.parameters(): p.requires_grad_(False); ids.add(id(p))
-        _prune_optimizer(self.learn.opt, ids)
+        ps = [p for m in self.frozen for p in m.parameters()]
+        flags = [(p, p.requires_grad) for p in ps]
+        for p in ps: p.requires_grad_(False)
+        self._undo = (self.learn.opt, _prune_optimizer(self.learn.opt, {id(p) for p in ps}), flags)
         self._set_eval()
     def before_train(self):
         e, self._error = getattr(self, '_error', None), None
