@@ -37,7 +37,8 @@ def _safe_load(path:Path, map_location='cpu', name='path_or_url'):
         allow = getattr(torch.serialization, 'safe_globals', None)
         with (allow(_safe_globals()) if allow else contextlib.nullcontext()):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+    except PermissionError: raise
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:  # a small truncated zip: OSError (EINVAL)
         if not isinstance(e, pickle.UnpicklingError) or not any(s in str(e) for s in ('Unsupported global',
                                                                                      'Unsupported class')):  # torch<2.5
             raise ValueError(f"`{name}`: {path} is not a readable torch checkpoint "

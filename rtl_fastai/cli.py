@@ -82,7 +82,7 @@ def add_signature_args(parser:argparse.ArgumentParser,
 def _run_options(r):
     from rtl_fastai.pipeline import run_pipeline
     from rtl_fastai.experiment import ARCHS
-    add_signature_args(r, run_pipeline, skip=('path', 'bars', 'log'), types=dict(eps=_eps_arg),
+    add_signature_args(r, run_pipeline, skip=('path', 'bars', 'log'), types=dict(eps=_eps_arg, warmup=_int_arg(0)),
                        choices=dict(arch=ARCHS))
     r.add_argument('--out', default='rtl_out', help="results folder; each run writes a new run_NNN inside it")
     r.add_argument('--threads', type=_int_arg(1), default=None,
@@ -106,7 +106,7 @@ def make_parser() -> argparse.ArgumentParser:
     t = sub.add_parser('transfer', help="robust transfer onto your own image folder from a robust (or natural) source",
                        description=transfer_job.__doc__, formatter_class=_Help)
     t.add_argument('data', help=docments(transfer_job)['data'])
-    add_signature_args(t, transfer_job)
+    add_signature_args(t, transfer_job, types=dict(warmup_epochs=_int_arg(0)))  # 0: no head-only warm-up
     return p
 
 # %% ../nbs/09_cli.ipynb #63279a18

@@ -6,7 +6,6 @@
 from __future__ import annotations
 import functools, math, numbers, os, random, warnings
 from contextlib import contextmanager
-from fractions import Fraction
 from typing import NamedTuple
 import numpy as np
 import torch
@@ -401,7 +400,10 @@ def _warn_once(model, dls, kind, msg):
 
 # %% ../nbs/00_core.ipynb #329af922
 def parse_number(s:str)->float:
-    "A number from text: `0.2`, `1e-3`, or a fraction such as `8/255`; a `ValueError` otherwise."
+    "A number from text: `0.2`, `1e-3`, or a fraction such as `8/255` or `0.5/255`; a `ValueError` otherwise."
     s = s.strip()
-    try: return float(Fraction(s)) if '/' in s else float(s)
-    except ZeroDivisionError: raise ValueError(f"{s!r} divides by zero") from None
+    if '/' not in s: return float(s)
+    a, _, b = s.partition('/')
+    num, den = float(a), float(b)   # `8/255` as 8.0/255.0: the correctly rounded quotient, as float(Fraction(8, 255))
+    if den == 0: raise ValueError(f"{s!r} divides by zero")
+    return num/den

@@ -456,3 +456,12 @@ def test_registry_file_given_first_and_offline_message(tmp_path, monkeypatch):
     monkeypatch.setattr(ck, '_download', offline)
     with pytest.raises(OSError, match=r"'resnet18_linf_eps4.0' is not in the cache.*Offline\? Fetch .*--source path/to/resnet18_linf_eps4.0.ckpt"):
         ck.load_robust_checkpoint('resnet18_linf_eps4.0', cache=tmp_path/'c')
+
+
+def test_truncated_small_checkpoint_is_named(tmp_path):
+    "A small zip checkpoint cut in half: torch raises OSError(EINVAL); the message names the file and says to re-save"
+    torch.save(SmallCNN(1, 10, widths=(16, 32)).state_dict(), tmp_path/'s.pth')
+    b = (tmp_path/'s.pth').read_bytes()
+    (tmp_path/'t.pth').write_bytes(b[:len(b)//2])
+    with pytest.raises(ValueError, match=r"t\.pth is not a readable torch checkpoint"):
+        load_robust_checkpoint(SmallCNN(1, 10, widths=(16, 32)), tmp_path/'t.pth')

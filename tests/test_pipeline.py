@@ -54,3 +54,10 @@ def test_bad_run_options_fail_in_one_line_before_training(opts, msg, tmp_path, c
 def test_check_only_trains_nothing(tmp_path, capsys):
     assert main(['run', '--data', 'digits', '--check-only', '--out', str(tmp_path)]) == 0
     assert 'nothing was trained' in capsys.readouterr().out and not list(tmp_path.iterdir())
+
+
+def test_cli_takes_warmup_zero_and_half_grey_levels(tmp_path, capsys):
+    "`--warmup 0` (no head-only warm-up) and `--eps 0.5/255` (as `eps_str` writes half grey levels) are options"
+    assert main(['run', '--data', 'digits', '--warmup', '0', '--eps', '0.5/255', '--check-only',
+                 '--out', str(tmp_path)]) == 0
+    assert 'nothing was trained' in capsys.readouterr().out
