@@ -387,8 +387,12 @@ def robust_eval_batch(model:nn.Module, x, y, # model, inputs as the model receiv
     "Per-example `(clean_correct, robust_correct)` boolean tensors for one batch."
     tm = as_threat(threat, None, robust_eval_batch, **threat_kw)
     y = _check_labels(y, len(x), "robust accuracy (argmax == y)", "it is defined for single-label classifiers")
-    with eval_mode(model), torch.no_grad():
-        clean = _check_out(model(plain(x)), x).argmax(1) == y
+    with eval_mode(model), torch.no_grad(): out = _check_out(model(plain(x)), x)
+    if len(y) and out.ndim == 2 and int(y.max()) >= out.shape[1]:  # (the `nonzero` below syncs anyway)
+        raise ValueError(f"robust accuracy: the labels go up to {int(y.max())} but the model has {out.shape[1]} "
+                         "outputs: its head does not fit these data; give it one output per class of the DataLoaders "
+                         "(`replace_head(model, dls.c)`, or `transfer_learner`/`vision_learner`, which make the head)")
+    clean = out.argmax(1) == y
     robust = clean.clone()
     ti = clean.nonzero().squeeze(1)
     if tm.eps > 0 and len(ti):

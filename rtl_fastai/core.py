@@ -187,7 +187,15 @@ def normalize_stats(obj, # `DataLoaders`/`DataLoader`, a `Normalize`, a `(mean, 
         if mean.shape[1] != std.shape[1] and 1 not in (mean.shape[1], std.shape[1]):
             raise ValueError(f"normalize_stats: mean has {mean.shape[1]} channels and std {std.shape[1]}; "
                              "give one value per channel")
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            raise ValueError(f"normalize_stats: mean and std must be finite numbers, got mean={mean.flatten().tolist()}, "
+                             f"std={std.flatten().tolist()}")
         if (std <= 0).any(): raise ValueError(f"normalize_stats: std must be positive, got {std.flatten().tolist()}")
+        if (mean.abs() > 1).any() or (std > 1).any():
+            warnings.warn(f"normalize_stats: mean={[round(v, 4) for v in mean.flatten().tolist()]}, std="
+                          f"{[round(v, 4) for v in std.flatten().tolist()]} look like statistics of 0-255 pixel values, "
+                          "but images are in [0,1] before `Normalize` (as in fastai): divide them by 255 "
+                          "(ImageNet's are fastai's `imagenet_stats`)", UserWarning, stacklevel=2)
         c = max(mean.shape[1], std.shape[1])
         return mean.expand(1,c,1,1).clone(), std.expand(1,c,1,1).clone()
     raise TypeError(f"normalize_stats: expected DataLoaders, a Normalize, a (mean, std) pair or None; "

@@ -170,6 +170,8 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
     "Train a natural and a robust source model, then the rows of the paper's three findings on the target task"
     d = _defaults(data)
     d['holdout'] = holdout
+    for k, v in dict(epochs=epochs, width=width).items(): check_int(v, k, none_ok=True, who='run_pipeline')
+    check_int(steps, 'steps', who='run_pipeline')
     for k, v in dict(n_source=n_source, n_target=n_per_class, n_low=n_low, n_test=n_test, arch=arch, width=width,
                      lam=lam, ft_lr=ft_lr, low_lr=low_lr, scratch_lr=scratch_lr,
                      distill_layer=distill_layer).items():
@@ -183,6 +185,12 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
         check_number(v, k, lo=0, lo_open=True, none_ok=True, who='run_pipeline', fix='e.g. 1e-3')
     if warmup is not None: check_int(warmup, 'warmup', lo=0, who='run_pipeline'); d['warmup_epochs'] = warmup
     eps = d['eps'] if eps is None else eps
+    check_number(eps, 'eps', lo=0, lo_open=True, who='run_pipeline', fix='a radius in [0,1] pixel units, e.g. 8/255')
+    try: ThreatModel(eps, steps, alpha=ALPHA_RATIO*eps)  # the evaluation's attack: eps and steps checked once, here
+    except ValueError as e: raise ValueError(f"run_pipeline: {e}") from None
+    if d['warmup_epochs'] >= d['target_epochs']:
+        raise ValueError(f"run_pipeline: `warmup`={d['warmup_epochs']} covers all {d['target_epochs']} target epochs: "
+                         "the distillation row would train its head only; give warmup < epochs")
     if d['arch'] not in ARCHS: raise ValueError(f"`arch` must be one of {ARCHS}, got {d['arch']!r}")
     log = log or (lambda *a, **k: None)
     ds = load_dataset(data, path=path)
@@ -194,7 +202,13 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
     check_int(seeds, 'seeds', who='run_pipeline'); check_int(seed, 'seed', lo=None, who='run_pipeline')
     for k, v in dict(n_source=n_source, n_per_class=n_per_class, n_low=n_low, n_test=n_test, holdout=holdout).items():
         check_int(v, k, none_ok=True, who='run_pipeline')
-    _seed_data(ds, src_cls, tgt_cls, d, seed)  # classes and sizes, cheaply (every seed draws the same sizes)
+    src_d, tgt_d, *_ = _seed_data(ds, src_cls, tgt_cls, d, seed)  # classes and sizes, cheaply (every seed: same sizes)
+    for k, t in (('source_classes', src_d), ('target_classes', tgt_d)):
+        if len(t.classes) < 2: raise ValueError(f"run_pipeline: `{k}` must name at least 2 classes, got {list(t.classes)}")
+    common = [c for c in src_d.classes if c in set(tgt_d.classes)]
+    if common:
+        raise ValueError(f"run_pipeline: the source and target tasks share the classes {common}; the transfer is from "
+                         "other classes: give disjoint `source_classes` and `target_classes`")
     if d['distill_layer']:  # the same model family the rows fine-tune
         feature_hook(make_model(d['arch'], ds.n_channels, len(tgt_cls), d['width']), d['distill_layer'], 'model')
     if check_only: return None

@@ -348,3 +348,11 @@ def test_custom_loss_in_autocast_dtype_with_drop_fooled(digits_dls, digits_model
         clean, robust = robust_eval_batch(digits_model, x[:64], y[:64], eps=EPS, steps=5, stats=digits_dls,
                                           loss_func=loss, drop_fooled=True)
     assert robust.sum() <= clean.sum()
+
+
+def test_head_smaller_than_the_labels_is_an_error(digits_dls):
+    "A model with 5 outputs on 10-class data: robust accuracy refuses (it counted every label >= 5 as wrong)"
+    from rtl_fastai.models import SmallCNN
+    learn = Learner(digits_dls, SmallCNN(1, 5, widths=(8, 16)))
+    with pytest.raises(ValueError, match=r"the labels go up to 9 but the model has 5 outputs"):
+        learn.robust_validate(eps=EPS, steps=2, n_batches=1, show_progress=False)

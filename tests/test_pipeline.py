@@ -35,6 +35,7 @@ def test_reduced_default_run_prints_findings_and_verdicts(tmp_path):
     assert set(crv.method) == set(df.method) and crv.groupby('method').size().min() >= 3
 
 
+import re
 import pytest
 
 @pytest.mark.parametrize('opts,msg', [
@@ -43,6 +44,9 @@ import pytest
     (['--n-low', '1000'], "`n_low`: class '5' has only"),
     (['--lam', '-1'], "`lam` must be a number >= 0"),
     (['--distill-layer', 'nolayer'], "`layer`='nolayer' is not a module of the model"),
+    (['--source-classes', '0,1', '--target-classes', '1,2'], "share the classes ['1']"),
+    (['--source-classes', '0'], "`source_classes` must name at least 2 classes"),
+    (['--warmup', '100'], "`warmup`=100 covers all"),
 ])
 def test_bad_run_options_fail_in_one_line_before_training(opts, msg, tmp_path, capsys):
     "Every option the pipeline could only reject mid-run is checked first: one line, nothing trained or written"
@@ -61,3 +65,14 @@ def test_cli_takes_warmup_zero_and_half_grey_levels(tmp_path, capsys):
     assert main(['run', '--data', 'digits', '--warmup', '0', '--eps', '0.5/255', '--check-only',
                  '--out', str(tmp_path)]) == 0
     assert 'nothing was trained' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('kw,msg', [
+    (dict(eps=8), "larger than the whole [0,1] pixel range"), (dict(eps=float('nan')), "`eps` must be a number > 0"),
+    (dict(steps=0), "`steps` must be an integer >= 1"), (dict(width=0), "`width` must be an integer >= 1"),
+    (dict(epochs=0), "`epochs` must be an integer >= 1"),
+])
+def test_check_only_checks_the_numbers(kw, msg):
+    "What the command line's parser catches, `run_pipeline(check_only=True)` catches too (it failed mid-run, or not)"
+    from rtl_fastai.pipeline import run_pipeline
+    with pytest.raises(ValueError, match=re.escape(msg)): run_pipeline('digits', check_only=True, log=None, **kw)
