@@ -277,3 +277,16 @@ def test_offline_download_failure_is_a_clear_file_not_found(monkeypatch):
     monkeypatch.setattr(ext, 'untar_data', offline)
     with pytest.raises(FileNotFoundError, match=r"downloading it from .* failed \(URLError.*set RTL_DATA"):
         ext.find_data('cifar10')
+
+
+def test_folder_cache_follows_the_folder(tmp_path):
+    "An extracted folder's decoded cache is rebuilt when images or classes are added (it kept the first decoding)"
+    src = fake_folder(tmp_path/'f', 'mnist', classes=('0', '1'), size=28)
+    assert load_dataset('mnist', path=src).n_train == 6
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(src/'training'/'1'/'0099.png')
+    (src/'training'/'2').mkdir(); (src/'testing'/'2').mkdir()
+    for split in ('training', 'testing'): Image.fromarray(np.zeros((28, 28), np.uint8)).save(src/split/'2'/'0000.png')
+    d = load_dataset('mnist', path=src)
+    assert d.n_train == 8 and d.classes == ['0', '1', '2']
+    assert load_dataset('mnist', path=src).n_train == 8   # and read from the cache again while the folder is as it is
+    assert len([c for c in cache_dir().iterdir() if c.name.startswith('mnist_png-')]) == 2   # two states, two decodings

@@ -107,10 +107,22 @@ def find_data(name:str, # 'mnist' or 'cifar10'
             f"folder in a directory and set RTL_DATA to it, or pass `path=`") from e
 
 # %% ../../nbs/00b_data.external.ipynb #12752342
+def _dir_times(p:Path, depth:int=3)->str:
+    ("The folders under `p` (root, splits, classes: `depth` levels) with their modification times: an image added, "
+     "removed or renamed in any of them, or a class folder added, changes it (no file is opened or stat'ed)")
+    out = []
+    def walk(q, k):
+        out.append(f"{q.relative_to(p)}:{q.stat().st_mtime_ns}")
+        for e in sorted(os.scandir(q), key=lambda e: e.name) if k else ():
+            if e.is_dir(): walk(Path(e.path), k-1)
+    walk(p, depth)
+    return '|'.join(out)
+
 def _key(p:Path, archive:bool):
-    "Cache key: name + hash of the resolved path (+ size and mtime for archives)"
+    "Cache key: name + hash of the resolved path and of its size and mtime (an archive) or its folders' mtimes"
     p = p.resolve(); s = str(p)
     if archive: st = p.stat(); s += f':{st.st_size}:{st.st_mtime_ns}'
+    else: s += ':' + _dir_times(p)
     stem = p.name.split('.')[0]
     return f"{stem}-{hashlib.sha1(s.encode()).hexdigest()[:10]}"
 
