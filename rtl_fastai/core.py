@@ -15,9 +15,9 @@ from fastai.data.core import DataLoaders, TfmdDL
 from fastai.data.transforms import Normalize
 
 # %% auto #0
-__all__ = ['plain', 'to_device_async', 'use_device', 'is_int', 'is_number', 'check_int', 'check_number', 'fork_rng',
-           'keeps_cudnn_flags', 'eps_str', 'normalize_stats', 'NormalizeInput', 'input_stats', 'add_input_norm',
-           'check_normalization', 'parse_number']
+__all__ = ['plain', 'to_device_async', 'check_device', 'use_device', 'is_int', 'is_number', 'check_int', 'check_number',
+           'fork_rng', 'keeps_cudnn_flags', 'eps_str', 'normalize_stats', 'NormalizeInput', 'input_stats',
+           'add_input_norm', 'check_normalization', 'parse_number']
 
 # %% ../nbs/00_core.ipynb #7803692f
 def plain(t):
@@ -34,21 +34,28 @@ def to_device_async(t:torch.Tensor, device) -> torch.Tensor:
 
 
 # %% ../nbs/00_core.ipynb #d247fec5
+def check_device(device, # 'cpu', 'cuda', 'cuda:N' or a `torch.device` (None: returned as is)
+                 who:str, # the function the user called, for the message
+                )->torch.device|None:
+    "`device` as a `torch.device`, after checking it is one this machine has ('cpu', or CUDA where torch sees a GPU)"
+    if device is None: return None
+    try: dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{who}: `device`={device!r} is not a torch device ({e}); give 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type not in ('cpu', 'cuda'):
+        raise ValueError(f"{who}: `device`={device!r}: give 'cpu', 'cuda' or 'cuda:N'")
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f"{who}: `device`={device!r} asks for CUDA but torch sees no GPU "
+                         "(torch.cuda.is_available() is False); use 'cpu'")
+    return dev
+
 def use_device(device=None, # 'cpu', 'cuda', 'cuda:N' or a `torch.device`; None: the `RTL_DEVICE` environment variable
               )->torch.device:
     "Make `device` fastai's `default_device()` for this process; returns the default device (unchanged if none is named)"
     if device is None: device = os.environ.get('RTL_DEVICE') or None
     if device is None: return default_device()
-    try: dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"use_device: `device`={device!r} is not a torch device ({e}); give 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type not in ('cpu', 'cuda'):
-        raise ValueError(f"use_device: `device`={device!r}: give 'cpu', 'cuda' or 'cuda:N' (fastai's default device)")
-    if dev.type == 'cuda':
-        if not torch.cuda.is_available():
-            raise ValueError(f"use_device: `device`={device!r} asks for CUDA but torch sees no GPU "
-                             "(torch.cuda.is_available() is False); use 'cpu'")
-        if dev.index is not None: torch.cuda.set_device(dev.index)
+    dev = check_device(device, 'use_device')
+    if dev.type == 'cuda' and dev.index is not None: torch.cuda.set_device(dev.index)
     defaults.use_cuda = dev.type == 'cuda'
     return default_device()
 

@@ -14,7 +14,7 @@ import torchvision
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastprogress.fastprogress import IN_NOTEBOOK
-from .core import (parse_number, is_int, check_int, check_number, eps_str, normalize_stats, input_stats, add_input_norm, keeps_cudnn_flags,
+from .core import (parse_number, is_int, check_int, check_number, eps_str, normalize_stats, input_stats, add_input_norm, keeps_cudnn_flags, check_device,
                              check_normalization, _record_stats, _fmt_stats)
 from .data.folder import check_image_folder, folder_dls
 from .models import model_blocks
@@ -245,15 +245,6 @@ def _check_out(out, who):
                               "give a folder you can write to")
     return out
 
-def _check_device(device, who):
-    if device is None: return None
-    try: d = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"{who}: `device`={device!r} is not a torch device ({e}); e.g. 'cpu' or 'cuda:0'") from None
-    if d.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f"{who}: `device`={device!r} asks for CUDA but torch sees no GPU; use device='cpu'")
-    return d
-
 def _eval_dl(dls, n_batches, seed):
     ("The validation DataLoader; with `n_batches`, one whose batches are a fixed random sample of it (an image folder's "
      "validation images are in class order: its first batches would hold few classes)")
@@ -304,7 +295,7 @@ def _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha
         raise TypeError(f"{who}: `data` must be a folder path, got {type(data).__name__}")
     for k, v in dict(train=train, valid=valid).items():
         if not isinstance(v, str) or not v: raise ValueError(f"{who}: `{k}` must be a folder name, got {v!r}")
-    dev, out = _check_device(device, who), _check_out(out, who)
+    dev, out = check_device(device, who), _check_out(out, who)
     # the image folder
     try: summary = check_image_folder(data, train, valid, verify=True, bar_over=300 if _bars(quiet) else sys.maxsize,
                                       valid_pct=valid_pct, seed=seed)

@@ -427,3 +427,15 @@ def test_mismatched_checkpoint_loads_nothing(user_dir):
     sd = {k: v.clone() for k, v in m.state_dict().items()}
     with pytest.raises(CheckpointMismatchError): load_robust_checkpoint(m, user_dir/'good.pth')
     for k, v in m.state_dict().items(): assert torch.equal(v, sd[k]), k
+
+
+@pytest.mark.parametrize('kw,err,msg', [
+    (dict(val_bs=0), ValueError, "`val_bs` must be an integer >= 1 or None, got 0"),
+    (dict(val_bs=2.5), ValueError, "`val_bs` must be an integer"),
+    (dict(seed='a'), ValueError, "`seed` must be an integer"),
+    (dict(device='gpu'), ValueError, "task_dls: `device`='gpu' is not a torch device"),
+    (dict(data=None), TypeError, "the data must be a name"),
+])
+def test_task_dls_names_the_bad_argument(kw, err, msg):
+    "Bad `task_dls` arguments fail before the data are loaded, naming the parameter (`val_bs=0` became 2*bs silently)"
+    with pytest.raises(err, match=re.escape(msg)): task_dls(**{'data': 'digits', **kw})

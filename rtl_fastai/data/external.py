@@ -238,6 +238,9 @@ def load_dataset(name:str='digits', # 'digits', 'mnist', 'cifar10', or a path to
                 )->ArrayData:
     "Load a dataset by name or path as `ArrayData`"
     if isinstance(name, ArrayData): return name
+    if not isinstance(name, (str, os.PathLike)):
+        raise TypeError(f"load_dataset: the data must be a name {list(DATASETS)}, a folder or archive path, or an "
+                        f"`ArrayData`; got {type(name).__name__}")
     if str(name) == 'digits':
         if path is not None:
             raise ValueError(f"'digits' is embedded in scikit-learn and takes no path (got path={path!r})")

@@ -14,7 +14,7 @@ from fastai.data.core import TfmdDL, DataLoaders
 from fastai.data.transforms import Normalize, IntToFloatTensor, CategoryMap, Category
 from fastai.losses import CrossEntropyLossFlat
 from fastai.data.core import explode_types # fasttransform's, as fastai uses it
-from ..core import check_int, normalize_stats, to_device_async, plain
+from ..core import check_int, check_device, normalize_stats, to_device_async, plain
 from .arrays import ArrayData, select_classes, subsample, channel_stats
 from .external import load_dataset
 from .augment import FlipPadCrop
@@ -141,16 +141,18 @@ def task_dls(data='digits',        # 'digits', 'mnist', 'cifar10', a path (see `
              data_device=None,
             )->DataLoaders:
     "Fast fastai `DataLoaders` for one task (pixels in [0,1] before `Normalize`)"
+    check_int(bs, 'bs', who='task_dls'); check_int(val_bs, 'val_bs', none_ok=True, who='task_dls')
+    check_int(seed, 'seed', lo=None, who='task_dls')
+    device = check_device(device, 'task_dls')
     d = data if isinstance(data, ArrayData) else load_dataset(data, path=path)
     if classes is not None: d = select_classes(d, classes)
     if n_per_class is not None: d = subsample(d, n_per_class, seed=seed)
-    check_int(bs, 'bs', who='task_dls')
     n_cls = len(d.y_train.unique())
     if n_cls < 2:
         raise ValueError(f"task_dls: the training set has {d.n_train} examples of {n_cls} class(es) ({d!r}); "
                          "a classifier needs examples of at least 2 classes: "
                          "check `data`, `classes` and `n_per_class`")
-    val_bs = val_bs or 2*bs
+    if val_bs is None: val_bs = 2*bs
     tfms = [IntToFloatTensor()] if d.x_train.dtype == torch.uint8 else []
     if augment:
         if d.img_size != (32,32):
