@@ -19,6 +19,9 @@ __all__ = ['eval_mode', 'EpsScaleWarning', 'PixelRangeWarning', 'ThreatModel', '
 @contextmanager
 def eval_mode(model:nn.Module):
     "Put every module of `model` in eval mode, then restore each module's own previous mode."
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module (attacks run it in eval mode and restore its modes), got "
+                        f"{type(model).__name__}: wrap a function `f` in a module whose `forward(x)` returns `f(x)`")
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try: yield model

@@ -439,3 +439,14 @@ def test_mismatched_checkpoint_loads_nothing(user_dir):
 def test_task_dls_names_the_bad_argument(kw, err, msg):
     "Bad `task_dls` arguments fail before the data are loaded, naming the parameter (`val_bs=0` became 2*bs silently)"
     with pytest.raises(err, match=re.escape(msg)): task_dls(**{'data': 'digits', **kw})
+
+
+def test_small_bad_inputs_named():
+    "A function as the model, an unknown TRADES reduction, a NaN cache size: errors that name them"
+    from rtl_fastai.callback.adv_train import trades_kl
+    from rtl_fastai.callback.feature_cache import FeatureCache
+    with pytest.raises(TypeError, match=r"`model` must be an nn\.Module"):
+        pgd_attack(lambda t: t.flatten(1), torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), eps=0.1)
+    with pytest.raises(ValueError, match=r"`reduction` must be 'batchmean' or 'none'"):
+        trades_kl(torch.rand(2, 3), torch.rand(2, 3), 'sum')
+    with pytest.raises(ValueError, match=r"`max_mb` must be a number >= 0, got nan"): FeatureCache(max_mb=float('nan'))

@@ -174,6 +174,8 @@ class FastAdvTraining(_AdvTrainCallback):
 # %% ../../nbs/04_callback.adv_train.ipynb #e58889a3
 def trades_kl(adv_logits, clean_logits, reduction='batchmean'):
     "TRADES' robust term: KL(softmax(`clean_logits`) || softmax(`adv_logits`)), 'batchmean' or 'none' (per example)"
+    if reduction not in ('batchmean', 'none'):
+        raise ValueError(f"trades_kl: `reduction` must be 'batchmean' or 'none' (per example), got {reduction!r}")
     kl = F.kl_div(F.log_softmax(adv_logits.float(), 1), F.softmax(clean_logits.float(), 1), reduction='none').sum(1)
     return kl.mean() if reduction == 'batchmean' else kl
 

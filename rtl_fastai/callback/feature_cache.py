@@ -11,7 +11,7 @@ from fastcore.basics import store_attr
 from fastai.torch_core import params
 from fastai.callback.core import Callback
 from ..distributed import DistributedDL
-from ..core import plain, fork_rng
+from ..core import plain, fork_rng, check_number
 from ..models import model_blocks, forward_to
 from ..data.augment import random_tfms
 from ..attacks import eval_mode
@@ -68,6 +68,7 @@ class FeatureCache(Callback):
                 ):
         if mode not in ('auto', True, False):
             raise ValueError(f"FeatureCache: `mode` must be 'auto', True or False, got {mode!r}.")
+        check_number(max_mb, 'max_mb', lo=0, who='FeatureCache', fix='the largest cache in MiB, e.g. 2048')
         store_attr()
         self.active, self.reason, self.build_s, self.dl_train = False, 'not fitted yet', None, None
         self._init_state()
