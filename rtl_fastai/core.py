@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #e2e0aabd
 from __future__ import annotations
-import functools, math, numbers, os, random, warnings
+import math, numbers, os, random, warnings
 from contextlib import contextmanager
 from typing import NamedTuple
 import numpy as np
@@ -131,14 +131,12 @@ def fork_rng(seed:int=None, # seed the forked state with this (None: continue fr
             if all_rngs: random.setstate(py); np.random.set_state(npy)
 
 # %% ../nbs/00_core.ipynb #e2539223
-def keeps_cudnn_flags(f):
-    "Decorator: cuDNN's `deterministic` and `benchmark` flags are as before when `f` returns (or raises)"
-    @functools.wraps(f)
-    def _f(*args, **kwargs):
-        flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-        try: return f(*args, **kwargs)
-        finally: torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
-    return _f
+@contextmanager
+def keeps_cudnn_flags():
+    "cuDNN's `deterministic` and `benchmark` flags are as before when the block ends (or raises)"
+    flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    try: yield
+    finally: torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
 
 # %% ../nbs/00_core.ipynb #3cce00f1
 def eps_str(eps:float, digits:int=4)->str:

@@ -54,7 +54,6 @@ def fit_quietly(learn:Learner, epochs:int, lr:float,
 # %% ../nbs/07a_experiment.ipynb #c4b3d33a
 ALPHA_RATIO = 0.25  # PGD step = eps/4: the paper's 2/255 at eps 8/255
 
-@keeps_cudnn_flags
 def evaluate(learn:Learner,
              threat, # a `ThreatModel`, or an L-inf radius in [0,1] pixel units
              steps:int=20, # PGD steps (when `threat` is a radius)
@@ -66,8 +65,9 @@ def evaluate(learn:Learner,
     if not isinstance(threat, ThreatModel):
         eps = threat
         threat = ThreatModel(eps, steps, alpha=ALPHA_RATIO*eps if alpha is None and eps > 0 else alpha)
-    set_seed(seed, reproducible=True)
-    r = robust_validate(learn, dl, threat=threat, show_progress=False)
+    with keeps_cudnn_flags():
+        set_seed(seed, reproducible=True)
+        r = robust_validate(learn, dl, threat=threat, show_progress=False)
     return dict(clean_acc=r['clean_acc'], pgd_acc=r['robust_acc'], n=r['n'])
 
 # %% ../nbs/07a_experiment.ipynb #5026f078
@@ -75,7 +75,6 @@ def _n_in(dls):
     x = getattr(dls.train_ds, 'x', None)  # `ArrayDataset`: no batch drawn (drawing one would move the shuffle)
     return x.shape[1] if x is not None else dls.one_batch()[0].shape[1]
 
-@keeps_cudnn_flags
 def train_source(dls, # source-task DataLoaders
                  arch='smallcnn', # a name of `ARCHS`, or a function `n_out -> nn.Module`
                  epochs:int=10, lr:float=3e-3,
@@ -89,10 +88,11 @@ def train_source(dls, # source-task DataLoaders
     "Train a natural (`eps=None`) or adversarially trained source model from `seed`; returns the `Learner`."
     if adv not in ('pgd', 'fast'): raise ValueError(f"`adv` must be 'pgd' or 'fast', got {adv!r}")
     n_in = _n_in(dls) if isinstance(arch, str) else None
-    set_seed(seed, reproducible=True)
-    model = make_model(arch, n_in, dls.c, width) if isinstance(arch, str) else arch(dls.c)
-    cbs = [] if not eps else [PGDTraining(eps, steps=steps, alpha=alpha) if adv == 'pgd' else FastAdvTraining(eps)]
-    return fit_quietly(Learner(dls, model, metrics=accuracy), epochs, lr, cbs, verbose=verbose, bars=bars)
+    with keeps_cudnn_flags():
+        set_seed(seed, reproducible=True)
+        model = make_model(arch, n_in, dls.c, width) if isinstance(arch, str) else arch(dls.c)
+        cbs = [] if not eps else [PGDTraining(eps, steps=steps, alpha=alpha) if adv == 'pgd' else FastAdvTraining(eps)]
+        return fit_quietly(Learner(dls, model, metrics=accuracy), epochs, lr, cbs, verbose=verbose, bars=bars)
 
 # %% ../nbs/07a_experiment.ipynb #f6b0dd51
 def carve_valid(data:ArrayData, # a data set whose `x_valid` are the test images

@@ -14,8 +14,8 @@ import torchvision
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastprogress.fastprogress import IN_NOTEBOOK
-from .core import (parse_number, is_int, check_int, check_number, eps_str, normalize_stats, input_stats, add_input_norm, keeps_cudnn_flags, check_device,
-                             check_normalization, _record_stats, _fmt_stats)
+from .core import (parse_number, is_int, check_int, check_number, eps_str, normalize_stats, input_stats, add_input_norm,
+                             check_normalization, _record_stats, _fmt_stats, keeps_cudnn_flags, check_device)
 from .data.folder import check_image_folder, folder_dls
 from .models import model_blocks
 from .hub import IMAGENET_STATS, robust_model_info
@@ -334,7 +334,6 @@ def _hist(learn):
     return [dict(epoch=i, **{n: (float(v) if v is not None else None) for n, v in zip(names, vals)})
             for i, vals in enumerate(learn.recorder.values)]
 
-@keeps_cudnn_flags
 def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `data/valid/<class>/*.jpg` (or `valid_pct`)
                  # a registry name (`robust_models()`), a checkpoint file/URL, or 'torchvision:NAME' / 'timm:NAME'
                  source:str='resnet18_linf_eps4.0',
@@ -377,81 +376,82 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
                     threads=threads)
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     old_threads = torch.get_num_threads()
-    try:
-        if is_int(threads) and threads > 0: torch.set_num_threads(threads)
-        log(f"{who}: checking {data} and the source {source} ...")
+    with keeps_cudnn_flags():
         try:
-            j = _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha, epochs, bs, lr,
-                           warmup_epochs, stats, normalize, pretrained, curve, n_batches, cache, train, valid, out,
-                           seed, device, threads, quiet, who, valid_pct)
-        except Exception as err:
-            try: err.bad_input = True  # `main` prints the message alone
-            except AttributeError: pass
-            raise
-        dls, tm, summary = j['dls'], j['threat'], j['summary']
-        src_norm = j['desc']['norm']   # 'linf', 'l2', or None (a standard or unknown source)
-        if src_norm is not None and src_norm != tm.norm:
-            warnings.warn(f"{who}: the source was trained against {j['desc']['threat']} attacks, and this job evaluates "
-                          f"{tm.norm} attacks at eps={eps_str(tm.eps)}: robustness carries over for the threat model "
-                          f"the source was trained for; evaluate there with norm={src_norm!r}, "
-                          f"eps={eps_str(j['desc']['eps'])}", UserWarning, stacklevel=2)
-        log(f"{summary!r}\nsource: {j['desc']['name']} ({j['desc']['arch']}, trained: {j['desc']['threat']}); "
-            f"n_retrain={j['n_retrain']}, lam={j['lam']:g}; evaluation: {tm.name} ({tm.norm}, eps={eps_str(tm.eps)}, "
-            f"step {eps_str(tm.step_size)})")
-        if check_only:
-            log(f"{who}: every check passed; nothing was trained or written ({epochs} epoch{'s' if epochs != 1 else ''} "
-                f"would train on {summary.n_train} images)")
-            return dict(summary=summary, source=j['desc'], threat=tm, n_retrain=j['n_retrain'], lam=j['lam'],
-                        run_dir=None)
-        set_seed(seed, reproducible=True)
-        learn = transfer_learner(j['model'], dls, n_retrain=j['n_retrain'], metrics=accuracy, lr=lr,
-                                 cache='auto' if cache else False)
-        cbs = ([FeatureDistillation(j['model'], lam=j['lam'], warmup_epochs=j['warmup_epochs'])] if j['lam'] > 0
-               else [])
-        log(f"training: {epochs} epoch{'s' if epochs != 1 else ''} on {summary.n_train} images of {len(summary.classes)} classes")
-        t = time.time()
-        # on a terminal or in a notebook fastai's table and bars (unless `quiet`); in a log the bars would be control
-        # characters, so the epoch table is printed from the recorder after the fit
-        bars = _bars(quiet)
-        fit_quietly(learn, epochs, lr, cbs, verbose=bars)
-        if not quiet and not bars: print(pd.DataFrame(_hist(learn)).to_string(index=False), flush=True)
-        train_s = time.time() - t
-        fc = next((c for c in learn.cbs if isinstance(c, FeatureCache)), None)
-        vdl = _eval_dl(dls, n_batches, seed)
-        n_eval = summary.n_valid if n_batches is None else min(summary.n_valid, n_batches*vdl.bs)
-        log(f"evaluation: clean and {tm.name} accuracy on {n_eval} validation images"
-            + ('' if n_batches is None else f" (a random sample of the {summary.n_valid}: `n_batches`={n_batches})")
-            + (f", then at {len(_curve_eps(tm.eps, tm.norm)) - 1} more radii for the robustness curve" if curve else ''))
-        t = time.time()
-        r = robust_validate(learn, vdl, threat=tm, n_batches=n_batches, seed=seed, show_progress=bars)
-        crv = None
-        if curve:
-            crv = robust_accuracy_curve(learn, _curve_eps(tm.eps, tm.norm), vdl, threat=tm, n_batches=n_batches,
-                                        seed=seed, show_progress=bars)
-            label = f"{j['desc']['name']}, n_retrain={j['n_retrain']}" + (f", lam={j['lam']:g}" if j['lam'] else '')
-            crv.insert(0, 'method', label)
-        eval_s = time.time() - t
-        d = j['desc']
-        row = dict(source=Path(d['name']).name if d['kind'] == 'checkpoint' else d['name'], arch=d['arch'],
-                   n_retrain=j['n_retrain'], lam=j['lam'], epochs=epochs, clean_acc=r['clean_acc'],
-                   pgd_acc=r['robust_acc'], attack=r['attack'], n_valid=r['n'], seconds=train_s + eval_s)
-        res = pd.DataFrame([row])
-        info = dict(source=j['desc'], data=dict(path=str(Path(summary.path).resolve()), classes=summary.classes,
-                                                n_train=summary.n_train, n_valid=summary.n_valid),
-                    threat=dict(eps=tm.eps, steps=tm.steps, alpha=tm.step_size, norm=tm.norm, name=tm.name),
-                    history=_hist(learn), feature_cache=None if fc is None else fc.reason,
-                    train_seconds=train_s, eval_seconds=eval_s, total_seconds=time.time() - t0)
-        run_dir = next_run_dir(out)
-        fig = None if crv is None else plot_robust_curve(crv.drop(columns=['clean_acc'], errors='ignore'),
-                                                   title=f'{tm.name} on {summary.n_valid} validation images')
-        paths = save_run(run_dir, res, dict(settings=settings, sources=info), crv, fig)
-        learn.export(run_dir.resolve()/'export.pkl')
-        paths['export'] = run_dir/'export.pkl'
-        if quiet: print(run_dir, flush=True)  # for scripts: `run=$(rtl-fastai transfer ... --quiet)`
-        else: print(f"\n{_table(res)}\n\nwrote {run_dir}/: " + ', '.join(p.name for p in paths.values()), flush=True)
-        return dict(clean_acc=r['clean_acc'], pgd_acc=r['robust_acc'], attack=r['attack'], n=r['n'], results=res,
-                    curve=crv, run_dir=run_dir, paths=paths, source=j['desc'], learn=learn)
-    finally: torch.set_num_threads(old_threads)
+            if is_int(threads) and threads > 0: torch.set_num_threads(threads)
+            log(f"{who}: checking {data} and the source {source} ...")
+            try:
+                j = _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha, epochs, bs, lr,
+                               warmup_epochs, stats, normalize, pretrained, curve, n_batches, cache, train, valid, out,
+                               seed, device, threads, quiet, who, valid_pct)
+            except Exception as err:
+                try: err.bad_input = True  # `main` prints the message alone
+                except AttributeError: pass
+                raise
+            dls, tm, summary = j['dls'], j['threat'], j['summary']
+            src_norm = j['desc']['norm']   # 'linf', 'l2', or None (a standard or unknown source)
+            if src_norm is not None and src_norm != tm.norm:
+                warnings.warn(f"{who}: the source was trained against {j['desc']['threat']} attacks, and this job evaluates "
+                              f"{tm.norm} attacks at eps={eps_str(tm.eps)}: robustness carries over for the threat model "
+                              f"the source was trained for; evaluate there with norm={src_norm!r}, "
+                              f"eps={eps_str(j['desc']['eps'])}", UserWarning, stacklevel=2)
+            log(f"{summary!r}\nsource: {j['desc']['name']} ({j['desc']['arch']}, trained: {j['desc']['threat']}); "
+                f"n_retrain={j['n_retrain']}, lam={j['lam']:g}; evaluation: {tm.name} ({tm.norm}, eps={eps_str(tm.eps)}, "
+                f"step {eps_str(tm.step_size)})")
+            if check_only:
+                log(f"{who}: every check passed; nothing was trained or written ({epochs} epoch{'s' if epochs != 1 else ''} "
+                    f"would train on {summary.n_train} images)")
+                return dict(summary=summary, source=j['desc'], threat=tm, n_retrain=j['n_retrain'], lam=j['lam'],
+                            run_dir=None)
+            set_seed(seed, reproducible=True)
+            learn = transfer_learner(j['model'], dls, n_retrain=j['n_retrain'], metrics=accuracy, lr=lr,
+                                     cache='auto' if cache else False)
+            cbs = ([FeatureDistillation(j['model'], lam=j['lam'], warmup_epochs=j['warmup_epochs'])] if j['lam'] > 0
+                   else [])
+            log(f"training: {epochs} epoch{'s' if epochs != 1 else ''} on {summary.n_train} images of {len(summary.classes)} classes")
+            t = time.time()
+            # on a terminal or in a notebook fastai's table and bars (unless `quiet`); in a log the bars would be control
+            # characters, so the epoch table is printed from the recorder after the fit
+            bars = _bars(quiet)
+            fit_quietly(learn, epochs, lr, cbs, verbose=bars)
+            if not quiet and not bars: print(pd.DataFrame(_hist(learn)).to_string(index=False), flush=True)
+            train_s = time.time() - t
+            fc = next((c for c in learn.cbs if isinstance(c, FeatureCache)), None)
+            vdl = _eval_dl(dls, n_batches, seed)
+            n_eval = summary.n_valid if n_batches is None else min(summary.n_valid, n_batches*vdl.bs)
+            log(f"evaluation: clean and {tm.name} accuracy on {n_eval} validation images"
+                + ('' if n_batches is None else f" (a random sample of the {summary.n_valid}: `n_batches`={n_batches})")
+                + (f", then at {len(_curve_eps(tm.eps, tm.norm)) - 1} more radii for the robustness curve" if curve else ''))
+            t = time.time()
+            r = robust_validate(learn, vdl, threat=tm, n_batches=n_batches, seed=seed, show_progress=bars)
+            crv = None
+            if curve:
+                crv = robust_accuracy_curve(learn, _curve_eps(tm.eps, tm.norm), vdl, threat=tm, n_batches=n_batches,
+                                            seed=seed, show_progress=bars)
+                label = f"{j['desc']['name']}, n_retrain={j['n_retrain']}" + (f", lam={j['lam']:g}" if j['lam'] else '')
+                crv.insert(0, 'method', label)
+            eval_s = time.time() - t
+            d = j['desc']
+            row = dict(source=Path(d['name']).name if d['kind'] == 'checkpoint' else d['name'], arch=d['arch'],
+                       n_retrain=j['n_retrain'], lam=j['lam'], epochs=epochs, clean_acc=r['clean_acc'],
+                       pgd_acc=r['robust_acc'], attack=r['attack'], n_valid=r['n'], seconds=train_s + eval_s)
+            res = pd.DataFrame([row])
+            info = dict(source=j['desc'], data=dict(path=str(Path(summary.path).resolve()), classes=summary.classes,
+                                                    n_train=summary.n_train, n_valid=summary.n_valid),
+                        threat=dict(eps=tm.eps, steps=tm.steps, alpha=tm.step_size, norm=tm.norm, name=tm.name),
+                        history=_hist(learn), feature_cache=None if fc is None else fc.reason,
+                        train_seconds=train_s, eval_seconds=eval_s, total_seconds=time.time() - t0)
+            run_dir = next_run_dir(out)
+            fig = None if crv is None else plot_robust_curve(crv.drop(columns=['clean_acc'], errors='ignore'),
+                                                       title=f'{tm.name} on {summary.n_valid} validation images')
+            paths = save_run(run_dir, res, dict(settings=settings, sources=info), crv, fig)
+            learn.export(run_dir.resolve()/'export.pkl')
+            paths['export'] = run_dir/'export.pkl'
+            if quiet: print(run_dir, flush=True)  # for scripts: `run=$(rtl-fastai transfer ... --quiet)`
+            else: print(f"\n{_table(res)}\n\nwrote {run_dir}/: " + ', '.join(p.name for p in paths.values()), flush=True)
+            return dict(clean_acc=r['clean_acc'], pgd_acc=r['robust_acc'], attack=r['attack'], n=r['n'], results=res,
+                        curve=crv, run_dir=run_dir, paths=paths, source=j['desc'], learn=learn)
+        finally: torch.set_num_threads(old_threads)
 
 # %% ../nbs/08b_job.ipynb #11ebd013
 def _cli_words(msg:str)->str:

@@ -132,7 +132,6 @@ def _one_seed(ds, src_cls, tgt_cls, d, eps, steps, lam, seed, device, verbose, b
     return rows, learners, info
 
 # %% ../nbs/08_pipeline.ipynb #de9ed6ae
-@keeps_cudnn_flags
 def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloaded), 'digits' (embedded: no download),
                  # 'cifar10', or a folder in one of their layouts
                  data:str='mnist',
@@ -212,20 +211,21 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
     if d['distill_layer']:  # the same model family the rows fine-tune
         feature_hook(make_model(d['arch'], ds.n_channels, len(tgt_cls), d['width']), d['distill_layer'], 'model')
     if check_only: return None
-    n_steps, i, t_all = 8*seeds, [0], time.time()
-    def step(msg):
-        i[0] += 1; log(f"[{i[0]}/{n_steps}] {msg}" + (f" (seed {s})" if seeds > 1 else ''))
-    rows, info, crv = [], dict(settings=dict(d, eps=eps, steps=steps, alpha=ALPHA_RATIO*eps)), []
-    for s in range(seed, seed+seeds):
-        r, learners, src_info = _one_seed(ds, src_cls, tgt_cls, d, eps, steps, d['lam'], s, device, verbose, bars, step)
-        rows += r
-        info.setdefault('natural', []).append(src_info['natural'])
-        info.setdefault('robust', []).append(src_info['robust'])
-        if curve: crv.append(_curve(learners, eps, steps, s, bars))
-    src = {k: pd.DataFrame(info[k]).mean().to_dict() | {'n_seeds': seeds} for k in ('natural', 'robust')}
-    info.update(src, total_seconds=time.time()-t_all)
-    crv = (pd.concat(crv, ignore_index=True).groupby(['method', 'eps'], sort=False).mean(numeric_only=True)
-           .reset_index() if curve else None)
+    with keeps_cudnn_flags():
+        n_steps, i, t_all = 8*seeds, [0], time.time()
+        def step(msg):
+            i[0] += 1; log(f"[{i[0]}/{n_steps}] {msg}" + (f" (seed {s})" if seeds > 1 else ''))
+        rows, info, crv = [], dict(settings=dict(d, eps=eps, steps=steps, alpha=ALPHA_RATIO*eps)), []
+        for s in range(seed, seed+seeds):
+            r, learners, src_info = _one_seed(ds, src_cls, tgt_cls, d, eps, steps, d['lam'], s, device, verbose, bars, step)
+            rows += r
+            info.setdefault('natural', []).append(src_info['natural'])
+            info.setdefault('robust', []).append(src_info['robust'])
+            if curve: crv.append(_curve(learners, eps, steps, s, bars))
+        src = {k: pd.DataFrame(info[k]).mean().to_dict() | {'n_seeds': seeds} for k in ('natural', 'robust')}
+        info.update(src, total_seconds=time.time()-t_all)
+        crv = (pd.concat(crv, ignore_index=True).groupby(['method', 'eps'], sort=False).mean(numeric_only=True)
+               .reset_index() if curve else None)
     return pd.DataFrame(rows), crv, info
 
 # %% ../nbs/08_pipeline.ipynb #7d98fcab

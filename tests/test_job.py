@@ -147,9 +147,11 @@ def test_warns_when_evaluating_another_threat_model_than_the_sources(files, tmp_
     "An L2 source evaluated with L-inf attacks: a warning naming the source's threat model"
     root, folder, _ = files
     (tmp_path/'resnet18_l2_eps3.ckpt').write_bytes((root/'robust_r18.ckpt').read_bytes())
-    with pytest.warns(UserWarning, match=r"trained against L2 eps=3 attacks.*norm='l2', eps=3"):
+    with pytest.warns(UserWarning, match=r"trained against L2 eps=3 attacks.*norm='l2', eps=3") as rec:
         transfer_job(str(folder), source=str(tmp_path/'resnet18_l2_eps3.ckpt'), out=str(tmp_path/'out'), quiet=True,
                      curve=False, **{k: v for k, v in KW.items() if k != 'arch'})
+    w = next(r for r in rec if 'trained against' in str(r.message))
+    assert w.filename == __file__   # the caller's line, where the job was started
 
 
 def test_run_on_an_image_folder_points_to_transfer(files):
