@@ -391,10 +391,11 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
             dls, tm, summary = j['dls'], j['threat'], j['summary']
             src_norm = j['desc']['norm']   # 'linf', 'l2', or None (a standard or unknown source)
             if src_norm is not None and src_norm != tm.norm:
-                warnings.warn(f"{who}: the source was trained against {j['desc']['threat']} attacks, and this job evaluates "
-                              f"{tm.norm} attacks at eps={eps_str(tm.eps)}: robustness carries over for the threat model "
-                              f"the source was trained for; evaluate there with norm={src_norm!r}, "
-                              f"eps={eps_str(j['desc']['eps'])}", UserWarning, stacklevel=2)
+                src_eps = eps_str(j['desc']['eps'])
+                warnings.warn(f"{who}: the source was trained against {src_norm} attacks of radius {src_eps}, and "
+                              f"this job evaluates {tm.norm} attacks of radius {eps_str(tm.eps)}: robustness carries "
+                              "over for the threat model the source was trained for; evaluate there with "
+                              f"norm={src_norm!r}, eps={src_eps}", UserWarning, stacklevel=2)
             log(f"{summary!r}\nsource: {j['desc']['name']} ({j['desc']['arch']}, trained: {j['desc']['threat']}); "
                 f"n_retrain={j['n_retrain']}, lam={j['lam']:g}; evaluation: {tm.name} ({tm.norm}, eps={eps_str(tm.eps)}, "
                 f"step {eps_str(tm.step_size)})")
@@ -472,10 +473,15 @@ def _cli_words(msg:str)->str:
     return sub(r"(?<![\w`-])(\w+)=" + val, lambda m: opt(m[1], m[2]), msg)  # arch='resnet50' -> --arch resnet50
 
 def run_transfer_job(**kwargs):
-    "`transfer_job(**kwargs)` for a command line: a bad input exits with its message alone, in the command line's words."
-    try: transfer_job(**kwargs)
-    except Exception as e:
-        if getattr(e, 'bad_input', False): sys.exit(f"rtl-fastai transfer: {_cli_words(str(e))}")
-        raise
+    ("`transfer_job(**kwargs)` for a command line: a bad input exits with its message alone, and warnings are printed, "
+     "in the command line's words.")
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"rtl-fastai transfer: warning: {_cli_words(str(message))}", file=sys.stderr, flush=True)
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        try: transfer_job(**kwargs)
+        except Exception as e:
+            if getattr(e, 'bad_input', False): sys.exit(f"rtl-fastai transfer: {_cli_words(str(e))}")
+            raise
     return 0
 

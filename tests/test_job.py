@@ -143,15 +143,19 @@ def test_n_batches_samples_the_classes(files, tmp_path, recwarn):
     assert not [w for w in recwarn if 'classes' in str(w.message)]
 
 
-def test_warns_when_evaluating_another_threat_model_than_the_sources(files, tmp_path):
+def test_warns_when_evaluating_another_threat_model_than_the_sources(files, tmp_path, capsys):
     "An L2 source evaluated with L-inf attacks: a warning naming the source's threat model"
     root, folder, _ = files
     (tmp_path/'resnet18_l2_eps3.ckpt').write_bytes((root/'robust_r18.ckpt').read_bytes())
-    with pytest.warns(UserWarning, match=r"trained against L2 eps=3 attacks.*norm='l2', eps=3") as rec:
+    with pytest.warns(UserWarning, match=r"trained against l2 attacks of radius 3.*norm='l2', eps=3") as rec:
         transfer_job(str(folder), source=str(tmp_path/'resnet18_l2_eps3.ckpt'), out=str(tmp_path/'out'), quiet=True,
                      curve=False, **{k: v for k, v in KW.items() if k != 'arch'})
     w = next(r for r in rec if 'trained against' in str(r.message))
     assert w.filename == __file__   # the caller's line, where the job was started
+    main([str(folder), '--source', str(tmp_path/'resnet18_l2_eps3.ckpt'), '--out', str(tmp_path/'out'), '--quiet',
+          '--no-curve', *[a for k, v in KW.items() if k != 'arch' for a in (f"--{k.replace('_', '-')}", str(v))]])
+    err = capsys.readouterr().err   # the command line prints it in its own words, without a Python location
+    assert "rtl-fastai transfer: warning: the source was trained against l2 attacks" in err and '--norm l2, --eps 3' in err
 
 
 def test_run_on_an_image_folder_points_to_transfer(files):
