@@ -19,13 +19,13 @@ import torch
 from fastai.learner import Learner
 from fastai.metrics import accuracy
 from _timers import EpochTimer
-from rtl_fastai.data.all import load_dataset, select_classes, subsample, default_split, task_dls, ArrayData
+from rtl_fastai.data.all import load_dataset, select_classes, subsample, class_split, task_dls, ArrayData
 from rtl_fastai.experiment import make_model, fit_quietly, evaluate
 from rtl_fastai.callback.adv_train import PGDTraining, FreeAdvTraining, FastAdvTraining, TRADESTraining
 
 def make_dls(args):
     d = load_dataset(args.data)
-    d = select_classes(d, default_split(d).source)
+    d = select_classes(d, class_split(d).source)
     if args.n_per_class: d = subsample(d, args.n_per_class, seed=0)
     if args.n_valid and args.n_valid < len(d.y_valid):
         g = torch.Generator().manual_seed(0)

@@ -37,7 +37,7 @@ from fastai.metrics import accuracy
 sys.path.insert(0, str(Path(__file__).parent))
 from _timers import EpochTimer
 from rtl_fastai.core import normalize_stats, NormalizeInput, plain
-from rtl_fastai.data.all import load_dataset, select_classes, subsample, subsample_valid, default_split, task_dls, ArrayData, FlipPadCrop
+from rtl_fastai.data.all import load_dataset, select_classes, subsample, subsample_valid, class_split, task_dls, ArrayData, FlipPadCrop
 from rtl_fastai.models import PreActResNet18
 from rtl_fastai.callback.adv_valid import RobustAccuracy  # noqa: F401  (Learner.robust_validate)
 from rtl_fastai.callback.adv_train import PGDTraining, FreeAdvTraining, FastAdvTraining, TRADESTraining
@@ -240,7 +240,7 @@ def main(device:str=None,         # 'cuda', 'cuda:N' or 'cpu' (default: cuda if 
 
     # -- (c) feature cache and distillation -----------------------------------------------------------------------------
     if 'transfer' in parts:
-        tgt = subsample(subsample_valid(select_classes(cifar, default_split(cifar).target), val_bs // 4), n_target)
+        tgt = subsample(subsample_valid(select_classes(cifar, class_split(cifar).target), val_bs // 4), n_target)
         rows = {}
         def fit_t(key, make, epochs, cbs=()):
             tdl = task_dls(tgt, bs=bs, val_bs=val_bs, seed=seed, device=dev)   # fresh: same shuffles for each row

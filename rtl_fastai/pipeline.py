@@ -12,7 +12,7 @@ import torch
 from fastai.vision.all import Learner, accuracy, set_seed
 from fastprogress.fastprogress import progress_bar
 from .core import eps_str, check_int, check_number, keeps_cudnn_flags
-from .data.arrays import default_split, select_classes, subsample, subsample_valid
+from .data.arrays import class_split, select_classes, subsample, subsample_valid
 from .data.external import load_dataset
 from .data.loaders import task_dls
 from .experiment import ARCHS, ALPHA_RATIO, make_model, quiet, fit_quietly, evaluate, train_source, carve_valid
@@ -193,7 +193,7 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
     if d['arch'] not in ARCHS: raise ValueError(f"`arch` must be one of {ARCHS}, got {d['arch']!r}")
     log = log or (lambda *a, **k: None)
     ds = load_dataset(data, path=path)
-    split = default_split(ds) if (source_classes is None or target_classes is None) else None
+    split = class_split(ds) if (source_classes is None or target_classes is None) else None
     src_cls = list(source_classes) if source_classes is not None else list(split.source)
     tgt_cls = list(target_classes) if target_classes is not None else list(split.target)
     # every check that can fail does so here, before any training

@@ -15,7 +15,7 @@ from .core import plain, check_int, check_number, fork_rng, eps_str
 from .attacks import ThreatModel, as_threat, pgd_attack, eval_mode, _pixel_space
 
 # %% auto #0
-__all__ = ['adversarial_examples', 'show_adversarial', 'plot_robust_curve', 'plot_block_study', 'in_notebook',
+__all__ = ['adversarial_examples', 'show_adversarial', 'plot_robust_curve', 'plot_block_study', 'can_show_widgets',
            'AdversarialExplorer', 'adversarial_explorer']
 
 # %% ../nbs/07_vis.ipynb #c419e148
@@ -278,7 +278,7 @@ def plot_block_study(df, # a DataFrame (or dict of columns) with one row per (so
     return fig
 
 # %% ../nbs/07_vis.ipynb #1d02f1ce
-def in_notebook()->bool:
+def can_show_widgets()->bool:
     "True in a Jupyter kernel (ipykernel, Colab, VS Code) that can show widgets; False in scripts, terminals, execnb"
     try: from IPython import get_ipython
     except ImportError: return False
@@ -359,7 +359,7 @@ def adversarial_explorer(learn, # a fastai `Learner`
                         ):
     "ipywidgets explorer of adversarial examples (eps and steps sliders, image picker); elsewhere, a static figure"
     ex = AdversarialExplorer(learn, **kwargs)
-    if interactive is None: interactive = in_notebook()
+    if interactive is None: interactive = can_show_widgets()
     if not interactive: return ex.redraw()
     try: box = ex.widget()
     except ImportError: return ex.redraw()  # no ipywidgets: static figure

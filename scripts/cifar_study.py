@@ -16,7 +16,7 @@ import argparse, json, time
 from pathlib import Path
 import torch
 from fastai.vision.all import Learner, accuracy, set_seed
-from rtl_fastai.data.all import load_dataset, select_classes, subsample, subsample_valid, default_split, task_dls
+from rtl_fastai.data.all import load_dataset, select_classes, subsample, subsample_valid, class_split, task_dls
 from rtl_fastai.models import PreActResNet18
 from rtl_fastai.callback.adv_train import PGDTraining
 from rtl_fastai.callback.transfer import transfer_learner
@@ -56,7 +56,7 @@ def main():
     def log(*s): print(time.strftime('%H:%M:%S'), *s, flush=True)
 
     cifar = load_dataset('cifar10')
-    split = default_split('cifar10')
+    split = class_split('cifar10')
     src_d = subsample_valid(subsample(select_classes(cifar, split.source), a.src_n), a.valid_k)
     tgt_full = subsample_valid(select_classes(cifar, split.target), a.valid_k)
     tgt_d = subsample(tgt_full, a.tgt_n)

@@ -26,7 +26,7 @@ from fastai.callback.core import Callback, CancelValidException
 from fastai.torch_core import set_seed
 import fastai.callback.all  # noqa: F401  (fit_one_cycle, no_bar, to_fp16, to_bf16)
 from fastai.metrics import accuracy
-from rtl_fastai.data.all import load_dataset, select_classes, subsample, subsample_valid, default_split, task_dls, ArrayData
+from rtl_fastai.data.all import load_dataset, select_classes, subsample, subsample_valid, class_split, task_dls, ArrayData
 from rtl_fastai.models import PreActResNet18, WideResNet
 from rtl_fastai.attacks import pgd_attack
 from rtl_fastai.attacks import ThreatModel
@@ -118,7 +118,7 @@ def main(device:str=None,            # 'cuda', 'cuda:N' or 'cpu' (default: cuda 
         return m.to(dev, memory_format=fmt)
 
     cifar = load_dataset('cifar10')
-    split = default_split(cifar)
+    split = class_split(cifar)
     src_d, tgt_full = select_classes(cifar, split.source), select_classes(cifar, split.target)
     if tiny: src_d, tgt_full = subsample_valid(subsample(src_d, 16), 8), subsample_valid(tgt_full, 8)
     tgt_d = subsample(tgt_full, 16) if tiny else tgt_full

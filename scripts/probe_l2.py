@@ -8,7 +8,7 @@ torch.set_num_threads(1)
 from fastai.vision.all import Learner, accuracy, set_seed
 from rtl_fastai.pipeline import _defaults, _seed_data
 from rtl_fastai.attacks import ThreatModel
-from rtl_fastai.data.arrays import default_split, subsample
+from rtl_fastai.data.arrays import class_split, subsample
 from rtl_fastai.data.external import load_dataset
 from rtl_fastai.data.loaders import task_dls
 from rtl_fastai.experiment import make_model, fit_quietly, evaluate, train_source
@@ -17,7 +17,7 @@ from rtl_fastai.callback.transfer import transfer_learner
 seed = int(sys.argv[1]); eps = float(sys.argv[2]); cfg = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
 d = _defaults('mnist'); d.update(cfg.get('d', {})); d['holdout'] = 100
 tm_train = ThreatModel(eps, 7, norm='l2'); tm_eval = ThreatModel(eps, 20, alpha=eps/4, norm='l2')
-ds = load_dataset('mnist'); sp = default_split(ds)
+ds = load_dataset('mnist'); sp = class_split(ds)
 src, tgt, tgt_n, _ = _seed_data(ds, list(sp.source), list(sp.target), d, seed)  # the pipeline's split
 kw = dict(bs=d['bs'], seed=seed)
 src_dls = task_dls(src, **kw); tgt_dls = task_dls(tgt_n, **kw)

@@ -18,7 +18,7 @@ optimizer steps), each evaluated with PGD-20 (step eps/4, seeded) on the validat
 import argparse, time, json, os
 import torch
 from fastai.vision.all import Learner, accuracy, set_seed
-from rtl_fastai.data.all import load_dataset, select_classes, subsample, subsample_valid, default_split, task_dls, ArrayData
+from rtl_fastai.data.all import load_dataset, select_classes, subsample, subsample_valid, class_split, task_dls, ArrayData
 from rtl_fastai.models import SmallCNN
 from rtl_fastai.callback.adv_train import PGDTraining
 from rtl_fastai.callback.adv_valid import RobustAccuracy  # noqa
@@ -46,7 +46,7 @@ def carve(d, pct=0.2, seed=0):
         k = max(1, round(pct*len(idx))); va.append(idx[:k]); tr.append(idx[k:])
     tr, va = torch.cat(tr).sort().values, torch.cat(va).sort().values
     return ArrayData(d.x_train[tr], d.y_train[tr], d.x_train[va], d.y_train[va], list(d.classes), d.name)
-ds = load_dataset(a.data); sp = default_split(ds)
+ds = load_dataset(a.data); sp = class_split(ds)
 src = select_classes(ds, sp.source); tgt = select_classes(ds, sp.target)
 if not a.test: src, tgt = carve(src), carve(tgt)
 if a.src_n: src = subsample(src, a.src_n)

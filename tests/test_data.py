@@ -10,7 +10,7 @@ from fastai.data.transforms import Normalize
 
 import rtl_fastai.data.external as external
 from rtl_fastai.data.all import (LAYOUTS, load_dataset, load_digits_data, find_data,
-                             default_split, select_classes, subsample, normalize_stats, task_dls, cache_dir)
+                             class_split, select_classes, subsample, normalize_stats, task_dls, cache_dir)
 
 ORIG_SHARED = external._shared_candidates  # before the fixture patches it
 SHARED = Path(__file__).resolve().parents[1].parent/'shared'/'data'
@@ -160,11 +160,11 @@ def test_digits(digits):
 
 
 def test_default_split(digits):
-    assert default_split('digits') == (list('01234'), list('56789')) == default_split('mnist')
-    s = default_split('cifar10')
+    assert class_split('digits') == (list('01234'), list('56789')) == class_split('mnist')
+    s = class_split('cifar10')
     assert set(s.source) == {'bird', 'cat', 'deer', 'dog', 'frog', 'horse'}
     assert set(s.target) == {'airplane', 'automobile', 'ship', 'truck'}
-    with pytest.raises(ValueError, match='known are'): default_split('svhn')
+    with pytest.raises(ValueError, match='known are'): class_split('svhn')
 
 
 def test_select_classes(digits):

@@ -9,7 +9,7 @@ from fastai.vision.all import Learner, accuracy, set_seed
 from rtl_fastai.data.all import task_dls
 from rtl_fastai.models import SmallCNN
 from rtl_fastai.vis import (show_adversarial, adversarial_examples, plot_robust_curve, plot_block_study,
-                            adversarial_explorer, AdversarialExplorer, in_notebook)
+                            adversarial_explorer, AdversarialExplorer, can_show_widgets)
 
 
 @pytest.fixture(scope='module')
@@ -107,7 +107,7 @@ def test_show_adversarial_bad_inputs(learn, kw, name):
 
 
 def test_explorer_fallback_and_redraw(learn):
-    assert in_notebook() is False
+    assert can_show_widgets() is False
     fig = adversarial_explorer(learn, eps=0.2, max_eps=0.5, idx=3)
     assert isinstance(fig, Figure) and len(fig.axes) == 4
     assert fig.axes[0].get_title().startswith(f"true {learn.dls.vocab[learn.dls.valid.one_batch()[1][3].item()]}")

@@ -12,7 +12,7 @@ import torch
 from ..core import is_int, check_int
 
 # %% auto #0
-__all__ = ['Split', 'SPLITS', 'ArrayData', 'load_digits_data', 'default_split', 'select_classes', 'subsample', 'subsample_valid',
+__all__ = ['Split', 'SPLITS', 'ArrayData', 'load_digits_data', 'class_split', 'select_classes', 'subsample', 'subsample_valid',
            'channel_stats']
 
 # %% ../../nbs/00a_data.arrays.ipynb #64bc7aa8
@@ -24,7 +24,7 @@ class ArrayData:
     x_valid: torch.Tensor # Validation images, NCHW
     y_valid: torch.Tensor # Validation labels, int64 in 0..c-1
     classes: list         # Class names, `classes[i]` is the name of label `i`
-    name: str = ''        # 'digits', 'mnist', 'cifar10' or '' (used by `default_split`)
+    name: str = ''        # 'digits', 'mnist', 'cifar10' or '' (used by `class_split`)
 
     @property
     def c(self): return len(self.classes)
@@ -69,10 +69,13 @@ SPLITS = {
     'cifar10': Split(['bird','cat','deer','dog','frog','horse'], ['airplane','automobile','ship','truck']),
 }
 
-def default_split(name, # 'digits', 'mnist', 'cifar10' or an `ArrayData` with one of these names
-                 )->Split:
+def class_split(name, # 'digits', 'mnist', 'cifar10' or an `ArrayData` with one of these names
+               )->Split:
     "The default `(source, target)` class lists of dataset `name`"
-    n = name.name if isinstance(name, ArrayData) else str(name)
+    if not isinstance(name, (str, ArrayData)):
+        raise TypeError(f"class_split: `name` must be a data set's name {list(SPLITS)} or an `ArrayData`, got "
+                        f"{type(name).__name__} (fastai's splitter of a model is `fastai.vision.learner.default_split`)")
+    n = name.name if isinstance(name, ArrayData) else name
     if n not in SPLITS:
         raise ValueError(f"no default split for {n!r}: known are {list(SPLITS)}; pass the class lists explicitly")
     return SPLITS[n]
@@ -80,12 +83,12 @@ def default_split(name, # 'digits', 'mnist', 'cifar10' or an `ArrayData` with on
 # %% ../../nbs/00a_data.arrays.ipynb #5b0e7a62
 def select_classes(data:ArrayData, # Dataset to filter
                    # Class names or indices to keep, in the order of the new labels 0..k-1; or 'source'/'target',
-                   # that half of `default_split` (unless the data set has a class of that name)
+                   # that half of `class_split` (unless the data set has a class of that name)
                    classes,
                   )->ArrayData:
     "Keep `classes` (names or indices), re-indexing labels 0..k-1 in the order given"
     if isinstance(classes, str) and classes in ('source', 'target') and classes not in data.classes:
-        classes = getattr(default_split(data), classes)
+        classes = getattr(class_split(data), classes)
     if isinstance(classes, (str, int)): classes = [classes]
     idx = []
     for c in classes:

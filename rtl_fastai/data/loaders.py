@@ -127,7 +127,7 @@ def _data_device(data_device, device):
                          f"device such as 'cuda', got {data_device!r}") from None
 
 def task_dls(data='digits',        # 'digits', 'mnist', 'cifar10', a path (see `load_dataset`), or an `ArrayData`
-             classes=None,         # Class names/indices, 'source' or 'target' (see `default_split`), or None for all
+             classes=None,         # Class names/indices, 'source' or 'target' (see `class_split`), or None for all
              n_per_class:int=None, # Training examples per class (seeded, stratified); None keeps all
              bs:int=64,            # Training batch size
              val_bs:int=None,      # Validation batch size (default: 2*bs)
