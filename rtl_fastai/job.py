@@ -26,7 +26,7 @@ from .callback.freeze import n_frozen_entries
 from .callback.feature_cache import FeatureCache
 from .callback.transfer import transfer_learner
 from .callback.distill import FeatureDistillation
-from .callback.adv_valid import robust_validate, robust_accuracy_curve
+from .callback.adv_valid import robust_validate, robust_accuracy_curve, in_random_order
 from .experiment import ALPHA_RATIO, fit_quietly
 from .pipeline import next_run_dir, save_run
 from .vis import plot_robust_curve
@@ -248,9 +248,7 @@ def _check_out(out, who):
 def _eval_dl(dls, n_batches, seed):
     ("The validation DataLoader; with `n_batches`, one whose batches are a fixed random sample of it (an image folder's "
      "validation images are in class order: its first batches would hold few classes)")
-    if n_batches is None: return dls.valid
-    idxs = torch.randperm(len(dls.valid.dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-    return dls.valid.new(get_idxs=lambda: idxs)  # the same sample for every attack
+    return dls.valid if n_batches is None else in_random_order(dls.valid, seed)  # the same sample for every attack
 
 def _curve_eps(eps, norm):
     "The radii of the robust-accuracy curve: 0, eps/4, eps/2, eps, 1.5 eps, 2 eps (below 0.5 for L-inf)"

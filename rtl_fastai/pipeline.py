@@ -17,7 +17,7 @@ from .data.external import load_dataset
 from .data.loaders import task_dls
 from .experiment import ARCHS, ALPHA_RATIO, make_model, quiet, fit_quietly, evaluate, train_source, carve_valid
 from .attacks import ThreatModel
-from .callback.adv_valid import robust_accuracy_curve
+from .callback.adv_valid import robust_accuracy_curve, in_random_order
 from .callback.adv_train import PGDTraining
 from .callback.transfer import transfer_learner
 from .callback.distill import FeatureDistillation, feature_hook
@@ -229,12 +229,6 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
     return pd.DataFrame(rows), crv, info
 
 # %% ../nbs/08_pipeline.ipynb #7d98fcab
-def _in_random_order(dls, seed:int):
-    "A loader of the validation items of `dls` (`task_dls`) in one seeded random order, the same at every pass"
-    ds = dls.valid_ds
-    i = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).to(ds.x.device)
-    return dls.valid.new(type(ds)(ds.x[i], ds.y[i], ds.vocab, ds.split_idx))
-
 def _curve(learners, eps, steps, seed, bars):
     eps_list = [eps*f for f in (0, 0.5, 1., 1.5) if eps*f <= 1]
     parts = []
@@ -244,7 +238,7 @@ def _curve(learners, eps, steps, seed, bars):
         with quiet(l, True, bars), (nullcontext() if bars else redirect_stdout(io.StringIO())):
             # 2 batches of the test images in one seeded random order, the same for every eps (a shuffling loader
             # would draw other images at each eps): in their own order (class order) they hold few classes
-            df = robust_accuracy_curve(l, eps_list, dl=_in_random_order(l.dls, seed),
+            df = robust_accuracy_curve(l, eps_list, dl=in_random_order(l.dls.valid, seed),
                                        threat=ThreatModel(eps, 10, alpha=ALPHA_RATIO*eps), n_batches=2,
                                        show_progress=bars)
         df.insert(0, 'method', m); parts.append(df.drop(columns=['clean_acc'], errors='ignore'))

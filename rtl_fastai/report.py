@@ -13,7 +13,7 @@ from fastcore.basics import patch
 from fastai.learner import Learner
 from .core import plain, is_number, check_int, fork_rng, eps_str, normalize_stats, NormalizeInput
 from .attacks import ThreatModel, EpsScaleWarning, as_threat, eval_mode
-from .callback.adv_valid import robust_validate
+from .callback.adv_valid import robust_validate, in_random_order
 
 # %% auto #0
 __all__ = ['PixelModel', 'torchattack_evaluate', 'autoattack_evaluate', 'square_evaluate', 'GradientMaskingWarning',
@@ -199,7 +199,7 @@ _HINTS = {
 def robustness_report(self:Learner,
                       threat:ThreatModel|float=None, # the reference attack, or its eps (default PGD-20 at 8/255, L-inf)
                       *,
-                      n_batches:int|None=2, # evaluate on the first `n_batches` validation batches (None: all)
+                      n_batches:int|None=2, # evaluate on `n_batches` batches of a seeded random sample of the validation set (None: all)
                       eps_factors=(0.25, 0.5, 1., 2.), # the eps check attacks at `eps*f` (f <= 1/eps)
                       steps_list=None, # the steps check; default `(steps//4, steps, 2*steps)`
                       restarts:int=3, # restarts of the restart check (1, or a threat without random start: skip it)
@@ -231,6 +231,8 @@ def robustness_report(self:Learner,
             warnings.warn(f"{e}; the Square attack is left out of this report (pass square_queries=None to leave it "
                           "out without this warning)", UserWarning, stacklevel=2)
             square_queries = None
+    # a folder loader keeps its validation images in class order: its first batches would hold few classes
+    if dl is None and n_batches is not None: dl = in_random_order(self.dls.valid, seed)
     rows = []
     def pgd(e, s, r=1, attack='pgd', **kw):
         with warnings.catch_warnings():  # the radii derived from `eps` (e.g. the unbounded eps=1) are meant

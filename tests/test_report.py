@@ -131,3 +131,19 @@ def test_every_row_in_float32_for_a_mixed_precision_learner(digits_dls, digits_m
     try: _report(learn, square_queries=None, eps_factors=(), steps_list=(2,), restarts=1)
     finally: h.remove()
     assert amps and set(amps) == {False} and seen == {torch.float32}, (amps, seen)
+
+
+def test_default_sample_is_random_not_the_first_classes(digits_model):
+    "A validation set in class order (as fastai's folder loaders keep it): the report's 2 batches are a random sample"
+    from rtl_fastai.data.all import load_digits_data, ArrayData, task_dls
+    d = load_digits_data()
+    o = d.y_valid.argsort(stable=True)
+    d = ArrayData(d.x_train, d.y_train, d.x_valid[o], d.y_valid[o], d.classes, 'digits')
+    learn = _learn(task_dls(d, bs=16), digits_model)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        learn.robustness_report(eps=0.1, steps=2, n_batches=2, square_queries=None, eps_factors=(), restarts=1,
+                                show=False)
+    assert not [x for x in w if 'classes' in str(x.message)], [str(x.message) for x in w]
+    with pytest.warns(UserWarning, match="attacked examples of only"):   # the first 2 batches: 2 classes of 10
+        learn.robust_validate(eps=0.1, steps=2, n_batches=2, show_progress=False)

@@ -20,7 +20,7 @@ from ..attacks import ThreatModel, as_threat, robust_eval_batch, _FIELDS, _amp_c
 from ..distributed import DistributedDL, _inner, _sharded, _n_real, _in_distrib_ctx
 
 # %% auto #0
-__all__ = ['robust_validate', 'RobustAccuracy', 'robust_accuracy_curve']
+__all__ = ['robust_validate', 'RobustAccuracy', 'in_random_order', 'robust_accuracy_curve']
 
 # %% ../../nbs/03_callback.adv_valid.ipynb #05b4fb3f
 _COMPILED = []  # [(weak reference to a model, `how`, its compiled form)], the newest last; the last 2 are kept
@@ -85,8 +85,8 @@ class RobustAccuracy(Metric):
         warnings.warn(f"RobustAccuracy(n_batches={self.n_batches}) attacked examples of only {k} of the {len(cl)} "
                       "classes: the first batches of a validation set in class order (as `ImageDataLoaders.from_folder`"
                       " and `DataBlock` loaders keep image folders) hold few classes, so this robust accuracy is theirs "
-                      "alone. Attack every batch (n_batches=None), or more of them, or validate on a shuffled loader: "
-                      "`learn.robust_validate(dls.valid.new(shuffle=True), n_batches=...)`", UserWarning, stacklevel=2)
+                      "alone. Attack every batch (n_batches=None), or more of them, or a random sample: "
+                      "`learn.robust_validate(in_random_order(dls.valid), n_batches=...)`", UserWarning, stacklevel=2)
 
     def attack_batch(self, model, x, y, stats=None):
         "Update the counts with one batch `x` (as the model receives it) and labels `y`; returns `(clean, robust)`."
@@ -213,6 +213,14 @@ def robust_validate(self:Learner,
     return dict(clean_acc=met.clean_value, robust_acc=met.value, n=int(met.total), attack=met.name)
 
 robust_validate = Learner.robust_validate  # noqa: F811 (fastcore 1.x `@patch` returns None): the function itself
+
+# %% ../../nbs/03_callback.adv_valid.ipynb #684238fc
+def in_random_order(dl, # a fastai `DataLoader` (e.g. `dls.valid`)
+                    seed:int=0, # seed of the order
+                   ):
+    "`dl` over its items in one seeded random order, the same at every pass: its first batches are a random sample"
+    idxs = torch.randperm(len(dl.dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    return dl.new(shuffle=False, get_idxs=lambda: idxs)
 
 # %% ../../nbs/03_callback.adv_valid.ipynb #b0459ab8
 def robust_accuracy_curve(learn:Learner,
