@@ -313,6 +313,23 @@ def test_auto_cache_off_says_why_in_one_line(shapes_folder):
                 with l2.no_logging(): l2.fit(1, 1e-3)
         assert not [l for l in out if isinstance(l, str) and l.startswith('FeatureCache')], (kw, out)
 
+def test_a_users_own_transform_keeps_the_auto_cache_off(shapes_folder):
+    "A batch transform of the user's (here random noise, not a `RandTransform`): 'auto' stays off and names it; "
+    "cache=True (the user vouches for it) caches"
+    from fastai.vision.augment import Resize
+    from fastai.data.transforms import Transform
+    from fastai.torch_core import TensorImage
+    class GaussNoise(Transform):
+        order = 99
+        def encodes(self, x:TensorImage): return x + 0.1*torch.randn_like(x)
+    dls = _folder_dls(shapes_folder, Resize(40, method='squish'))
+    dls.add_tfms([GaussNoise()], 'after_batch')
+    learn = _fit(transfer_learner(SmallCNN(n_in=3, n_out=4, widths=(8, 16, 32)), dls, n_retrain=1), 1, 1e-3)
+    assert not learn.feature_cache.active and 'GaussNoise' in learn.feature_cache.reason
+    assert 'FeatureCache(mode=True)' in learn.feature_cache.reason
+    learn = _fit(transfer_learner(SmallCNN(n_in=3, n_out=4, widths=(8, 16, 32)), dls, n_retrain=1, cache=True), 1, 1e-3)
+    assert learn.feature_cache.active
+
 def test_no_attribute_shadowing_on_torchvision_features():
     "torchvision ConvNeXt/EfficientNet have `model.features`: the cache's attribute must not shadow `learn.features`."
     dls = task_dls(ArrayData(torch.rand(8, 3, 32, 32), torch.arange(8) % 2, torch.rand(4, 3, 32, 32), torch.arange(4) % 2,

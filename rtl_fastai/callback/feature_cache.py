@@ -13,7 +13,7 @@ from fastai.callback.core import Callback
 from ..distributed import DistributedDL
 from ..core import plain, fork_rng, check_number
 from ..models import model_blocks, forward_to
-from ..data.augment import random_tfms
+from ..data.augment import random_tfms, unknown_tfms
 from ..attacks import eval_mode
 from .batch_items import batch_items
 from .freeze import FreezeBlocks
@@ -103,6 +103,9 @@ class FeatureCache(Callback):
         if rnd: return (f'the training data are randomly augmented ({", ".join(rnd)})'
                         + ("; fastai's Resize crops at a random place in training, Resize(size, method='squish') does not"
                            if any(r.startswith("Resize(method='crop'") for r in rnd) else '')), None
+        unk = unknown_tfms(self.dls.train) if self.mode == 'auto' else []   # mode=True: the user vouches for them
+        if unk: return (f'the training data go through {", ".join(unk)}, not known to give the same batches every '
+                        'epoch; if they do, cache with FeatureCache(mode=True) (`transfer_learner(cache=True)`)'), None
         bad = [type(cb).__name__ for cb in self.learn.cbs if _may_change_inputs(cb)]
         if bad: return (f'callbacks {bad} may change the inputs or need the frozen activations '
                         '(set `feature_cache_safe = True` on a callback that does not)'), None
