@@ -195,11 +195,16 @@ def _fmt(keys, n=12):
     keys = list(keys)
     return ', '.join(keys[:n]) + (f', ... ({len(keys)-n} more)' if len(keys) > n else '')
 
-def _check_match(model_sd, sd, pre=''):
+def _mismatch(model_sd, sd)->tuple:
+    "Keys of the model missing in `sd`, keys of `sd` the model lacks, and shape differences"
     missing = [k for k in model_sd if k not in sd and not k.endswith('num_batches_tracked')]
     unexpected = [k for k in sd if k not in model_sd]
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k,v in model_sd.items()
               if k in sd and sd[k].shape != v.shape]
+    return missing, unexpected, shapes
+
+def _check_match(model_sd, sd, pre=''):
+    missing, unexpected, shapes = _mismatch(model_sd, sd)
     if not (missing or unexpected or shapes): return
     msg = [f"{pre}the checkpoint does not match the model (nothing was loaded):"]
     if missing: msg.append(f"  missing in the checkpoint ({len(missing)}): {_fmt(missing)}")
@@ -210,6 +215,23 @@ def _check_match(model_sd, sd, pre=''):
     msg.append("Check that the model is the checkpoint's architecture and width, with the checkpoint's number of "
                "classes (load first, then `replace_head`); pass `key=` if the weights are under another entry.")
     raise CheckpointMismatchError('\n'.join(msg))
+
+def _into_cut_body(sd, model)->dict|None:
+    ("`sd` of a whole model (torchvision's names: `conv1.weight`, `layer1.0...`, `fc.weight`) renamed for the body that "
+     "fastai's `vision_learner` cut from it: `model` = `Sequential(body, head)`, the body's children being the first "
+     "children of the original model, in order. The checkpoint's parts beyond the body (its classifier) are left out "
+     "and the model's own head kept. None unless every part of the body finds its weights, shapes included.")
+    if not (isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[0], nn.Sequential)): return None
+    body, parts = model[0], list(dict.fromkeys(k.split('.')[0] for k in sd))
+    stateful = [i for i, c in enumerate(body.children()) if c.state_dict()]
+    if not stateful or len(parts) < len(stateful): return None
+    out = {}
+    for i, part in zip(stateful, parts):
+        sub = {k[len(part)+1:]: v for k, v in sd.items() if k.startswith(part + '.')}
+        if any(_mismatch(body[i].state_dict(), sub)): return None
+        out.update({f'0.{i}.{k}': v for k, v in sub.items()})
+    out.update({k: v for k, v in model.state_dict().items() if k.startswith('1.')})  # fastai's head, as it is
+    return out
 
 def _align(sd, model_keys):
     "Strip a prefix all keys share (`module.`, `model.`, torch.compile's `_orig_mod.`) when the model's keys lack it"
@@ -294,6 +316,7 @@ def _load_into(model, src, key=None, map_location='cpu', cache=None, norm='auto'
     sd, fstats = extract_state_dict(ckpt, key=key)
     msd = model.state_dict()
     sd = _align(sd, msd)
+    if any(_mismatch(msd, sd)): sd = _into_cut_body(sd, model) or sd  # a vision_learner model: its body
     _check_match(msd, sd, pre)
     for k in msd:  # old checkpoints without BatchNorm's counter: keep the model's
         if k.endswith('num_batches_tracked') and k not in sd: sd[k] = msd[k]

@@ -465,3 +465,27 @@ def test_truncated_small_checkpoint_is_named(tmp_path):
     (tmp_path/'t.pth').write_bytes(b[:len(b)//2])
     with pytest.raises(ValueError, match=r"t\.pth is not a readable torch checkpoint"):
         load_robust_checkpoint(SmallCNN(1, 10, widths=(16, 32)), tmp_path/'t.pth')
+
+
+def test_whole_model_checkpoint_into_a_vision_learner_model(tmp_path):
+    "A torchvision ResNet checkpoint (MadryLab layout) into fastai's `vision_learner` model: its cut body gets the "
+    "weights, its own head stays; `transfer_learner(learner, dls, weights=...)` takes the same route"
+    import torchvision
+    from fastai.vision.learner import vision_learner
+    from fastai.vision.models import resnet18 as fa_resnet18
+    src = torchvision.models.resnet18(weights=None)
+    torch.save({'model': {**{f'module.model.{k}': v for k, v in src.state_dict().items()},
+                          **{f'module.attacker.model.{k}': v for k, v in src.state_dict().items()}}},
+               tmp_path/'madry.ckpt')
+    ds = TensorDataset(torch.rand(8, 3, 32, 32), torch.arange(8) % 3)
+    dls = DataLoaders.from_dsets(ds, ds, bs=4)
+    m = vision_learner(dls, fa_resnet18, pretrained=False, n_out=3, normalize=False, loss_func=CrossEntropyLossFlat()).model
+    head = {k: v.clone() for k, v in m[1].state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        load_robust_checkpoint(m, tmp_path/'madry.ckpt', norm='dls', stats=([0.5]*3, [0.25]*3))
+    assert torch.equal(m[0][0].weight, src.conv1.weight) and torch.equal(m[0][7][1].bn2.running_var, src.layer4[1].bn2.running_var)
+    assert all(torch.equal(v, m[1].state_dict()[k]) for k, v in head.items())
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp_path/'r50.pth')   # another architecture
+    with pytest.raises(CheckpointMismatchError, match='does not match the model'):
+        load_robust_checkpoint(m, tmp_path/'r50.pth', norm='dls', stats=([0.5]*3, [0.25]*3))

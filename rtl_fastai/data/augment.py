@@ -44,7 +44,7 @@ def random_tfms(dl)->list:
     return [_tfm_name(t) for attr in ('after_item', 'before_batch', 'after_batch')
             for t in getattr(getattr(dl, attr, None), 'fs', []) or [] if _is_random(t)]
 
-# %% ../../nbs/00c_data.augment.ipynb #dd2ea8dd
+# %% ../../nbs/00c_data.augment.ipynb #b03aa34a
 _DETERMINISTIC = {'ToTensor', 'IntToFloatTensor', 'Normalize', 'Resize', 'Categorize', 'MultiCategorize', 'OneHotEncode',
                   'EncodedMultiCategorize', 'RegressionSetup'}
 
