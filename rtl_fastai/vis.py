@@ -134,6 +134,7 @@ def _prob_bars(ax, pc, pa, vocab, y, k):
 @delegates(adversarial_examples)
 def show_adversarial(learn, # a fastai `Learner` (anything with `.model`, and `.dls` unless `batch`/`stats` are given)
                      n:int=4, # number of images (rows)
+                     threat:ThreatModel|float=None, # a `ThreatModel`, or its eps in pixel units (default 8/255)
                      *,
                      probs:bool=False, # add a column with the top-`k` class probabilities, clean and adversarial
                      k:int=5, # classes in the probability column
@@ -141,7 +142,7 @@ def show_adversarial(learn, # a fastai `Learner` (anything with `.model`, and `.
                      **kwargs)->Figure:
     "A grid like fastai's `show_results`: clean image, PGD adversarial image and amplified perturbation per row"
     check_int(k, 'k')
-    r = adversarial_examples(learn, n, **kwargs)
+    r = adversarial_examples(learn, n, threat, **kwargs)
     eps, steps, norm = r['eps'], r['steps'], r['norm']
     rows, ncols = len(r['idxs']), 4 if probs else 3
     vocab = _vocab(learn, r['probs'].shape[1])

@@ -303,3 +303,19 @@ def test_valid_pct_errors(shapes):
     _fails(lambda: check_image_folder(shapes, valid_pct=0.2), ValueError, r"already has train/ and valid/ folders: leave `valid_pct` out")
     for bad in (0, 1, 1.5, '0.2'):
         _fails(lambda: check_image_folder(shapes/'train', valid_pct=bad), ValueError, r"`valid_pct` must be a fraction in \(0, 1\)")
+
+
+def test_nested_images_counted_as_fastai_loads_them(tmp_path):
+    "An image in train/<class>/sub/: fastai's ImageDataLoaders.from_folder leaves it out, and so does the summary"
+    import shutil, warnings
+    from fastai.vision.all import ImageDataLoaders, Resize
+    from rtl_fastai.data.folder import make_image_folder, check_image_folder
+    p = make_image_folder(tmp_path/'s', n_per_class=4, n_valid=2, classes=3, size=16)
+    c0 = sorted(x.name for x in (p/'train').iterdir())[0]
+    (p/'train'/c0/'sub').mkdir()
+    shutil.copy(next((p/'train'/c0).glob('*.png')), p/'train'/c0/'sub'/'x.png')
+    with pytest.warns(UserWarning, match="leaves them out"): s = check_image_folder(p)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        dls = ImageDataLoaders.from_folder(p, valid='valid', item_tfms=Resize(16), bs=4, num_workers=0)
+    assert (s.classes, s.n_train, s.n_valid) == (list(dls.vocab), len(dls.train_ds), len(dls.valid_ds))

@@ -223,7 +223,12 @@ def _split_counts(path, split, param, files=None):
                          "not in a class folder; fastai labels an image by its parent folder: "
                          f"move them into {split}/<class>/")
     nested = [f for f in files if f.parent.parent != root]
-    if nested:
+    if nested and split != '.':  # fastai's `GrandparentSplitter` keeps the images whose grandparent is train/, valid/
+        warnings.warn(f"check_image_folder: {len(nested)} image(s) under {root} are in nested folders (e.g. "
+                      f"{nested[0].relative_to(path)}); fastai's `ImageDataLoaders.from_folder` leaves them out (it "
+                      f"takes the images of {split}/<class>/): move them up into their class folder to use them")
+        files = [f for f in files if f.parent.parent == root]
+    elif nested:
         warnings.warn(f"check_image_folder: {len(nested)} image(s) under {root} are in nested folders (e.g. "
                       f"{nested[0].relative_to(path)}); fastai labels an image by its parent folder "
                       f"({nested[0].parent.name!r}), not by the folder under {split}/")
