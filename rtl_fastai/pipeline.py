@@ -66,7 +66,8 @@ def _row_names(n_low, low_retrain=0):
 def _named(name, f, *args, **kwargs):
     "`f(*args, **kwargs)`, its `ValueError` prefixed with the pipeline parameter `name` that caused it"
     try: return f(*args, **kwargs)
-    except ValueError as e: raise ValueError(f"run_pipeline: `{name}`: {e}") from None
+    except ValueError as e:  # the callee's own parameter name (`n_per_class=...`) is the pipeline's `name` here
+        raise ValueError(f"run_pipeline: `{name}`: " + str(e).replace('n_per_class=', f'{name}=')) from None
 
 def _seed_data(ds, src_cls, tgt_cls, d, seed):
     "The source task, the target task, its training subset and its low-data subset of one seed (classes and sizes checked)"
