@@ -163,13 +163,13 @@ def _normalizes(obj)->list:
     return [[]]
 
 def _find_normalize(obj): return next((ns[0] for ns in _normalizes(obj) if ns), None)
+def _n_normalize(obj): return max(map(len, _normalizes(obj)), default=0)
 
 class _NormView(NamedTuple):
     "A normalization that a model which is not ours does in its forward: its statistics (its own tensors) and its name"
     mean: object
     std: object
     name: str
-def _n_normalize(obj): return max(map(len, _normalizes(obj)), default=0)
 
 def normalize_stats(obj, # `DataLoaders`/`DataLoader`, a `Normalize`, a `(mean, std)` pair, or None
                    ):
