@@ -15,8 +15,9 @@ from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastprogress.fastprogress import IN_NOTEBOOK
 from .core import (parse_number, is_int, check_int, check_number, eps_str, normalize_stats, input_stats, add_input_norm,
-                             check_normalization, _record_stats, _fmt_stats, keeps_cudnn_flags, check_device)
+                             check_normalization, _record_stats, _fmt_stats, _norm_layer, keeps_cudnn_flags, check_device)
 from .data.folder import check_image_folder, folder_dls
+from .data.external import cache_dir
 from .models import model_blocks
 from .hub import IMAGENET_STATS, robust_model_info
 from .checkpoint import (checkpoint_path, extract_state_dict, load_robust_checkpoint, CheckpointMismatchError,
@@ -151,11 +152,32 @@ def _trained_for(info)->dict:
     if info is None or not info.norm: return dict(norm=None, eps=0. if info else None)
     return dict(norm=info.norm.lower(), eps=info.eps)
 
+_RB_EPS = {('cifar10', 'Linf'): 8/255, ('cifar100', 'Linf'): 8/255, ('imagenet', 'Linf'): 4/255,
+           ('cifar10', 'L2'): 0.5, ('cifar100', 'L2'): 0.5}   # RobustBench's leaderboards
+
+def _robustbench_source(spec:str, who:str):
+    ("`(model, description)` of 'robustbench:DATASET/THREAT/NAME' (e.g. 'robustbench:cifar10/Linf/Carmon2019Unlabeled'), "
+     "loaded by robustbench's own `load_model` into `cache_dir()/'robustbench'`; the model takes [0,1] pixels")
+    parts = spec.partition(':')[2].split('/')
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"{who}: `source`={spec!r}: a RobustBench model is 'robustbench:DATASET/THREAT/NAME', e.g. "
+                         "'robustbench:cifar10/Linf/Carmon2019Unlabeled' or 'robustbench:imagenet/Linf/Salman2020Do_R50'")
+    ds, tm, name = parts
+    try: from robustbench.utils import load_model
+    except ImportError as e:
+        raise ImportError(f"{who}: `source`={spec!r} needs the robustbench package (pip install "
+                          f"git+https://github.com/RobustBench/robustbench), which does not import here: {e}") from None
+    model = load_model(name, model_dir=cache_dir()/'robustbench', dataset=ds, threat_model=tm)
+    norm, eps = (tm.lower(), _RB_EPS.get((ds, tm))) if tm in ('Linf', 'L2') else (None, None)
+    threat = f"{tm} eps={eps_str(eps)}" if eps else tm
+    return model.eval(), dict(kind='robustbench', name=name, arch=type(model).__name__, threat=threat, norm=norm,
+                              eps=eps, dataset=ds)
+
 def _differ(st, stats)->bool:
     "Whether the parsed `stats` option `st` (None: not given) contradicts the source's own statistics `stats`"
     return st is not None and (st == 'none' or not all(torch.allclose(a, b) for a, b in zip(st, normalize_stats(stats))))
 
-def load_source(source:str, # a registry name, a checkpoint file or URL, or 'torchvision:NAME' / 'timm:NAME'
+def load_source(source:str, # a registry name, a checkpoint file or URL, 'torchvision:NAME' / 'timm:NAME', or 'robustbench:DATASET/THREAT/NAME'
                 arch:str=None, # a checkpoint file's architecture ('resnet50', 'timm:resnet50'); default: the registry's
                 stats=None, # input statistics of a checkpoint that stores none (see `parse_stats`)
                 normalize:str='dls', # where the stats go: 'dls' (`model.input_stats`) or 'model' (`NormalizeInput`)
@@ -170,6 +192,11 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, or 'tor
         raise TypeError(f"{who}: `source` must be a registry name, a checkpoint path or 'torchvision:NAME', "
                         f"got {source!r}")
     s, st = str(source), parse_stats(stats, who)
+    if s.lower().startswith('robustbench:'):
+        for k, v in dict(arch=arch, stats=stats).items():
+            if v is not None: raise ValueError(f"{who}: leave `{k}` out for a RobustBench source: its model is built and "
+                                               "normalizes its inputs itself")
+        return _robustbench_source(s, who)
     lib, _ = _lib_name(s)
     if lib is not None:  # a natural torchvision/timm model
         if arch is not None and _lib_name(arch)[1] != _lib_name(s)[1]:
@@ -303,7 +330,8 @@ def _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha
     model, desc = load_source(source, arch, stats, normalize, pretrained, who=who)
     try: n_frozen_entries(model, n_retrain)
     except ValueError as err: raise ValueError(f"{who}: {err}") from None
-    try: dls = folder_dls(summary.path, size=size, bs=bs, stats=input_stats(model) if normalize == 'dls' else None,
+    # no `Normalize` in the DataLoaders for a model that normalizes itself (`normalize='model'`, a RobustBench model)
+    try: dls = folder_dls(summary.path, size=size, bs=bs, stats=None if _norm_layer(model) is not None else input_stats(model),
                           train=train, valid=valid, device=dev, seed=seed, verify=False, valid_pct=valid_pct)
     except ValueError as err: raise ValueError(f"{who}: " + str(err).replace('folder_dls: ', '', 1)) from None
     problem = check_normalization(model, dls, who)
@@ -312,10 +340,15 @@ def _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha
     model.to(dls.device)
     xb = dls.valid.one_batch()[0][:2]
     try:
-        with torch.no_grad(): model.eval()(xb)
+        with torch.no_grad(): out = model.eval()(xb)
     except Exception as err:
         raise RuntimeError(f"{who}: the source model cannot run on the images "
                            f"({tuple(xb.shape[1:])} after `size`={size}): {type(err).__name__}: {err}") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or len(out) != len(xb):  # e.g. a CIFAR model at 224x224
+        shp = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RuntimeError(f"{who}: the source model gives an output of shape {shp} for {len(xb)} images of "
+                           f"{tuple(xb.shape[1:])} (`size`={size}): it needs another input size (CIFAR models: "
+                           "size=32)")
     return dict(n_retrain=n_retrain, lam=lam, threat=threat, warmup_epochs=warmup_epochs, summary=summary,
                 model=model, desc=desc, dls=dls)
 
@@ -333,7 +366,8 @@ def _hist(learn):
             for i, vals in enumerate(learn.recorder.values)]
 
 def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `data/valid/<class>/*.jpg` (or `valid_pct`)
-                 # a registry name (`robust_models()`), a checkpoint file/URL, or 'torchvision:NAME' / 'timm:NAME'
+                 # a registry name (`robust_models()`), a checkpoint file/URL, 'torchvision:NAME' / 'timm:NAME', or
+                 # 'robustbench:DATASET/THREAT/NAME' (with robustbench installed)
                  source:str='resnet18_linf_eps4.0',
                  # a checkpoint file's architecture: 'resnet50' (torchvision) or 'timm:NAME'; default: the registry's
                  arch:str=None,

@@ -149,7 +149,7 @@ def test_normalizing_twice_is_said(rb):
         check_normalization(m, dls, 'demo')
 
 
-def test_load_model_on_a_local_file(rb, tmp_path):
+def test_load_model_on_a_local_file(rb, tmp_path, monkeypatch):
     "robustbench's own `load_model` (where the whole package imports), reading a checkpoint already in `model_dir`"
     try: from robustbench.utils import load_model
     except ImportError as e: pytest.skip(f"robustbench's `load_model` needs its dependencies: {e}")
@@ -163,3 +163,48 @@ def test_load_model_on_a_local_file(rb, tmp_path):
     learn = transfer_learner(m, task_dls(_rgb32(), bs=20, normalize=False), n_retrain=0, metrics=accuracy)
     _fit(learn, 1)
     assert learn.feature_cache.active
+    # and through the job's `robustbench:` source, which calls the same `load_model` on its cache folder
+    from rtl_fastai.data.folder import make_image_folder
+    from rtl_fastai.job import transfer_job
+    import shutil
+    monkeypatch.setenv('RTL_CACHE', str(tmp_path/'cache'))
+    shutil.copytree(tmp_path/'cifar10', tmp_path/'cache'/'robustbench'/'cifar10')
+    folder = make_image_folder(tmp_path/'shapes', n_per_class=4, n_valid=2, classes=3, size=32)
+    res = transfer_job(folder, source='robustbench:cifar10/Linf/Gowal2020Uncovering_28_10_extra', size=32, bs=4,
+                       epochs=1, steps=1, curve=False, quiet=True, out=str(tmp_path/'out'), n_batches=1)
+    assert res['source']['arch'] == 'DMWideResNet' and 0 <= res['pgd_acc'] <= res['clean_acc']
+
+
+@pytest.fixture
+def fake_load_model(rb, monkeypatch):
+    "robustbench's `load_model` (its dependencies are missing here): a DMWideResNet, as load_model gives its CIFAR models"
+    calls = []
+    def load_model(model_name, model_dir, dataset, threat_model):
+        calls.append((model_name, str(model_dir), dataset, threat_model))
+        torch.manual_seed(0)
+        return rb['dm_wide_resnet'].DMWideResNet(depth=10, width=1).eval()
+    monkeypatch.setitem(sys.modules, 'robustbench.utils', types.SimpleNamespace(load_model=load_model))
+    return calls
+
+
+def test_transfer_job_from_a_robustbench_source(fake_load_model, tmp_path, monkeypatch):
+    "`source='robustbench:cifar10/Linf/NAME'`: robustbench's `load_model` into the cache, no `Normalize` in the "
+    "DataLoaders (the model normalizes itself), the leaderboard's threat model in the description"
+    from rtl_fastai.data.folder import make_image_folder
+    from rtl_fastai.job import transfer_job
+    monkeypatch.setenv('RTL_CACHE', str(tmp_path/'cache'))
+    folder = make_image_folder(tmp_path/'shapes', n_per_class=8, n_valid=4, classes=3, size=32)
+    kw = dict(size=32, bs=8, epochs=1, steps=2, seed=0, curve=False, quiet=True, out=str(tmp_path/'out'))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UserWarning)   # no double normalization, no threat-model mismatch
+        res = transfer_job(folder, source='robustbench:cifar10/Linf/Carmon2019Unlabeled', eps='8/255', **kw)
+    assert fake_load_model == [('Carmon2019Unlabeled', str(tmp_path/'cache'/'robustbench'), 'cifar10', 'Linf')]
+    assert res['source']['threat'] == 'Linf eps=8/255' and res['source']['arch'] == 'DMWideResNet'
+    assert 0 <= res['pgd_acc'] <= res['clean_acc'] and input_stats(res['learn'].model) is not None
+    assert not [t for t in res['learn'].dls.after_batch.fs if type(t).__name__ == 'Normalize']
+    with pytest.raises(RuntimeError, match=r"needs another input size \(CIFAR models: size=32\)"):
+        transfer_job(folder, source='robustbench:cifar10/Linf/Carmon2019Unlabeled', **{**kw, 'size': 64})
+    with pytest.raises(ValueError, match=r"'robustbench:DATASET/THREAT/NAME'"):
+        transfer_job(folder, source='robustbench:Carmon2019Unlabeled', **kw)
+    with pytest.raises(ValueError, match=r"leave `stats` out for a RobustBench source"):
+        transfer_job(folder, source='robustbench:cifar10/Linf/Carmon2019Unlabeled', stats='imagenet', **kw)
