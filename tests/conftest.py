@@ -12,6 +12,16 @@ def digits_dls(device):
     return task_dls('digits', bs=64, seed=0, device=device)
 
 @pytest.fixture(scope='session')
+def digits_rgb32():
+    "Digits 5-9 as 3x32x32 images in [0,1] (for ImageNet-style and CIFAR models): 16 per class to train, 40 to validate"
+    import torch.nn.functional as F
+    from rtl_fastai.data.all import load_digits_data, select_classes, ArrayData
+    d = select_classes(load_digits_data(), list('56789'))
+    def up(x): return F.interpolate(x, size=32, mode='nearest').repeat(1, 3, 1, 1)
+    keep = torch.cat([(d.y_train == c).nonzero()[:16, 0] for c in range(5)])
+    return ArrayData(up(d.x_train[keep]), d.y_train[keep], up(d.x_valid[:40]), d.y_valid[:40], d.classes, 'digits-rgb')
+
+@pytest.fixture(scope='session')
 def digits_model(digits_dls):
     "A `SmallCNN` trained 3 epochs on digits (about 98% clean accuracy), in eval mode; do not modify it in place."
     torch.manual_seed(0)

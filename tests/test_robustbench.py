@@ -6,7 +6,6 @@ whole package imports, `load_model` is tested on a local checkpoint file as well
 import importlib, importlib.util, sys, types, warnings
 from collections import OrderedDict
 import pytest, torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 from fastai.data.core import DataLoaders
@@ -15,7 +14,7 @@ from fastai.learner import Learner
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from rtl_fastai.core import input_stats, check_normalization
-from rtl_fastai.data.all import load_digits_data, select_classes, ArrayData, task_dls
+from rtl_fastai.data.all import task_dls
 from rtl_fastai.models import model_blocks, block_splitter, pooled_features, replace_head, penultimate, forward_to
 from rtl_fastai.callback.transfer import transfer_learner
 from rtl_fastai.callback.distill import FeatureDistillation
@@ -106,25 +105,18 @@ def test_stem_runs_the_models_own_forward(rb):
         torch.testing.assert_close(nn.Sequential(*model_blocks(m).all)(x), m(x))
 
 
-def _rgb32(n_per_class=12):
-    "Digits 5-9 as 3x32x32 images in [0,1], a few per class"
-    d = select_classes(load_digits_data(), list('56789'))
-    def up(x): return F.interpolate(x, size=32, mode='nearest').repeat(1, 3, 1, 1)
-    keep = torch.cat([(d.y_train == c).nonzero()[:n_per_class, 0] for c in range(5)])
-    return ArrayData(up(d.x_train[keep]), d.y_train[keep], up(d.x_valid[:30]), d.y_valid[:30], d.classes, 'digits-rgb')
-
 
 def _fit(learn, n=1, lr=1e-3, **kw):
     with learn.no_bar(), learn.no_logging(): learn.fit(n, lr, **kw)
     return learn
 
 
-def test_transfer_cache_distillation_and_attack(rb):
+def test_transfer_cache_distillation_and_attack(rb, digits_rgb32):
     "A RobustBench CIFAR model (normalizing itself) as the source: frozen transfer with the feature cache, fine-tuning "
     "with distillation, and PGD in pixel units on [0,1] DataLoaders"
     set_seed(0)
     src = rb['dm_wide_resnet'].DMWideResNet(depth=10, width=1).eval()
-    dls = task_dls(_rgb32(), bs=20, normalize=False)
+    dls = task_dls(digits_rgb32, bs=20, normalize=False)
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # the model normalizes itself and the DataLoaders do not: nothing to say
         learn = transfer_learner(src, dls, n_retrain=1, metrics=accuracy)
@@ -140,16 +132,16 @@ def test_transfer_cache_distillation_and_attack(rb):
     assert fd.train_term is not None and fd.train_term > 0
 
 
-def test_normalizing_twice_is_said(rb):
+def test_normalizing_twice_is_said(rb, digits_rgb32):
     "A RobustBench model normalizes itself: DataLoaders with fastai's `Normalize` as well get a warning naming both"
     m = rb['dm_wide_resnet'].DMWideResNet(depth=10, width=1)
-    dls = task_dls(_rgb32(), bs=20, normalize=False)
+    dls = task_dls(digits_rgb32, bs=20, normalize=False)
     dls.add_tfms([Normalize.from_stats(*CIFAR10, cuda=False)], 'after_batch')
     with pytest.warns(UserWarning, match=r"normalized twice: the model normalizes inside \(DMWideResNet's mean/std"):
         check_normalization(m, dls, 'demo')
 
 
-def test_load_model_on_a_local_file(rb, tmp_path, monkeypatch):
+def test_load_model_on_a_local_file(rb, tmp_path, monkeypatch, digits_rgb32):
     "robustbench's own `load_model` (where the whole package imports), reading a checkpoint already in `model_dir`"
     try: from robustbench.utils import load_model
     except ImportError as e: pytest.skip(f"robustbench's `load_model` needs its dependencies: {e}")
@@ -160,7 +152,7 @@ def test_load_model_on_a_local_file(rb, tmp_path, monkeypatch):
                tmp_path/'cifar10'/'Linf'/'Gowal2020Uncovering_28_10_extra.pt')
     m = load_model('Gowal2020Uncovering_28_10_extra', model_dir=tmp_path, dataset='cifar10', threat_model='Linf')
     assert len(model_blocks(m).all) == 6 and input_stats(m) is not None
-    learn = transfer_learner(m, task_dls(_rgb32(), bs=20, normalize=False), n_retrain=0, metrics=accuracy)
+    learn = transfer_learner(m, task_dls(digits_rgb32, bs=20, normalize=False), n_retrain=0, metrics=accuracy)
     _fit(learn, 1)
     assert learn.feature_cache.active
     # and through the job's `robustbench:` source, which calls the same `load_model` on its cache folder

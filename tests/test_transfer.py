@@ -33,13 +33,6 @@ def digits():
     return src.eval(), task_dls('digits', classes='target', bs=64, normalize=False)
 
 
-def _rgb32(n_per_class=16):
-    "Digits 5-9 as 3x32x32 images (for ImageNet-style ResNets), a few per class."
-    d = select_classes(load_digits_data(), list('56789'))
-    def up(x): return F.interpolate(x, size=32, mode='nearest').repeat(1, 3, 1, 1)
-    keep = torch.cat([(d.y_train == c).nonzero()[:n_per_class, 0] for c in range(5)])
-    return ArrayData(up(d.x_train[keep]), d.y_train[keep], up(d.x_valid[:40]), d.y_valid[:40], d.classes, 'digits-rgb')
-
 
 def _frozen_state(learn, n_frozen):
     return {f'{i}.{k}': v.clone() for i, m in enumerate(model_blocks(learn.model).all[:n_frozen])
@@ -179,24 +172,24 @@ def test_cache_reused_and_invalidated(digits):
     assert learn.model.__class__ is SmallCNN and 'get_idxs' not in vars(learn.dls.train)  # restored after fit
 
 
-def test_cache_off_with_augmentation_or_input_callbacks(digits):
+def test_cache_off_with_augmentation_or_input_callbacks(digits, digits_rgb32):
     src, dls = digits
     from rtl_fastai.callback.adv_train import PGDTraining
     learn = _fit(transfer_learner(src, dls, cbs=PGDTraining(eps=0.2, steps=2)))
     assert not learn.feature_cache.active and 'PGDTraining' in learn.feature_cache.reason
     with pytest.raises(ValueError, match='PGDTraining'):
         _fit(transfer_learner(src, dls, cache=True, cbs=PGDTraining(eps=0.2, steps=2)))
-    data = _rgb32()
+    data = digits_rgb32
     aug = task_dls(data, bs=16, normalize=False, augment=True)
     tv = torchvision.models.resnet18(weights=None, num_classes=3)
     learn = _fit(transfer_learner(tv, aug, n_retrain=0))
     assert not learn.feature_cache.active and 'FlipPadCrop' in learn.feature_cache.reason
 
 
-def test_torchvision_resnet18():
+def test_torchvision_resnet18(digits_rgb32):
     set_seed(0)
     tv = torchvision.models.resnet18(weights=None, num_classes=3)
-    dls = task_dls(_rgb32(), bs=16)
+    dls = task_dls(digits_rgb32, bs=16)
     for n_retrain, n_groups in ((0, 1), (3, 4), ('all', 6)):
         learn = transfer_learner(tv, dls, n_retrain=n_retrain)
         nf = n_frozen_entries(learn.model, n_retrain)
@@ -209,9 +202,9 @@ def test_torchvision_resnet18():
     with pytest.raises(ValueError, match=r"0\.\.4"): transfer_learner(tv, dls, n_retrain=5)
 
 
-def test_vision_learner_source():
+def test_vision_learner_source(digits_rgb32):
     set_seed(0)
-    dls = task_dls(_rgb32(), bs=16)
+    dls = task_dls(digits_rgb32, bs=16)
     src = vision_learner(dls, torchvision.models.resnet18, pretrained=False, n_out=3)
     learn = transfer_learner(src, dls, n_retrain=1, hidden=(32,), p_drop=0.2)
     frozen0 = _frozen_state(learn, 4)
