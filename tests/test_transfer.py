@@ -2,7 +2,6 @@
 import warnings
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 from fastai.torch_core import set_seed
 from fastai.learner import Learner
