@@ -353,3 +353,31 @@ def test_hidden_head_refused_on_two_classifiers():
     from rtl_fastai.callback.transfer import new_head
     with pytest.raises(TypeError, match=r'new_head: `hidden`=\(8,\) \(and `p_drop`\) need a head ending in an nn.Linear'):
         new_head(m, 3, hidden=(8,))
+
+
+def _in_opt(learn, p): return any(p is q for pg in learn.opt.param_lists for q in pg)
+
+@pytest.mark.parametrize('between', ['nothing', 'reset_opt', 'export', 'load_learner'])
+def test_freeze_leaves_with_the_callback(digits, tmp_path, between):
+    "`FreezeBlocks` in the learner, then taken out: the stem trains again, in the optimizer, with fastai's state for it "
+    "(`do_wd`, `force_train`), whether fastai made a new optimizer meanwhile or the learner went through a pickle"
+    from fastai.learner import load_learner
+    _, dls = digits
+    learn = Learner(dls, SmallCNN(widths=(8, 16), n_out=5), cbs=FreezeBlocks(2))
+    bn = learn.model.stem.bn.weight
+    _fit(learn)
+    if between == 'reset_opt': _fit(learn, reset_opt=True)
+    if between in ('export', 'load_learner'):
+        learn.export(tmp_path/'e.pkl')
+        if between == 'load_learner':
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')
+                learn = load_learner(tmp_path/'e.pkl')
+            learn.dls, bn = dls, learn.model.stem.bn.weight
+            _fit(learn)   # the optimizer is made again, and the loaded callback freezes anew
+    learn.remove_cb(learn.freeze_blocks)
+    w = learn.model.stem.conv.weight
+    assert w.requires_grad and _in_opt(learn, w) and learn.opt.state[bn].get('do_wd') is False
+    w0 = w.detach().clone()
+    _fit(learn)
+    assert not torch.equal(w0, learn.model.stem.conv.weight)

@@ -39,31 +39,36 @@ def _set_group(opt, i, ps):
     else: opt.opt.param_groups[i]['params'] = list(ps)
 
 def _prune_optimizer(opt, frozen_ids)->list:
-    "Remove the parameters whose ids are in `frozen_ids` from `opt`; what was removed, as `(group, position, param)`"
+    ("Remove the parameters whose ids are in `frozen_ids` from `opt`; what was removed, as `(group, position, param, "
+     "state)` (fastai's per-parameter state holds `do_wd` and `force_train`, the `train_bn` rules)")
     if opt is None: return []
     groups, state = _opt_groups(opt)
-    removed = [(i, j, p) for i, pg in enumerate(groups) for j, p in enumerate(pg) if id(p) in frozen_ids]
+    removed = [(i, j, p, state.get(p)) for i, pg in enumerate(groups) for j, p in enumerate(pg) if id(p) in frozen_ids]
     for i, pg in enumerate(groups): _set_group(opt, i, [p for p in pg if id(p) not in frozen_ids])
     for p in [p for p in state if id(p) in frozen_ids]: del state[p]
     return removed
 
 def _restore_optimizer(opt, removed:list):
-    "Put what `_prune_optimizer` removed back in its groups, at its places (a parameter already in `opt` stays once)"
-    groups, _ = _opt_groups(opt)
+    ("Put what `_prune_optimizer` removed back in its groups, at its places, with its state; into another optimizer "
+     "(fastai made a new one) too, as far as it has the groups. A parameter already in `opt` stays once.")
+    groups, state = _opt_groups(opt)
+    if not groups: return
     have = {id(p) for pg in groups for p in pg}
-    for i in sorted({i for i, _, _ in removed if i < len(groups)}):
+    for i in sorted({min(r[0], len(groups)-1) for r in removed}):
         pg = list(groups[i])
-        for _, j, p in sorted((r for r in removed if r[0] == i), key=lambda r: r[1]):
-            if id(p) not in have: pg.insert(min(j, len(pg)), p)
+        for _, j, p, st in sorted((r for r in removed if min(r[0], len(groups)-1) == i), key=lambda r: r[1]):
+            if id(p) in have: continue
+            pg.insert(min(j, len(pg)), p)
+            if p not in state or (st and not state[p]): state[p] = st or {}  # fastai's state may be a plain dict
         _set_group(opt, i, pg)
 
 class FreezeBlocks(Callback):
     "Keep the first `n_frozen` entries of `model_blocks(model).all` frozen: no gradients, out of the optimizer, in eval"
     order = TrainEvalCallback.order + 1
-    _stateattrs = ('_undo',)  # not pickled by `learn.export()` (it holds the optimizer)
+    _stateattrs = ('_removed',)  # not pickled by `learn.export()` (optimizer state); `_flags` is (positions and flags)
     def __init__(self, n_frozen:int): # entries of `model_blocks(model).all` to freeze (stem: 1, + block1: 2, ...)
         self.n_frozen = check_int(n_frozen, 'n_frozen', lo=0, who='FreezeBlocks')
-        self._undo = None
+        self._flags = self._removed = None
 
     def __setattr__(self, name, value):
         # fastai sets `learn` to None when the callback leaves the learner (`fit(cbs=...)` ends, `learn.remove_cb`),
@@ -72,12 +77,17 @@ class FreezeBlocks(Callback):
         super().__setattr__(name, value)
 
     def _thaw(self):
-        "Undo the freeze: `requires_grad` as it was before, the parameters back in the optimizer's groups"
-        undo, self._undo = getattr(self, '_undo', None), None
-        if undo is None: return
-        opt, removed, flags = undo
-        for p, rg in flags: p.requires_grad_(rg)
-        if opt is not None and opt is getattr(self.learn, 'opt', None): _restore_optimizer(opt, removed)
+        ("Undo the freeze: `requires_grad` as it was before, the parameters back in the optimizer's groups (also in "
+         "an optimizer fastai made since, or after `load_learner`: the frozen ones go to their group, else the first)")
+        flags, removed = getattr(self, '_flags', None), getattr(self, '_removed', None) or []
+        self._flags = self._removed = None
+        if flags is None: return
+        ps = list(self.learn.model.parameters())
+        for k, rg in flags: ps[k].requires_grad_(rg)
+        opt = getattr(self.learn, 'opt', None)
+        if opt is None: return
+        known = {id(r[2]) for r in removed}
+        _restore_optimizer(opt, removed + [(0, 0, ps[k], None) for k, rg in flags if rg and id(ps[k]) not in known])
 
     def frozen_modules(self, model=None) -> list:
         "The frozen entries of `model` (default: the learner's model)."
@@ -100,9 +110,10 @@ class FreezeBlocks(Callback):
             self.frozen, self._error = [], e
             return
         ps = [p for m in self.frozen for p in m.parameters()]
-        flags = [(p, p.requires_grad) for p in ps]
+        at = {id(p): k for k, p in enumerate(self.learn.model.parameters())}
+        self._flags = [(at[id(p)], p.requires_grad) for p in ps]   # by position in the model: survives a pickle
         for p in ps: p.requires_grad_(False)
-        self._undo = (self.learn.opt, _prune_optimizer(self.learn.opt, {id(p) for p in ps}), flags)
+        self._removed = _prune_optimizer(self.learn.opt, {id(p) for p in ps})
         self._set_eval()
     def before_train(self):
         e, self._error = getattr(self, '_error', None), None
