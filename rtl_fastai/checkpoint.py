@@ -223,13 +223,16 @@ def _into_cut_body(sd, model)->dict|None:
      "and the model's own head kept. None unless every part of the body finds its weights, shapes included.")
     if not (isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[0], nn.Sequential)): return None
     body, parts = model[0], list(dict.fromkeys(k.split('.')[0] for k in sd))
+    subs = {part: {k[len(part)+1:]: v for k, v in sd.items() if k.startswith(part + '.')} for part in parts}
     stateful = [i for i, c in enumerate(body.children()) if c.state_dict()]
-    if not stateful or len(parts) < len(stateful): return None
-    out = {}
-    for i, part in zip(stateful, parts):
-        sub = {k[len(part)+1:]: v for k, v in sd.items() if k.startswith(part + '.')}
-        if any(_mismatch(body[i].state_dict(), sub)): return None
-        out.update({f'0.{i}.{k}': v for k, v in sub.items()})
+    if not stateful: return None
+    out, used = {}, set()
+    for i in stateful:  # the first part of the checkpoint not used yet whose keys and shapes are the child's
+        csd = body[i].state_dict()
+        part = next((q for q in parts if q not in used and not any(_mismatch(csd, subs[q]))), None)
+        if part is None: return None
+        used.add(part)
+        out.update({f'0.{i}.{k}': v for k, v in subs[part].items()})
     out.update({k: v for k, v in model.state_dict().items() if k.startswith('1.')})  # fastai's head, as it is
     return out
 

@@ -42,6 +42,10 @@ def check_device(device, # 'cpu', 'cuda', 'cuda:N' or a `torch.device` (None: re
     try: dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"{who}: `device`={device!r} is not a torch device ({e}); give 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == 'mps':  # fastai's default device on Apple silicon
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{who}: `device`={device!r} asks for MPS but torch sees none here; use 'cpu'")
+        return dev
     if dev.type not in ('cpu', 'cuda'):
         raise ValueError(f"{who}: `device`={device!r}: give 'cpu', 'cuda' or 'cuda:N'")
     if dev.type == 'cuda' and not torch.cuda.is_available():
@@ -56,7 +60,7 @@ def use_device(device=None, # 'cpu', 'cuda', 'cuda:N' or a `torch.device`; None:
     if device is None: return default_device()
     dev = check_device(device, 'use_device')
     if dev.type == 'cuda' and dev.index is not None: torch.cuda.set_device(dev.index)
-    defaults.use_cuda = dev.type == 'cuda'
+    defaults.use_cuda = dev.type != 'cpu'  # fastai's flag for an accelerator: CUDA, else MPS
     return default_device()
 
 def _use_env_device():
@@ -239,10 +243,11 @@ class _InputNormHook:
      "never stored rounded.")
     def __init__(self, norm:NormalizeInput): self.norm, self._copies = norm, {}
     def __getstate__(self): return {'norm': self.norm, '_copies': {}}  # no device copies in a pickle or a deepcopy
+    def __setstate__(self, state): self.__dict__.update({'_copies': {}, **state})  # (pickles made before `_copies`)
     def _stats(self, dev):
         n = self.norm
         if n.mean.device == dev: return n.mean, n.std
-        key = (n.mean._version, n.std._version, n.mean.device)
+        key = tuple((t.data_ptr(), t._version, t.device) for t in (n.mean, n.std))  # a new tensor, or one changed
         c = self._copies.get(dev)
         if c is None or c[0] != key: c = self._copies[dev] = (key, n.mean.to(dev), n.std.to(dev))
         return c[1], c[2]
@@ -262,15 +267,19 @@ def _front(model):
 
 def _is_stat(v): return isinstance(v, torch.Tensor) or (isinstance(v, (tuple, list)) and all(isinstance(a, numbers.Real) for a in v))
 
+_NORM_LAYERS = (('torchvision.', 'Normalize'), ('robustbench.', 'ImageNormalizer'),
+                ('advertorch.', 'NormalizeByChannelMeanStd'), ('kornia.', 'Normalize'))
+
 def _foreign_norm(m)->_NormView|None:
-    ("The normalization `m` does if it is a parameter-free layer with a `mean` and a `std` (torchvision's `Normalize`, "
-     "RobustBench's `ImageNormalizer`, advertorch's `NormalizeByChannelMeanStd`), or a RobustBench model that "
-     "normalizes in its forward with buffers `mean`/`std` or `mu`/`sigma`; else None")
-    if isinstance(m, (NormalizeInput, nn.Sequential, nn.ModuleList, nn.ModuleDict)): return None
-    if next(m.parameters(), None) is None:
+    ("The normalization `m` does if it is a known normalization layer of another library (torchvision's `Normalize`, "
+     "RobustBench's `ImageNormalizer`, advertorch's `NormalizeByChannelMeanStd`, kornia's `Normalize`), or a "
+     "RobustBench model that normalizes in its forward with buffers `mean`/`std` or `mu`/`sigma`; else None (a layer "
+     "that merely has a `mean` and a `std`, e.g. a de-normalization or a noise layer, is not taken for one)")
+    mro = [(c.__module__, c.__name__) for c in type(m).__mro__]
+    if any(mod.startswith(pre) and n == name for mod, n in mro for pre, name in _NORM_LAYERS):
         mean, std = getattr(m, 'mean', None), getattr(m, 'std', None)
         return _NormView(mean, std, type(m).__name__) if _is_stat(mean) and _is_stat(std) else None
-    if not any(c.__module__.startswith('robustbench.') for c in type(m).__mro__): return None  # a RobustBench model
+    if not any(mod.startswith('robustbench.') for mod, _ in mro): return None  # a RobustBench model
     bufs = dict(m.named_buffers(recurse=False))
     for a, b in (('mean', 'std'), ('mu', 'sigma')):
         if a in bufs and b in bufs: return _NormView(bufs[a], bufs[b], f"{type(m).__name__}'s {a}/{b}")

@@ -313,8 +313,15 @@ _RB_KINDS = {(_RB + 'wide_resnet', 'WideResNet'): 'wrn', (_RB + 'dm_wide_resnet'
              (_RB + 'resnet', 'PreActResNet'): 'preact'}
 
 def _rb_kind(m):
-    "The RobustBench architecture `m` is (or a subclass of), or None; robustbench is not imported."
-    return next((_RB_KINDS[k] for c in type(m).__mro__ if (k := (c.__module__, c.__name__)) in _RB_KINDS), None)
+    ("The RobustBench architecture `m` is (or a subclass of), or None; robustbench is not imported. A subclass that is "
+     "an architecture of its own (its `forward` in `robustbench.model_zoo.architectures`, e.g. `BoostingWideResNet`, "
+     "which changes the head's weights in its forward) is not that architecture; the models' subclasses that only "
+     "change the input first (in `model_zoo.cifar10`, ...) are")
+    for c in type(m).__mro__:
+        k = (c.__module__, c.__name__)
+        if k in _RB_KINDS: return _RB_KINDS[k]
+        if 'forward' in vars(c) and c.__module__.startswith(_RB): return None
+    return None
 
 def _rb_layout(m):
     "`(blocks, tail, head, pool size)` of a RobustBench model, as its architecture's forward runs them."

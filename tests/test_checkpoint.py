@@ -486,6 +486,12 @@ def test_whole_model_checkpoint_into_a_vision_learner_model(tmp_path):
         load_robust_checkpoint(m, tmp_path/'madry.ckpt', norm='dls', stats=([0.5]*3, [0.25]*3))
     assert torch.equal(m[0][0].weight, src.conv1.weight) and torch.equal(m[0][7][1].bn2.running_var, src.layer4[1].bn2.running_var)
     assert all(torch.equal(v, m[1].state_dict()[k]) for k, v in head.items())
+    m[0][0].weight.data.zero_()   # the keys in another order (sorted, as safetensors stores them): the same parts
+    torch.save(dict(sorted(src.state_dict().items())), tmp_path/'sorted.pth')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        load_robust_checkpoint(m, tmp_path/'sorted.pth', norm='dls', stats=([0.5]*3, [0.25]*3))
+    assert torch.equal(m[0][0].weight, src.conv1.weight) and torch.equal(m[0][1].weight, src.bn1.weight)
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp_path/'r50.pth')   # another architecture
     with pytest.raises(CheckpointMismatchError, match='does not match the model'):
         load_robust_checkpoint(m, tmp_path/'r50.pth', norm='dls', stats=([0.5]*3, [0.25]*3))

@@ -200,3 +200,10 @@ def test_transfer_job_from_a_robustbench_source(fake_load_model, tmp_path, monke
         transfer_job(folder, source='robustbench:Carmon2019Unlabeled', **kw)
     with pytest.raises(ValueError, match=r"leave `stats` out for a RobustBench source"):
         transfer_job(folder, source='robustbench:cifar10/Linf/Carmon2019Unlabeled', stats='imagenet', **kw)
+
+
+def test_a_robustbench_architecture_of_its_own_is_not_its_base(rb):
+    "`BoostingWideResNet` subclasses WideResNet but rewrites its head in its forward: not split as a WideResNet"
+    from rtl_fastai.models import model_blocks
+    bw = importlib.import_module(_ARCH + 'boosting_wide_resnet')
+    with pytest.raises(TypeError, match='set_blocks'): model_blocks(bw.BoostingWideResNet(depth=10, widen_factor=1))

@@ -108,11 +108,12 @@ def find_data(name:str, # 'mnist' or 'cifar10'
 
 # %% ../../nbs/00b_data.external.ipynb #12752342
 def _dir_times(p:Path, depth:int=3)->str:
-    ("The folders under `p` (root, splits, classes: `depth` levels) with their modification times: an image added, "
-     "removed or renamed in any of them, or a class folder added, changes it (no file is opened or stat'ed)")
+    ("The folders under `p` (root, splits, classes: `depth` levels) with their modification times and numbers of "
+     "entries: an image added, removed or renamed in any of them, or a class folder added, changes it (no image is "
+     "opened or stat'ed; the count covers file systems whose times have a coarse resolution)")
     out = []
     def walk(q, k):
-        out.append(f"{q.relative_to(p)}:{q.stat().st_mtime_ns}")
+        out.append(f"{q.relative_to(p)}:{q.stat().st_mtime_ns}:{sum(1 for _ in os.scandir(q))}")
         for e in sorted(os.scandir(q), key=lambda e: e.name) if k else ():
             if e.is_dir(): walk(Path(e.path), k-1)
     walk(p, depth)
