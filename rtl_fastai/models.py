@@ -298,10 +298,14 @@ def _tv_blocks(m) -> ModelBlocks:
 class _Reached(Exception):
     "Raised by a hook to end a forward where it is, with what the hook saw."
 
-def forward_to(model:nn.Module, module:nn.Module, x:torch.Tensor):
-    "The input that `module` receives in `model(x)`, the rest of the forward skipped (None if `module` is never called)."
+def forward_to(model:nn.Module, module:nn.Module, x:torch.Tensor,
+               fn=None, # `fn(module, input, output)`: taken at `module`'s output instead of its input
+              ):
+    ("The input that `module` receives in `model(x)` (or what `fn` makes of its output), the rest of the forward "
+     "skipped (None if `module` is never called).")
     def grab(m, args): raise _Reached(args[0] if args else None)
-    h = module.register_forward_pre_hook(grab)
+    def grab_out(m, args, out): raise _Reached(fn(m, args, out))
+    h = module.register_forward_pre_hook(grab) if fn is None else module.register_forward_hook(grab_out)
     try: model(x)
     except _Reached as e: return e.args[0]
     finally: h.remove()

@@ -12,10 +12,10 @@ from fastcore.basics import store_attr
 from fastcore.foundation import L
 from fastai.torch_core import find_bs
 from fastai.learner import Learner, Metric
-from fastai.callback.hook import Hook, Hooks, HookCallback
+from fastai.callback.hook import Hooks, HookCallback
 from fastai.callback.fp16 import MixedPrecision
 from ..core import check_int, check_number, fork_rng
-from ..models import head_module, unwrap_model, penultimate, Penultimate
+from ..models import head_module, unwrap_model, penultimate, Penultimate, forward_to
 from ..data.augment import random_tfms
 from .batch_items import batch_items
 
@@ -92,9 +92,6 @@ class DistillMetric(Metric):
     def name(self, v): self._name = v
 
 # %% ../../nbs/06_callback.distill.ipynb #95a59ce5
-class _StopForward(Exception):
-    "Raised by the source's hook once the features are computed: the rest of its forward is skipped."
-
 def _channels_last(model:nn.Module)->bool:
     "Whether `model`'s convolution weights are stored channels-last (read off the first whose strides tell)"
     ws = (p for p in model.parameters() if p.ndim == 4 and p.is_contiguous() != p.is_contiguous(
@@ -166,11 +163,9 @@ class FeatureDistillation(HookCallback):
         p = next(self.source.parameters(), None)
         if p is not None and p.device != x.device: self.source.to(x.device)
         mod, fn = feature_hook(self.source, self.layer, 'source model')
-        def grab(m, inp, outp): raise _StopForward(fn(m, inp, outp))
         fp32 = torch.autocast(x.device.type, enabled=False) if exact else contextlib.nullcontext()
-        with Hook(mod, grab, detach=False), torch.no_grad(), fp32:
-            try: self.source(x)
-            except _StopForward as e: return e.args[0].detach().float()
+        with torch.no_grad(), fp32: f = forward_to(self.source, mod, x, fn)   # the rest of its forward is skipped
+        if f is not None: return f.detach().float()
         raise RuntimeError(f"FeatureDistillation: the source's forward never ran the feature module "
                            f"({self.layer or type(mod).__name__}).")
 
