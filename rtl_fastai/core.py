@@ -319,10 +319,11 @@ def add_input_norm(model:nn.Module, # any model; changed in place
     "Normalize the inputs of `model` inside it, with a forward pre-hook holding a `NormalizeInput`"
     norm = NormalizeInput.from_stats(stats)
     if norm is None: raise ValueError("add_input_norm: `stats` is None; give the (mean, std) the model expects")
-    if isinstance(_norm_layer(model), _NormView):
-        raise ValueError(f"add_input_norm: `model` normalizes its inputs itself ({_norm_name(_norm_layer(model))}, "
-                         f"{_fmt_stats(normalize_stats(_norm_layer(model)))}); it needs no other normalization")
-    if _norm_layer(model) is not None:
+    layer = _norm_layer(model)
+    if isinstance(layer, _NormView):
+        raise ValueError(f"add_input_norm: `model` normalizes its inputs itself ({_norm_name(layer)}, "
+                         f"{_fmt_stats(normalize_stats(layer))}); it needs no other normalization")
+    if layer is not None:
         raise ValueError("add_input_norm: `model` already has a NormalizeInput; set its statistics instead "
                          "(`layer.mean.copy_(...)`) or build the model without `stats`")
     p = next(iter(model.parameters()), None)

@@ -516,7 +516,7 @@ def penultimate(model:nn.Module) -> Penultimate:
     if isinstance(model, (tvm.ResNet, tvm.ConvNeXt, tvm.EfficientNet)): return Penultimate(model.avgpool, _gap_in)
     if isinstance(model, BlockNet): return Penultimate(model.pool, _gap_in)
     if _rb_kind(model) is not None: return Penultimate(model_blocks(model).head, _flat_in)
-    if _normalized_inner(model) is not None: return penultimate(_normalized_inner(model))
+    if (inner := _normalized_inner(model)) is not None: return penultimate(inner)
     raise TypeError(f"penultimate: unsupported model {type(model).__name__}. {_SUPPORTED}.")
 
 def pooled_features(model:nn.Module, x:torch.Tensor) -> torch.Tensor:

@@ -113,8 +113,9 @@ def _dir_times(p:Path, depth:int=3)->str:
      "opened or stat'ed; the count covers file systems whose times have a coarse resolution)")
     out = []
     def walk(q, k):
-        out.append(f"{q.relative_to(p)}:{q.stat().st_mtime_ns}:{sum(1 for _ in os.scandir(q))}")
-        for e in sorted(os.scandir(q), key=lambda e: e.name) if k else ():
+        entries = sorted(os.scandir(q), key=lambda e: e.name)   # each folder listed once
+        out.append(f"{q.relative_to(p)}:{q.stat().st_mtime_ns}:{len(entries)}")
+        for e in entries if k else ():
             if e.is_dir(): walk(Path(e.path), k-1)
     walk(p, depth)
     return '|'.join(out)
