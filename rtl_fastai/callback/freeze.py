@@ -53,10 +53,12 @@ def _restore_optimizer(opt, removed:list):
      "(fastai made a new one) too, as far as it has the groups. A parameter already in `opt` stays once.")
     groups, state = _opt_groups(opt)
     if not groups: return
-    have = {id(p) for pg in groups for p in pg}
-    for i in sorted({min(r[0], len(groups)-1) for r in removed}):
+    have, by_group = {id(p) for pg in groups for p in pg}, {}
+    for i, j, p, st in sorted(removed, key=lambda r: r[1]):   # a group the optimizer lacks: its last one
+        by_group.setdefault(min(i, len(groups)-1), []).append((j, p, st))
+    for i, rs in by_group.items():
         pg = list(groups[i])
-        for _, j, p, st in sorted((r for r in removed if min(r[0], len(groups)-1) == i), key=lambda r: r[1]):
+        for j, p, st in rs:
             if id(p) in have: continue
             pg.insert(min(j, len(pg)), p)
             if p not in state or (st and not state[p]): state[p] = st or {}  # fastai's state may be a plain dict
