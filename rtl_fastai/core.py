@@ -16,8 +16,8 @@ from fastai.data.transforms import Normalize
 
 # %% auto #0
 __all__ = ['plain', 'to_device_async', 'check_device', 'use_device', 'is_int', 'is_number', 'check_int', 'check_number',
-           'fork_rng', 'keeps_cudnn_flags', 'eps_str', 'normalize_stats', 'NormalizeInput', 'input_stats',
-           'add_input_norm', 'check_normalization', 'parse_number']
+           'fork_rng', 'keeps_cudnn_flags', 'UndoTrainOnError', 'eps_str', 'normalize_stats', 'NormalizeInput',
+           'input_stats', 'add_input_norm', 'check_normalization', 'parse_number']
 
 # %% ../nbs/00_core.ipynb #7803692f
 def plain(t):
@@ -141,6 +141,24 @@ def keeps_cudnn_flags():
     flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     try: yield
     finally: torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
+
+# %% ../nbs/00_core.ipynb #d2ef1ac9
+from fastai.callback.core import (CancelBatchException, CancelStepException, CancelBackwardException,
+                                  CancelTrainException, CancelValidException, CancelEpochException, CancelFitException)
+_CANCELS = (CancelBatchException, CancelStepException, CancelBackwardException, CancelTrainException,
+            CancelValidException, CancelEpochException, CancelFitException)
+
+class UndoTrainOnError:
+    "Mixin for a fastai `Callback`: an error one of its events raises in training first runs `after_cancel_train`"
+    def __call__(self, event_name):
+        try: return super().__call__(event_name)
+        except _CANCELS: raise
+        except Exception:
+            learn = getattr(self, 'learn', None)
+            if learn is not None and getattr(learn, 'training', False):
+                try: learn('after_cancel_train')
+                except Exception: pass   # the error being raised is the one to report
+            raise
 
 # %% ../nbs/00_core.ipynb #3cce00f1
 def eps_str(eps:float, digits:int=4)->str:

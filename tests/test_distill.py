@@ -66,8 +66,9 @@ def test_source_copy_bit_identical(source):
     assert not fd.source.training and not any(p.requires_grad for p in fd.source.parameters())
     ptrs = {t.data_ptr() for t in list(learn.model.parameters()) + list(learn.model.buffers())}
     assert not any(t.data_ptr() in ptrs for t in list(fd.source.parameters()) + list(fd.source.buffers()))
-    # the learner's model did train (BN statistics included)
-    assert not torch.equal(learn.model.block1.down.bn.running_mean, before['block1.down.bn.running_mean'])
+    # the learner's model did train (its weights; its BatchNorm statistics stay the source's: `freeze_bn_stats`)
+    assert not torch.equal(learn.model.block1.down.bn.weight, before['block1.down.bn.weight'])
+    assert torch.equal(learn.model.block1.down.bn.running_mean, before['block1.down.bn.running_mean'])
 
 
 def test_source_is_learner_model(source):
@@ -83,7 +84,7 @@ def test_lam0_matches_plain_finetuning(source):
     plain = make_learner(source, seed=5)
     plain.fit_one_cycle(2, 1e-2)
     dist = make_learner(source, seed=5)
-    dist.fit_one_cycle(2, 1e-2, cbs=FeatureDistillation(source, lam=0.))
+    dist.fit_one_cycle(2, 1e-2, cbs=FeatureDistillation(source, lam=0., freeze_bn_stats=False))
     assert [float(l) for l in plain.recorder.losses] == [float(l) for l in dist.recorder.losses]
     for (k, a), b in zip(plain.model.state_dict().items(), dist.model.state_dict().values()): assert torch.equal(a, b), k
     assert plain.recorder.values[-1][:2] == dist.recorder.values[-1][:2]  # train and valid loss
@@ -140,7 +141,8 @@ def test_gradient_accumulation_order(source):
     learn = make_learner(source)
     probe_fd = Probe(order=FeatureDistillation.order + 0.5, n=100)  # after the penalty, before GA (order 6)
     probe_ga = Probe(order=GradientAccumulation.order + 0.5)      # after GA
-    learn.fit(1, 1e-3, cbs=[FeatureDistillation(source, lam=0.1), GradientAccumulation(n_acc=128), probe_fd, probe_ga])
+    learn.fit(1, 1e-3, cbs=[FeatureDistillation(source, lam=0.1, freeze_bn_stats=False),  # a penalty from the 1st batch
+                          GradientAccumulation(n_acc=128), probe_fd, probe_ga])
     a, b = probe_fd.recs[0], probe_ga.recs[0]
     torch.testing.assert_close(b['loss_grad'], a['loss_grad'] / (128 / 64))
     ce = F.cross_entropy(a['pred'], a['y'])

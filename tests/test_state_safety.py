@@ -213,7 +213,7 @@ def test_nothing_set_up_or_raised_outside_a_fit(dls, digits_model):
 
 
 def test_distillation_outside_a_fit(dls, digits_model):
-    "`get_preds` runs no source forward; a setup that fails leaves `validate` running (a warning) and fails the fit"
+    "`get_preds` and `validate` run no source forward and add no column; a setup that fails fails the fit"
     src = _model(digits_model)
     calls = []
     learn = Learner(dls, _model(digits_model), metrics=accuracy, cbs=FeatureDistillation(src, lam=1e-3))
@@ -223,9 +223,10 @@ def test_distillation_outside_a_fit(dls, digits_model):
     assert not calls
     bad = Learner(dls, torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), metrics=accuracy,
                   cbs=FeatureDistillation(src, lam=1e-3, layer='block1'))
-    with pytest.warns(UserWarning, match='left out of this validation'): _within(bad.validate)
+    # a validation runs nothing of the callback: the values of a learner without it, and the lock is left free
+    assert len(_within(bad.validate)) == 2 and len(_within(learn.validate)) == 2
     with bad.no_bar(), bad.no_logging(), pytest.raises(Exception, match='block1'): bad.fit(1)
-    with pytest.warns(UserWarning, match='left out of this validation'): _within(bad.validate)  # not locked
+    assert len(_within(bad.validate)) == 2 and not bad.lock.locked()
 
 
 def test_export_holds_no_data(dls, digits_model, tmp_path):
@@ -258,3 +259,45 @@ def test_freeze_blocks_outside_a_fit(dls):
     _within(learn.validate); _within(learn.get_preds)
     with pytest.raises((TypeError, ValueError)): _fit(learn)
     _within(learn.validate)
+
+
+def test_a_refused_fit_leaves_mixup_working(dls, digits_model):
+    "Our callbacks refuse a setting when training starts, after MixUp swapped the loss: it is put back (fastai's "
+    "`after_cancel_train`), and the fit the error message advises works"
+    from fastai.callback.mixup import MixUp
+    learn = Learner(dls, SmallCNN(n_in=1, n_out=dls.c, widths=(8,)), cbs=[MixUp(), PGDTraining(0.1, steps=2)])
+    lf = learn.loss_func
+    with pytest.raises(ValueError, match='another adversarial-training callback'): _fit(learn, cbs=FastAdvTraining(0.1))
+    assert learn.loss_func is lf
+    _fit(learn)
+    src = Learner(dls, _model(digits_model))
+    learn = transfer_learner(src, dls, n_retrain=1, cache=True, cbs=MixUp())
+    with pytest.raises(ValueError, match=r'FeatureCache\(mode=True\) cannot be used'): _fit(learn)
+    assert learn.loss_func is lf or not hasattr(learn.loss_func, '__self__')   # not MixUp's bound `lf`
+    learn.remove_cb(FeatureCache)
+    _fit(learn)
+    learn = Learner(dls, _model(digits_model), cbs=MixUp())
+    with pytest.raises(ValueError, match='precompute'):
+        _fit(learn, cbs=FeatureDistillation(_model(digits_model), precompute=True))
+    assert not hasattr(learn.loss_func, '__self__')
+    _fit(learn)
+
+
+def test_unfreeze_during_freezeblocks_reaches_the_frozen_entries(dls):
+    "`fine_tune` (fastai's freeze, fit, unfreeze, fit) with FreezeBlocks attached: once it is removed, the whole model "
+    "trains, as it would have without it"
+    from rtl_fastai.callback.freeze import trainable_splitter
+    learn = Learner(dls, SmallCNN(n_in=1, n_out=dls.c, widths=(8, 16)), splitter=trainable_splitter, cbs=FreezeBlocks(2))
+    w = learn.model.stem.conv.weight
+    with learn.no_bar(), learn.no_logging(): learn.fine_tune(1, 1e-3, freeze_epochs=1)
+    learn.remove_cb(FreezeBlocks)
+    assert learn.opt.frozen_idx == 0 and w.requires_grad
+    w0 = w.detach().clone()
+    _fit(learn)
+    assert not torch.equal(w0, w)
+    # without an (un)freeze in between, the flags a user set stay as they were
+    learn = Learner(dls, SmallCNN(n_in=1, n_out=dls.c, widths=(8, 16)), cbs=FreezeBlocks(2))
+    learn.model.stem.conv.weight.requires_grad_(False)
+    _fit(learn)
+    learn.remove_cb(FreezeBlocks)
+    assert not learn.model.stem.conv.weight.requires_grad and learn.model.block1[0].conv.weight.requires_grad

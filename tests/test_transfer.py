@@ -381,3 +381,22 @@ def test_freeze_leaves_with_the_callback(digits, tmp_path, between):
     w0 = w.detach().clone()
     _fit(learn)
     assert not torch.equal(w0, learn.model.stem.conv.weight)
+
+def test_cache_off_line_under_the_progress_bar_and_csv_logger(shapes_folder, capsys, tmp_path):
+    "Under fastai's progress bar (whose logger writes table rows) the reason is one line, not a row of characters; "
+    "CSVLogger's file gets no such row"
+    from fastai.vision.augment import Resize
+    from fastai.callback.progress import CSVLogger
+    learn = transfer_learner(SmallCNN(n_in=3, n_out=4, widths=(8, 16, 32)), _folder_dls(shapes_folder, Resize(40)),
+                             n_retrain=1)
+    learn.fit(1, 1e-3, cbs=CSVLogger(fname=tmp_path/'h.csv'))
+    out = capsys.readouterr().out
+    said = [l for l in out.splitlines() if 'FeatureCache off' in l]
+    assert len(said) == 1 and "randomly augmented (Resize(method='crop'))" in said[0], out
+    assert 'FeatureCache' not in (tmp_path/'h.csv').read_text() and 'F,e,a' not in (tmp_path/'h.csv').read_text()
+    learn = transfer_learner(SmallCNN(n_in=3, n_out=4, widths=(8, 16, 32)), learn.dls, n_retrain=1)
+    with learn.no_bar():   # a new learner: after a fit with both, fastai leaves the bar's logger in place
+        learn.fit(1, 1e-3, cbs=CSVLogger(fname=tmp_path/'h2.csv'))
+    out = capsys.readouterr().out
+    assert len([l for l in out.splitlines() if l.startswith("FeatureCache off")]) == 1, repr(out)
+    assert 'FeatureCache' not in (tmp_path/'h2.csv').read_text()

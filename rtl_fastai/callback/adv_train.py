@@ -10,7 +10,7 @@ from fastcore.basics import store_attr, GetAttr
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.training import GradientAccumulation
-from ..core import check_int, check_number, normalize_stats, check_normalization
+from ..core import check_int, check_number, normalize_stats, check_normalization, UndoTrainOnError
 from ..attacks import (ThreatModel, as_threat, pgd_attack, fgsm_attack, eval_mode, _pixel_space, _amp_context,
                                 _check_pixels, _check_labels)
 
@@ -28,7 +28,7 @@ def _one_input(learn, who, classes=True):
                       "target); FreeAdvTraining, whose attack follows the learner's own loss, takes any target")
     return learn.xb[0], learn.yb[0]
 
-class _AdvTrainCallback(Callback):
+class _AdvTrainCallback(UndoTrainOnError, Callback):
     "Common base: the threat model, and the normalization `stats` of the learner's `DataLoaders`"
     run_valid = False
     _stateattrs = ('_stats', '_sp')  # not pickled by `learn.export()`: the data, even after a fit an exception ended

@@ -8,13 +8,14 @@ import contextlib, difflib, warnings
 from copy import deepcopy
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from fastcore.basics import store_attr
 from fastcore.foundation import L
 from fastai.torch_core import find_bs
 from fastai.learner import Learner, Metric
 from fastai.callback.hook import Hooks, HookCallback
 from fastai.callback.fp16 import MixedPrecision
-from ..core import check_int, check_number, fork_rng
+from ..core import check_int, check_number, fork_rng, UndoTrainOnError
 from ..models import head_module, unwrap_model, penultimate, Penultimate, forward_to
 from ..data.augment import random_tfms
 from .batch_items import batch_items
@@ -98,12 +99,13 @@ def _channels_last(model:nn.Module)->bool:
         memory_format=torch.channels_last))   # a 1-channel or 1x1 weight is both
     return not next(ws, torch.empty(0)).is_contiguous()
 
-class FeatureDistillation(HookCallback):
+class FeatureDistillation(UndoTrainOnError, HookCallback):
     ("Add `lam * penalty(f(x), f_src(x))` to the training loss: `f` the learner's features, `f_src` a frozen source "
      "copy's.")
     order = MixedPrecision.order - 5  # before `GradientAccumulation` (6) divides `loss_grad` and autocast ends (10)
     run_valid = True
     _stateattrs = ('hooks',)
+    freeze_bn_stats, _bns = False, []  # a callback pickled before the option (`load_learner`) trains as it did
     def __init__(self,
                  source:nn.Module,      # the robust source model, or its `Learner` (copied: it is never modified)
                  lam:float=5e-3,        # weight of the penalty, on the scale of the per-example L1 norm
@@ -113,6 +115,9 @@ class FeatureDistillation(HookCallback):
                  warmup_epochs:int=0,   # train only the head for this many epochs, then the whole model
                  # compute the source features of every training example once (no random augmentation)
                  precompute:bool=False,
+                 # BatchNorm layers outside the head keep the source's statistics (eval mode) the whole fit, as the
+                 # authors' code; their weights still train. False: they follow `learn.model.train()`
+                 freeze_bn_stats:bool=True,
                 ):
         who = 'FeatureDistillation'
         if isinstance(source, Learner): source = source.model  # as `transfer_learner` takes it
@@ -125,18 +130,17 @@ class FeatureDistillation(HookCallback):
                              f"got {penalty!r}.")
         check_int(warmup_epochs, 'warmup_epochs', lo=0, who=who)
         super().__init__(is_forward=True, detach=False, cpu=False)
-        store_attr('lam,layer,penalty,warmup_epochs,precompute')
+        store_attr('lam,layer,penalty,warmup_epochs,precompute,freeze_bn_stats')
         self.source = deepcopy(unwrap_model(source)).eval().requires_grad_(False)
         feature_hook(self.source, layer, 'source model')  # fails early on a bad `layer`
         self._hook_fn = None
         self._fitting, self._capture, self._feats, self._mets, self._frozen = False, False, None, [], None
-        self._cache_key, self._src_feats, self._pre_dl = None, None, None
+        self._cache_key, self._src_feats, self._pre_dl, self._bns = None, None, None, []
         self.batch_term, self.train_sum, self.train_n = None, 0., 0
 
     def __getstate__(self):
         "Pickled (`learn.export`) without hooks or the precomputed source features: the next fit computes them again"
-        return {**super().__getstate__(), '_src_feats': None, '_cache_key': None, '_pre_dl': None, '_fitting': False,
-                '_setup_error': None}
+        return {**super().__getstate__(), '_src_feats': None, '_cache_key': None, '_pre_dl': None, '_fitting': False}
 
     @property
     def train_term(self):
@@ -175,14 +179,12 @@ class FeatureDistillation(HookCallback):
     # -- fit --------------------------------------------------------------------------------------------------
     def before_fit(self):
         self._cleanup()  # after a fit that an exception ended
-        self._setup_error = None
-        if hasattr(self.learn, 'gather_preds'): return  # `get_preds`, `predict`, `tta`: nothing to distil or log
-        # `validate` fires `before_fit` too, and an error there would leave fastai's `Learner.lock` held: a setup that
-        # fails is raised when training starts (`before_train`), and a validation goes on without the columns
+        # `validate`, `get_preds`, `predict`, `tta` (fastai's `validation_context` holds `Learner.lock`): nothing to
+        # distil or log, and `validate()` returns its usual values
+        lock = getattr(self.learn, 'lock', None)
+        if hasattr(self.learn, 'gather_preds') or (lock is not None and lock.locked()): return
         try: self._setup()
-        except Exception as e:
-            self._cleanup()
-            self._setup_error = e
+        except Exception: self._cleanup(); raise
 
     def _setup(self):
         model = unwrap_model(self.learn.model)
@@ -198,6 +200,7 @@ class FeatureDistillation(HookCallback):
         self._add_metrics()
         self._checked, self._fitting = False, True
         self._check_useful(model)
+        if self.freeze_bn_stats: self._bns = self._frozen_bns(model)
         if self.warmup_epochs: self._freeze()  # `before_train` unfreezes from epoch `warmup_epochs` on
 
     def _check_useful(self, model):
@@ -226,7 +229,7 @@ class FeatureDistillation(HookCallback):
     def _cleanup(self):
         "Remove the hook, the metric columns and the warm-up freeze (also run when a previous fit crashed)."
         self._remove()
-        self.hooks, self._feats, self._capture, self._fitting, self._pre_dl = None, None, False, False, None
+        self.hooks, self._feats, self._capture, self._fitting, self._pre_dl, self._bns = None, None, False, False, None, []
         if self._mets and getattr(self, 'learn', None) is not None:
             self.learn.metrics = L(m for m in self.learn.metrics if not any(m is o for o in self._mets))
         self._mets = []
@@ -235,13 +238,7 @@ class FeatureDistillation(HookCallback):
     def after_fit(self): self._cleanup()
 
     # -- epochs and batches -------------------------------------------------------------------------------------
-    def before_validate(self):  # a validation outside a fit (a fit raises in `before_train` first)
-        e = getattr(self, '_setup_error', None)
-        if e is not None: warnings.warn(f"FeatureDistillation is left out of this validation, its setup failed: {e}",
-                                        UserWarning, stacklevel=2)
     def before_train(self):
-        e, self._setup_error = getattr(self, '_setup_error', None), None
-        if e is not None: raise e
         # here, not in `before_fit`, which `validate`, `get_preds` and `predict` fire too (after `load_learner`, on
         # empty loaders): only a fit trains; later epochs find the features cached
         if self.precompute:
@@ -249,8 +246,9 @@ class FeatureDistillation(HookCallback):
             except Exception: self._cleanup(); raise   # hooks, columns and warm-up freeze undone, as in `after_loss`
         self.train_sum, self.train_n = 0., 0
         if self._frozen is not None and self.epoch >= self.warmup_epochs: self._unfreeze()
-        if self._frozen is not None:  # warm start: the body is a fixed feature extractor (BatchNorm stats, dropout off)
-            for m in self._body_modules: m.training = False
+        # warm start: the body is a fixed feature extractor (BatchNorm stats, dropout off); then its BatchNorm stats
+        for m in (self._body(unwrap_model(self.learn.model)) if self._frozen is not None else self._bns):
+            m.training = False
 
     def before_batch(self):
         if self._fitting: self._capture = True
@@ -296,17 +294,31 @@ class FeatureDistillation(HookCallback):
         self.train_sum = self.train_sum + self.batch_term.double() * bs; self.train_n += bs   # read in `train_term`
 
     # -- head-only warm start -------------------------------------------------------------------------------------
+    @staticmethod
+    def _body(model) -> list:
+        "The modules of `model` outside its head and the head's parents (raises `TypeError` when the head is unknown)"
+        head = head_module(model)
+        head_mods = {id(m) for m in head.modules()}
+        parents = {id(m) for m in model.modules() if any(c is head for c in m.modules())}
+        return [m for m in model.modules() if id(m) not in head_mods and id(m) not in parents]
+
+    def _frozen_bns(self, model) -> list:
+        "The BatchNorm layers of the body, whose statistics stay the source's"
+        try: return [m for m in self._body(model) if isinstance(m, _BatchNorm)]
+        except TypeError as e:
+            warnings.warn(f"FeatureDistillation(freeze_bn_stats=True): cannot find the head of the learner's model ({e}), "
+                          "so its BatchNorm statistics are not frozen: they follow the training batches. Declare its "
+                          "blocks with `rtl_fastai.models.set_blocks`, or pass freeze_bn_stats=False", UserWarning,
+                          stacklevel=2)
+            return []
+
     def _freeze(self):
         model = unwrap_model(self.learn.model)
-        try: head = head_module(model)
+        try: in_head = {id(p) for p in head_module(model).parameters()}
         except TypeError as e:
             raise TypeError(f"FeatureDistillation(warmup_epochs={self.warmup_epochs}): cannot find the head of the "
                             f"learner's model ({e}); declare its blocks with `rtl_fastai.models.set_blocks` or use "
                             "warmup_epochs=0.") from None
-        in_head = {id(p) for p in head.parameters()}
-        head_mods = {id(m) for m in head.modules()}
-        parents = {id(m) for m in model.modules() if any(c is head for c in m.modules())}
-        self._body_modules = [m for m in model.modules() if id(m) not in head_mods and id(m) not in parents]
         self._frozen = [(p, p.requires_grad) for p in model.parameters() if id(p) not in in_head]
         for p, _ in self._frozen: p.requires_grad_(False); p.grad = None
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import time
 import torch
 from torch import nn
-from fastcore.basics import store_attr
+from fastcore.basics import store_attr, noop
 from fastai.torch_core import params
 from fastai.callback.core import Callback
 from ..distributed import DistributedDL
-from ..core import plain, fork_rng, check_number
+from ..core import plain, fork_rng, check_number, UndoTrainOnError
 from ..models import model_blocks, forward_to
 from ..data.augment import random_tfms, unknown_tfms
 from ..attacks import eval_mode
@@ -56,9 +56,21 @@ def _called_entry(model, entry):
     return entry
 
 # %% ../../nbs/05b_callback.feature_cache.ipynb #2223b034
+def _say(learn, msg:str):
+    ("`msg` as one line of the fit's output: under fastai's progress bar a line of its own (the bar's `logger` writes "
+     "table rows, a string would become a row of characters), else through the learner's `logger` (`CSVLogger`'s "
+     "writes rows to its file: the one it replaced); nothing under `no_logging`")
+    log = getattr(learn, 'logger', noop)
+    if not callable(log) or log is noop: return
+    mbar = getattr(getattr(learn, 'progress', None), 'mbar', None)
+    if mbar is not None: return mbar.write(msg)
+    csv = getattr(learn, 'csv_logger', None)
+    if csv is not None and log == getattr(csv, '_write_line', None): log = getattr(csv, 'old_logger', print)
+    log(msg)
+
 _EXPECTED = ('off (mode=False)', 'no FreezeBlocks', 'nothing is frozen')  # reasons not worth a line
 
-class FeatureCache(Callback):
+class FeatureCache(UndoTrainOnError, Callback):
     "Train the trainable suffix on features of the frozen prefix, computed once; validation runs the full model."
     order, run_valid = 15, False
     _stateattrs = ('cached', 'targets', '_key', '_hook', '_armed', 'dl_train')  # `learn.export()` keeps no data
@@ -114,8 +126,7 @@ class FeatureCache(Callback):
     def _off(self, reason):
         self.active, self.reason = False, reason
         if self.mode == 'auto' and not reason.startswith(_EXPECTED):
-            logger = getattr(self.learn, 'logger', None)
-            if callable(logger): logger(f"FeatureCache off: {reason}; the frozen blocks run on every batch")
+            _say(self.learn, f"FeatureCache off: {reason}; the frozen blocks run on every batch")
         if self.mode is True:
             raise ValueError(f"FeatureCache(mode=True) cannot be used: {reason}. Use mode='auto' or False.")
 

@@ -70,7 +70,7 @@ class FreezeBlocks(Callback):
     _stateattrs = ('_removed',)  # not pickled by `learn.export()` (optimizer state); `_flags` is (positions and flags)
     def __init__(self, n_frozen:int): # entries of `model_blocks(model).all` to freeze (stem: 1, + block1: 2, ...)
         self.n_frozen = check_int(n_frozen, 'n_frozen', lo=0, who='FreezeBlocks')
-        self._flags = self._removed = None
+        self._flags = self._removed = self._fidx = None
 
     def __setattr__(self, name, value):
         # fastai sets `learn` to None when the callback leaves the learner (`fit(cbs=...)` ends, `learn.remove_cb`),
@@ -81,8 +81,8 @@ class FreezeBlocks(Callback):
     def _thaw(self):
         ("Undo the freeze: `requires_grad` as it was before, the parameters back in the optimizer's groups (also in "
          "an optimizer fastai made since, or after `load_learner`: the frozen ones go to their group, else the first)")
-        flags, removed = getattr(self, '_flags', None), getattr(self, '_removed', None) or []
-        self._flags = self._removed = None
+        flags, removed, fidx = getattr(self, '_flags', None), getattr(self, '_removed', None) or [], getattr(self, '_fidx', None)
+        self._flags = self._removed = self._fidx = None
         if flags is None: return
         ps = list(self.learn.model.parameters())
         for k, rg in flags: ps[k].requires_grad_(rg)
@@ -90,6 +90,12 @@ class FreezeBlocks(Callback):
         if opt is None: return
         known = {id(r[2]) for r in removed}
         _restore_optimizer(opt, removed + [(0, 0, ps[k], None) for k, rg in flags if rg and id(ps[k]) not in known])
+        if isinstance(opt, Optimizer) and fidx is not None and opt.frozen_idx != fidx:
+            # fastai's `freeze`/`unfreeze` ran since the freeze (`fine_tune`) and could not reach the parameters that
+            # were out of the optimizer: its rule for them now (`force_train`: BatchNorm under `train_bn`)
+            for i, pg in enumerate(opt.param_lists):
+                for p in pg:
+                    if id(p) in known: p.requires_grad_(i >= opt.frozen_idx or opt.state.get(p, {}).get('force_train', False))
 
     def frozen_modules(self, model=None) -> list:
         "The frozen entries of `model` (default: the learner's model)."
@@ -115,6 +121,7 @@ class FreezeBlocks(Callback):
         at = {id(p): k for k, p in enumerate(self.learn.model.parameters())}
         self._flags = [(at[id(p)], p.requires_grad) for p in ps]   # by position in the model: survives a pickle
         for p in ps: p.requires_grad_(False)
+        self._fidx = getattr(self.learn.opt, 'frozen_idx', None)   # fastai's freeze state, to tell a later (un)freeze
         self._removed = _prune_optimizer(self.learn.opt, {id(p) for p in ps})
         self._set_eval()
     def before_train(self):
