@@ -115,8 +115,8 @@ class FeatureDistillation(UndoTrainOnError, HookCallback):
                  warmup_epochs:int=0,   # train only the head for this many epochs, then the whole model
                  # compute the source features of every training example once (no random augmentation)
                  precompute:bool=False,
-                 # BatchNorm layers outside the head keep the source's statistics (eval mode) the whole fit, as the
-                 # authors' code; their weights still train. False: they follow `learn.model.train()`
+                 # BatchNorm layers outside the head that hold the source's statistics keep them (eval mode) the whole
+                 # fit, as the authors' code; their weights still train. False: they follow `learn.model.train()`
                  freeze_bn_stats:bool=True,
                 ):
         who = 'FeatureDistillation'
@@ -303,8 +303,12 @@ class FeatureDistillation(UndoTrainOnError, HookCallback):
         return [m for m in model.modules() if id(m) not in head_mods and id(m) not in parents]
 
     def _frozen_bns(self, model) -> list:
-        "The BatchNorm layers of the body, whose statistics stay the source's"
-        try: return [m for m in self._body(model) if isinstance(m, _BatchNorm)]
+        ("The BatchNorm layers of the body that hold statistics of the source (equal to one of its layers'): they keep "
+         "them. A model trained from scratch, or whose statistics moved in an earlier fit, keeps its own in train mode")
+        def key(m): return (m.running_mean.cpu().numpy().tobytes(), m.running_var.cpu().numpy().tobytes())
+        def bns(mods): return [m for m in mods if isinstance(m, _BatchNorm) and m.running_mean is not None]
+        src = {key(m) for m in bns(self.source.modules())}
+        try: return [m for m in bns(self._body(model)) if key(m) in src]
         except TypeError as e:
             warnings.warn(f"FeatureDistillation(freeze_bn_stats=True): cannot find the head of the learner's model ({e}), "
                           "so its BatchNorm statistics are not frozen: they follow the training batches. Declare its "
