@@ -114,7 +114,7 @@ def as_threat(threat=None, # a `ThreatModel`, a radius `eps` (pixel units), or N
               defaults:dict=None, # the caller's defaults of the fields not given (e.g. `dict(steps=10)`)
               who:str|callable=None, # the function (or its name) the user called, for error messages
               **kwargs, # `ThreatModel` fields; they override those of `threat`
-             )->ThreatModel:
+             )->ThreatModel: # validated once
     "The `ThreatModel` a function was called with: `threat`, a radius, or keyword arguments"
     bad = [k for k in kwargs if k not in _FIELDS]
     if bad: raise TypeError(_unexpected_kwargs(bad, who))
@@ -365,7 +365,7 @@ def fgsm_attack(model:nn.Module, # the model under attack
                 loss_func=None, # per-example loss; default cross-entropy
                 check_pixels:bool=True, # warn if `x`, mapped back to pixels, is not in [0,1] (one host-device sync)
                 **threat_kw, # `ThreatModel` fields; here random_start=False, alpha eps (1.25*eps if random start)
-               )->torch.Tensor:
+               )->torch.Tensor: # the adversarial batch, in the units of `x`
     "Fast gradient sign method (Goodfellow et al. 2015), optionally from a random start (FGSM-RS, Wong et al. 2020)."
     s, r = threat_kw.get('steps', 1), threat_kw.get('restarts', getattr(threat, 'restarts', 1))  # before `ThreatModel`'s
     if s != 1 or r != 1:

@@ -370,6 +370,6 @@ def load_weights(model:nn.Module, # the source architecture; loaded in place
                  weights, # a state dict or checkpoint dict, a path, a URL or a registry name
                  who:str='transfer_learner', # the caller, for messages
                  **kwargs, # `key`, `map_location`, `cache`, `norm`, `stats` of `load_robust_checkpoint`
-                )->nn.Module:
+                )->nn.Module: # `model`, its weights loaded
     "`load_robust_checkpoint` for an entry point's `weights=` argument: same layouts, errors naming `who` and `weights`"
     return _load_into(model, weights, name='weights', who=who, **kwargs)

@@ -6,6 +6,8 @@
 from __future__ import annotations
 import difflib
 from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
 import torch.nn as nn
 import torchvision
 from .core import eps_str
@@ -117,6 +119,9 @@ def robust_model_info(name:str, # a registry name, e.g. 'resnet50_l2_eps3' or 'S
     key = name.lower()
     key = next((key[:-len(e)] for e in _CKPT_EXTS if key.endswith(e)), key)  # a file fetched by hand
     if key in low: return ROBUST_MODELS[low[key]]
+    # or the entry's own file name, which the offline advice names (`Standard_R50`: 'resnet50-0676ba61.pth')
+    by_file = {(i.filename or Path(urlparse(i.url).path).name).lower(): i for i in ROBUST_MODELS.values()}
+    if name.lower() in by_file: return by_file[name.lower()]
     close = [low[c] for c in difflib.get_close_matches(key, list(low), n=5, cutoff=0.6)]
     hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ''
     raise ValueError(f"`name`: unknown robust model {name!r}; {hint}`robust_models()` lists the {len(ROBUST_MODELS)} "

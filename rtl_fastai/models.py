@@ -570,7 +570,7 @@ def _last_linear(head):
 def replace_head(model:nn.Module,
                  n_out:int,     # number of target classes
                  **head_kwargs, # for `vision_learner` models: passed to fastai's `create_head` (e.g. `lin_ftrs`, `ps`)
-                ) -> nn.Module:
+                ) -> nn.Module: # `model`, with its new head
     "Replace `model`'s classifier in place by a new, randomly initialised one with `n_out` outputs; returns `model`."
     check_int(n_out, 'n_out', who='replace_head')
     old = head_module(model)

@@ -121,7 +121,7 @@ def square_evaluate(learn:Learner, # the learner whose model is attacked
                     dl=None, stats=None, # `DataLoader` (default: validation) and normalization stats
                     seed:int=0, # the attack's seed
                     **threat_kw, # `ThreatModel` fields (eps, norm)
-                   )->dict:
+                   )->dict: # clean and Square accuracy, and the attack's settings
     "Clean and Square (black-box) robust accuracy of `learn.model` (torchattacks), eps in pixel units."
     tm = as_threat(threat, None, square_evaluate, **threat_kw)
     check_int(n_queries, 'n_queries')

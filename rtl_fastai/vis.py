@@ -91,7 +91,7 @@ def adversarial_examples(learn, # a fastai `Learner` (or anything with `.model`,
                          stats=None, # normalization stats (default `learn.dls`), see `pgd_attack`
                          seed:int=None, # seed of PGD's random start, for a reproducible picture (global RNG untouched)
                          **threat_kw, # `ThreatModel` fields (eps, steps, alpha, norm, ...); here steps=10
-                        )->dict:
+                        )->dict: # images, perturbations, labels and probabilities, clean and adversarial
     "PGD adversarial examples of `n` images with their pixels, perturbations and class probabilities"
     check_int(n, 'n')
     tm = as_threat(threat, dict(steps=10), adversarial_examples, **threat_kw)

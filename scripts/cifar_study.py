@@ -10,7 +10,7 @@ animals (6 classes) -> vehicles (4 classes), PreActResNet18 at a small width.
 Every model is evaluated with PGD-20 (L-inf, eps 8/255, step 2/255, random start) on a fixed, class-balanced
 subset of the CIFAR-10 test images of its task. Results go to OUT/results.json and OUT/results.md.
 
-    OMP_NUM_THREADS=1 nice python scripts/cifar_study.py --out ~/.cache/rtl_fastai/cifar_study
+    OMP_NUM_THREADS=1 nice python scripts/cifar_study.py   # into cache_dir()/'cifar_study' (~/.cache/rtl_fastai or RTL_CACHE)
 """
 import argparse, json, time
 from pathlib import Path
@@ -22,6 +22,7 @@ from rtl_fastai.callback.adv_train import PGDTraining
 from rtl_fastai.callback.transfer import transfer_learner
 from rtl_fastai.callback.distill import FeatureDistillation
 from rtl_fastai.experiment import fit_quietly, evaluate, train_source
+from rtl_fastai.data.all import cache_dir
 
 EPS = 8/255
 
@@ -32,7 +33,7 @@ def score(learn):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--out', default=str(Path('~/.cache/rtl_fastai/cifar_study').expanduser()))
+    p.add_argument('--out', default=str(cache_dir()/'cifar_study'), help="default: cache_dir()/'cifar_study' (RTL_CACHE)")
     p.add_argument('--width', type=int, default=8)
     p.add_argument('--src-n', type=int, default=2000, help="training images per source class")
     p.add_argument('--src-epochs', type=int, default=8)

@@ -1,6 +1,6 @@
 """Tests of `rtl_fastai.data.folder`: the user's own image folder (`check_image_folder`, `folder_dls`) and the small
 folders written for tests and tutorials (`make_image_folder`, `save_image_folder`); `random_tfms` on fastai's `Resize`."""
-import re, shutil
+import re, shutil, warnings
 from collections import Counter
 
 import pytest
@@ -319,3 +319,20 @@ def test_nested_images_counted_as_fastai_loads_them(tmp_path):
         warnings.simplefilter('ignore')
         dls = ImageDataLoaders.from_folder(p, valid='valid', item_tfms=Resize(16), bs=4, num_workers=0)
     assert (s.classes, s.n_train, s.n_valid) == (list(dls.vocab), len(dls.train_ds), len(dls.valid_ds))
+
+
+def test_16_bit_images_are_warned_about(tmp_path):
+    "fastai's PILImage clips 16-bit values at 255 (a white image): check_image_folder says so"
+    import numpy as np
+    from PIL import Image
+    for split in ('train', 'valid'):
+        for c in ('a', 'b'):
+            d = tmp_path/split/c; d.mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray((np.random.default_rng(i).random((12, 12))*60000).astype(np.uint16)).save(d/f'{i}.png')
+    assert Image.open(next((tmp_path/'train'/'a').iterdir())).mode.startswith('I')
+    with pytest.warns(UserWarning, match='more than 8 bits per pixel'): check_image_folder(tmp_path)
+    ok = make_image_folder(tmp_path/'ok', n_per_class=2, n_valid=1, classes=2, mode='L')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        check_image_folder(ok)

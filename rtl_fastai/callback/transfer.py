@@ -109,7 +109,7 @@ def transfer_learner(source,              # the source model (`nn.Module`) or a 
                      metrics=None,         # as fastai's `Learner`, e.g. `[accuracy, RobustAccuracy()]`
                      cbs=None,             # more callbacks, after `FreezeBlocks` and `FeatureCache`
                      **kwargs,             # passed to `Learner`
-                    ) -> Learner:
+                    ) -> Learner: # the transfer learner, `FreezeBlocks` and `FeatureCache` attached
     ("A fastai `Learner` that retrains the last `n_retrain` blocks of a copy of `source` and a new head on `dls`; the "
      "frozen blocks stay frozen through `learn.unfreeze()` (`FreezeBlocks`): change `n_retrain` to retrain more")
     model = source.model if isinstance(source, Learner) else source

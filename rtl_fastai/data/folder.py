@@ -235,6 +235,8 @@ def _split_counts(path, split, param, files=None):
     return files, Counter(f.parent.name for f in files)
 
 # %% ../../nbs/00f_data.folder.ipynb #ea7d4a60
+_WIDE_MODES = ('I', 'F')   # PIL's 32-bit integer and float images (and 'I;16...': 16-bit), which `PILImage` clips
+
 def check_image_folder(path,               # the folder that holds the `train` and `valid` folders
                        train:str='train',  # the training folder's name (`path/train/<class>/*.jpg`)
                        valid:str='valid',  # the validation folder's name (`path/valid/<class>/*.jpg`)
@@ -287,6 +289,10 @@ def check_image_folder(path,               # the folder that holds the `train` a
                              "remove them, e.g. `for f in verify_images(get_image_files(path)): f.unlink()` "
                              "(`from fastai.vision.all import verify_images, get_image_files`), or replace them")
         modes = Counter(m for m in res)
+        deep = {m: n for m, n in modes.items() if m in _WIDE_MODES or m.startswith('I;16')}
+        if deep: warnings.warn(f"check_image_folder: {sum(deep.values())} images in {path} have more than 8 bits per "
+                               f"pixel (PIL modes {deep}): fastai's `PILImage` clips their values at 255, so most of "
+                               "them come out white. Rescale them to 8-bit images (mode 'L' or 'RGB') first")
     return FolderSummary(path, train, valid, {train: ctr, valid: cva}, {train: ftr, valid: fva}, modes,
                          valid_pct, None if valid_pct is None else seed)
 
