@@ -222,6 +222,21 @@ def test_vision_learner_source(digits_rgb32):
     assert drops(transfer_learner(src, dls, hidden=(16,), p_drop=[0.1, 0.2], cache=False)) == [0.1, 0.2]  # a list
 
 
+def test_vision_learner_head_only_caches_the_pooled_features(digits_rgb32):
+    "fastai's head starts with its pool and flatten: with n_retrain=0 the cache holds the pooled vector (512*2 for "
+    "a ResNet-18 and fastai's concat pool), not the body's maps, and training is the same as without the cache"
+    src = vision_learner(task_dls(digits_rgb32, bs=16), torchvision.models.resnet18, pretrained=False, n_out=3)
+    def run(cache):
+        set_seed(0)
+        learn = transfer_learner(src, task_dls(digits_rgb32, bs=16), n_retrain=0, cache=cache)  # the same shuffles
+        _fit(learn)
+        return learn
+    a, b = run('auto'), run(False)
+    assert a.feature_cache.active and tuple(a.feature_cache.cached.shape[1:]) == (1024,), a.feature_cache.reason
+    assert 'BatchNorm1d' in a.feature_cache.reason
+    for (k, v), w in zip(a.model.state_dict().items(), b.model.state_dict().values()): assert torch.equal(v, w), k
+
+
 @pytest.mark.parametrize('bad', [-1, 4, 2.0, True, 'some', None])
 def test_n_retrain_out_of_range(digits, bad):
     src, dls = digits

@@ -48,6 +48,13 @@ def _fingerprint(mods):
         return tuple((t.numel(), float(t.double().sum()), float(t.double().abs().sum()))
                      for m in mods for t in [*m.parameters(), *m.buffers()])
 
+def _inner_start(entry):
+    ("In an `nn.Sequential` entry that starts with layers without parameters or train/eval behaviour (fastai's head: "
+     "`AdaptiveConcatPool2d`, `Flatten`), the first layer after them, whose input are smaller features; else None")
+    kids = list(entry.children()) if isinstance(entry, nn.Sequential) else []
+    j = next((i for i, c in enumerate(kids) if params(c) or _has_mode(c)), None)
+    return kids[j] if j else None
+
 def _called_entry(model, entry):
     ("The module `model`'s own forward calls with `entry`'s input: `entry`, or the first part of an entry that only "
      "references parts of the model (a `Stage`, a regrouping `nn.Sequential`).")
@@ -74,6 +81,7 @@ class FeatureCache(UndoTrainOnError, Callback):
     "Train the trainable suffix on features of the frozen prefix, computed once; validation runs the full model."
     order, run_valid = 15, False
     _stateattrs = ('cached', 'targets', '_key', '_hook', '_armed', 'dl_train')  # `learn.export()` keeps no data
+    _placed = False   # the placeholder of this batch went through (`_place`)
     def __init__(self,
                  mode='auto', # 'auto': on when it gives the same model; True: required (error if not); False: off
                  max_mb:float=2048., # largest cache, in MiB
@@ -132,15 +140,29 @@ class FeatureCache(UndoTrainOnError, Callback):
 
     # -- the hook -------------------------------------------------------------------------------------
     def _inject(self, m, args):
-        ("Forward pre-hook on the first trained entry: while armed, the empty batch reaching it becomes the cached "
-         "features.")
-        if self._armed is None or not args or not isinstance(args[0], torch.Tensor) or len(args[0]): return None
-        f, self._armed = self._armed, None
+        ("Forward pre-hook on the first trained entry: while armed, the empty batch reaching it (or the placeholder "
+         "`_place` sent through the layers before it) becomes the cached features.")
+        if self._armed is None or not args or not isinstance(args[0], torch.Tensor): return None
+        if len(args[0]) and not self._placed: return None
+        f, self._armed, self._placed = self._armed, None, False
         return (f, *args[1:])
 
+    def _place(self, m, args):
+        ("Forward pre-hook on the entry around the injection point: while armed, the empty batch becomes a placeholder "
+         "of one zero per example, which the layers before the point (a pool, a flatten) take where an empty batch "
+         "fails")
+        if self._armed is None or not args or not isinstance(args[0], torch.Tensor) or len(args[0]): return None
+        x, self._placed = args[0], True
+        return (x.new_zeros((len(self._armed),) + (1,) * (x.ndim - 1)), *args[1:])
+
+    def _hook_at(self, model, cand):
+        "Hook the injection point of `cand` = (module, label, entry around it or None)"
+        self._hook = [_called_entry(model, cand[0]).register_forward_pre_hook(self._inject)]
+        if cand[2] is not None: self._hook.append(_called_entry(model, cand[2]).register_forward_pre_hook(self._place))
+
     def _unhook(self):
-        self._armed = None
-        if self._hook is not None: self._hook.remove()
+        self._armed, self._placed = None, False
+        for h in self._hook or []: h.remove()
         self._hook = None
 
     # -- building -------------------------------------------------------------------------------------
@@ -155,7 +177,7 @@ class FeatureCache(UndoTrainOnError, Callback):
         self._armed = f
         try: out = model(xb[:0])
         except Exception as e: return f"the model cannot run on cached features ({type(e).__name__}: {e})"
-        finally: unused, self._armed = self._armed, None
+        finally: unused, self._armed, self._placed = self._armed, None, False
         if unused is not None: return "the model's forward does not reach its first trained entry on an empty batch"
         if not torch.allclose(out, model(xb), rtol=1e-4, atol=1e-5):
             return "the model's output on cached features differs from its output on the images"
@@ -194,26 +216,30 @@ class FeatureCache(UndoTrainOnError, Callback):
         if reason is not None: return self._off(reason)
         model, entries, dl = self.learn.model, model_blocks(self.learn.model).all, self.dls.train
         key = (id(dl.dataset), len(dl.dataset), n, _fingerprint(entries[:n]))
+        # the cached features enter at the first trained entry (inside it, past a fastai head's pool and flatten: the
+        # pooled features, not the feature maps); where the model's forward cannot take them there (e.g. a head entry
+        # whose two heads read two tokens), at the input of an earlier frozen entry instead: the same model, less time
+        # saved
+        inner = _inner_start(entries[n])
+        cands = ([(inner, f'entry {n} ({type(inner).__name__})', entries[n])] if inner is not None else []) + [
+                 (entries[k], f'entry {k}', None) for k in range(n, 0, -1)]
         if key == (self._key or (None,))[:4] and self.cached is not None:
-            k = self._key[4]
-            self._hook = _called_entry(model, entries[k]).register_forward_pre_hook(self._inject)
+            i = self._key[4]
+            self._hook_at(model, cands[i])
         else:
             self.clear()
             t0, first = time.perf_counter(), None
-            # the cached features enter at the first trained entry; where the model's forward cannot take them there
-            # (e.g. a head entry whose two heads read two tokens), at the input of an earlier frozen entry instead:
-            # the same model, less time saved
-            for k in range(n, 0, -1):
-                self._hook = _called_entry(model, entries[k]).register_forward_pre_hook(self._inject)
-                reason = self._build(model, entries[k], dl)
+            for i, cand in enumerate(cands):
+                self._hook_at(model, cand)
+                reason = self._build(model, cand[0], dl)
                 if reason is None: break
                 self.clear(); self._unhook()
                 first = first or reason
             self.build_s = time.perf_counter() - t0
             if reason is not None: return self._off(first)
-            self._key = key + (k,)
+            self._key = key + (i,)
         self.dl_train, self.active = dl, True
-        self.reason = f'on: {len(self.cached)} items, features {tuple(self.cached.shape[1:])} at the input of entry {k}'
+        self.reason = f'on: {len(self.cached)} items, features {tuple(self.cached.shape[1:])} at the input of {cands[i][1]}'
 
     # -- training -------------------------------------------------------------------------------------
     def before_batch(self):
@@ -237,8 +263,8 @@ class FeatureCache(UndoTrainOnError, Callback):
             self._armed = None
             raise RuntimeError("FeatureCache: the forward of this batch did not use the cached features (a callback "
                                "changed `learn.xb` after the cache?); train with cache=False.")
-    def after_batch(self): self._armed = None
-    def after_cancel_batch(self): self._armed = None
+    def after_batch(self): self._armed, self._placed = None, False
+    def after_cancel_batch(self): self._armed, self._placed = None, False
     def after_fit(self):
         self._unhook()
         self.dl_train = None
