@@ -8,12 +8,13 @@ import dataclasses, difflib, inspect, warnings
 from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from fastai.callback.fp16 import MixedPrecision, AMPMode
 from .core import plain, is_number, check_int, check_number, eps_str, NormalizeInput
 
 # %% auto #0
 __all__ = ['eval_mode', 'EpsScaleWarning', 'PixelRangeWarning', 'ThreatModel', 'as_threat', 'check_attack_args', 'pgd_attack',
-           'fgsm_attack', 'robust_eval_batch']
+           'margin_loss', 'fgsm_attack', 'robust_eval_batch']
 
 # %% ../nbs/02_attacks.ipynb #5f03769f
 @contextmanager
@@ -355,6 +356,14 @@ def _attack(model, x, y, tm:ThreatModel, loss_func, stats, drop_fooled, need_foo
     xa = xa.to(x0.dtype)
     return (xa.as_subclass(type(x0)) if type(x0) is not torch.Tensor else xa), fooled
 
+# %% ../nbs/02_attacks.ipynb #77e9c1c5
+def margin_loss(logits:torch.Tensor, # `(bs, n_classes)` outputs of the model
+                y:torch.Tensor,      # `(bs,)` true class indices
+               )->torch.Tensor:      # `(bs,)`: the largest other logit minus the true one
+    "Per-example Carlini-Wagner margin loss, for an attack's `loss_func=` (the paper's evaluation attack)"
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    return logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float('-inf')).amax(1) - true
+
 # %% ../nbs/02_attacks.ipynb #876a7b90
 def fgsm_attack(model:nn.Module, # the model under attack
                 x:torch.Tensor, # a batch as the model receives it
@@ -383,7 +392,7 @@ def robust_eval_batch(model:nn.Module, x, y, # model, inputs as the model receiv
                       *,
                       stats=None, # normalization stats, as for `pgd_attack`
                       loss_func=None, # per-example loss; default cross-entropy
-                      drop_fooled:bool=True, # stop attacking examples once fooled (never weaker than plain PGD)
+                      drop_fooled:bool=True, # stop attacking examples once fooled (from the same start, never weaker than plain PGD)
                       check_pixels:bool=True, # warn if `x`, mapped back to pixels, is not in [0,1] (one sync)
                       **threat_kw, # `ThreatModel` fields (eps, steps, alpha, norm, restarts, random_start)
                      ):

@@ -43,7 +43,7 @@ class RobustAccuracy(Metric):
                  threat:ThreatModel|float=None, # a `ThreatModel`, or its eps; default PGD-20 at 8/255
                  *,
                  n_batches:int=None, # attack only the first `n_batches` validation batches (None: all)
-                 drop_fooled:bool=True, # stop attacking examples once fooled (cheaper, never weaker)
+                 drop_fooled:bool=True, # stop attacking examples once fooled (cheaper; from the same start, never weaker)
                  loss_func=None, # per-example loss to maximize; default cross-entropy
                  stats=None, # normalization stats; default: those of the `DataLoaders` being validated
                  seed:int=0, # seed of the random starts (None: use and advance the global RNG)
@@ -167,7 +167,7 @@ def robust_validate(self:Learner,
                     threat:ThreatModel|float=None, # a `ThreatModel`, or its eps; default PGD-20 at 8/255
                     *,
                     n_batches:int=None, # only the first `n_batches` batches
-                    drop_fooled:bool=True, # stop attacking examples once fooled (never weaker)
+                    drop_fooled:bool=True, # stop attacking examples once fooled (from the same start, never weaker)
                     loss_func=None, # per-example loss; default cross-entropy
                     stats=None, # normalization stats; default those of `dl`
                     seed:int=0, # seed of the random starts (None: global RNG)
