@@ -356,7 +356,7 @@ def _attack(model, x, y, tm:ThreatModel, loss_func, stats, drop_fooled, need_foo
     xa = xa.to(x0.dtype)
     return (xa.as_subclass(type(x0)) if type(x0) is not torch.Tensor else xa), fooled
 
-# %% ../nbs/02_attacks.ipynb #77e9c1c5
+# %% ../nbs/02_attacks.ipynb #3fd09662
 def margin_loss(logits:torch.Tensor, # `(bs, n_classes)` outputs of the model
                 y:torch.Tensor,      # `(bs,)` true class indices
                )->torch.Tensor:      # `(bs,)`: the largest other logit minus the true one

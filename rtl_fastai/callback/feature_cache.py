@@ -8,6 +8,7 @@ import time
 import torch
 from torch import nn
 from fastcore.basics import store_attr, noop
+from fastprogress.fastprogress import progress_bar
 from fastai.torch_core import params
 from fastai.callback.core import Callback
 from ..distributed import DistributedDL
@@ -183,22 +184,29 @@ class FeatureCache(UndoTrainOnError, Callback):
             return "the model's output on cached features differs from its output on the images"
 
     def _build_(self, model, entry, dl):
-        entry = _called_entry(model, entry)
-        feats, targs = [], []
-        for b in dl.new(shuffle=False, drop_last=False):
+        entry, n, i = _called_entry(model, entry), len(dl.dataset), 0
+        it = dl.new(shuffle=False, drop_last=False)
+        # a bar when the learner shows fastai's (the build counts as the first epoch's time)
+        if getattr(getattr(self.learn, 'progress', None), 'mbar', None) is not None and len(it) > 1:
+            it = progress_bar(it, leave=False)
+            it.comment = 'FeatureCache'
+        for b in it:
             xb, yb = plain(b[0]), plain(b[1])
             f = forward_to(model, entry, xb)   # the rest of the forward is skipped
             if not isinstance(f, torch.Tensor) or len(f) != len(xb):
                 return "the model's forward does not pass its first trained entry one batch tensor"
-            if not feats:
-                mb = f[0].numel() * f.element_size() * len(dl.dataset) / 2**20
+            if i == 0:
+                mb = f[0].numel() * f.element_size() * n / 2**20
                 if mb > self.max_mb: return f'the features would take {mb:.0f} MiB > max_mb={self.max_mb:g}'
                 reason = self._check(model, xb, f)
                 if reason is not None: return reason
-            feats.append(f); targs.append(yb)
-        if not feats: return 'the training set is empty'
-        self.cached, self.targets = torch.cat(feats), torch.cat(targs)
-        if len(self.targets) != len(dl.dataset): return 'the training DataLoader does not give every item once'
+                # filled in place: the cache's memory once, not a list of batches and their concatenation
+                self.cached, self.targets = f.new_empty((n, *f.shape[1:])), yb.new_empty((n, *yb.shape[1:]))
+            if i + len(f) > n: return 'the training DataLoader gives more items than its dataset holds'
+            self.cached[i:i+len(f)], self.targets[i:i+len(f)] = f, yb
+            i += len(f)
+        if i == 0: return 'the training set is empty'
+        if i != n: return 'the training DataLoader does not give every item once'
         return None
 
     # `validate`, `get_preds` and `predict` fire `before_fit` too: the cache is planned and built when the first training
