@@ -29,7 +29,7 @@ __all__ = ['DEFAULTS', 'FINDINGS', 'run_pipeline', 'summarize', 'verdicts', 'for
 # %% ../nbs/08_pipeline.ipynb #6aa01408
 DEFAULTS = dict(
     mnist   = dict(arch='smallcnn', width=16, eps=0.2, n_source=1000, source_epochs=12, at_steps=7, bs=64, lr=3e-3,
-                   n_target=200, target_epochs=8, head_epochs=30, head_lr=3e-2, lam=3e-3, warmup_epochs=2,
+                   n_target=200, target_epochs=8, head_epochs=30, head_lr=3e-2, lam=3e-4, warmup_epochs=2,
                    distill_layer='block1', n_low=10, low_retrain=1, low_steps=150, low_lr=1e-3, scratch_lr=0.3,
                    n_test=100),
     digits  = dict(arch='smallcnn', width=None, eps=0.2, n_source=None, source_epochs=40, at_steps=7, bs=64, lr=3e-3,
