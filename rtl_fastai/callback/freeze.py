@@ -90,12 +90,13 @@ class FreezeBlocks(Callback):
         if opt is None: return
         known = {id(r[2]) for r in removed}
         _restore_optimizer(opt, removed + [(0, 0, ps[k], None) for k, rg in flags if rg and id(ps[k]) not in known])
-        if isinstance(opt, Optimizer) and fidx is not None and opt.frozen_idx != fidx:
+        now = getattr(opt, 'frozen_idx', 0)   # an `Optimizer` never frozen has none in older fastai
+        if isinstance(opt, Optimizer) and fidx is not None and now != fidx:
             # fastai's `freeze`/`unfreeze` ran since the freeze (`fine_tune`) and could not reach the parameters that
             # were out of the optimizer: its rule for them now (`force_train`: BatchNorm under `train_bn`)
             for i, pg in enumerate(opt.param_lists):
                 for p in pg:
-                    if id(p) in known: p.requires_grad_(i >= opt.frozen_idx or opt.state.get(p, {}).get('force_train', False))
+                    if id(p) in known: p.requires_grad_(i >= now or opt.state.get(p, {}).get('force_train', False))
 
     def frozen_modules(self, model=None) -> list:
         "The frozen entries of `model` (default: the learner's model)."
