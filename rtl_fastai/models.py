@@ -203,10 +203,11 @@ class Stage(nn.Module):
     def extra_repr(self): return getattr(self.fn, '__name__', '')
 
 # %% ../nbs/01_models.ipynb #5ebcfc40
-_TIMM_KINDS = {'VisionTransformer': 'vit', 'ResNet': 'resnet', 'EfficientNet': 'efficientnet', 'ConvNeXt': 'convnext'}
+_TIMM_KINDS = {'VisionTransformer': 'vit', 'ResNet': 'resnet', 'EfficientNet': 'efficientnet', 'ConvNeXt': 'convnext',
+               'InceptionV3': 'inception'}
 
 def _timm_kind(m):
-    "The timm family of `m` ('vit', 'resnet', 'efficientnet', 'convnext') or None; timm is not imported."
+    "The timm family of `m` ('vit', 'resnet', 'efficientnet', 'convnext', 'inception') or None; timm is not imported."
     for c in type(m).__mro__:
         if not c.__module__.startswith('timm.'): continue
         k = _TIMM_KINDS.get(c.__name__)
@@ -231,6 +232,10 @@ def _vit_stem(m, x): return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x
 def _resnet_stem(m, x): return m.maxpool(m.act1(m.bn1(m.conv1(x))))
 def _effnet_stem(m, x): return m.bn1(m.conv_stem(x))
 def _convnext_stem(m, x): return m.stem(x)
+_INCEPTION_STEM = ('Conv2d_1a_3x3', 'Conv2d_2a_3x3', 'Conv2d_2b_3x3', 'Pool1', 'Conv2d_3b_1x1', 'Conv2d_4a_3x3', 'Pool2')
+def _inception_stem(m, x):
+    for n in _INCEPTION_STEM: x = getattr(m, n)(x)
+    return x
 def _pre_logits(m, x): return m.forward_head(x, pre_logits=True)
 def _forward_head(m, x): return m.forward_head(x)
 
@@ -261,6 +266,14 @@ def _timm_blocks(m) -> ModelBlocks:
     elif kind == 'convnext':
         blocks, tail, stem_fn = list(m.stages), [m.norm_pre], _convnext_stem
         pool, head, used = None, m.head, {'stages', 'norm_pre', 'head'}
+    elif kind == 'inception':  # timm's InceptionV3 (the adversarially trained `inception_v3.tf_adv_in1k`)
+        if getattr(m, 'aux_logits', False):
+            raise TypeError("model_blocks: this timm InceptionV3 has auxiliary logits (its forward returns two outputs); "
+                            "create it with aux_logits=False")
+        names = [n for n, _ in m.named_children() if n.startswith('Mixed_')]
+        blocks, tail, stem_fn = [getattr(m, n) for n in names], [], _inception_stem
+        pool, head = Stage(m, _pre_logits, **_timm_pool_parts(m, ('global_pool', 'head_drop'))), m.fc
+        used = set(names) | {'global_pool', 'head_drop', 'fc'}
     else: return None
     tail = [t for t in tail if _live(t) is not None]
     if tail: blocks[-1] = nn.Sequential(blocks[-1], *tail)
@@ -358,7 +371,7 @@ def _normalized_inner(model):
 # %% ../nbs/01_models.ipynb #ae5c1e62
 _SUPPORTED = ("model_blocks supports: rtl_fastai `BlockNet` models (SmallCNN, PreActResNet18, WideResNet), "
               "torchvision ResNet, VisionTransformer, ConvNeXt and EfficientNet, "
-              "timm ResNet, EfficientNet, ConvNeXt and VisionTransformer (ViT, DeiT), "
+              "timm ResNet, EfficientNet, ConvNeXt, InceptionV3 and VisionTransformer (ViT, DeiT), "
               "RobustBench's WideResNet, DMWideResNet, DMPreActResNet, ResNet and PreActResNet, "
               "any of those after a normalization layer in an `nn.Sequential`, "
               "fastai `vision_learner` models on a torchvision ResNet or a timm model, and any "
