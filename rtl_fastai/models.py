@@ -204,10 +204,10 @@ class Stage(nn.Module):
 
 # %% ../nbs/01_models.ipynb #5ebcfc40
 _TIMM_KINDS = {'VisionTransformer': 'vit', 'ResNet': 'resnet', 'EfficientNet': 'efficientnet', 'ConvNeXt': 'convnext',
-               'InceptionV3': 'inception'}
+               'InceptionV3': 'inception', 'InceptionResnetV2': 'inception_resnet'}
 
 def _timm_kind(m):
-    "The timm family of `m` ('vit', 'resnet', 'efficientnet', 'convnext', 'inception') or None; timm is not imported."
+    "The timm family of `m` ('vit', 'resnet', 'efficientnet', 'convnext', 'inception', ...) or None; timm is not imported."
     for c in type(m).__mro__:
         if not c.__module__.startswith('timm.'): continue
         k = _TIMM_KINDS.get(c.__name__)
@@ -232,9 +232,17 @@ def _vit_stem(m, x): return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x
 def _resnet_stem(m, x): return m.maxpool(m.act1(m.bn1(m.conv1(x))))
 def _effnet_stem(m, x): return m.bn1(m.conv_stem(x))
 def _convnext_stem(m, x): return m.stem(x)
-_INCEPTION_STEM = ('Conv2d_1a_3x3', 'Conv2d_2a_3x3', 'Conv2d_2b_3x3', 'Pool1', 'Conv2d_3b_1x1', 'Conv2d_4a_3x3', 'Pool2')
+# timm's Inception nets run their children in order: (stem, blocks, the layers that end the last block, head)
+_TIMM_SEQ = {
+    'inception': (('Conv2d_1a_3x3', 'Conv2d_2a_3x3', 'Conv2d_2b_3x3', 'Pool1', 'Conv2d_3b_1x1', 'Conv2d_4a_3x3', 'Pool2'),
+                  ('Mixed_5b', 'Mixed_5c', 'Mixed_5d', 'Mixed_6a', 'Mixed_6b', 'Mixed_6c', 'Mixed_6d', 'Mixed_6e',
+                   'Mixed_7a', 'Mixed_7b', 'Mixed_7c'), (), 'fc'),
+    'inception_resnet': (('conv2d_1a', 'conv2d_2a', 'conv2d_2b', 'maxpool_3a', 'conv2d_3b', 'conv2d_4a', 'maxpool_5a'),
+                         ('mixed_5b', 'repeat', 'mixed_6a', 'repeat_1', 'mixed_7a', 'repeat_2', 'block8'),
+                         ('conv2d_7b',), 'classif'),
+}
 def _inception_stem(m, x):
-    for n in _INCEPTION_STEM: x = getattr(m, n)(x)
+    for n in _TIMM_SEQ[_timm_kind(m)][0]: x = getattr(m, n)(x)
     return x
 def _pre_logits(m, x): return m.forward_head(x, pre_logits=True)
 def _forward_head(m, x): return m.forward_head(x)
@@ -266,14 +274,14 @@ def _timm_blocks(m) -> ModelBlocks:
     elif kind == 'convnext':
         blocks, tail, stem_fn = list(m.stages), [m.norm_pre], _convnext_stem
         pool, head, used = None, m.head, {'stages', 'norm_pre', 'head'}
-    elif kind == 'inception':  # timm's InceptionV3 (the adversarially trained `inception_v3.tf_adv_in1k`)
+    elif kind in _TIMM_SEQ:  # timm's InceptionV3 and InceptionResnetV2 (`inception_v3.tf_adv_in1k`, `..._ens_adv_in1k`)
         if getattr(m, 'aux_logits', False):
             raise TypeError("model_blocks: this timm InceptionV3 has auxiliary logits (its forward returns two outputs); "
                             "create it with aux_logits=False")
-        names = [n for n, _ in m.named_children() if n.startswith('Mixed_')]
-        blocks, tail, stem_fn = [getattr(m, n) for n in names], [], _inception_stem
-        pool, head = Stage(m, _pre_logits, **_timm_pool_parts(m, ('global_pool', 'head_drop'))), m.fc
-        used = set(names) | {'global_pool', 'head_drop', 'fc'}
+        _, names, tails, hname = _TIMM_SEQ[kind]
+        blocks, tail, stem_fn = [getattr(m, n) for n in names], [getattr(m, n) for n in tails], _inception_stem
+        pool, head = Stage(m, _pre_logits, **_timm_pool_parts(m, ('global_pool', 'head_drop'))), getattr(m, hname)
+        used = set(names) | set(tails) | {'global_pool', 'head_drop', hname}
     else: return None
     tail = [t for t in tail if _live(t) is not None]
     if tail: blocks[-1] = nn.Sequential(blocks[-1], *tail)
@@ -371,7 +379,7 @@ def _normalized_inner(model):
 # %% ../nbs/01_models.ipynb #ae5c1e62
 _SUPPORTED = ("model_blocks supports: rtl_fastai `BlockNet` models (SmallCNN, PreActResNet18, WideResNet), "
               "torchvision ResNet, VisionTransformer, ConvNeXt and EfficientNet, "
-              "timm ResNet, EfficientNet, ConvNeXt, InceptionV3 and VisionTransformer (ViT, DeiT), "
+              "timm ResNet, EfficientNet, ConvNeXt, InceptionV3, InceptionResnetV2 and VisionTransformer (ViT, DeiT), "
               "RobustBench's WideResNet, DMWideResNet, DMPreActResNet, ResNet and PreActResNet, "
               "any of those after a normalization layer in an `nn.Sequential`, "
               "fastai `vision_learner` models on a torchvision ResNet or a timm model, and any "

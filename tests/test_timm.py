@@ -199,19 +199,23 @@ def test_feature_distillation_across_wrappers(dls, pair):
     assert abs(vals['valid_distill'] - 5e-3 * d.item()) <= 1e-4 * (1 + 5e-3 * d.item())
 
 
-def test_timm_inception_v3():
-    "timm's InceptionV3 (the family of the adversarially trained `inception_v3.tf_adv_in1k`): a stem, its 11 Mixed "
-    "blocks, timm's pool and the fc head, reproducing its forward; its head replaced; transfer with the cache on"
+@pytest.mark.parametrize('arch,n_blocks,nf', [('inception_v3', 11, 2048), ('inception_resnet_v2', 7, 1536)])
+def test_timm_inception(arch, n_blocks, nf):
+    "timm's InceptionV3 and InceptionResnetV2 (the families of the adversarially trained `inception_v3.tf_adv_in1k` "
+    "and `inception_resnet_v2.tf_ens_adv_in1k`): a stem, their blocks, timm's pool and the classifier, reproducing the "
+    "forward; the head replaced; transfer with the cache on"
     set_seed(0)
-    m = timm.create_model('inception_v3', pretrained=False).eval()
-    x = torch.rand(2, 3, 80, 80)   # InceptionV3 needs 75 px at least
+    m = timm.create_model(arch, pretrained=False).eval()
+    x = torch.rand(2, 3, 80, 80)   # both need 75 px at least
     mb = model_blocks(m)
-    assert len(mb.blocks) == 11 and all(type(b).__name__.startswith('Inception') for b in mb.blocks)
+    assert len(mb.blocks) == n_blocks
     with torch.no_grad(): torch.testing.assert_close(nn.Sequential(*mb.all)(x), m(x), rtol=0, atol=0)
     flat = [p for g in block_splitter(m) for p in g]
     assert len(flat) == len(set(map(id, flat))) and _ids(flat) == _ids(m.parameters())
     with torch.no_grad(): f0 = pooled_features(m, x)
-    assert f0.shape == (2, 2048)
+    assert f0.shape == (2, nf)
+    replace_head(m, 3)
+    with torch.no_grad(): torch.testing.assert_close(pooled_features(m, x), f0, rtol=0, atol=0)
     g = torch.Generator().manual_seed(0)
     xs, ys = torch.rand(12, 3, 80, 80, generator=g), torch.arange(12) % 2
     dls80 = task_dls(ArrayData(xs[:8], ys[:8], xs[8:], ys[8:], ['a', 'b'], 'synthetic'), bs=4, normalize=False)
@@ -220,5 +224,6 @@ def test_timm_inception_v3():
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
     assert learn.feature_cache.active, learn.feature_cache.reason
     for k, v in _frozen_state(learn.model, n_frozen_entries(learn.model, 1)).items(): assert torch.equal(v, frozen0[k]), k
-    with pytest.raises(TypeError, match='aux_logits=False'):
-        model_blocks(timm.create_model('inception_v3', pretrained=False, aux_logits=True))
+    if arch == 'inception_v3':
+        with pytest.raises(TypeError, match='aux_logits=False'):
+            model_blocks(timm.create_model('inception_v3', pretrained=False, aux_logits=True))
