@@ -42,6 +42,10 @@ def _has_mode(m):
     "Whether `m` behaves differently in train and eval mode (dropout, BatchNorm, ...)."
     return any(isinstance(o, (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)) for o in m.modules())
 
+def _passive(m)->bool:
+    "Whether `m` has no parameters and no train/eval behaviour (a pool, a flatten): cached features may skip it"
+    return not params(m) and not _has_mode(m)
+
 def _fingerprint(mods):
     ("Cheap summary of the weights and buffers of `mods`, to notice that frozen weights were changed (e.g. "
      "`learn.load`).")
@@ -53,7 +57,7 @@ def _inner_start(entry):
     ("In an `nn.Sequential` entry that starts with layers without parameters or train/eval behaviour (fastai's head: "
      "`AdaptiveConcatPool2d`, `Flatten`), the first layer after them, whose input are smaller features; else None")
     kids = list(entry.children()) if isinstance(entry, nn.Sequential) else []
-    j = next((i for i, c in enumerate(kids) if params(c) or _has_mode(c)), None)
+    j = next((i for i, c in enumerate(kids) if not _passive(c)), None)
     return kids[j] if j else None
 
 def _called_entry(model, entry):
@@ -115,7 +119,7 @@ class FeatureCache(UndoTrainOnError, Callback):
         entries = model_blocks(self.learn.model).all
         n = fb.n_frozen
         # parameter-free entries without train/eval behaviour (e.g. the pool) join the cached prefix: smaller features
-        while n < len(entries) - 1 and not params(entries[n]) and not _has_mode(entries[n]): n += 1
+        while n < len(entries) - 1 and _passive(entries[n]): n += 1
         if any(p.requires_grad for m in entries[:n] for p in m.parameters()):
             return 'a frozen entry has parameters with requires_grad=True', None
         if getattr(self.dls, 'n_inp', 1) != 1:
