@@ -105,7 +105,7 @@ class FeatureDistillation(UndoTrainOnError, HookCallback):
     order = MixedPrecision.order - 5  # before `GradientAccumulation` (6) divides `loss_grad` and autocast ends (10)
     run_valid = True
     _stateattrs = ('hooks',)
-    freeze_bn_stats, _bns = False, []  # a callback pickled before the option (`load_learner`) trains as it did
+    freeze_bn_stats, _bns, _body_modules = False, [], None  # a callback pickled before the option trains as it did
     def __init__(self,
                  source:nn.Module,      # the robust source model, or its `Learner` (copied: it is never modified)
                  lam:float=5e-3,        # weight of the penalty, on the scale of the per-example L1 norm
@@ -200,7 +200,10 @@ class FeatureDistillation(UndoTrainOnError, HookCallback):
         self._add_metrics()
         self._checked, self._fitting = False, True
         self._check_useful(model)
-        if self.freeze_bn_stats: self._bns = self._frozen_bns(model)
+        # the body, once a fit: the warm start freezes it, and the BatchNorm layers holding the source's statistics are in it
+        try: self._body_modules, no_head = self._body(model), None
+        except TypeError as e: self._body_modules, no_head = None, e
+        if self.freeze_bn_stats: self._bns = self._frozen_bns(no_head)
         if self.warmup_epochs: self._freeze()  # `before_train` unfreezes from epoch `warmup_epochs` on
 
     def _check_useful(self, model):
@@ -230,6 +233,7 @@ class FeatureDistillation(UndoTrainOnError, HookCallback):
         "Remove the hook, the metric columns and the warm-up freeze (also run when a previous fit crashed)."
         self._remove()
         self.hooks, self._feats, self._capture, self._fitting, self._pre_dl, self._bns = None, None, False, False, None, []
+        self._body_modules = None
         if self._mets and getattr(self, 'learn', None) is not None:
             self.learn.metrics = L(m for m in self.learn.metrics if not any(m is o for o in self._mets))
         self._mets = []
@@ -247,8 +251,7 @@ class FeatureDistillation(UndoTrainOnError, HookCallback):
         self.train_sum, self.train_n = 0., 0
         if self._frozen is not None and self.epoch >= self.warmup_epochs: self._unfreeze()
         # warm start: the body is a fixed feature extractor (BatchNorm stats, dropout off); then its BatchNorm stats
-        for m in (self._body(unwrap_model(self.learn.model)) if self._frozen is not None else self._bns):
-            m.training = False
+        for m in (self._body_modules if self._frozen is not None else self._bns): m.training = False
 
     def before_batch(self):
         if self._fitting: self._capture = True
@@ -302,19 +305,19 @@ class FeatureDistillation(UndoTrainOnError, HookCallback):
         parents = {id(m) for m in model.modules() if any(c is head for c in m.modules())}
         return [m for m in model.modules() if id(m) not in head_mods and id(m) not in parents]
 
-    def _frozen_bns(self, model) -> list:
+    def _frozen_bns(self, no_head=None) -> list:
         ("The BatchNorm layers of the body that hold statistics of the source (equal to one of its layers'): they keep "
          "them. A model trained from scratch, or whose statistics moved in an earlier fit, keeps its own in train mode")
-        def key(m): return (m.running_mean.cpu().numpy().tobytes(), m.running_var.cpu().numpy().tobytes())
+        if self._body_modules is None:
+            warnings.warn(f"FeatureDistillation(freeze_bn_stats=True): cannot find the head of the learner's model "
+                          f"({no_head}), so its BatchNorm statistics are not frozen: they follow the training batches. "
+                          "Declare its blocks with `rtl_fastai.models.set_blocks`, or pass freeze_bn_stats=False",
+                          UserWarning, stacklevel=2)
+            return []
+        def key(m): return tuple(t.detach().float().cpu().numpy().tobytes() for t in (m.running_mean, m.running_var))
         def bns(mods): return [m for m in mods if isinstance(m, _BatchNorm) and m.running_mean is not None]
         src = {key(m) for m in bns(self.source.modules())}
-        try: return [m for m in bns(self._body(model)) if key(m) in src]
-        except TypeError as e:
-            warnings.warn(f"FeatureDistillation(freeze_bn_stats=True): cannot find the head of the learner's model ({e}), "
-                          "so its BatchNorm statistics are not frozen: they follow the training batches. Declare its "
-                          "blocks with `rtl_fastai.models.set_blocks`, or pass freeze_bn_stats=False", UserWarning,
-                          stacklevel=2)
-            return []
+        return [m for m in bns(self._body_modules) if key(m) in src]
 
     def _freeze(self):
         model = unwrap_model(self.learn.model)
