@@ -49,7 +49,10 @@ class ThreatModel:
     random_start:bool=True # start each run at a random point of the ball
 
     def __post_init__(self):
-        if self.norm not in _norms: raise ValueError(f"`norm` must be one of {_norms}, got {self.norm!r}")
+        # any case, as the model registry writes 'L2' and 'Linf'; 'inf' as torch.norm and torchattacks say it
+        norm = {'inf': 'linf', 'l_inf': 'linf', 'l-inf': 'linf'}.get(str(self.norm).lower(), str(self.norm).lower())
+        if norm not in _norms: raise ValueError(f"`norm` must be one of {_norms}, got {self.norm!r}")
+        object.__setattr__(self, 'norm', norm)
         check_number(self.eps, 'eps', lo=0, fix="give it in pixel units ([0,1] scale), e.g. 8/255")
         if self.norm == 'linf' and self.eps > 1:  # an L2 ball of radius 3 is still small on a 224x224 image
             raise ValueError(f"`eps`={self.eps} is larger than the whole [0,1] pixel range: "
@@ -71,6 +74,10 @@ class ThreatModel:
             warnings.warn(f"`eps`={self.eps} is half the [0,1] pixel range or more for an L-inf attack: it was almost "
                           f"surely meant in grey levels, e.g. eps={self.eps:g}/255 ({self.eps/255:.4g}); pass eps as "
                           "a fraction of the pixel range", EpsScaleWarning, stacklevel=3)
+        elif self.norm == 'linf' and self.alpha is not None and 0.5 <= self.alpha <= 1 and self.alpha > self.eps:
+            warnings.warn(f"`alpha`={self.alpha} (the step size) is half the [0,1] pixel range or more for an L-inf "
+                          f"attack of radius {self.eps:.4g}: it was almost surely meant in grey levels, e.g. "
+                          f"alpha={self.alpha:g}/255 ({self.alpha/255:.4g})", EpsScaleWarning, stacklevel=3)
         for k in ('eps', 'alpha'):
             v = getattr(self, k)
             if v is not None: object.__setattr__(self, k, float(v))
@@ -305,6 +312,9 @@ def _check_xy(x, y, classes:bool=True):
     "`y` (plain) after checking `x` is a float batch and `y` one label per example (class indices if `classes`)"
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"`x` must be a floating point tensor (a batch of images), got {getattr(x, 'dtype', type(x))}")
+    if x.ndim == 3 and isinstance(plain(y), torch.Tensor) and plain(y).numel() == 1:  # (a gray one has 1 "example")
+        raise ValueError(f"`x` must be a batch of images `(batch, channels, height, width)`, got one image of shape "
+                         f"{tuple(x.shape)}: attack `x[None]` with `y` of shape (1,)")
     if not classes: return _check_labels(y, x.shape[0])
     return _check_labels(y, x.shape[0], "the attack's default loss (cross-entropy), `drop_fooled` or `restarts` "
                          "(they keep the examples the model misclassifies)", "pass `loss_func=` (a per-example loss "
@@ -330,9 +340,17 @@ def _attack(model, x, y, tm:ThreatModel, loss_func, stats, drop_fooled, need_foo
     x0 = x
     xf = plain(x).detach().float()
     space = _pixel_space(stats, xf)
+    c = space.mean.numel()
+    if xf.ndim == 4 and c not in (1, xf.shape[1]):
+        raise ValueError(f"`stats` hold {c} channels but `x` has {xf.shape[1]}: give the statistics of these images "
+                         "(the `DataLoaders`, or their `Normalize`), not those of another data set")
     p = space.to_pixels(xf)
     n = p.shape[0]
     if check_pixels and eps > 0 and n > 0: _check_pixels(p, stats)
+    if norm == 'l2' and n > 0 and eps >= p[0].numel()**0.5:
+        warnings.warn(f"`eps`={eps:g} (L2) is at least the diagonal of the [0,1] pixel cube of these {tuple(p.shape[1:])} "
+                      f"inputs ({p[0].numel()**0.5:.4g}): the ball holds every image. Give the L2 radius in [0,1] pixel "
+                      "units (Salman et al.'s ImageNet models: 3; CIFAR-10: 0.5)", EpsScaleWarning, stacklevel=4)
     best = torch.zeros_like(p)
     best_loss = torch.full((n,), -float('inf'), device=p.device)
     fooled = torch.zeros(n, dtype=torch.bool, device=p.device)
@@ -387,6 +405,13 @@ def fgsm_attack(model:nn.Module, # the model under attack
     return _attack(model, x, y, tm, loss_func, stats, False, check_pixels=check_pixels)[0]
 
 # %% ../nbs/02_attacks.ipynb #ad16af3c
+def _check_head(y, out, who:str):
+    "Raise a clear error when the labels `y` go beyond the outputs `out` of the model (one host-device sync)"
+    if len(y) and out.ndim == 2 and int(y.max()) >= out.shape[1]:
+        raise ValueError(f"{who}: the labels go up to {int(y.max())} but the model has {out.shape[1]} outputs: its "
+                         "head does not fit these data; give it one output per class of the DataLoaders "
+                         "(`replace_head(model, dls.c)`, or `transfer_learner`/`vision_learner`, which make the head)")
+
 def robust_eval_batch(model:nn.Module, x, y, # model, inputs as the model receives them, labels
                       threat:ThreatModel|float=None, # a `ThreatModel`, or its eps; default PGD-20 at 8/255
                       *,
@@ -400,10 +425,7 @@ def robust_eval_batch(model:nn.Module, x, y, # model, inputs as the model receiv
     tm = as_threat(threat, None, robust_eval_batch, **threat_kw)
     y = _check_labels(y, len(x), "robust accuracy (argmax == y)", "it is defined for single-label classifiers")
     with eval_mode(model), torch.no_grad(): out = _check_out(model(plain(x)), x)
-    if len(y) and out.ndim == 2 and int(y.max()) >= out.shape[1]:  # (the `nonzero` below syncs anyway)
-        raise ValueError(f"robust accuracy: the labels go up to {int(y.max())} but the model has {out.shape[1]} "
-                         "outputs: its head does not fit these data; give it one output per class of the DataLoaders "
-                         "(`replace_head(model, dls.c)`, or `transfer_learner`/`vision_learner`, which make the head)")
+    _check_head(y, out, 'robust accuracy')  # (the `nonzero` below syncs anyway)
     clean = out.argmax(1) == y
     robust = clean.clone()
     ti = clean.nonzero().squeeze(1)

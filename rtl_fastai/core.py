@@ -16,8 +16,8 @@ from fastai.data.transforms import Normalize
 
 # %% auto #0
 __all__ = ['plain', 'to_device_async', 'check_device', 'use_device', 'is_int', 'is_number', 'check_int', 'check_number',
-           'fork_rng', 'keeps_cudnn_flags', 'UndoTrainOnError', 'eps_str', 'normalize_stats', 'NormalizeInput',
-           'input_stats', 'add_input_norm', 'check_normalization', 'parse_number']
+           'check_dl', 'fork_rng', 'keeps_cudnn_flags', 'UndoTrainOnError', 'eps_str', 'normalize_stats',
+           'NormalizeInput', 'input_stats', 'add_input_norm', 'check_normalization', 'parse_number']
 
 # %% ../nbs/00_core.ipynb #7803692f
 def plain(t):
@@ -113,6 +113,16 @@ def check_number(v, name:str, # the value and the parameter's name
         b = _bounds(lo, hi, lo_open)
         _fail(who, name, f"a number{' ' + b if b else ''}{' or None' if none_ok else ''}", v, fix)
     return float(v)
+
+# %% ../nbs/00_core.ipynb #19773941
+def check_dl(dl, # the loader a function was given
+             who:str, # the function, for the message
+            ):
+    "`dl` after checking it is one `DataLoader`, not the `DataLoaders` pair (whose `one_batch` gives training batches)"
+    if isinstance(dl, DataLoaders):
+        raise TypeError(f"{who}: `dl` must be one DataLoader, got the DataLoaders (training and validation): pass "
+                        "`dls.valid` (or `dls.train`)")
+    return dl
 
 # %% ../nbs/00_core.ipynb #43957510
 def _cuda_devices(device=None):
@@ -274,8 +284,12 @@ class _InputNormHook:
         mean, std = self._stats(x.device)
         return ((x - mean.to(x.dtype)) / std.to(x.dtype), *args[1:])  # `.to` of the same dtype: no copy
 
-def _unwrap(model):
-    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+def _unwrap(model, compiled:bool=True):
+    "The module inside `DistributedDataParallel`/`DataParallel` (nested too) and, if `compiled`, `torch.compile`'s wrapper"
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)): model = model.module
+        elif compiled and isinstance(getattr(model, '_orig_mod', None), nn.Module): model = model._orig_mod  # OptimizedModule
+        else: return model
 
 def _front(model):
     "`model`, its first child, that one's first child...: what sees the input first (and what a cut model keeps)"

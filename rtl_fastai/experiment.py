@@ -7,7 +7,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 import torch
 from fastai.vision.all import Learner, accuracy, set_seed
-from .core import check_int, keeps_cudnn_flags
+from .core import check_int, check_number, keeps_cudnn_flags
 from .data.arrays import ArrayData
 from .models import SmallCNN, PreActResNet18, WideResNet
 from .attacks import ThreatModel
@@ -63,7 +63,7 @@ def evaluate(learn:Learner,
             ) -> dict: # `clean_acc`, `pgd_acc` (fractions) and `n` (examples evaluated)
     "Clean and PGD accuracy of `learn.model`, seeded."
     if not isinstance(threat, ThreatModel):
-        eps = threat
+        eps = check_number(threat, 'threat', lo=0, fix="give a ThreatModel or the radius in pixel units, e.g. 8/255")
         threat = ThreatModel(eps, steps, alpha=ALPHA_RATIO*eps if alpha is None and eps > 0 else alpha)
     with keeps_cudnn_flags():
         set_seed(seed, reproducible=True)

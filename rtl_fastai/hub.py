@@ -42,7 +42,8 @@ class RobustModelInfo:
     @property
     def threat(self)->str: return 'standard' if not self.norm else f"{self.norm} eps={eps_str(self.eps)}"
 
-    def __repr__(self): return f"RobustModelInfo({self.name!r}: {self.arch}, {self.threat}, {self.layout})"
+    def __repr__(self):
+        return f"RobustModelInfo({self.name!r}: {self.arch}, {self.threat}, {self.layout}{'; ' + self.note if self.note else ''})"
 
 # %% ../nbs/01b_hub.ipynb #b76d7e8c
 _SALMAN = ("Hadi Salman, Andrew Ilyas, Logan Engstrom, Ashish Kapoor, Aleksander Madry. Do Adversarially Robust "

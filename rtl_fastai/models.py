@@ -16,7 +16,7 @@ from fastcore.foundation import L
 from fastai.torch_core import params
 from fastai.layers import AdaptiveConcatPool2d
 from fastai.vision.learner import create_head, apply_init, TimmBody
-from .core import check_int, _foreign_norm
+from .core import check_int, _foreign_norm, _unwrap
 
 # %% auto #0
 __all__ = ['BlockNet', 'conv_bn_relu', 'SmallCNN', 'PreActBlock', 'PreActResNet18', 'wrn_units', 'WideResNet', 'ModelBlocks',
@@ -410,6 +410,7 @@ def _fastai_timm_blocks(model):
 
 def model_blocks(model:nn.Module) -> ModelBlocks:
     "The `ModelBlocks` of `model`: this library's models; torchvision and timm ResNet, EfficientNet, ConvNeXt and ViT; RobustBench's CIFAR architectures; those after a normalization layer; fastai `vision_learner` models on those; or blocks declared with `set_blocks`."
+    model = _unwrap(model)  # the model inside DDP, DataParallel or `torch.compile`: its blocks are the wrapper's too
     rb = getattr(model, 'rtl_blocks', None)
     if rb is not None:
         if callable(rb) and not isinstance(rb, (ModelBlocks, nn.Module)): rb = rb(model)
@@ -470,9 +471,11 @@ def set_blocks(model:nn.Module,
     return model
 
 # %% ../nbs/01_models.ipynb #2987e93a
-def unwrap_model(model:nn.Module) -> nn.Module:
-    "The module inside `DistributedDataParallel`/`DataParallel` (as under fastai's `distrib_ctx`), else `model`."
-    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+def unwrap_model(model:nn.Module, # a model, maybe wrapped
+                 compiled:bool=True, # also unwrap `torch.compile`'s `OptimizedModule` (False: attacks keep it compiled)
+                ) -> nn.Module:
+    "The module inside `DistributedDataParallel`/`DataParallel` (as under fastai's `distrib_ctx`) and `torch.compile`"
+    return _unwrap(model, compiled)
 
 def head_module(model:nn.Module) -> nn.Module:
     "The head of `model`; its input are the penultimate features."

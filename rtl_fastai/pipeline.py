@@ -322,10 +322,16 @@ def save_run(run_dir, # the run's folder (`next_run_dir`)
              payload:dict, # the rest of results.json
              crv:pd.DataFrame=None, # robust accuracy against eps: robust_curve.csv, and `robust_curve` in results.json
              fig=None, # a matplotlib figure: robust_curve.png
+             overwrite:bool=False, # replace files of these names already in `run_dir` (else an error, nothing written)
             ) -> dict:
     "Write results.csv, results.json and, when given, robust_curve.csv and robust_curve.png into `run_dir`; the paths."
     run_dir = Path(run_dir)
     paths = dict(json=run_dir/'results.json', csv=run_dir/'results.csv')
+    names = list(paths.values()) + [run_dir/'robust_curve.csv']*(crv is not None) + [run_dir/'robust_curve.png']*(fig is not None)
+    there = [q.name for q in names if q.exists()]
+    if there and not overwrite:
+        raise FileExistsError(f"save_run: `run_dir`={str(run_dir)!r} already holds {', '.join(there)}: give a new folder "
+                              "(`next_run_dir(out)` makes one), or pass `overwrite=True` to replace them")
     res.to_csv(paths['csv'], index=False)
     payload = dict(payload, results=res.to_dict(orient='records'))
     if crv is not None:

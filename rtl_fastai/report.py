@@ -11,7 +11,7 @@ import torch.nn as nn
 import pandas as pd
 from fastcore.basics import patch
 from fastai.learner import Learner
-from .core import plain, is_number, check_int, fork_rng, eps_str, normalize_stats, NormalizeInput
+from .core import plain, is_number, check_int, check_dl, fork_rng, eps_str, normalize_stats, NormalizeInput
 from .attacks import ThreatModel, EpsScaleWarning, as_threat, eval_mode
 from .callback.adv_valid import robust_validate, in_random_order
 
@@ -56,8 +56,8 @@ def torchattack_evaluate(learn:Learner, # the learner whose model is attacked (i
     tm = as_threat(threat, None, torchattack_evaluate, **threat_kw)
     eps, norm = tm.eps, tm.norm
     check_int(n_batches, 'n_batches', none_ok=True)
-    if dl is None: dl = learn.dls.valid
-    st = normalize_stats(dl if stats is None else stats)
+    dl = check_dl(learn.dls.valid if dl is None else dl, 'torchattack_evaluate')
+    st = normalize_stats((dl if hasattr(dl, 'after_batch') else learn.dls) if stats is None else stats)
     model = learn.model
     pm = PixelModel(model, st).eval()  # torchattacks calls `.train()` after an attack on a model in training mode
     n = clean = robust = 0
@@ -200,7 +200,7 @@ def robustness_report(self:Learner,
                       threat:ThreatModel|float=None, # the reference attack, or its eps (default PGD-20 at 8/255, L-inf)
                       *,
                       n_batches:int|None=2, # evaluate on `n_batches` batches of a seeded random sample of the validation set (None: all)
-                      eps_factors=(0.25, 0.5, 1., 2.), # the eps check attacks at `eps*f` (f <= 1/eps)
+                      eps_factors=(0.25, 0.5, 1., 2.), # the eps check attacks at `eps*f` (L-inf: f <= 1/eps)
                       steps_list=None, # the steps check; default `(steps//4, steps, 2*steps)`
                       restarts:int=3, # restarts of the restart check (1, or a threat without random start: skip it)
                       square_queries:int|None=1000, # queries of the Square attack (None: skip it; without torchattacks: skipped, a warning)
@@ -219,6 +219,8 @@ def robustness_report(self:Learner,
     check_int(n_batches, 'n_batches', none_ok=True)
     check_int(square_queries, 'square_queries', none_ok=True)
     if not is_number(tol) or not 0 <= tol < 1: raise ValueError(f"`tol` must be a number in [0, 1), got {tol!r}")
+    if is_number(eps_factors): eps_factors = (eps_factors,)
+    if is_number(steps_list): steps_list = (steps_list,)
     factors = list(eps_factors or ())
     if not all(is_number(f) and f > 0 for f in factors):
         raise ValueError(f"`eps_factors` must be positive numbers, got {eps_factors!r}")
@@ -232,7 +234,8 @@ def robustness_report(self:Learner,
                           "out without this warning)", UserWarning, stacklevel=2)
             square_queries = None
     # a folder loader keeps its validation images in class order: its first batches would hold few classes
-    if dl is None and n_batches is not None: dl = in_random_order(self.dls.valid, seed)
+    check_dl(dl, 'robustness_report')
+    if dl is None and n_batches is not None and hasattr(self.dls.valid, 'new'): dl = in_random_order(self.dls.valid, seed)
     rows = []
     def pgd(e, s, r=1, attack='pgd', **kw):
         with warnings.catch_warnings():  # the radii derived from `eps` (e.g. the unbounded eps=1) are meant
@@ -248,7 +251,7 @@ def robustness_report(self:Learner,
                lambda: autoattack_evaluate(self, ref.replace(steps=100), n_batches=n_batches, dl=dl, seed=seed)))
     with fork_rng():  # iterating a DataLoader draws from torch's global RNG: leave it as it was
         for s in steps_list: pgd(eps, s)
-        for e in sorted({eps*f for f in factors if f != 1 and eps*f <= 1}): pgd(e, steps)
+        for e in sorted({eps*f for f in factors if f != 1 and (norm != 'linf' or eps*f <= 1)}): pgd(e, steps)
         if restarts > 1 and ref.random_start: pgd(eps, steps, restarts)  # restarts of a fixed start repeat it
         pgd(eps, 1, attack='fgsm', alpha=eps, random_start=False)
         if norm == 'linf' and eps < 1: pgd(1., steps, attack='pgd-unbounded')

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from fastcore.meta import delegates
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
-from .core import plain, check_int, check_number, fork_rng, eps_str
+from .core import plain, check_int, check_number, check_dl, fork_rng, eps_str
+from fastcore.foundation import L
 from .attacks import ThreatModel, as_threat, pgd_attack, eval_mode, _pixel_space
 
 # %% auto #0
@@ -23,7 +24,7 @@ def _model_device(model):
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device('cpu')
 
-def _get_batch(learn, dl=None, batch=None):
+def _get_batch(learn, dl=None, batch=None, who='adversarial_examples'):
     "`(x, y)` as plain tensors on the model's device: `batch`, else one batch of `dl`, else of `learn.dls.valid`"
     if batch is not None:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
@@ -35,7 +36,9 @@ def _get_batch(learn, dl=None, batch=None):
             dls = getattr(learn, 'dls', None)
             if dls is None: raise ValueError("`learn` has no `dls`: pass `dl=` or `batch=(x, y)`")
             dl = dls.valid
-        with fork_rng(): x, y = dl.one_batch()[:2]  # leave the training RNG as it was
+        check_dl(dl, who)
+        with fork_rng():  # leave the training RNG as it was
+            x, y = (dl.one_batch() if hasattr(dl, 'one_batch') else next(iter(dl)))[:2]  # (a PyTorch DataLoader)
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise ValueError(f"the images must be a 4-d tensor (batch, channels, height, width), got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -102,7 +105,10 @@ def adversarial_examples(learn, # a fastai `Learner` (or anything with `.model`,
                              "pass a smaller `n` or a bigger batch")
         idxs = list(range(n))
     else:
-        idxs = [int(i) for i in idxs]
+        t = None if isinstance(idxs, (str, bytes)) else torch.as_tensor(idxs if isinstance(idxs, torch.Tensor) else list(L(idxs)))
+        if t is None or t.is_floating_point() or t.dtype == torch.bool:
+            raise TypeError(f"`idxs` must be a list of integer indices into the batch, e.g. [0, 3], got {idxs!r}")
+        idxs = t.flatten().tolist()
         if not idxs or any(i < 0 or i >= len(x) for i in idxs):
             raise ValueError(f"`idxs` must be indices in [0, {len(x)-1}] of the batch, got {idxs}")
     ix = torch.tensor(idxs, device=x.device)
@@ -191,6 +197,7 @@ def _need(df, cols, param='data'):
     miss = [c for c in cols if c not in df.columns]
     if miss: raise ValueError(f"`{param}` lacks the column(s) {miss}; it has {list(df.columns)} "
                               "(rename them or pass the column names as arguments)")
+    if not len(df): raise ValueError(f"`{param}` has no rows: nothing to plot")
 
 def _eps_axis(ax, eps_values, eps_ticks):
     "k/255 tick labels on the eps axis when every eps is a whole number of grey levels"
@@ -212,6 +219,8 @@ def _acc_axis(ax, values, label):
 def _fig_ax(ax, figsize):
     "`(figure, axes)`: a new figure unless `ax` is given"
     if ax is None: fig = Figure(figsize=figsize, layout='constrained'); ax = fig.subplots()
+    elif not hasattr(ax, 'plot'):
+        raise TypeError(f"`ax` must be a matplotlib Axes (e.g. `fig, ax = plt.subplots()`), got {type(ax).__name__}")
     else: fig = ax.figure
     return fig, ax
 
@@ -309,7 +318,7 @@ class AdversarialExplorer:
         max_eps = check_number(max_eps, 'max_eps', lo=0, hi=1, lo_open=True, fix="it is the end of the eps slider")
         self.learn, self.stats, self.k, self.figsize, self.seed = learn, stats, k, figsize, seed
         self.max_eps, self.max_steps = max_eps, max_steps
-        self.x, self.y = _get_batch(learn, dl, batch)
+        self.x, self.y = _get_batch(learn, dl, batch, type(self).__name__)
         self.idx = self._check_idx(idx)
         self.fig, self.n_draws = None, 0
 

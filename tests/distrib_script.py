@@ -24,7 +24,7 @@ from rtl_fastai.data.all import task_dls, normalize_stats, ArrayDataset
 from rtl_fastai.models import SmallCNN, model_blocks
 import rtl_fastai.distributed  # noqa: F401  (makes fastai's DistributedDL work under gloo)
 from rtl_fastai.callback.adv_valid import RobustAccuracy, robust_validate
-from rtl_fastai.callback.adv_train import PGDTraining
+from rtl_fastai.callback.adv_train import PGDTraining, FreeAdvTraining
 from rtl_fastai.callback.transfer import transfer_learner, FreezeBlocks, FeatureCache
 from rtl_fastai.callback.distill import FeatureDistillation
 
@@ -42,9 +42,10 @@ def digits_dls():
 class StatsSpy(Callback):
     "Record the normalization stats our callbacks read from `learn.dls` during a distributed fit."
     order = 50
-    def before_fit(self): self.stats = None
+    def before_fit(self): self.stats, self.n_train = None, 0
     def before_batch(self):
         if self.stats is None: self.stats = normalize_stats(self.learn.dls)
+        if self.training: self.n_train += 1
 
 
 def main(out):
@@ -65,6 +66,7 @@ def main(out):
         res['recorder'] = [float(v) for v in learn.recorder.values[-1]]
         res['metrics'] = {k: dict(value=m.value, clean=m.clean_value, total=int(m.total)) for k, m in ras.items()}
         res['spy_stats_ok'] = spy.stats is not None and all(torch.equal(a, b) for a, b in zip(spy.stats, stats))
+        res['n_train'] = spy.n_train
         res['robust_validate'] = {k: robust_validate(learn, show_progress=False, **kw) for k, kw in ATTACKS.items()}
     res['robust_validate_local'] = robust_validate(learn, show_progress=False, **ATTACKS['fixed'])  # outside: all of dls.valid
     if rank == 0: torch.save(learn.model.state_dict(), out/'model.pt')
@@ -75,7 +77,9 @@ def main(out):
     # our other callbacks under distrib_ctx: a quick fit each
     for name, make in (('transfer', lambda: transfer_learner(learn.model, dls, n_retrain=1, metrics=accuracy)),
                        ('distill', lambda: Learner(dls, SmallCNN(n_in=1, n_out=10), metrics=accuracy,
-                                                   cbs=FeatureDistillation(learn.model, lam=5e-3)))):
+                                                   cbs=FeatureDistillation(learn.model, lam=5e-3))),
+                       ('free', lambda: Learner(dls, SmallCNN(n_in=1, n_out=10), metrics=accuracy,
+                                                cbs=[FreeAdvTraining(0.2, replays=2), StatsSpy()]))):
         try:
             t1 = time.perf_counter()
             l2 = make()
@@ -85,6 +89,8 @@ def main(out):
             with l2.no_bar(), l2.distrib_ctx(sync_bn=False, cpu=True): l2.fit(1, 1e-3)
             r = res[name] = dict(ok=True, s=time.perf_counter() - t1,
                                  metrics=dict(zip(l2.recorder.metric_names[1:-1], map(float, l2.recorder.values[-1]))))
+            sp = next((cb for cb in l2.cbs if isinstance(cb, StatsSpy)), None)
+            if sp is not None: r['n_train'] = sp.n_train
             if fb is not None:
                 r['n_frozen'] = fb.n_frozen
                 r['frozen_unchanged'] = all(torch.equal(x, y) for x, y in zip(before, frozen()))

@@ -70,7 +70,8 @@ def test_batchnorm_mode_during_attack(dls, method, attack_modes):
     spy = BNModeSpy(learn.model)
     _fit(learn, 1, [METHODS[method](), _StopAfter(1)])
     n_train_fwd = 2 if method == 'trades' else 1
-    per_step = attack_modes + [True]*n_train_fwd
+    head_check = [] if method == 'free' else [False]   # first batch of a fit: one example, eval mode, checks the head
+    per_step = head_check + attack_modes + [True]*n_train_fwd
     assert spy.modes[:len(per_step)] == per_step, spy.modes[:len(per_step)]
     assert spy.modes[len(per_step)] is False  # then validation (eval, not attacked... for PGD the next is validation)
 

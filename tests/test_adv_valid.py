@@ -356,3 +356,29 @@ def test_head_smaller_than_the_labels_is_an_error(digits_dls):
     learn = Learner(digits_dls, SmallCNN(1, 5, widths=(8, 16)))
     with pytest.raises(ValueError, match=r"the labels go up to 9 but the model has 5 outputs"):
         learn.robust_validate(eps=EPS, steps=2, n_batches=1, show_progress=False)
+
+def test_plain_pytorch_dataloaders(digits_dls, digits_model):
+    "A Learner on PyTorch DataLoaders of pixels (no fastai `Normalize`): the model normalizes; every entry point runs."
+    import warnings
+    from torch.utils.data import DataLoader as TorchDL, TensorDataset
+    from fastai.data.core import DataLoaders
+    from rtl_fastai.vis import adversarial_examples
+    import rtl_fastai.report  # noqa: F401  (Learner.robustness_report)
+    mean, std = normalize_stats(digits_dls)
+    x, y = _valid(digits_dls)
+    p = (x*std + mean).clamp(0, 1)   # pixels
+    tdls = DataLoaders(TorchDL(TensorDataset(p, y), 64, shuffle=True), TorchDL(TensorDataset(p, y), 128))
+    model = nn.Sequential(NormalizeInput(mean, std), copy.deepcopy(digits_model))
+    learn = Learner(tdls, model, loss_func=nn.CrossEntropyLoss(), metrics=RobustAccuracy(EPS, steps=3))
+    fastai_res = _learn(digits_dls, digits_model).robust_validate(eps=EPS, steps=3, show_progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')   # pixels in [0,1], normalized once: no warning either
+        res = learn.robust_validate(eps=EPS, steps=3, show_progress=False)
+        rep = learn.robustness_report(EPS, steps=3, square_queries=None, n_batches=None, show=False)
+        ex = adversarial_examples(learn, 3, EPS, seed=0)
+    assert res['n'] == fastai_res['n'] == len(y)
+    assert abs(res['robust_acc'] - fastai_res['robust_acc']) <= 0.03 and res['clean_acc'] == fastai_res['clean_acc']
+    assert rep['results'].n.eq(len(y)).all() and len(ex['y']) == 3
+    with pytest.raises(TypeError, match='fastai DataLoader'):
+        from rtl_fastai.callback.adv_valid import in_random_order
+        in_random_order(tdls.valid)

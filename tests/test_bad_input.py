@@ -237,7 +237,7 @@ CASES = [
     ('threat-eps-one-warns', lambda d, m, r: _pgd(d, m, eps=1.), W, r'`eps`=1\.0 .*grey levels'),
     ('threat-steps-float', lambda d, m, r: ThreatModel(0.1, steps=2.5), ValueError, r'`steps` must be an integer >= 1'),
     ('threat-alpha-neg',   lambda d, m, r: ThreatModel(0.1, alpha=-1.), ValueError, r'`alpha`.* must be > 0'),
-    ('threat-norm',        lambda d, m, r: ThreatModel(0.1, norm='L2'), ValueError, r"`norm` must be one of"),
+    ('threat-norm',        lambda d, m, r: ThreatModel(0.1, norm='L3'), ValueError, r"`norm` must be one of"),
     ('threat-restarts-bool', lambda d, m, r: ThreatModel(0.1, restarts=True), ValueError, r'`restarts`'),
     ('threat-random_start', lambda d, m, r: ThreatModel(0.1, random_start='yes'), ValueError, r'`random_start` must be True or False'),
     ('threat-unknown-field', lambda d, m, r: _pgd(d, m, step=3), TypeError, r"unexpected keyword argument.*'step'.*fields"),

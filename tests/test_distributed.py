@@ -124,5 +124,13 @@ def test_transfer_and_distill(runs):
     assert r0['distill']['metrics']['accuracy'] == r1['distill']['metrics']['accuracy']
 
 
+def test_free_adv_training_replays_each_share(runs):
+    "FreeAdvTraining wraps the loader after fastai's DistributedTrainer: each process replays its own share m=2 times."
+    _, (r0, r1) = runs
+    for r in (r0, r1):
+        assert r['free']['ok'], r['free'].get('error')
+        assert r['free']['n_train'] == 2*r['n_train'] > 0   # `n_train`: the batches of the plain distributed fit
+
+
 def test_normalize_stats_under_distrib_ctx(runs):
     assert runs[1][0]['spy_stats_ok']

@@ -10,14 +10,21 @@ from fastcore.basics import store_attr, GetAttr
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.training import GradientAccumulation
-from ..core import check_int, check_number, normalize_stats, check_normalization, UndoTrainOnError
+from ..core import plain, check_int, check_number, normalize_stats, check_normalization, UndoTrainOnError
+from ..models import unwrap_model
+import warnings
 from ..attacks import (ThreatModel, as_threat, pgd_attack, fgsm_attack, eval_mode, _pixel_space, _amp_context,
-                                _check_pixels, _check_labels)
+                                _check_pixels, _check_labels, _check_head)
 
 # %% auto #0
 __all__ = ['PGDTraining', 'FreeAdvTraining', 'FastAdvTraining', 'trades_kl', 'TRADESTraining']
 
 # %% ../../nbs/04_callback.adv_train.ipynb #ccc102b6
+def _attacked(learn):
+    ("The model the attacks run: the learner's, out of `DistributedDataParallel` (whose forward syncs buffers across "
+     "processes at every step; in eval mode no statistic moves), `torch.compile`d if it is")
+    return unwrap_model(learn.model, compiled=False)
+
 def _one_input(learn, who, classes=True):
     if len(learn.xb) != 1:
         raise ValueError(f"{who} attacks models with one input; this batch has {len(learn.xb)} inputs (`learn.xb`)")
@@ -26,6 +33,9 @@ def _one_input(learn, who, classes=True):
     if classes:  # the attack maximizes cross-entropy (or TRADES' softmax KL): single-label targets
         _check_labels(learn.yb[0], len(learn.xb[0]), who, "it is for single-label classifiers (a `CategoryBlock` "
                       "target); FreeAdvTraining, whose attack follows the learner's own loss, takes any target")
+        if getattr(learn, 'train_iter', 1) == 0:  # once a fit, on one example: a head that does not fit the labels
+            m = _attacked(learn)
+            with torch.no_grad(), eval_mode(m): _check_head(plain(learn.yb[0]), m(learn.xb[0][:1]), who)
     return learn.xb[0], learn.yb[0]
 
 class _AdvTrainCallback(UndoTrainOnError, Callback):
@@ -44,6 +54,9 @@ class _AdvTrainCallback(UndoTrainOnError, Callback):
         if one_step and kw.get('steps', 1) != 1:
             raise ValueError(f"{who} takes one FGSM step per batch, got `steps`={kw['steps']}: {one_step}")
         self.threat = as_threat(threat, defaults, type(self), **kw)
+        if self.threat.eps == 0:
+            warnings.warn(f"{who}: `eps`=0 trains on clean inputs only (an integer division such as 8//255?): give the "
+                          "radius in pixel units, e.g. 8/255", UserWarning, stacklevel=3)
         if linf_only and self.threat.norm != 'linf':
             raise ValueError(f"{who} trains against L-inf attacks only, got `norm`={self.threat.norm!r}")
     @property
@@ -85,7 +98,7 @@ class PGDTraining(_AdvTrainCallback):
         self._threat(threat, threat_kw, dict(steps=7), restarts=True); self.stats = stats
     def before_batch(self):
         x,y = _one_input(self.learn, 'PGDTraining')
-        xa = pgd_attack(self.learn.model, x, y, self.threat, stats=self._space_of(x), check_pixels=self._check_now())
+        xa = pgd_attack(_attacked(self.learn), x, y, self.threat, stats=self._space_of(x), check_pixels=self._check_now())
         self.learn.xb = (xa,)
 
 # %% ../../nbs/04_callback.adv_train.ipynb #ea2b06d4
@@ -100,7 +113,9 @@ class _ReplayDL(GetAttr):
 
 class FreeAdvTraining(_AdvTrainCallback):
     "Free adversarial training (Shafahi et al. 2019): each batch replayed `replays` times, perturbation carried over"
-    order = MixedPrecision.order+1
+    # inside MixedPrecision's autocast (order 10), and after fastai's `DistributedTrainer` (order 11), so that its
+    # `before_train` replays the shard of each process (wrapped the other way, `DistributedDL` would not replay)
+    order = MixedPrecision.order+2
     def __init__(self,
                  threat:ThreatModel|float=None, # a `ThreatModel` (L-inf; its eps, and alpha as the FGSM step), or eps
                  replays:int=4, # `m`: how many times each minibatch is replayed (divide the epochs by it)
@@ -167,7 +182,7 @@ class FastAdvTraining(_AdvTrainCallback):
     def before_batch(self):
         x,y = _one_input(self.learn, 'FastAdvTraining')
         tm = self.threat
-        fg = fgsm_attack(self.learn.model, x, y, tm.eps, norm=tm.norm, random_start=tm.random_start, alpha=tm.alpha,
+        fg = fgsm_attack(_attacked(self.learn), x, y, tm.eps, norm=tm.norm, random_start=tm.random_start, alpha=tm.alpha,
                          stats=self._space_of(x), check_pixels=self._check_now())
         self.learn.xb = (fg,)
 
@@ -196,7 +211,7 @@ class TRADESTraining(_AdvTrainCallback):
         self.stats = stats
     def before_batch(self):
         x,_ = _one_input(self.learn, 'TRADESTraining')
-        model = self.learn.model
+        model = _attacked(self.learn)
         with _amp_context(self.learn, x.device):
             with eval_mode(model), torch.no_grad(): q = F.softmax(model(x).float(), 1)
             self.x_adv = pgd_attack(model, x, q, self.threat, stats=self._space_of(x), loss_func=_kl_to,

@@ -14,7 +14,7 @@ from fastprogress.fastprogress import progress_bar
 from fastai.learner import Learner, Metric
 from fastai.data.load import DataLoader
 from fastai.callback.core import GatherPredsCallback
-from ..core import check_int, is_number, fork_rng, eps_str, normalize_stats, check_normalization
+from ..core import check_int, is_number, fork_rng, eps_str, normalize_stats, check_normalization, check_dl
 from ..models import unwrap_model
 from ..attacks import ThreatModel, as_threat, robust_eval_batch, _FIELDS, _amp_context, _pixel_space
 from ..distributed import DistributedDL, _inner, _sharded, _n_real, _in_distrib_ctx
@@ -27,7 +27,7 @@ _COMPILED = []  # [(weak reference to a model, `how`, its compiled form)], the n
 
 def _compiled(model:torch.nn.Module, how)->torch.nn.Module:
     ("`torch.compile(model)` (`how`: True, or a dict of `torch.compile`'s arguments), compiled once and reused while "
-     "`model` is one of the last 2 models compiled here")
+     "`model` is one of the last 2 models compiled here (which this cache keeps alive: the compiled module holds them)")
     for i, (ref, h, c) in enumerate(_COMPILED):
         if ref() is model and h == how:
             _COMPILED.append(_COMPILED.pop(i))
@@ -123,7 +123,7 @@ class RobustAccuracy(Metric):
         n, sharded = _n_real(dl, len(y)), _sharded(dl)
         if n < len(y): x, y = x[:n], y[:n]
         # not through DDP: its forward syncs buffers
-        if n: clean, robust = self._attack(unwrap_model(model), x, y, stats, learn)
+        if n: clean, robust = self._attack(unwrap_model(model, compiled=False), x, y, stats, learn)
         else: clean = robust = torch.zeros(0, dtype=torch.bool, device=y.device)
         self._mark_classes(y, learn)
         self._count(clean, robust, reduce=sharded)
@@ -182,17 +182,18 @@ def robust_validate(self:Learner,
         raise TypeError(f"robust_validate: the first argument is `dl`, a DataLoader, got {dl!r}; give the radius or "
                         "the threat model by name: `robust_validate(eps=8/255)` or `robust_validate(threat=...)` "
                         "(and a data set by its loader: `dl=learn.dls[1]`)")
-    if dl is None: dl = self.dls.valid
+    dl = check_dl(self.dls.valid if dl is None else dl, 'robust_validate')
     if not len(dl):
         raise ValueError("robust_validate: the DataLoader is empty (a learner from `load_learner` keeps no data): "
                          "pass one with labels, e.g. `dl=learn.dls.test_dl(items, with_labels=True)`")
-    check_normalization(self.model, _inner(dl), 'robust_validate')
-    dev = getattr(_inner(dl), 'device', None)
+    src = _inner(dl) if isinstance(_inner(dl), DataLoader) else self.dls  # a torch loader: the learner's statistics
+    check_normalization(self.model, src, 'robust_validate')
+    dev = getattr(src, 'device', None)
     if dev is not None: self.model.to(dev)  # as fastai's `validate` does (`TrainEvalCallback.before_fit`)
     met = RobustAccuracy(as_threat(threat, None, Learner.robust_validate, **threat_kw), n_batches=n_batches,
                          drop_fooled=drop_fooled, loss_func=loss_func, stats=stats, seed=seed, amp=amp, compile=compile)
-    if stats is None: stats = normalize_stats(_inner(dl))
-    n_inp = getattr(_inner(dl), 'n_inp', 1)
+    if stats is None: stats = normalize_stats(src)
+    n_inp = getattr(src, 'n_inp', 1)
     if distributed is None: distributed = _sharded(dl) or _in_distrib_ctx(self)
     if distributed:
         if not (dist.is_available() and dist.is_initialized()):
@@ -219,6 +220,10 @@ def in_random_order(dl, # a fastai `DataLoader` (e.g. `dls.valid`)
                     seed:int=0, # seed of the order
                    ):
     "`dl` over its items in one seeded random order, the same at every pass: its first batches are a random sample"
+    if not isinstance(check_dl(dl, 'in_random_order'), DataLoader):
+        raise TypeError(f"in_random_order: `dl` must be a fastai DataLoader (e.g. `dls.valid`), got {type(dl).__name__}; "
+                        "for a PyTorch DataLoader, build it with `sampler=torch.utils.data.RandomSampler(ds, "
+                        "generator=torch.Generator().manual_seed(0))`")
     idxs = torch.randperm(len(dl.dataset), generator=torch.Generator().manual_seed(seed)).tolist()
     return dl.new(shuffle=False, get_idxs=lambda: idxs)
 

@@ -15,7 +15,7 @@ from fastai.torch_core import find_bs
 from fastai.learner import Learner, Metric
 from fastai.callback.hook import Hooks, HookCallback
 from fastai.callback.fp16 import MixedPrecision
-from ..core import check_int, check_number, fork_rng, UndoTrainOnError
+from ..core import check_int, check_number, fork_rng, UndoTrainOnError, check_normalization, _in_channels
 from ..models import head_module, unwrap_model, penultimate, Penultimate, forward_to
 from ..data.augment import random_tfms
 from .batch_items import batch_items
@@ -196,6 +196,11 @@ class FeatureDistillation(UndoTrainOnError, HookCallback):
         ptrs = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
         if any(t.data_ptr() in ptrs for t in list(self.source.parameters()) + list(self.source.buffers())):
             raise RuntimeError("FeatureDistillation: the source copy shares memory with the learner's model.")
+        cs, cm = _in_channels(self.source), _in_channels(model)
+        if None not in (cs, cm) and cs != cm:
+            raise ValueError(f"FeatureDistillation: the `source` model takes {cs}-channel images but the learner's model "
+                             f"{cm}: the source must see the learner's inputs; give the model the learner started from")
+        check_normalization(self.source, self.learn.dls, 'FeatureDistillation (its `source`)')  # it sees these inputs
         self.hooks = Hooks([mod], self.hook, self.is_forward, self.detach, self.cpu)  # removed by `_remove`
         self._add_metrics()
         self._checked, self._fitting = False, True

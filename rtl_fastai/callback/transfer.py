@@ -116,6 +116,9 @@ def transfer_learner(source,              # the source model (`nn.Module`) or a 
     if not isinstance(model, nn.Module):
         raise TypeError("transfer_learner: `source` must be an nn.Module or a fastai Learner, "
                         f"got {type(source).__name__}.")
+    if not isinstance(dls, DataLoaders):
+        raise TypeError(f"transfer_learner: `dls` must be fastai `DataLoaders` (training and validation), got "
+                        f"{type(dls).__name__}" + (": pass `dls`, not `dls.train`" if hasattr(dls, 'dataset') else ''))
     model = copy.deepcopy(model)
     # the checkpoint's statistics go where the model has them: its `NormalizeInput`, else `model.input_stats`
     if weights is not None:
@@ -123,6 +126,10 @@ def transfer_learner(source,              # the source model (`nn.Module`) or a 
     n_frozen = n_frozen_entries(model, n_retrain)
     if n_out is None: n_out = getattr(dls, 'c', None)
     if n_out is None: raise ValueError("transfer_learner: `dls` has no `c` (number of classes); pass `n_out`.")
+    c = getattr(dls, 'c', None)
+    if is_int(c) and is_int(n_out) and n_out < c:
+        raise ValueError(f"transfer_learner: `n_out`={n_out} is fewer outputs than the {c} classes of `dls`: "
+                         "leave it out (it defaults to `dls.c`)")
     new_head(model, n_out, hidden, p_drop)
     check_normalization(model, dls, 'transfer_learner')
     for i, m in enumerate(model_blocks(model).all):

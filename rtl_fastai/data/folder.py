@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from fastcore.basics import store_attr
+from fastcore.foundation import L
 from fastprogress.fastprogress import progress_bar
 from fastai.data.transforms import get_image_files, image_extensions, Normalize, RandomSplitter
 from fastai.vision.core import PILImage, imagenet_stats
@@ -130,7 +131,7 @@ def save_image_folder(data,                 # an `ArrayData`, or a name/path for
     dest = _check_dest(dest, who)
     for split, xs, ys in ((train, d.x_train, d.y_train), (valid, d.x_valid, d.y_valid)):
         for c in d.classes: (dest/split/str(c)).mkdir(parents=True, exist_ok=True)
-        xs = xs if xs.dtype == torch.uint8 else (xs.float().clamp(0, 1)*255).round().to(torch.uint8)
+        xs = (xs if xs.dtype == torch.uint8 else (xs.float().clamp(0, 1)*255).round().to(torch.uint8)).cpu()  # (GPU data)
         for i, (x, y) in enumerate(zip(xs, ys.tolist())):
             a, gray = x.permute(1, 2, 0).numpy(), x.shape[0] == 1
             _save(a[..., 0] if gray else a, dest/split/str(d.classes[y])/f'{i:05d}{ext}', 'L' if gray else 'RGB')
@@ -333,6 +334,8 @@ def folder_dls(path,                  # the folder that holds the `train` and `v
                seed:int=None,         # seed of the training shuffle (fresh loaders repeat a run; None: random)
                verify:bool=True,      # decode every file first (see `check_image_folder`)
                valid_pct:float=None,  # a folder of class folders (`path/<class>/*.jpg`): the share kept for validation
+               item_tfms=None,        # item transforms instead of `Resize(size, method)` (they must give one size)
+               batch_tfms=None,       # more batch transforms (augmentations), before `augment`'s and `Normalize`
                **kwargs,              # passed on to `ImageDataLoaders.from_folder` (e.g. `val_bs`, `img_cls`)
               ):
     "`DataLoaders` on a checked image folder (`ImageDataLoaders.from_folder`), pixels in [0,1] before `Normalize`"
@@ -343,6 +346,9 @@ def folder_dls(path,                  # the folder that holds the `train` and `v
                          "'squish' is deterministic (the feature cache can be used), "
                          "'pad' and 'crop' are random on the training set")
     check_int(bs, 'bs', who=who); check_int(num_workers, 'num_workers', lo=0, who=who)
+    if isinstance(stats, str):
+        raise TypeError(f"{who}: `stats` must be a `(mean, std)` pair (fastai's `imagenet_stats`, `input_stats(model)`) "
+                        f"or None for no `Normalize`, got the string {stats!r}")
     st = normalize_stats(stats)
     split_seed = 0 if seed is None else seed  # a `valid_pct` split is always seeded: the summary counts its images
     summary = check_image_folder(path, train, valid, verify=verify, valid_pct=valid_pct, seed=split_seed)
@@ -351,11 +357,15 @@ def folder_dls(path,                  # the folder that holds the `train` and `v
                          "fastai drops the last incomplete training batch, so an epoch would have no batch; "
                          f"use bs <= {summary.n_train}")
     if st is not None: _check_channels(st, summary, kwargs.get('img_cls', PILImage))
-    tfms = aug_transforms() if augment else []
+    tfms = list(L(batch_tfms)) + (aug_transforms() if augment else [])
+    if any(isinstance(t, Normalize) for t in tfms):
+        raise ValueError(f"{who}: `batch_tfms` holds a `Normalize`; give its statistics as `stats=` instead (it adds the "
+                         "one `Normalize`, last, which the attacks read)")
     if st is not None: tfms.append(Normalize.from_stats(st[0].flatten().tolist(), st[1].flatten().tolist(), cuda=False))
     dls = ImageDataLoaders.from_folder(summary.path, train=train, valid=valid, valid_pct=valid_pct,
                                        seed=split_seed if valid_pct else seed,
-                                       item_tfms=Resize(size[0] if size[0] == size[1] else size, method=method),
+                                       item_tfms=(Resize(size[0] if size[0] == size[1] else size, method=method)
+                                                  if item_tfms is None else item_tfms),
                                        batch_tfms=tfms, bs=bs,
                                        device=device if device is not None else default_device(),
                                        num_workers=num_workers, **kwargs)

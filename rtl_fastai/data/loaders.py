@@ -143,6 +143,8 @@ def task_dls(data='digits',        # 'digits', 'mnist', 'cifar10', a path (see `
     "Fast fastai `DataLoaders` for one task (pixels in [0,1] before `Normalize`)"
     check_int(bs, 'bs', who='task_dls'); check_int(val_bs, 'val_bs', none_ok=True, who='task_dls')
     check_int(seed, 'seed', lo=None, who='task_dls')
+    for k, v in (('normalize', normalize), ('augment', augment)):
+        if not isinstance(v, bool): raise TypeError(f"task_dls: `{k}` must be True or False, got {v!r}")
     device = check_device(device, 'task_dls')
     d = data if isinstance(data, ArrayData) else load_dataset(data, path=path)
     if classes is not None: d = select_classes(d, classes)
