@@ -289,7 +289,7 @@ def _bars(quiet:bool)->bool:
 
 def _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha, epochs, bs, lr, warmup_epochs,
                stats, normalize, pretrained, curve, n_batches, cache, train, valid, out, seed, device, threads, quiet,
-               who, valid_pct=None):
+               who, valid_pct=None, num_workers=0):
     "Every check of `transfer_job`, in order of cost; returns what the training needs"
     # options
     n_retrain = parse_n_retrain(n_retrain, who)
@@ -298,6 +298,7 @@ def _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha
     check_int(size, 'size', who=who, fix='the side of the square images the model sees, e.g. 224')
     lr = check_number(lr, 'lr', lo=0, lo_open=True, who=who, fix='e.g. 1e-3')
     check_int(n_batches, 'n_batches', none_ok=True, who=who, fix='the number of validation batches to attack')
+    check_int(num_workers, 'num_workers', lo=0, who=who, fix='processes that decode the images; 0 decodes in this one')
     check_int(threads, 'threads', none_ok=True, who=who); check_int(seed, 'seed', lo=None, who=who)
     if norm not in ('linf', 'l2'):
         raise ValueError(f"{who}: `norm` must be 'linf' or 'l2' (the threat model), got {norm!r}")
@@ -332,7 +333,8 @@ def _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha
     except ValueError as err: raise ValueError(f"{who}: {err}") from None
     # no `Normalize` in the DataLoaders for a model that normalizes itself (`normalize='model'`, a RobustBench model)
     try: dls = folder_dls(summary.path, size=size, bs=bs, stats=None if _norm_layer(model) is not None else input_stats(model),
-                          train=train, valid=valid, device=dev, seed=seed, verify=False, valid_pct=valid_pct)
+                          train=train, valid=valid, device=dev, seed=seed, verify=False, valid_pct=valid_pct,
+                          num_workers=num_workers)
     except ValueError as err: raise ValueError(f"{who}: " + str(err).replace('folder_dls: ', '', 1)) from None
     problem = check_normalization(model, dls, who)
     if problem is not None:
@@ -395,6 +397,7 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
                  seed:int=0, # random seed (training order, head initialization, attack starts)
                  device:str=None, # torch device, e.g. 'cpu' or 'cuda:0'; default fastai's `default_device()`
                  threads:int=None, # torch CPU threads during the job (None: torch's choice)
+                 num_workers:int=0, # processes that decode the images (on a GPU, e.g. 8: decoding is then the bottleneck)
                  quiet:bool=False, # print only the run folder: no step messages, progress bars or tables
                  check_only:bool=False, # check the folder, the source and the options, say what would run, and stop
                 )->dict:
@@ -405,7 +408,7 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
                     norm=norm, steps=steps, alpha=alpha, epochs=epochs, bs=bs, lr=lr, warmup_epochs=warmup_epochs,
                     stats=stats, normalize=normalize, pretrained=pretrained, curve=curve, n_batches=n_batches,
                     cache=cache, train=train, valid=valid, valid_pct=valid_pct, out=str(out), seed=seed, device=device,
-                    threads=threads)
+                    threads=threads, num_workers=num_workers)
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     old_threads = torch.get_num_threads()
     with keeps_cudnn_flags():
@@ -415,7 +418,7 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
             try:
                 j = _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha, epochs, bs, lr,
                                warmup_epochs, stats, normalize, pretrained, curve, n_batches, cache, train, valid, out,
-                               seed, device, threads, quiet, who, valid_pct)
+                               seed, device, threads, quiet, who, valid_pct, num_workers)
             except Exception as err:
                 try: err.bad_input = True  # `main` prints the message alone
                 except AttributeError: pass
