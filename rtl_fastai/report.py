@@ -6,6 +6,7 @@
 from __future__ import annotations
 import warnings
 from collections import OrderedDict
+from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import pandas as pd
@@ -41,13 +42,21 @@ def _torchattacks(who='autoattack_evaluate'):
 
 _TA_NORMS = {'linf': 'Linf', 'l2': 'L2'}
 
+@contextmanager
+def _frozen(flags):
+    "Parameters without gradients inside, `requires_grad` and `.grad` as they were (`flags`) after"
+    for p, *_ in flags: p.requires_grad_(False)
+    try: yield
+    finally:
+        for p, rg, g in flags: p.requires_grad_(rg); p.grad = g
+
 def torchattack_evaluate(learn:Learner, # the learner whose model is attacked (its modes are restored)
                          make_attack, # `f(pixel_model) -> torchattacks.Attack`
                          threat:ThreatModel|float=None, # its eps (checked against the returned examples) and norm
                          name:str='attack', # name of the attack in the result
                          *,
                          dl=None, # default: the validation `DataLoader`
-                         n_batches:int|None=2, # attack the first `n_batches` batches (None: all)
+                         n_batches:int|None=2, # attack `n_batches` batches (of a seeded random sample when `dl` is None; None: all)
                          stats=None, # normalization stats; default: those of `dl`
                          seed:int=0, # seed of the attack's randomness (the global RNG is left alone)
                          **threat_kw, # `ThreatModel` fields (eps, norm)
@@ -56,13 +65,18 @@ def torchattack_evaluate(learn:Learner, # the learner whose model is attacked (i
     tm = as_threat(threat, None, torchattack_evaluate, **threat_kw)
     eps, norm = tm.eps, tm.norm
     check_int(n_batches, 'n_batches', none_ok=True)
-    dl = check_dl(learn.dls.valid if dl is None else dl, 'torchattack_evaluate')
+    check_dl(dl, 'torchattack_evaluate')
+    if dl is None:   # a folder loader keeps its validation images in class order: a seeded random sample instead
+        dl = in_random_order(learn.dls.valid, seed) if n_batches is not None and hasattr(learn.dls.valid, 'new') else learn.dls.valid
     st = normalize_stats((dl if hasattr(dl, 'after_batch') else learn.dls) if stats is None else stats)
     model = learn.model
-    pm = PixelModel(model, st).eval()  # torchattacks calls `.train()` after an attack on a model in training mode
+    # in eval mode while the attack is built and run (torchattacks puts a model in training mode back in it after each
+    # attack), every module's mode restored after; no parameter takes a gradient (FAB calls `backward`), `.grad` kept
+    pm = PixelModel(model, st)
+    flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     n = clean = robust = 0
     max_pert = 0.
-    with eval_mode(pm), fork_rng(seed):
+    with eval_mode(pm), fork_rng(seed), _frozen(flags):
         atk = make_attack(pm)
         for i, b in enumerate(dl):
             if n_batches is not None and i >= n_batches: break

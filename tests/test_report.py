@@ -8,6 +8,7 @@ import torch.nn as nn
 from fastai.learner import Learner
 from rtl_fastai.models import SmallCNN
 from rtl_fastai.core import NormalizeInput
+from rtl_fastai.callback.adv_valid import in_random_order
 from rtl_fastai.report import (autoattack_evaluate, square_evaluate, masking_checks, GradientMaskingWarning, PixelModel)
 
 torch.set_num_threads(1)
@@ -86,12 +87,24 @@ def test_masking_checks_on_tables():
 
 def test_autoattack_at_most_pgd(digits_dls, digits_model):
     learn = _learn(digits_dls, digits_model)
-    aa = autoattack_evaluate(learn, eps=0.1, n_batches=1)
-    pgd = learn.robust_validate(eps=0.1, steps=20, n_batches=1, show_progress=False)
+    aa = autoattack_evaluate(learn, eps=0.1, n_batches=1)   # a seeded random sample: the one `in_random_order` gives
+    pgd = learn.robust_validate(in_random_order(digits_dls.valid, 0), eps=0.1, steps=20, n_batches=1, show_progress=False)
     assert aa['n'] == pgd['n'] == 128 and aa['clean_acc'] == pgd['clean_acc']
     assert aa['robust_acc'] <= pgd['robust_acc'] + 2/aa['n'], (aa, pgd)
     assert aa['max_perturbation'] <= 0.1 + 1e-6
     assert aa['attack'] == 'autoattack-standard@0.1'
+
+
+def test_torchattacks_leave_the_model_as_it_was(digits_dls, digits_model):
+    "AutoAttack's FAB calls `backward`: no parameter keeps a gradient; modes (a model in training mode) are restored."
+    pytest.importorskip('torchattacks')
+    learn = _learn(digits_dls, digits_model)
+    learn.model.train(); learn.model.block1.eval()
+    modes = [m.training for m in learn.model.modules()]
+    autoattack_evaluate(learn, eps=0.1, n_batches=1, version='standard')
+    square_evaluate(learn, eps=0.1, n_queries=20, n_batches=1)
+    assert all(p.grad is None and p.requires_grad for p in learn.model.parameters())
+    assert [m.training for m in learn.model.modules()] == modes
 
 
 def test_pixel_model_matches(digits_dls, digits_model):

@@ -245,6 +245,9 @@ def robust_accuracy_curve(learn:Learner,
     eps_list = list(eps_list)
     if not eps_list: raise ValueError("`eps_list` is empty: give the radii to evaluate, e.g. [0, 2/255, 4/255, 8/255]")
     tkw = {k: kwargs.pop(k) for k in list(kwargs) if k in _FIELDS}
+    if threat is None and 'alpha' in tkw and 'eps' not in tkw:
+        raise ValueError("robust_accuracy_curve: `alpha` alone is ambiguous, since the step size is scaled with eps along "
+                         "the curve: give the radius it goes with, `threat=ThreatModel(eps, alpha=...)` (or `eps=`)")
     tm = as_threat(threat, None, robust_accuracy_curve, **tkw)
     threats = [tm.at(e) for e in eps_list]  # each eps checked once, here
     rows = []
