@@ -264,13 +264,17 @@ def test_freeze_blocks_plain_learner_prunes_optimizer(digits):
     from rtl_fastai.models import block_splitter
     import copy
     m = copy.deepcopy(src)
-    learn = Learner(dls, m, splitter=block_splitter, cbs=FreezeBlocks(2))
+    class OptSpy(Callback):
+        def after_batch(self): self.ids = {id(p) for p, *_ in self.learn.opt.all_params()}
+    spy = OptSpy()
+    learn = Learner(dls, m, splitter=block_splitter, cbs=[FreezeBlocks(2), spy])
     learn.freeze_to(1)   # fastai keeps BN params of frozen groups trainable (train_bn)
     frozen0 = {k: v.clone() for k, v in m.block1.state_dict().items()}
     _fit(learn)
     for k, v in m.block1.state_dict().items(): assert torch.equal(v, frozen0[k]), k
     frozen_ids = {id(p) for e in (m.stem, m.block1) for p in e.parameters()}
-    assert not frozen_ids & {id(p) for p, *_ in learn.opt.all_params()}
+    assert not frozen_ids & spy.ids   # out of the optimizer during the fit
+    assert frozen_ids <= {id(p) for p, *_ in learn.opt.all_params()}   # back in it after: the learner as built
 
 
 # -- fastai's own data pipeline: ImageDataLoaders.from_folder with a deterministic Resize

@@ -130,7 +130,11 @@ class FreezeBlocks(Callback):
         if e is not None: raise e
         self._set_eval()
     def before_validate(self): self._set_eval()
-    def after_fit(self): self._set_eval()
+    def after_fit(self):
+        # between fits the learner is as it was built (`requires_grad`, the optimizer's groups and state), so that
+        # `learn.save` writes the optimizer a new learner makes and loads (`learn.load`), as `learn.export` does
+        self._thaw()
+        self._set_eval()
 
 # %% ../../nbs/05a_callback.freeze.ipynb #e309afd5
 def trainable_splitter(model:nn.Module, n_frozen:int=0) -> L:
