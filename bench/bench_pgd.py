@@ -58,7 +58,7 @@ def main():
     batches = [(x.as_subclass(torch.Tensor), y.as_subclass(torch.Tensor)) for x, y in dls.valid]
     pix = [(x*std + mean, y) for x, y in batches]
     n = sum(len(y) for _, y in batches)
-    tm = ThreatModel(a.eps, a.steps)  # L-inf, step 2.5*eps/steps, random start
+    tm = ThreatModel(a.eps, a.steps, alpha=2.5*a.eps/a.steps)  # L-inf, step 2.5*eps/steps (as recorded), random start
     eps, steps, alpha = tm.eps, tm.steps, tm.step_size
 
     def count(m, xa, y):

@@ -43,7 +43,7 @@ class ThreatModel:
     "A PGD threat model in [0,1] pixel units, checked once: norm, radius, steps, step size, restarts, random start"
     eps:float=8/255 # radius of the ball in [0,1] pixel units (8/255 for CIFAR-10 L-inf)
     steps:int=20 # PGD steps of each run
-    alpha:float=None # step size in pixel units; None: 2.5*eps/steps
+    alpha:float=None # step size in pixel units; None: max(eps/4, 2.5*eps/steps) (2/255 for PGD-20 at 8/255)
     norm:str='linf' # 'linf' or 'l2'
     restarts:int=1 # independent runs; each example keeps one that fools, else the highest loss
     random_start:bool=True # start each run at a random point of the ball
@@ -59,7 +59,7 @@ class ThreatModel:
                              "give eps in pixel units, e.g. 8/255 not 8")
         check_int(self.steps, 'steps')
         if self.alpha is not None and not (is_number(self.alpha) and self.alpha > 0):
-            raise ValueError(f"`alpha` (the step size, pixel units) must be > 0 or None for the default 2.5*eps/steps, "
+            raise ValueError(f"`alpha` (the step size, pixel units) must be > 0 or None for the default max(eps/4, 2.5*eps/steps), "
                              f"got {self.alpha!r}")
         if self.norm == 'linf' and self.alpha is not None and self.alpha > 1:
             raise ValueError(f"`alpha`={self.alpha} is larger than the whole [0,1] pixel range: give the step size in "
@@ -84,8 +84,8 @@ class ThreatModel:
 
     @property
     def step_size(self)->float:
-        "The PGD step size in pixel units: `alpha`, or 2.5*eps/steps by default"
-        return 2.5*self.eps/self.steps if self.alpha is None else self.alpha
+        "The PGD step size in pixel units: `alpha`, or max(eps/4, 2.5*eps/steps) by default"
+        return max(self.eps/4, 2.5*self.eps/self.steps) if self.alpha is None else self.alpha
 
     @property
     def name(self)->str:

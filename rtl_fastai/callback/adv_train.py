@@ -93,7 +93,7 @@ class PGDTraining(_AdvTrainCallback):
                  threat:ThreatModel|float=None, # a `ThreatModel`, or its eps in [0,1] pixel units (8/255 for CIFAR-10)
                  *,
                  stats=None, # normalization stats (see `pgd_attack`); default: those of `learn.dls`
-                 **threat_kw, # `ThreatModel` fields; here steps=7 (step size 2.5*eps/steps, random start)
+                 **threat_kw, # `ThreatModel` fields; here steps=7 (step size 2.5*eps/7, random start)
                 ):
         self._threat(threat, threat_kw, dict(steps=7), restarts=True); self.stats = stats
     def before_batch(self):
