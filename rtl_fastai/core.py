@@ -330,14 +330,24 @@ def _norm_layer(model):
 def _norm_name(layer)->str: return layer.name if isinstance(layer, _NormView) else 'NormalizeInput'
 
 def input_stats(model:nn.Module)->tuple|None:
-    "`(mean, std)` (1,C,1,1) of the inputs of `model`: its `NormalizeInput`, else its `input_stats`, else None"
+    ("`(mean, std)` (1,C,1,1) of the inputs of `model`: its `NormalizeInput`, else its `input_stats`, else a timm "
+     "model's `pretrained_cfg` (those of its published weights), else None")
+    return _input_stats(model)[0]
+
+def _input_stats(model)->tuple:
+    "`(input_stats(model), where)`: where they were found, 'layer', 'recorded', 'timm' or None"
     n = _norm_layer(model)
-    if n is not None: return normalize_stats(n)
+    if n is not None: return normalize_stats(n), 'layer'
     st = getattr(_unwrap(model), 'input_stats', None)
-    for m in list(_front(_unwrap(model)))[1:]:  # else those `_record_stats` left on the first child of a cut model
+    front = list(_front(_unwrap(model)))
+    for m in front[1:]:  # else those `_record_stats` left on the first child of a cut model
         if st is not None or type(m).__name__ == 'Normalize': break  # (not past a torchvision `Normalize` in front)
         st = vars(m).get('input_stats')
-    return None if st is None else normalize_stats(st)
+    if st is not None: return normalize_stats(st), 'recorded'
+    # a timm model, also inside `vision_learner`'s body: the statistics its published weights were trained with
+    cfg = next((c for m in front if isinstance(c := getattr(m, 'pretrained_cfg', None), dict)
+                and c.get('mean') is not None and c.get('std') is not None), None)
+    return (None, None) if cfg is None else (normalize_stats((cfg['mean'], cfg['std'])), 'timm')
 
 def _record_stats(model, stats, top=True):
     "Record the `stats` `model` expects as `model.input_stats` (if `top`) and on its first child, which `vision_learner` keeps"
@@ -402,8 +412,12 @@ def check_normalization(model:nn.Module, # the model the inputs go to
     except (TypeError, ValueError): return None  # not a fastai loader: nothing to compare
     layer = _norm_layer(model)
     if layer is not None and _is_identity(normalize_stats(layer)): layer = None
-    exp = _cpu(input_stats(model))
+    exp, where = _input_stats(model)
+    exp = _cpu(exp)
     if exp is not None and _is_identity(exp): exp = None
+    # a timm model says what its *published* weights expect: with random weights (`pretrained=False`) it does not matter
+    timm_note = (" (the statistics of the timm model's `pretrained_cfg`, those of its published weights; with random "
+                 "weights, `pretrained=False`, this does not matter)") if where == 'timm' else ""
     c = _in_channels(getattr(model, 'module', model))
     if got is not None and c is not None and got[0].shape[1] not in (1, c):
         raise ValueError(f"{who}: the `dls` normalize {got[0].shape[1]} channels ({_fmt_stats(got)}) but the model's "
@@ -429,18 +443,18 @@ def check_normalization(model:nn.Module, # the model the inputs go to
                               ("" if isinstance(layer, _NormView) else
                                ", or take the layer out of the model (load with `norm='dls'`)"))
     elif layer is None and got is None:
-        kind, msg = 'missing', (f"the model expects inputs normalized with {_fmt_stats(exp)} "
+        kind, msg = 'missing', (f"the model expects inputs normalized with {_fmt_stats(exp)}{timm_note} "
                                 "but the `dls` do not normalize. "
                                 f"Add {fix_dls}, or normalize inside the model with "
                                 "`add_input_norm(model, input_stats(model))` "
                                 "(or `load_robust_checkpoint(..., norm='model')`)" + (
-                                "" if getattr(_unwrap(model), 'input_stats', None) is not None else
+                                "" if getattr(_unwrap(model), 'input_stats', None) is not None or where == 'timm' else
                                 ". (These statistics were recorded on a model that was then cut to its children, as "
                                 "`vision_learner` does with what its `arch` returns: a normalization inside that "
                                 "model is lost with it.)"))
     elif layer is None and not (torch.allclose(got[0], exp[0], atol=1e-4)
                                 and torch.allclose(got[1], exp[1], atol=1e-4)):
-        kind, msg = 'other', (f"the model expects inputs normalized with {_fmt_stats(exp)} "
+        kind, msg = 'other', (f"the model expects inputs normalized with {_fmt_stats(exp)}{timm_note} "
                               f"but the `dls` normalize with {_fmt_stats(got)}. Use {fix_dls}")
     else: return None
     _warn_once(model, dls, kind, f"{who}: {msg}")

@@ -128,8 +128,8 @@ def build_arch(arch:str, # 'resnet50' or 'torchvision:resnet50' (torchvision), '
     except Exception as e:
         if pretrained: raise OSError(fail.format(f"{type(e).__name__}: {e}")) from e
         raise
-    cfg = getattr(m, 'pretrained_cfg', None) or {}
-    return m, normalize_stats((cfg.get('mean', IMAGENET_STATS[0]), cfg.get('std', IMAGENET_STATS[1])))
+    st = input_stats(m)   # its `pretrained_cfg`'s
+    return m, st if st is not None else normalize_stats(IMAGENET_STATS)
 
 # %% ../nbs/08b_job.ipynb #08cc6c3e
 def _head_classes(model, sd):

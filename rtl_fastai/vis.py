@@ -37,6 +37,9 @@ def _get_batch(learn, dl=None, batch=None, who='adversarial_examples'):
             if dls is None: raise ValueError("`learn` has no `dls`: pass `dl=` or `batch=(x, y)`")
             dl = dls.valid
         check_dl(dl, who)
+        if hasattr(dl, '__len__') and not len(dl):
+            raise ValueError(f"{who}: the DataLoader is empty (a learner from `load_learner` keeps no data): pass one "
+                             "with labels, e.g. `dl=learn.dls.test_dl(items, with_labels=True)`, or `batch=(x, y)`")
         with fork_rng():  # leave the training RNG as it was
             x, y = (dl.one_batch() if hasattr(dl, 'one_batch') else next(iter(dl)))[:2]  # (a PyTorch DataLoader)
     if not isinstance(x, torch.Tensor) or x.ndim != 4:

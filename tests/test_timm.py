@@ -227,3 +227,23 @@ def test_timm_inception(arch, n_blocks, nf):
     if arch == 'inception_v3':
         with pytest.raises(TypeError, match='aux_logits=False'):
             model_blocks(timm.create_model('inception_v3', pretrained=False, aux_logits=True))
+
+
+def test_input_stats_of_a_timm_model(digits_rgb32):
+    "A timm model's `pretrained_cfg` gives `input_stats` (the README's `folder_dls(stats=input_stats(source))`), "
+    "and data normalized otherwise are warned about, naming where the statistics come from."
+    import warnings
+    from fastai.vision.all import imagenet_stats
+    from rtl_fastai.core import input_stats
+    vit = timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=32, depth=1)
+    test_mean = input_stats(vit)[0].flatten().tolist()
+    assert test_mean == [0.5, 0.5, 0.5]
+    assert input_stats(timm.create_model('resnet18', pretrained=False))[0].flatten().tolist() == pytest.approx(imagenet_stats[0])
+    assert input_stats(torchvision.models.resnet18()) is None   # torchvision models keep no statistics
+    dls = task_dls(digits_rgb32, bs=16, normalize=False)
+    from fastai.data.transforms import Normalize
+    dls.add_tfms([Normalize.from_stats(*imagenet_stats)], 'after_batch')
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        transfer_learner(vit, dls, n_retrain=0, cache=False)
+    assert any("pretrained_cfg" in str(o.message) and 'mean=[0.5, 0.5, 0.5]' in str(o.message) for o in w), [str(o.message) for o in w]
