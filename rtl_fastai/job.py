@@ -202,6 +202,10 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, 'torchv
         if arch is not None and _lib_name(arch)[1] != _lib_name(s)[1]:
             raise ValueError(f"{who}: `arch`={arch!r} contradicts `source`={s!r}; leave `arch` out for a {lib} source")
         model, nat = build_arch(s, pretrained=pretrained, name='source', who=who)
+        if pretrained and _differ(st, nat):  # its published weights expect their own statistics
+            raise ValueError(f"{who}: `stats` differ from the statistics the pretrained weights of {s!r} were trained "
+                             f"with ({_fmt_stats(nat)}): leave `stats` out (or train from random weights, "
+                             "`pretrained=False`)")
         st = nat if st is None else st
         desc = dict(kind='natural', name=s, arch=s, pretrained=pretrained,
                     threat='standard' if pretrained else 'none (random weights)', norm=None, eps=0.)

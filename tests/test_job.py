@@ -245,3 +245,16 @@ def test_command_line(files, capsys):
 def test_python_m_help():
     r = subprocess.run([sys.executable, '-m', 'rtl_fastai.cli', 'transfer', '--help'], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and 'usage: rtl-fastai transfer' in r.stdout and '--n_retrain' in r.stdout
+
+
+def test_pretrained_source_keeps_its_statistics(monkeypatch):
+    "The published weights of a torchvision/timm source expect their statistics: other `stats` are refused."
+    import torchvision
+    import rtl_fastai.job as J
+    from rtl_fastai.core import normalize_stats
+    fake = lambda *a, **k: (torchvision.models.resnet18(), normalize_stats(J.IMAGENET_STATS))  # no download here
+    monkeypatch.setattr(J, 'build_arch', fake)
+    with pytest.raises(ValueError, match='leave `stats` out'): load_source('torchvision:resnet18', stats='none')
+    with pytest.raises(ValueError, match='leave `stats` out'): load_source('timm:resnet18', stats='0.5,0.5,0.5/0.5,0.5,0.5')
+    load_source('torchvision:resnet18', stats='imagenet')                  # the same statistics: fine
+    load_source('torchvision:resnet18', stats='none', pretrained=False)   # random weights: any
