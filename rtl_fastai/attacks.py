@@ -50,7 +50,7 @@ class ThreatModel:
 
     def __post_init__(self):
         # any case, as the model registry writes 'L2' and 'Linf'; 'inf' as torch.norm and torchattacks say it
-        norm = {'inf': 'linf', 'l_inf': 'linf', 'l-inf': 'linf'}.get(str(self.norm).lower(), str(self.norm).lower())
+        norm = {'inf': 'linf', 'l_inf': 'linf', 'l-inf': 'linf', '2': 'l2'}.get(str(self.norm).lower(), str(self.norm).lower())
         if norm not in _norms: raise ValueError(f"`norm` must be one of {_norms}, got {self.norm!r}")
         object.__setattr__(self, 'norm', norm)
         check_number(self.eps, 'eps', lo=0, fix="give it in pixel units ([0,1] scale), e.g. 8/255")
@@ -74,8 +74,8 @@ class ThreatModel:
             warnings.warn(f"`eps`={self.eps} is half the [0,1] pixel range or more for an L-inf attack: it was almost "
                           f"surely meant in grey levels, e.g. eps={self.eps:g}/255 ({self.eps/255:.4g}); pass eps as "
                           "a fraction of the pixel range", EpsScaleWarning, stacklevel=3)
-        elif self.norm == 'linf' and self.alpha is not None and 0.5 <= self.alpha <= 1 and self.alpha > self.eps:
-            warnings.warn(f"`alpha`={self.alpha} (the step size) is half the [0,1] pixel range or more for an L-inf "
+        elif self.norm == 'linf' and self.alpha is not None and 0.5 <= self.alpha <= 1 and self.alpha > 2.5*self.eps:
+            warnings.warn(f"`alpha`={self.alpha:g} (the step size) is half the [0,1] pixel range or more for an L-inf "
                           f"attack of radius {self.eps:.4g}: it was almost surely meant in grey levels, e.g. "
                           f"alpha={self.alpha:g}/255 ({self.alpha/255:.4g})", EpsScaleWarning, stacklevel=3)
         for k in ('eps', 'alpha'):
@@ -350,7 +350,7 @@ def _attack(model, x, y, tm:ThreatModel, loss_func, stats, drop_fooled, need_foo
     if norm == 'l2' and n > 0 and eps >= p[0].numel()**0.5:
         warnings.warn(f"`eps`={eps:g} (L2) is at least the diagonal of the [0,1] pixel cube of these {tuple(p.shape[1:])} "
                       f"inputs ({p[0].numel()**0.5:.4g}): the ball holds every image. Give the L2 radius in [0,1] pixel "
-                      "units (Salman et al.'s ImageNet models: 3; CIFAR-10: 0.5)", EpsScaleWarning, stacklevel=4)
+                      "units (Salman et al.'s ImageNet models: 3; CIFAR-10: 0.5)", EpsScaleWarning, stacklevel=3)
     best = torch.zeros_like(p)
     best_loss = torch.full((n,), -float('inf'), device=p.device)
     fooled = torch.zeros(n, dtype=torch.bool, device=p.device)

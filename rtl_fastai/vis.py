@@ -109,7 +109,8 @@ def adversarial_examples(learn, # a fastai `Learner` (or anything with `.model`,
         idxs = list(range(n))
     else:
         t = None if isinstance(idxs, (str, bytes)) else torch.as_tensor(idxs if isinstance(idxs, torch.Tensor) else list(L(idxs)))
-        if t is None or t.is_floating_point() or t.dtype == torch.bool:
+        if t is not None and t.numel() == 0: raise ValueError(f"`idxs` is empty: give indices in [0, {len(x)-1}] of the batch")
+        if t is None or t.is_floating_point() or t.dtype == torch.bool or t.ndim > 1:
             raise TypeError(f"`idxs` must be a list of integer indices into the batch, e.g. [0, 3], got {idxs!r}")
         idxs = t.flatten().tolist()
         if not idxs or any(i < 0 or i >= len(x) for i in idxs):

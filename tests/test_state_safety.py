@@ -295,9 +295,11 @@ def test_unfreeze_during_freezeblocks_reaches_the_frozen_entries(dls):
     w0 = w.detach().clone()
     _fit(learn)
     assert not torch.equal(w0, w)
-    # without an (un)freeze in between, the flags a user set stay as they were
-    learn = Learner(dls, SmallCNN(n_in=1, n_out=dls.c, widths=(8, 16)), cbs=FreezeBlocks(2))
-    learn.model.stem.conv.weight.requires_grad_(False)
+    # without an (un)freeze in between, the flags a user set stay as they were (set before the learner is made:
+    # `Learner(cbs=FreezeBlocks(...))` freezes from the start)
+    m = SmallCNN(n_in=1, n_out=dls.c, widths=(8, 16))
+    m.stem.conv.weight.requires_grad_(False)
+    learn = Learner(dls, m, cbs=FreezeBlocks(2))
     _fit(learn)
     learn.remove_cb(FreezeBlocks)
     assert not learn.model.stem.conv.weight.requires_grad and learn.model.block1[0].conv.weight.requires_grad

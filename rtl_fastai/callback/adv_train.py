@@ -11,7 +11,6 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.training import GradientAccumulation
 from ..core import plain, check_int, check_number, normalize_stats, check_normalization, UndoTrainOnError
-from ..models import unwrap_model
 import warnings
 from ..attacks import (ThreatModel, as_threat, pgd_attack, fgsm_attack, eval_mode, _pixel_space, _amp_context,
                                 _check_pixels, _check_labels, _check_head)
@@ -22,8 +21,9 @@ __all__ = ['PGDTraining', 'FreeAdvTraining', 'FastAdvTraining', 'trades_kl', 'TR
 # %% ../../nbs/04_callback.adv_train.ipynb #ccc102b6
 def _attacked(learn):
     ("The model the attacks run: the learner's, out of `DistributedDataParallel` (whose forward syncs buffers across "
-     "processes at every step; in eval mode no statistic moves), `torch.compile`d if it is")
-    return unwrap_model(learn.model, compiled=False)
+     "processes at every step; in eval mode no statistic moves); `DataParallel` and `torch.compile` kept")
+    m = learn.model
+    return m.module if isinstance(m, torch.nn.parallel.DistributedDataParallel) else m
 
 def _one_input(learn, who, classes=True):
     if len(learn.xb) != 1:
@@ -33,9 +33,9 @@ def _one_input(learn, who, classes=True):
     if classes:  # the attack maximizes cross-entropy (or TRADES' softmax KL): single-label targets
         _check_labels(learn.yb[0], len(learn.xb[0]), who, "it is for single-label classifiers (a `CategoryBlock` "
                       "target); FreeAdvTraining, whose attack follows the learner's own loss, takes any target")
-        if getattr(learn, 'train_iter', 1) == 0:  # once a fit, on one example: a head that does not fit the labels
-            m = _attacked(learn)
-            with torch.no_grad(), eval_mode(m): _check_head(plain(learn.yb[0]), m(learn.xb[0][:1]), who)
+        if getattr(learn, 'train_iter', 1) == 0:  # once a fit: a head that does not fit the labels
+            m = _attacked(learn)   # (the whole batch, in eval mode: the shape the attack runs, no new compiled graph)
+            with torch.no_grad(), eval_mode(m): _check_head(plain(learn.yb[0]), m(learn.xb[0]), who)
     return learn.xb[0], learn.yb[0]
 
 class _AdvTrainCallback(UndoTrainOnError, Callback):

@@ -169,7 +169,7 @@ def robust_validate(self:Learner,
                     n_batches:int=None, # only the first `n_batches` batches
                     drop_fooled:bool=True, # stop attacking examples once fooled (from the same start, never weaker)
                     loss_func=None, # per-example loss; default cross-entropy
-                    stats=None, # normalization stats; default those of `dl`
+                    stats=None, # normalization stats; default those of `dl` (a PyTorch DataLoader: of `self.dls`)
                     seed:int=0, # seed of the random starts (None: global RNG)
                     show_progress:bool=True, # show a progress bar
                     distributed:bool=None, # shard `dl` and sum the counts over the processes (None: in `distrib_ctx`)
@@ -245,7 +245,7 @@ def robust_accuracy_curve(learn:Learner,
     eps_list = list(eps_list)
     if not eps_list: raise ValueError("`eps_list` is empty: give the radii to evaluate, e.g. [0, 2/255, 4/255, 8/255]")
     tkw = {k: kwargs.pop(k) for k in list(kwargs) if k in _FIELDS}
-    if threat is None and 'alpha' in tkw and 'eps' not in tkw:
+    if threat is None and tkw.get('alpha') is not None and 'eps' not in tkw:
         raise ValueError("robust_accuracy_curve: `alpha` alone is ambiguous, since the step size is scaled with eps along "
                          "the curve: give the radius it goes with, `threat=ThreatModel(eps, alpha=...)` (or `eps=`)")
     tm = as_threat(threat, None, robust_accuracy_curve, **tkw)

@@ -130,11 +130,10 @@ class FreezeBlocks(Callback):
         if e is not None: raise e
         self._set_eval()
     def before_validate(self): self._set_eval()
-    def after_fit(self):
-        # between fits the learner is as it was built (`requires_grad`, the optimizer's groups and state), so that
-        # `learn.save` writes the optimizer a new learner makes and loads (`learn.load`), as `learn.export` does
-        self._thaw()
-        self._set_eval()
+    def after_fit(self): self._set_eval()
+    # given to `Learner(cbs=...)`: frozen from the start, as `transfer_learner` builds its learner, so that the
+    # optimizer a new learner of the same build makes is the one `learn.save` wrote after a fit (`learn.load` reads it)
+    def after_create(self): self.before_fit()
 
 # %% ../../nbs/05a_callback.freeze.ipynb #e309afd5
 def trainable_splitter(model:nn.Module, n_frozen:int=0) -> L:

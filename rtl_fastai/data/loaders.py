@@ -6,6 +6,7 @@
 from __future__ import annotations
 import random
 from contextlib import contextmanager
+import numpy as np
 
 import torch
 from fastcore.basics import store_attr
@@ -144,7 +145,7 @@ def task_dls(data='digits',        # 'digits', 'mnist', 'cifar10', a path (see `
     check_int(bs, 'bs', who='task_dls'); check_int(val_bs, 'val_bs', none_ok=True, who='task_dls')
     check_int(seed, 'seed', lo=None, who='task_dls')
     for k, v in (('normalize', normalize), ('augment', augment)):
-        if not isinstance(v, bool): raise TypeError(f"task_dls: `{k}` must be True or False, got {v!r}")
+        if not isinstance(v, (bool, np.bool_)): raise TypeError(f"task_dls: `{k}` must be True or False, got {v!r}")
     device = check_device(device, 'task_dls')
     d = data if isinstance(data, ArrayData) else load_dataset(data, path=path)
     if classes is not None: d = select_classes(d, classes)
