@@ -14,6 +14,8 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
 from .core import plain, check_int, check_number, check_dl, fork_rng, eps_str
 from fastcore.foundation import L
 from .attacks import ThreatModel, as_threat, pgd_attack, eval_mode, _pixel_space
+from .callback.adv_valid import in_random_order
+from fastai.data.load import DataLoader
 
 # %% auto #0
 __all__ = ['adversarial_examples', 'show_adversarial', 'plot_robust_curve', 'plot_block_study', 'can_show_widgets',
@@ -25,7 +27,7 @@ def _model_device(model):
     return p.device if p is not None else torch.device('cpu')
 
 def _get_batch(learn, dl=None, batch=None, who='adversarial_examples'):
-    "`(x, y)` as plain tensors on the model's device: `batch`, else one batch of `dl`, else of `learn.dls.valid`"
+    "`(x, y)` as plain tensors on the model's device: `batch`, else one batch of `dl`, else of a seeded random order of `learn.dls.valid`"
     if batch is not None:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise ValueError("`batch` must be an `(x, y)` pair of tensors (x as the model receives it), "
@@ -35,7 +37,8 @@ def _get_batch(learn, dl=None, batch=None, who='adversarial_examples'):
         if dl is None:
             dls = getattr(learn, 'dls', None)
             if dls is None: raise ValueError("`learn` has no `dls`: pass `dl=` or `batch=(x, y)`")
-            dl = dls.valid
+            # a seeded random sample: a folder's validation images are in class order, the first batch one class
+            dl = in_random_order(dls.valid) if isinstance(dls.valid, DataLoader) and len(dls.valid) else dls.valid
         check_dl(dl, who)
         if hasattr(dl, '__len__') and not len(dl):
             raise ValueError(f"{who}: the DataLoader is empty (a learner from `load_learner` keeps no data): pass one "
@@ -91,7 +94,7 @@ def adversarial_examples(learn, # a fastai `Learner` (or anything with `.model`,
                          n:int=4, # number of images
                          threat:ThreatModel|float=None, # a `ThreatModel`, or its eps in pixel units (default 8/255)
                          *,
-                         dl=None, # a `DataLoader` to take one batch from (default `learn.dls.valid`)
+                         dl=None, # a `DataLoader` to take one batch from (default `learn.dls.valid` in a seeded random order)
                          batch:tuple=None, # or an `(x, y)` batch, x as the model receives it
                          idxs:list=None, # indices of the images in the batch (default the first `n`)
                          stats=None, # normalization stats (default `learn.dls`), see `pgd_attack`
