@@ -14,7 +14,7 @@ from fastcore.basics import patch
 from fastai.learner import Learner
 from .core import plain, is_number, check_int, check_dl, fork_rng, eps_str, normalize_stats, NormalizeInput
 from .attacks import ThreatModel, EpsScaleWarning, as_threat, eval_mode
-from .callback.adv_valid import robust_validate, in_random_order
+from .callback.adv_valid import robust_validate, _random_sample, _stats_source
 
 # %% auto #0
 __all__ = ['PixelModel', 'torchattack_evaluate', 'autoattack_evaluate', 'square_evaluate', 'GradientMaskingWarning',
@@ -66,9 +66,8 @@ def torchattack_evaluate(learn:Learner, # the learner whose model is attacked (i
     eps, norm = tm.eps, tm.norm
     check_int(n_batches, 'n_batches', none_ok=True)
     check_dl(dl, 'torchattack_evaluate')
-    if dl is None:   # a folder loader keeps its validation images in class order: a seeded random sample instead
-        dl = in_random_order(learn.dls.valid, seed) if n_batches is not None and hasattr(learn.dls.valid, 'new') else learn.dls.valid
-    st = normalize_stats((dl if hasattr(dl, 'after_batch') else learn.dls) if stats is None else stats)
+    if dl is None: dl = learn.dls.valid if n_batches is None else _random_sample(learn.dls.valid, seed)
+    st = normalize_stats(_stats_source(dl, learn) if stats is None else stats)
     model = learn.model
     # in eval mode while the attack is built and run (torchattacks puts a model in training mode back in it after each
     # attack), every module's mode restored after; no parameter takes a gradient (FAB calls `backward`), `.grad` kept
@@ -249,7 +248,7 @@ def robustness_report(self:Learner,
             square_queries = None
     # a folder loader keeps its validation images in class order: its first batches would hold few classes
     check_dl(dl, 'robustness_report')
-    if dl is None and n_batches is not None and hasattr(self.dls.valid, 'new'): dl = in_random_order(self.dls.valid, seed)
+    if dl is None and n_batches is not None: dl = _random_sample(self.dls.valid, seed)
     rows = []
     def pgd(e, s, r=1, attack='pgd', **kw):
         with warnings.catch_warnings():  # the radii derived from `eps` (e.g. the unbounded eps=1) are meant

@@ -14,8 +14,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
 from .core import plain, check_int, check_number, check_dl, fork_rng, eps_str
 from fastcore.foundation import L
 from .attacks import ThreatModel, as_threat, pgd_attack, eval_mode, _pixel_space
-from .callback.adv_valid import in_random_order
-from fastai.data.load import DataLoader
+from .callback.adv_valid import _random_sample
 
 # %% auto #0
 __all__ = ['adversarial_examples', 'show_adversarial', 'plot_robust_curve', 'plot_block_study', 'can_show_widgets',
@@ -37,8 +36,7 @@ def _get_batch(learn, dl=None, batch=None, who='adversarial_examples'):
         if dl is None:
             dls = getattr(learn, 'dls', None)
             if dls is None: raise ValueError("`learn` has no `dls`: pass `dl=` or `batch=(x, y)`")
-            # a seeded random sample: a folder's validation images are in class order, the first batch one class
-            dl = in_random_order(dls.valid) if isinstance(dls.valid, DataLoader) and len(dls.valid) else dls.valid
+            dl = _random_sample(dls.valid)   # a folder's first validation batch would be one class
         check_dl(dl, who)
         if hasattr(dl, '__len__') and not len(dl):
             raise ValueError(f"{who}: the DataLoader is empty (a learner from `load_learner` keeps no data): pass one "

@@ -25,6 +25,12 @@ __all__ = ['robust_validate', 'RobustAccuracy', 'in_random_order', 'robust_accur
 # %% ../../nbs/03_callback.adv_valid.ipynb #05b4fb3f
 _COMPILED = []  # [(weak reference to a model, `how`, its compiled form)], the newest last; the last 2 are kept
 
+def _stats_source(dl, learn):
+    ("What the normalization statistics of `dl`'s batches are read from: the fastai loader (inside a `DistributedDL`), "
+     "else (a PyTorch DataLoader, a list of batches) the learner's `DataLoaders`")
+    src = _inner(dl)
+    return src if isinstance(src, DataLoader) else learn.dls
+
 def _compiled(model:torch.nn.Module, how)->torch.nn.Module:
     ("`torch.compile(model)` (`how`: True, or a dict of `torch.compile`'s arguments), compiled once and reused while "
      "`model` is one of the last 2 models compiled here (which this cache keeps alive: the compiled module holds them)")
@@ -144,8 +150,7 @@ class RobustAccuracy(Metric):
         if len(learn.xb) != 1:
             raise ValueError(f"RobustAccuracy attacks models with one input; this batch has {len(learn.xb)} inputs")
         dl = getattr(learn, 'dl', None)
-        src = _inner(dl)
-        if not isinstance(src, DataLoader): src = learn.dls  # `validate(dl=[batch])`: a list
+        src = _stats_source(dl, learn)  # (`validate(dl=[batch])`: a list)
         if self.seen == 0: check_normalization(learn.model, src, 'RobustAccuracy')  # warns once per model and data
         stats = None if self.stats is not None or self.seen else normalize_stats(src)  # read on the first batch
         self._update(learn.model, learn.xb[0], learn.yb[0], stats, dl, learn)
@@ -186,7 +191,7 @@ def robust_validate(self:Learner,
     if not len(dl):
         raise ValueError("robust_validate: the DataLoader is empty (a learner from `load_learner` keeps no data): "
                          "pass one with labels, e.g. `dl=learn.dls.test_dl(items, with_labels=True)`")
-    src = _inner(dl) if isinstance(_inner(dl), DataLoader) else self.dls  # a torch loader: the learner's statistics
+    src = _stats_source(dl, self)
     check_normalization(self.model, src, 'robust_validate')
     dev = getattr(src, 'device', None)
     if dev is not None: self.model.to(dev)  # as fastai's `validate` does (`TrainEvalCallback.before_fit`)
@@ -226,6 +231,11 @@ def in_random_order(dl, # a fastai `DataLoader` (e.g. `dls.valid`)
                         "generator=torch.Generator().manual_seed(0))`")
     idxs = torch.randperm(len(dl.dataset), generator=torch.Generator().manual_seed(seed)).tolist()
     return dl.new(shuffle=False, get_idxs=lambda: idxs)
+
+def _random_sample(dl, seed:int=0):
+    ("The default evaluation sample: `in_random_order(dl, seed)` for a fastai loader with items (a folder's validation "
+     "images are in class order); a PyTorch or an empty loader as it is")
+    return in_random_order(dl, seed) if isinstance(dl, DataLoader) and len(dl) else dl
 
 # %% ../../nbs/03_callback.adv_valid.ipynb #b0459ab8
 def robust_accuracy_curve(learn:Learner,
