@@ -29,6 +29,13 @@ def eval_mode(model:nn.Module):
     finally:
         for m,t in modes: m.training = t
 
+def _attack_model(model:nn.Module)->nn.Module:
+    ("The model an attack runs: out of `DistributedDataParallel`, whose forward syncs buffers across processes at every "
+     "step (in eval mode no statistic moves); `DataParallel` (its forward splits the batch over the GPUs) and "
+     "`torch.compile` kept")
+    while isinstance(model, nn.parallel.DistributedDataParallel): model = model.module
+    return model
+
 # %% ../nbs/02_attacks.ipynb #d927e805
 class EpsScaleWarning(UserWarning):
     "An L-inf `eps` between 0.5 and 1: almost surely meant in grey levels (k/255)"

@@ -472,7 +472,7 @@ def set_blocks(model:nn.Module,
 
 # %% ../nbs/01_models.ipynb #2987e93a
 def unwrap_model(model:nn.Module, # a model, maybe wrapped
-                 compiled:bool=True, # also unwrap `torch.compile`'s `OptimizedModule` (False: attacks keep it compiled)
+                 compiled:bool=True, # also unwrap `torch.compile`'s `OptimizedModule` (False: keep it compiled)
                 ) -> nn.Module:
     "The module inside `DistributedDataParallel`/`DataParallel` (as under fastai's `distrib_ctx`) and `torch.compile`"
     return _unwrap(model, compiled)

@@ -382,3 +382,16 @@ def test_plain_pytorch_dataloaders(digits_dls, digits_model):
     with pytest.raises(TypeError, match='fastai DataLoader'):
         from rtl_fastai.callback.adv_valid import in_random_order
         in_random_order(tdls.valid)
+
+def test_dataparallel_model_attacked_through_its_wrapper(digits_dls, digits_model):
+    "Evaluation and adversarial training attack the same model: out of DDP only; `DataParallel` (which splits the "
+    "batch over the GPUs) is kept, and measures what the module inside it measures."
+    from rtl_fastai.attacks import _attack_model
+    from rtl_fastai.callback.adv_train import _attacked
+    dp = nn.DataParallel(copy.deepcopy(digits_model))
+    assert _attack_model(dp) is dp
+    kw = dict(eps=EPS, steps=5, seed=0, show_progress=False)
+    test = _learn(digits_dls, digits_model).robust_validate(**kw)
+    learn = Learner(digits_dls, dp, metrics=accuracy)
+    assert _attacked(learn) is dp
+    assert learn.robust_validate(**kw) == test

@@ -297,6 +297,17 @@ def test_precompute_detects_changed_inputs(source):
                                + 0.1 * (r['f'] - get_features(source, r['x'])).abs().sum(1).mean())
 
 
+def test_precompute_refuses_input_changers(source):
+    "MixUp, CutMix and adversarial training are named before any precomputation; the fit leaves nothing behind."
+    from fastai.callback.mixup import MixUp, CutMix
+    from rtl_fastai.callback.adv_train import PGDTraining
+    for cb in (MixUp(), CutMix(), PGDTraining(eps=0.1, steps=2)):
+        learn = make_learner(source)
+        fd = FeatureDistillation(source, precompute=True)
+        with pytest.raises(ValueError, match=f'`{type(cb).__name__}` changes the training inputs'):
+            learn.fit(1, cbs=[cb, fd])
+        assert fd._src_feats is None and fd.hooks is None and len(learn.metrics) == 0
+
 def test_shape_mismatch_and_bad_layer(source):
     learn = make_learner(source)
     other = SmallCNN(n_out=5, widths=(8, 32))

@@ -13,17 +13,13 @@ from fastai.callback.training import GradientAccumulation
 from ..core import plain, check_int, check_number, normalize_stats, check_normalization, UndoTrainOnError
 import warnings
 from ..attacks import (ThreatModel, as_threat, pgd_attack, fgsm_attack, eval_mode, _pixel_space, _amp_context,
-                                _check_pixels, _check_labels, _check_head)
+                                _check_pixels, _check_labels, _check_head, _attack_model)
 
 # %% auto #0
 __all__ = ['PGDTraining', 'FreeAdvTraining', 'FastAdvTraining', 'trades_kl', 'TRADESTraining']
 
 # %% ../../nbs/04_callback.adv_train.ipynb #ccc102b6
-def _attacked(learn):
-    ("The model the attacks run: the learner's, out of `DistributedDataParallel` (whose forward syncs buffers across "
-     "processes at every step; in eval mode no statistic moves); `DataParallel` and `torch.compile` kept")
-    m = learn.model
-    return m.module if isinstance(m, torch.nn.parallel.DistributedDataParallel) else m
+def _attacked(learn): return _attack_model(learn.model)   # the learner's model, out of DDP
 
 def _one_input(learn, who, classes=True):
     if len(learn.xb) != 1:

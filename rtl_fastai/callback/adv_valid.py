@@ -15,8 +15,7 @@ from fastai.learner import Learner, Metric
 from fastai.data.load import DataLoader
 from fastai.callback.core import GatherPredsCallback
 from ..core import check_int, is_number, fork_rng, eps_str, normalize_stats, check_normalization, check_dl
-from ..models import unwrap_model
-from ..attacks import ThreatModel, as_threat, robust_eval_batch, _FIELDS, _amp_context, _pixel_space
+from ..attacks import ThreatModel, as_threat, robust_eval_batch, _FIELDS, _amp_context, _pixel_space, _attack_model
 from ..distributed import DistributedDL, _inner, _sharded, _n_real, _in_distrib_ctx
 
 # %% auto #0
@@ -128,8 +127,7 @@ class RobustAccuracy(Metric):
          "sharded.")
         n, sharded = _n_real(dl, len(y)), _sharded(dl)
         if n < len(y): x, y = x[:n], y[:n]
-        # not through DDP: its forward syncs buffers
-        if n: clean, robust = self._attack(unwrap_model(model, compiled=False), x, y, stats, learn)
+        if n: clean, robust = self._attack(_attack_model(model), x, y, stats, learn)   # not through DDP (`_attack_model`)
         else: clean = robust = torch.zeros(0, dtype=torch.bool, device=y.device)
         self._mark_classes(y, learn)
         self._count(clean, robust, reduce=sharded)

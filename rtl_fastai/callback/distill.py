@@ -15,10 +15,12 @@ from fastai.torch_core import find_bs
 from fastai.learner import Learner, Metric
 from fastai.callback.hook import Hooks, HookCallback
 from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.mixup import MixHandler
 from ..core import check_int, check_number, fork_rng, UndoTrainOnError, check_normalization, _in_channels
 from ..models import head_module, unwrap_model, penultimate, Penultimate, forward_to
 from ..data.augment import random_tfms
 from .batch_items import batch_items
+from .adv_train import _AdvTrainCallback
 
 # %% auto #0
 __all__ = ['feature_distance', 'feature_hook', 'feature_module', 'DistillMetric', 'FeatureDistillation']
@@ -353,6 +355,12 @@ class FeatureDistillation(UndoTrainOnError, HookCallback):
                              f"`{', '.join(rnd)}`, "
                              "random or training-only transforms, so each epoch's inputs differ and precomputed source "
                              "features would be wrong. Use precompute=False (source forward per batch).")
+        # MixUp/CutMix and adversarial training replace `learn.xb` every batch: named here, before any precomputation
+        changers = [type(cb).__name__ for cb in self.learn.cbs if isinstance(cb, (MixHandler, _AdvTrainCallback))]
+        if changers:
+            raise ValueError(f"FeatureDistillation(precompute=True): `{', '.join(changers)}` changes the training "
+                             "inputs every batch, so features precomputed on the dataset's images would be wrong. "
+                             "Use precompute=False (source forward per batch, on the inputs the model sees).")
         model = unwrap_model(self.learn.model)
         p = next(model.parameters(), None)
         dev = p.device if p is not None else dl.device
