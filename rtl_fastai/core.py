@@ -335,15 +335,16 @@ def input_stats(model:nn.Module)->tuple|None:
     return _input_stats(model)[0]
 
 def _input_stats(model)->tuple:
-    "`(input_stats(model), where)`: where they were found, 'layer', 'recorded', 'timm' or None"
+    ("`(input_stats(model), where)`: where they were found, 'layer', 'recorded' (on `model`), 'child' (on the first "
+     "child of a model cut from one that recorded them), 'timm' or None")
     n = _norm_layer(model)
     if n is not None: return normalize_stats(n), 'layer'
-    st = getattr(_unwrap(model), 'input_stats', None)
+    st, where = getattr(_unwrap(model), 'input_stats', None), 'recorded'
     front = list(_front(_unwrap(model)))
     for m in front[1:]:  # else those `_record_stats` left on the first child of a cut model
         if st is not None or type(m).__name__ == 'Normalize': break  # (not past a torchvision `Normalize` in front)
-        st = vars(m).get('input_stats')
-    if st is not None: return normalize_stats(st), 'recorded'
+        st, where = vars(m).get('input_stats'), 'child'
+    if st is not None: return normalize_stats(st), where
     # a timm model, also inside `vision_learner`'s body: the statistics its published weights were trained with
     cfg = next((c for m in front if isinstance(c := getattr(m, 'pretrained_cfg', None), dict)
                 and c.get('mean') is not None and c.get('std') is not None), None)
@@ -448,10 +449,9 @@ def check_normalization(model:nn.Module, # the model the inputs go to
                                 f"Add {fix_dls}, or normalize inside the model with "
                                 "`add_input_norm(model, input_stats(model))` "
                                 "(or `load_robust_checkpoint(..., norm='model')`)" + (
-                                "" if getattr(_unwrap(model), 'input_stats', None) is not None or where == 'timm' else
                                 ". (These statistics were recorded on a model that was then cut to its children, as "
                                 "`vision_learner` does with what its `arch` returns: a normalization inside that "
-                                "model is lost with it.)"))
+                                "model is lost with it.)" if where == 'child' else ""))
     elif layer is None and not (torch.allclose(got[0], exp[0], atol=1e-4)
                                 and torch.allclose(got[1], exp[1], atol=1e-4)):
         kind, msg = 'other', (f"the model expects inputs normalized with {_fmt_stats(exp)}{timm_note} "
