@@ -395,3 +395,22 @@ def test_dataparallel_model_attacked_through_its_wrapper(digits_dls, digits_mode
     learn = Learner(digits_dls, dp, metrics=accuracy)
     assert _attacked(learn) is dp
     assert learn.robust_validate(**kw) == test
+
+def test_metrics_with_one_column_name_warn(digits_dls, digits_model):
+    "Two RobustAccuracy metrics that differ in what the name does not show (the step size) warn once; `name=` fixes it."
+    import warnings
+    a, b = RobustAccuracy(EPS, steps=3, n_batches=1), RobustAccuracy(EPS, steps=3, alpha=0.01, n_batches=1)
+    assert a.name == b.name
+    learn = Learner(digits_dls, copy.deepcopy(digits_model), metrics=[accuracy, a, b])
+    with warnings.catch_warnings(record=True) as w, learn.no_bar():
+        warnings.simplefilter('always')
+        learn.validate(); learn.validate()
+    msgs = [str(x.message) for x in w if 'column name' in str(x.message)]
+    assert len(msgs) == 2 and 'alpha=None and 0.01' in msgs[0] and 'give one of them `name=`' in msgs[0], msgs
+    c = RobustAccuracy(EPS, steps=3, alpha=0.01, n_batches=1, name='pgd3_small_step')
+    learn = Learner(digits_dls, copy.deepcopy(digits_model), metrics=[accuracy, a, c])
+    with warnings.catch_warnings(record=True) as w, learn.no_bar():
+        warnings.simplefilter('always')
+        learn.validate()
+    assert not [x for x in w if 'column name' in str(x.message)]
+    assert list(learn.recorder.metric_names[-3:-1]) == [a.name, 'pgd3_small_step']

@@ -54,9 +54,12 @@ class RobustAccuracy(Metric):
                  seed:int=0, # seed of the random starts (None: use and advance the global RNG)
                  amp:bool|None=None, # None: as the learner; True: its MixedPrecision dtype, CPU too; False: fp32
                  compile:bool|dict=False, # attack a `torch.compile`d model (True, or `torch.compile`'s arguments)
+                 name:str=None, # the metric's column; default `threat.name`, e.g. 'pgd20_acc@8/255'
                  **threat_kw, # `ThreatModel` fields (eps, steps, alpha, norm, restarts, random_start)
                 ):
         self.threat = as_threat(threat, None, type(self), **threat_kw)
+        if name is not None and not (isinstance(name, str) and name):
+            raise TypeError(f"RobustAccuracy: `name` must be a non-empty string (the metric's column) or None, got {name!r}")
         if not isinstance(compile, (bool, dict)):
             raise ValueError(f"RobustAccuracy: `compile` must be False, True or a dict of `torch.compile` arguments "
                              f"(e.g. dict(mode='max-autotune')), got {compile!r}")
@@ -66,7 +69,7 @@ class RobustAccuracy(Metric):
             raise ValueError(f"RobustAccuracy: `amp` must be None (the learner's precision), True or False, "
                              f"got {amp!r}")
         store_attr('n_batches,drop_fooled,loss_func,stats,seed,amp,compile')
-        self._space = None
+        self._space, self._name = None, name
         self.reset()
 
     def reset(self):
@@ -149,7 +152,9 @@ class RobustAccuracy(Metric):
             raise ValueError(f"RobustAccuracy attacks models with one input; this batch has {len(learn.xb)} inputs")
         dl = getattr(learn, 'dl', None)
         src = _stats_source(dl, learn)  # (`validate(dl=[batch])`: a list)
-        if self.seen == 0: check_normalization(learn.model, src, 'RobustAccuracy')  # warns once per model and data
+        if self.seen == 0:
+            check_normalization(learn.model, src, 'RobustAccuracy')  # warns once per model and data
+            self._check_name(learn)
         stats = None if self.stats is not None or self.seen else normalize_stats(src)  # read on the first batch
         self._update(learn.model, learn.xb[0], learn.yb[0], stats, dl, learn)
 
@@ -161,7 +166,19 @@ class RobustAccuracy(Metric):
     @property
     def clean_value(self): return None if self.total == 0 else (self.clean_correct.float()/self.total).item()
     @property
-    def name(self): return self.threat.name
+    def name(self): return getattr(self, '_name', None) or self.threat.name   # (pickled before `name` existed)
+
+    def _check_name(self, learn):
+        "Warn (once) when another `RobustAccuracy` of `learn` has this column name but another threat model"
+        twins = [m for m in getattr(learn, 'metrics', []) if isinstance(m, RobustAccuracy) and m is not self
+                 and m.name == self.name and m.threat != self.threat]
+        if not twins or getattr(self, '_warned_name', False): return
+        self._warned_name = True
+        diff = {k: (getattr(self.threat, k), getattr(twins[0].threat, k)) for k in _FIELDS
+                if getattr(self.threat, k) != getattr(twins[0].threat, k)}
+        warnings.warn(f"RobustAccuracy: two metrics have the column name {self.name!r} but different threat models "
+                      f"({', '.join(f'{k}={a!r} and {b!r}' for k, (a, b) in diff.items())}): their columns cannot be told "
+                      "apart; give one of them `name=`", UserWarning, stacklevel=3)
 
 # %% ../../nbs/03_callback.adv_valid.ipynb #19862a6d
 @patch
