@@ -4,7 +4,8 @@
 
 # %% ../nbs/08b_job.ipynb #850b8b8c
 from __future__ import annotations
-import difflib, inspect, os, re, sys, time, warnings
+import difflib, inspect, os, re, socket, sys, time, warnings
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from urllib.parse import urlparse
 import pandas as pd
@@ -97,6 +98,28 @@ def _did_you_mean(name, names):
     close = difflib.get_close_matches(name, list(names), n=5, cutoff=0.6)
     return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ''
 
+_PROXY_VARS = ('HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'all_proxy', 'HTTP_PROXY', 'http_proxy')
+
+def _unreachable(url:str, timeout:float=3.)->bool:
+    "Whether the host of `url` refuses a TCP connection (one attempt, no retries); False behind a proxy (not tried)"
+    if any(os.environ.get(v) for v in _PROXY_VARS): return False
+    u = urlparse(url)
+    try: socket.create_connection((u.hostname, u.port or (80 if u.scheme == 'http' else 443)), timeout=timeout).close()
+    except OSError: return True
+    return False
+
+@contextmanager
+def _hub_cache_only():
+    ("The Hugging Face Hub in its offline mode (its local cache only) while its host cannot be reached: timm's cached "
+     "weights load at once, and missing ones fail at once, instead of after a minute of retries; yields whether")
+    try: from huggingface_hub import constants
+    except ImportError: yield False; return
+    off = not constants.HF_HUB_OFFLINE and _unreachable(getattr(constants, 'ENDPOINT', 'https://huggingface.co'))
+    if off: constants.HF_HUB_OFFLINE = True
+    try: yield off
+    finally:
+        if off: constants.HF_HUB_OFFLINE = False
+
 def build_arch(arch:str, # 'resnet50' or 'torchvision:resnet50' (torchvision), 'timm:convnext_atto' (timm)
                num_classes:int=1000, # outputs of the head
                pretrained:bool=False, # the library's ImageNet weights (downloaded once into its cache)
@@ -124,10 +147,13 @@ def build_arch(arch:str, # 'resnet50' or 'torchvision:resnet50' (torchvision), '
                           "pip install timm") from None
     if not timm.is_model(n.split('.')[0]):
         raise ValueError(f"{who}: `{name}`={arch!r} is not a timm model{_did_you_mean(n, timm.list_models())}")
-    try: m = timm.create_model(n, pretrained=pretrained, num_classes=num_classes)
-    except Exception as e:
-        if pretrained: raise OSError(fail.format(f"{type(e).__name__}: {e}")) from e
-        raise
+    with (_hub_cache_only() if pretrained else nullcontext(False)) as offline:
+        try: m = timm.create_model(n, pretrained=pretrained, num_classes=num_classes)
+        except Exception as e:
+            if not pretrained: raise
+            hub = ("the Hugging Face Hub cannot be reached and the weights are not in its local cache; "
+                   if offline else "")
+            raise OSError(fail.format(f"{hub}{type(e).__name__}: {e}")) from e
     st = input_stats(m)   # its `pretrained_cfg`'s
     return m, st if st is not None else normalize_stats(IMAGENET_STATS)
 

@@ -247,3 +247,29 @@ def test_input_stats_of_a_timm_model(digits_rgb32):
         warnings.simplefilter('always')
         transfer_learner(vit, dls, n_retrain=0, cache=False)
     assert any("pretrained_cfg" in str(o.message) and 'mean=[0.5, 0.5, 0.5]' in str(o.message) for o in w), [str(o.message) for o in w]
+
+
+def test_timm_weights_without_the_hub(tmp_path, monkeypatch):
+    "Where the Hugging Face Hub cannot be reached, timm's weights come from its local cache at once, and weights not "
+    "there fail at once, saying so (not after a minute of retries)."
+    import huggingface_hub.constants as hc
+    from safetensors.torch import save_file
+    import rtl_fastai.job as job
+    unreachable = job._unreachable
+    for v in job._PROXY_VARS: monkeypatch.delenv(v, raising=False)
+    assert unreachable('http://127.0.0.1:1')   # a refused connection
+    monkeypatch.setenv('HTTPS_PROXY', 'http://proxy.invalid:3128')
+    assert not unreachable('http://127.0.0.1:1')   # behind a proxy the host is not tried: the downloads go through it
+    monkeypatch.setattr(hc, 'HF_HUB_CACHE', str(tmp_path))
+    monkeypatch.setattr(job, '_unreachable', lambda url, timeout=3.: True)
+    ref = timm.create_model('resnet18', pretrained=False)
+    repo = tmp_path/'models--timm--resnet18.a1_in1k'   # the Hub cache's layout: refs/main names the snapshot
+    (repo/'snapshots'/('0'*40)).mkdir(parents=True)
+    save_file(ref.state_dict(), repo/'snapshots'/('0'*40)/'model.safetensors')
+    (repo/'refs').mkdir(); (repo/'refs'/'main').write_text('0'*40)
+    m, st = job.build_arch('timm:resnet18', pretrained=True)
+    torch.testing.assert_close(m.conv1.weight, ref.conv1.weight)
+    assert not hc.HF_HUB_OFFLINE   # the offline mode was for that call only
+    with pytest.raises(OSError, match='cannot be reached and the weights are not in its local cache'):
+        job.build_arch('timm:resnet34', pretrained=True)
+    assert not hc.HF_HUB_OFFLINE
