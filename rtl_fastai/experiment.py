@@ -56,13 +56,20 @@ ALPHA_RATIO = 0.25  # PGD step = eps/4: the paper's 2/255 at eps 8/255
 
 def evaluate(learn:Learner,
              threat, # a `ThreatModel`, or an L-inf radius in [0,1] pixel units
-             steps:int=20, # PGD steps (when `threat` is a radius)
-             alpha:float=None, # PGD step in pixels (when `threat` is a radius); default `ALPHA_RATIO*eps`
+             steps:int=None, # PGD steps when `threat` is a radius (default 20); a `ThreatModel` holds its own
+             # PGD step in pixels when `threat` is a radius; default `ALPHA_RATIO*eps` (the experiments' eps/4; under
+             # 10 steps smaller than `ThreatModel`'s default)
+             alpha:float=None,
              seed:int=0, # seed of the random starts
              dl=None, # a `DataLoader`; default the validation one
             ) -> dict: # `clean_acc`, `pgd_acc` (fractions) and `n` (examples evaluated)
     "Clean and PGD accuracy of `learn.model`, seeded."
+    if isinstance(threat, ThreatModel) and (steps is not None or alpha is not None):
+        raise TypeError(f"evaluate: `threat` is a ThreatModel, which holds the steps and step size: give them there, "
+                        f"e.g. threat.replace(steps={steps if steps is not None else threat.steps}"
+                        f"{'' if alpha is None else f', alpha={alpha:g}'}), not as `steps`/`alpha`")
     if not isinstance(threat, ThreatModel):
+        steps = 20 if steps is None else steps
         eps = check_number(threat, 'threat', lo=0, fix="give a ThreatModel or the radius in pixel units, e.g. 8/255")
         threat = ThreatModel(eps, steps, alpha=ALPHA_RATIO*eps if alpha is None and eps > 0 else alpha)
     with keeps_cudnn_flags():
@@ -80,18 +87,22 @@ def train_source(dls, # source-task DataLoaders
                  epochs:int=10, lr:float=3e-3,
                  width:int=None, # see `make_model`
                  eps:float=None, # None: natural training; else adversarial training at this L-inf radius (pixels)
-                 steps:int=7, # PGD steps of adversarial training (`adv='pgd'`)
-                 alpha:float=None, # PGD step of adversarial training; default `PGDTraining`'s
-                 adv:str='pgd', # 'pgd' (`PGDTraining`) or 'fast' (`FastAdvTraining`)
+                 steps:int=None, # PGD steps of adversarial training (`adv='pgd'`; default 7)
+                 alpha:float=None, # the attack's step; default `PGDTraining`'s (or `FastAdvTraining`'s, 1.25*eps)
+                 adv:str='pgd', # 'pgd' (`PGDTraining`) or 'fast' (`FastAdvTraining`, one step)
                  seed:int=0, verbose:bool=False, bars:bool=False,
                 ) -> Learner:
     "Train a natural (`eps=None`) or adversarially trained source model from `seed`; returns the `Learner`."
     if adv not in ('pgd', 'fast'): raise ValueError(f"`adv` must be 'pgd' or 'fast', got {adv!r}")
+    if adv == 'fast' and steps is not None:
+        raise ValueError(f"train_source: `steps`={steps} with adv='fast', which takes one FGSM step per batch: leave "
+                         "`steps` out, or use adv='pgd'")
     n_in = _n_in(dls) if isinstance(arch, str) else None
     with keeps_cudnn_flags():
         set_seed(seed, reproducible=True)
         model = make_model(arch, n_in, dls.c, width) if isinstance(arch, str) else arch(dls.c)
-        cbs = [] if not eps else [PGDTraining(eps, steps=steps, alpha=alpha) if adv == 'pgd' else FastAdvTraining(eps)]
+        cbs = [] if not eps else [PGDTraining(eps, steps=7 if steps is None else steps, alpha=alpha) if adv == 'pgd'
+                                  else FastAdvTraining(eps, alpha=alpha)]
         return fit_quietly(Learner(dls, model, metrics=accuracy), epochs, lr, cbs, verbose=verbose, bars=bars)
 
 # %% ../nbs/07a_experiment.ipynb #f6b0dd51

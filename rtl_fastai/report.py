@@ -102,16 +102,19 @@ def autoattack_evaluate(learn:Learner, # the learner whose model is attacked
                         threat:ThreatModel|float=None, # its eps and norm (default 8/255, L-inf), or eps
                         *,
                         version:str='standard', # AutoAttack's version: 'standard', 'plus' or 'rand'
-                        n_batches:int|None=2, # attack the first `n_batches` validation batches (None: all)
+                        n_batches:int|None=2, # attack `n_batches` batches (of a seeded random sample when `dl` is None; None: all)
                         dl=None, # default: the validation `DataLoader`
                         stats=None, # normalization stats; default: those of `dl`
                         n_classes:int=None, # default: `learn.dls.c`
                         seed:int=0, # AutoAttack's seed
-                        **threat_kw, # `ThreatModel` fields: eps, norm, and steps (default 100: iterations of
-                                     # APGD-CE, APGD-T and FAB-T, as in the reference AutoAttack; torchattacks' is 10)
+                        # `ThreatModel` fields: eps, norm, and steps (the iterations of APGD-CE, APGD-T and FAB-T;
+                        # default 100 as in the reference AutoAttack, also for a `threat` whose steps are PGD's;
+                        # torchattacks' is 10)
+                        **threat_kw,
                        )->dict: # `clean_acc`, `robust_acc`, `n`, `attack`, `max_perturbation`
     "Clean and AutoAttack robust accuracy of `learn.model` (torchattacks, optional dependency), eps in pixel units."
     tm = as_threat(threat, dict(steps=100), autoattack_evaluate, **threat_kw)
+    if 'steps' not in threat_kw: tm = tm.replace(steps=100)  # a `ThreatModel`'s steps are PGD's, not AutoAttack's
     if version not in _VERSIONS: raise ValueError(f"`version` must be one of {_VERSIONS}, got {version!r}")
     check_int(n_batches, 'n_batches', none_ok=True)
     ta = _torchattacks('autoattack_evaluate')
@@ -130,8 +133,9 @@ def square_evaluate(learn:Learner, # the learner whose model is attacked
                     threat:ThreatModel|float=None, # its eps and norm (default 8/255, L-inf), or eps
                     *,
                     n_queries:int=1000, # queries per example
-                    n_batches:int|None=2, # attack the first `n_batches` validation batches (None: all)
-                    dl=None, stats=None, # `DataLoader` (default: validation) and normalization stats
+                    n_batches:int|None=2, # attack `n_batches` batches (of a seeded random sample when `dl` is None; None: all)
+                    dl=None, # default: the validation `DataLoader`
+                    stats=None, # normalization stats; default: those of `dl`
                     seed:int=0, # the attack's seed
                     **threat_kw, # `ThreatModel` fields (eps, norm)
                    )->dict: # clean and Square accuracy, and the attack's settings
@@ -261,7 +265,7 @@ def robustness_report(self:Learner,
     others = (('square', square_queries is not None,
                lambda: square_evaluate(self, ref, n_queries=square_queries, n_batches=n_batches, dl=dl, seed=seed)),
               ('autoattack', autoattack,
-               lambda: autoattack_evaluate(self, ref.replace(steps=100), n_batches=n_batches, dl=dl, seed=seed)))
+               lambda: autoattack_evaluate(self, ref, n_batches=n_batches, dl=dl, seed=seed)))
     with fork_rng():  # iterating a DataLoader draws from torch's global RNG: leave it as it was
         for s in steps_list: pgd(eps, s)
         for e in sorted({eps*f for f in factors if f != 1 and (norm != 'linf' or eps*f <= 1)}): pgd(e, steps)

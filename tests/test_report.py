@@ -160,3 +160,19 @@ def test_default_sample_is_random_not_the_first_classes(digits_model):
     assert not [x for x in w if 'classes' in str(x.message)], [str(x.message) for x in w]
     with pytest.warns(UserWarning, match="attacked examples of only"):   # the first 2 batches: 2 classes of 10
         learn.robust_validate(eps=0.1, steps=2, n_batches=2, show_progress=False)
+
+
+def test_autoattack_iterations(digits_dls, digits_model, monkeypatch):
+    "AutoAttack runs 100 iterations unless `steps` is given, also when `threat` is a ThreatModel (its steps are PGD's)."
+    pytest.importorskip('torchattacks')
+    import rtl_fastai.report as report
+    from rtl_fastai.attacks import ThreatModel
+    got = []
+    monkeypatch.setattr(report, 'torchattack_evaluate', lambda learn, mk, tm, *a, **k: got.append((mk(learn.model), tm)))
+    learn = _learn(digits_dls, digits_model)
+    for threat, kw, n in ((0.1, {}, 100), (ThreatModel(0.1), {}, 100), (ThreatModel(0.1), dict(steps=7), 7),
+                          (0.1, dict(steps=5), 5)):
+        got.clear()
+        autoattack_evaluate(learn, threat, **kw)
+        atk, tm = got[0]
+        assert tm.steps == n and {a.steps for a in atk._autoattack.attacks if hasattr(a, 'steps')} == {n}, (threat, kw)
