@@ -122,6 +122,9 @@ def check_dl(dl, # the loader a function was given
     if isinstance(dl, DataLoaders):
         raise TypeError(f"{who}: `dl` must be one DataLoader, got the DataLoaders (training and validation): pass "
                         "`dls.valid` (or `dls.train`)")
+    if dl is not None and not hasattr(dl, '__iter__'):   # a radius or a threat model given where `dl` goes
+        raise TypeError(f"{who}: `dl` must be a DataLoader (e.g. `learn.dls.valid`), got {dl!r}; give the radius or "
+                        "the threat model by name: `eps=8/255` or `threat=...`")
     return dl
 
 # %% ../nbs/00_core.ipynb #43957510

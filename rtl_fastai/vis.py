@@ -304,7 +304,7 @@ def can_show_widgets()->bool:
 class AdversarialExplorer:
     "Explore PGD adversarial examples of one batch: `redraw(eps, steps, idx)`, or ipywidgets sliders with `widget()`"
     def __init__(self, learn, # a fastai `Learner`
-                 dl=None, # a `DataLoader` to take one batch from (default `learn.dls.valid`)
+                 dl=None, # a `DataLoader` to take one batch from (default: a seeded random order of `learn.dls.valid`)
                  batch:tuple=None, # or an `(x, y)` batch, x as the model receives it
                  threat:ThreatModel|float=None, # the initial `ThreatModel`, or its eps (default 8/255, PGD-10)
                  *,
@@ -317,6 +317,7 @@ class AdversarialExplorer:
                  seed:int=0, # seed of PGD's random start, so that only the sliders change the picture
                  **threat_kw, # `ThreatModel` fields (eps, steps, norm, ...)
                 ):
+        check_dl(dl, type(self).__name__)   # (a radius given in its place)
         self.threat = as_threat(threat, dict(steps=10), type(self), **threat_kw)
         check_int(max_steps, 'max_steps'); check_int(k, 'k')
         if max_eps is None: max_eps = min(1., max(2*self.eps, 32/255))

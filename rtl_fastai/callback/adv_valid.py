@@ -198,11 +198,7 @@ def robust_validate(self:Learner,
                     **threat_kw, # `ThreatModel` fields (eps, steps, alpha, norm, restarts, random_start)
                    )->dict: # `clean_acc`, `robust_acc`, `n` (examples attacked) and `attack` (the name)
     "Clean and PGD robust accuracy of `self.model` on `dl`, eps in pixel units."
-    if is_number(dl) or isinstance(dl, ThreatModel):
-        raise TypeError(f"robust_validate: the first argument is `dl`, a DataLoader, got {dl!r}; give the radius or "
-                        "the threat model by name: `robust_validate(eps=8/255)` or `robust_validate(threat=...)` "
-                        "(and a data set by its loader: `dl=learn.dls[1]`)")
-    dl = check_dl(self.dls.valid if dl is None else dl, 'robust_validate')
+    dl = check_dl(self.dls.valid if dl is None else dl, 'robust_validate')   # (a radius given as `dl`: refused)
     if not len(dl):
         raise ValueError("robust_validate: the DataLoader is empty (a learner from `load_learner` keeps no data): "
                          "pass one with labels, e.g. `dl=learn.dls.test_dl(items, with_labels=True)`")
@@ -269,6 +265,7 @@ def robust_accuracy_curve(learn:Learner,
                         f"got the number {eps_list!r}; for one radius use `learn.robust_validate(eps={eps_str(eps_list)})`")
     eps_list = list(eps_list)
     if not eps_list: raise ValueError("`eps_list` is empty: give the radii to evaluate, e.g. [0, 2/255, 4/255, 8/255]")
+    check_dl(dl, 'robust_accuracy_curve')
     tkw = {k: kwargs.pop(k) for k in list(kwargs) if k in _FIELDS}
     if threat is None and tkw.get('alpha') is not None and 'eps' not in tkw:
         raise ValueError("robust_accuracy_curve: `alpha` alone is ambiguous, since the step size is scaled with eps along "
