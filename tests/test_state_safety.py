@@ -303,3 +303,29 @@ def test_unfreeze_during_freezeblocks_reaches_the_frozen_entries(dls):
     _fit(learn)
     learn.remove_cb(FreezeBlocks)
     assert not learn.model.stem.conv.weight.requires_grad and learn.model.block1[0].conv.weight.requires_grad
+
+
+def test_export_with_a_splitter_that_holds_the_frozen_blocks(dls, tmp_path):
+    "fastai's `export` (and `fit(reset_opt=True)`) rebuild the optimizer from `learn.splitter`: with a splitter that "
+    "lists the frozen parameters (`trainable_splitter`, `vision_learner`'s), it is the pruned one, so the export works, "
+    "keeps Adam's state and the data, and a changed `n_frozen` too; removing FreezeBlocks gives the splitter back"
+    from rtl_fastai.callback.freeze import trainable_splitter
+    learn = Learner(dls, SmallCNN(n_in=1, n_out=dls.c, widths=(8, 16)), splitter=trainable_splitter,
+                    cbs=FreezeBlocks(2), path=tmp_path)
+    _fit(learn)
+    w, n_train = learn.model.head.weight, len(learn.dls.train)
+    learn.export('a.pkl')
+    assert 'grad_avg' in learn.opt.state[w] and len(learn.dls.train) == n_train
+    new = load_learner(tmp_path/'a.pkl')
+    new.dls = dls
+    _fit(new)
+    assert not new.model.stem.conv.weight.requires_grad   # still frozen after the reload
+    learn.freeze_blocks.n_frozen += 1
+    _fit(learn)
+    learn.export('b.pkl')
+    ids = {id(p) for g in learn.opt.param_lists for p in g}
+    assert not any(id(p) in ids for p in learn.model.block1.parameters())
+    _fit(learn, reset_opt=True)
+    assert not any(id(p) in {id(q) for g in learn.opt.param_lists for q in g} for p in learn.model.block1.parameters())
+    learn.remove_cb(FreezeBlocks)
+    assert learn.splitter is trainable_splitter

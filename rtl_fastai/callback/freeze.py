@@ -4,6 +4,7 @@
 
 # %% ../../nbs/05a_callback.freeze.ipynb #0e30887c
 from __future__ import annotations
+import torch
 from torch import nn
 from fastcore.foundation import L
 from fastai.torch_core import params
@@ -64,6 +65,17 @@ def _restore_optimizer(opt, removed:list):
             if p not in state or (st and not state[p]): state[p] = st or {}  # fastai's state may be a plain dict
         _set_group(opt, i, pg)
 
+class _SplitterWithout:
+    ("`splitter`'s parameter groups without the frozen parameters (by position in the model), every group kept: the "
+     "optimizer fastai rebuilds (`learn.export`, `learn.load`, `fit(reset_opt=True)`) is the one `FreezeBlocks` pruned")
+    def __init__(self, splitter, positions): self.splitter, self.positions = splitter, frozenset(positions)
+    def __call__(self, model):
+        ps = list(model.parameters())
+        out = {id(ps[k]) for k in self.positions if k < len(ps)}
+        groups = L(self.splitter(model))
+        if len(groups) and isinstance(groups[0], torch.Tensor): return L(p for p in groups if id(p) not in out)  # one group
+        return L(L(p for p in g if id(p) not in out) for g in groups)
+
 class FreezeBlocks(Callback):
     "Keep the first `n_frozen` entries of `model_blocks(model).all` frozen: no gradients, out of the optimizer, in eval"
     order = TrainEvalCallback.order + 1
@@ -83,6 +95,8 @@ class FreezeBlocks(Callback):
          "an optimizer fastai made since, or after `load_learner`: the frozen ones go to their group, else the first)")
         flags, removed, fidx = getattr(self, '_flags', None), getattr(self, '_removed', None) or [], getattr(self, '_fidx', None)
         self._flags = self._removed = self._fidx = None
+        sp = getattr(self.learn, 'splitter', None)
+        if isinstance(sp, _SplitterWithout): self.learn.splitter = sp.splitter
         if flags is None: return
         ps = list(self.learn.model.parameters())
         for k, rg in flags: ps[k].requires_grad_(rg)
@@ -124,6 +138,7 @@ class FreezeBlocks(Callback):
         for p in ps: p.requires_grad_(False)
         self._fidx = getattr(self.learn.opt, 'frozen_idx', None)   # fastai's freeze state, to tell a later (un)freeze
         self._removed = _prune_optimizer(self.learn.opt, {id(p) for p in ps})
+        self.learn.splitter = _SplitterWithout(self.learn.splitter, [k for k, _ in self._flags])
         self._set_eval()
     def before_train(self):
         e, self._error = getattr(self, '_error', None), None
