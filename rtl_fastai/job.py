@@ -16,7 +16,8 @@ from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastprogress.fastprogress import IN_NOTEBOOK
 from .core import (parse_number, is_int, check_int, check_number, eps_str, normalize_stats, input_stats, add_input_norm,
-                             check_normalization, _record_stats, _fmt_stats, _norm_layer, keeps_cudnn_flags, check_device)
+                             check_normalization, _record_stats, _fmt_stats, _norm_layer, keeps_cudnn_flags, check_device,
+                             _in_channels, _is_identity)
 from .data.folder import check_image_folder, folder_dls
 from .data.external import cache_dir
 from .models import model_blocks
@@ -167,8 +168,13 @@ def _head_classes(model, sd):
     return int(hits[0].shape[0]) if len(hits) == 1 and hits[0].ndim == 2 else None
 
 def _place_stats(model, st, normalize):
-    "Record `st` as `model.input_stats` ('dls') or normalize inside the model ('model'); nothing for 'none'"
-    if st is None or isinstance(st, str): return model
+    ("Record `st` as `model.input_stats` ('dls') or normalize inside the model ('model'); for 'none', [0,1] pixels "
+     "recorded as the identity (mean 0, std 1), so that no other default (a timm model's `pretrained_cfg`) applies")
+    if st == 'none':
+        c = _in_channels(model) or 3
+        _record_stats(model, ([0.] * c, [1.] * c))
+        return model
+    if st is None: return model
     if normalize == 'model': return add_input_norm(model, st)
     _record_stats(model, st)
     return model
@@ -283,6 +289,7 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, 'torchv
     try:
         load_robust_checkpoint(model, ckpt, norm=normalize if st != 'none' else 'dls',
                                stats=None if isinstance(st, str) else st)
+        if st == 'none': _place_stats(model, st, normalize)
     except CheckpointMismatchError as e:
         raise CheckpointMismatchError(f"{who}: `source` {p.name} is not a checkpoint of `arch`={arch!r} "
                                       f"({n or 1000} classes): {e}") from None
@@ -363,7 +370,8 @@ def _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha
     try: n_frozen_entries(model, n_retrain)
     except ValueError as err: raise ValueError(f"{who}: {err}") from None
     # no `Normalize` in the DataLoaders for a model that normalizes itself (`normalize='model'`, a RobustBench model)
-    try: dls = folder_dls(summary.path, size=size, bs=bs, stats=None if _norm_layer(model) is not None else input_stats(model),
+    st = None if _norm_layer(model) is not None else input_stats(model)
+    try: dls = folder_dls(summary.path, size=size, bs=bs, stats=None if st is None or _is_identity(st) else st,
                           train=train, valid=valid, device=dev, seed=seed, verify=False, valid_pct=valid_pct,
                           num_workers=num_workers)
     except ValueError as err: raise ValueError(f"{who}: " + str(err).replace('folder_dls: ', '', 1)) from None

@@ -187,7 +187,19 @@ def test_checkpoint_of_other_classes_and_plain_state_dict(tmp_path):
     assert m.fc.out_features == 10 and all(torch.equal(v, net.state_dict()[k]) for k, v in m.state_dict().items())
     assert torch.allclose(input_stats(m)[1].flatten(), torch.full((3,), 0.25))
     m, _ = load_source(str(tmp_path/'cifar_r18.pth'), arch='resnet18', stats='none')
-    assert input_stats(m) is None
+    assert [t.flatten().tolist() for t in input_stats(m)] == [[0.]*3, [1.]*3]   # [0,1] pixels: the identity
+
+
+def test_stats_none_wins_over_timm_defaults(tmp_path):
+    "`stats='none'` ([0,1] pixels) also for a timm architecture, whose `pretrained_cfg` says ImageNet: no `Normalize`"
+    timm = pytest.importorskip('timm')
+    from rtl_fastai.core import normalize_stats
+    torch.save(timm.create_model('resnet18', pretrained=False, num_classes=2).state_dict(), tmp_path/'t.pth')
+    folder = make_image_folder(tmp_path/'f', n_per_class=4, n_valid=2, classes=2, size=32)
+    kw = dict(stats='none', size=32, bs=4, epochs=1, steps=1, curve=False, out=str(tmp_path/'out'), quiet=True)
+    for source, more in ((str(tmp_path/'t.pth'), dict(arch='timm:resnet18')), ('timm:resnet18', dict(pretrained=False))):
+        res = transfer_job(str(folder), source=source, **more, **kw)
+        assert normalize_stats(res['learn'].dls) is None, source
 
 
 def test_natural_timm_source(tmp_path):
