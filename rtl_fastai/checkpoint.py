@@ -23,13 +23,23 @@ __all__ = ['UnsafeCheckpointError', 'checkpoint_path', 'extract_state_dict', 'Ch
 class UnsafeCheckpointError(pickle.UnpicklingError):
     "A checkpoint that `torch.load(weights_only=True)` refused to unpickle"
 
+def _named(f, module:str, name:str):
+    "`f` under another global name (`module.name`), as the weights-only unpickler looks allowed globals up"
+    def g(*args): return f(*args)
+    g.__module__, g.__name__, g.__qualname__ = module, name, name
+    return g
+
 def _safe_globals():
-    "The same allowlist as fastai's `Learner.load`: fastcore's `L` (fastai optimizer states) and numpy scalars/dtypes"
+    ("The same allowlist as fastai's `Learner.load`: fastcore's `L` (fastai optimizer states) and numpy scalars/dtypes; "
+     "the scalars under both numpy 1's name and numpy 2's, as a file names them by the numpy that wrote it")
     import numpy as np
     from fastcore.foundation import L
     core = np._core if np.lib.NumpyVersion(np.__version__) >= '2.0.0' else np.core   # numpy 1 has a stub `_core`
+    scalar = core.multiarray.scalar
+    other = [_named(scalar, m, 'scalar') for m in ('numpy.core.multiarray', 'numpy._core.multiarray')
+             if m != getattr(scalar, '__module__', None)]
     dts = getattr(np, 'dtypes', None)  # numpy >= 1.25
-    return [L, core.multiarray.scalar, np.dtype, *([getattr(dts, d) for d in dts.__all__] if dts else [])]
+    return [L, scalar, *other, np.dtype, *([getattr(dts, d) for d in dts.__all__] if dts else [])]
 
 def _safe_load(path:Path, map_location='cpu', name='path_or_url'):
     try:

@@ -80,7 +80,23 @@ def test_numpy_without_dtypes(monkeypatch):
                                 core=types.SimpleNamespace(multiarray=types.SimpleNamespace(scalar=scalar)))
     monkeypatch.setitem(sys.modules, 'numpy', old)
     short = ck._safe_globals()
-    assert len(short) == 3 and short[1] is scalar and short[2] is np.dtype
+    assert len(short) == 5 and short[1] is scalar and short[4] is np.dtype   # (and its two names, numpy 1's and 2's)
+
+def test_numpy_scalars_of_the_other_numpy(tmp_path, src):
+    "A file written under numpy 1 names its scalars `numpy.core.multiarray.scalar`, under numpy 2 "
+    "`numpy._core.multiarray.scalar`: both load (a fastai 2.7 `learn.save(with_opt=True)`, an old MadryLab file)"
+    import numpy as np
+    torch.save({'model': _madry_sd(src, [.5]*3, [.25]*3), 'prec1': np.float64(51.2), 'epoch': np.int64(3)},
+               tmp_path/'m.pt', _use_new_zipfile_serialization=False)   # the old format: the pickle as bytes
+    raw = (tmp_path/'m.pt').read_bytes()
+    for now, other in (('numpy._core.multiarray', 'numpy.core.multiarray'), ('numpy.core.multiarray', 'numpy._core.multiarray')):
+        if f'c{now}\nscalar\n'.encode() not in raw: continue
+        (tmp_path/'o.pt').write_bytes(raw.replace(f'c{now}\nscalar\n'.encode(), f'c{other}\nscalar\n'.encode()))
+        with pytest.warns(UserWarning): _same(load_robust_checkpoint(_src(), tmp_path/'o.pt'), src)
+        ck_ = ck._safe_load(tmp_path/'o.pt')
+        assert ck_['prec1'] == 51.2 and ck_['epoch'] == 3
+        break
+    else: raise AssertionError('no numpy scalar global in the file')
 
 def test_torch_without_safe_globals(tmp_path, src, monkeypatch):
     "torch < 2.5 (no `safe_globals`): plain weights load; a file with numpy scalars is refused, never unpickled freely"
