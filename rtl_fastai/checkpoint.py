@@ -4,13 +4,13 @@
 
 # %% ../nbs/01a_checkpoint.ipynb #bdb74818
 from __future__ import annotations
-import os, pickle, hashlib, warnings, contextlib
+import os, pickle, hashlib, struct, warnings, contextlib
 from pathlib import Path
 from collections import OrderedDict
 from urllib.parse import urlparse, unquote
 import torch
 import torch.nn as nn
-from .core import normalize_stats, add_input_norm, _norm_layer, _in_channels, _fmt_stats, _record_stats
+from .core import normalize_stats, add_input_norm, _norm_layer, _in_channels, _fmt_stats, _record_stats, make_dir
 from .core import _NormView, _norm_name
 from .data.external import cache_dir
 from .hub import RobustModelInfo, robust_model_info, _CKPT_EXTS
@@ -48,7 +48,8 @@ def _safe_load(path:Path, map_location='cpu', name='path_or_url'):
         with (allow(_safe_globals()) if allow else contextlib.nullcontext()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except PermissionError: raise
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:  # a small truncated zip: OSError (EINVAL)
+    # a small truncated zip: OSError (EINVAL); a truncated file of the old (pre-zip) format: IndexError, struct.error
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, IndexError, struct.error, UnicodeDecodeError) as e:
         if not isinstance(e, pickle.UnpicklingError) or not any(s in str(e) for s in ('Unsupported global',
                                                                                      'Unsupported class')):  # torch<2.5
             raise ValueError(f"`{name}`: {path} is not a readable torch checkpoint "
@@ -103,7 +104,7 @@ def _sha256(p:Path)->str:
 
 def _fetch(url:str, dest:Path, sha256:str=None, size:int=None, name='path_or_url')->Path:
     "Download `url` to `dest` through a temporary file next to it: kept only if complete and readable"
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(dest.parent, 'cache')
     part = dest.with_name(f".part{os.getpid()}-{dest.name}")
     nothing = f"nothing was kept in the cache ({dest.parent})"
     try:
@@ -120,7 +121,7 @@ def _fetch(url:str, dest:Path, sha256:str=None, size:int=None, name='path_or_url
             raise ValueError(f"`{name}`: the download of {url} does not have the expected SHA-256 ({sha256}...); "
                              f"{nothing}. Try again, or check the URL.")
         try: _read_checkpoint(part, name=name)
-        except ValueError as e:
+        except (ValueError, UnsafeCheckpointError) as e:   # (a truncated pickle can name any global)
             raise ValueError(f"`{name}`: the file downloaded from {url} ({got} bytes) is not a readable checkpoint "
                              f"(an interrupted download, or a web page instead of the file?); {nothing}.\n{e}") from e
         os.replace(part, dest)
@@ -138,9 +139,14 @@ def checkpoint_path(path_or_url, # local path, `file://` or `http(s)://` URL
     "Local path of a checkpoint, downloading a URL into the cache first (once, never keeping a partial file)"
     s = str(path_or_url)
     u = urlparse(s)
-    if u.scheme == 'file': p = Path(unquote(u.path))
+    if u.scheme == 'file':
+        if u.netloc not in ('', 'localhost') or not u.path.startswith('/'):
+            raise ValueError(f"`{name}`: {s!r}: a file:// URL takes an absolute path, file:///home/me/w.pt (three "
+                             "slashes); or give the path itself")
+        p = Path(unquote(u.path))
     elif u.scheme in ('http', 'https', 'ftp'):
-        cache = Path(cache) if cache is not None else cache_dir()/'checkpoints'
+        cache = make_dir(cache if cache is not None else cache_dir()/'checkpoints',
+                         'cache' if cache is not None else 'RTL_CACHE')
         fn = fname or Path(unquote(u.path)).name or 'checkpoint'
         p = cache/f"{hashlib.sha256(s.encode()).hexdigest()[:10]}-{fn}"
         if not p.exists(): _fetch(s, p, sha256=sha256, size=size, name=name)

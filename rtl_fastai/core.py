@@ -6,6 +6,7 @@
 from __future__ import annotations
 import math, numbers, os, random, warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import NamedTuple
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from fastai.data.transforms import Normalize
 
 # %% auto #0
 __all__ = ['plain', 'to_device_async', 'check_device', 'use_device', 'is_int', 'is_number', 'check_int', 'check_number',
-           'check_dl', 'fork_rng', 'keeps_cudnn_flags', 'UndoTrainOnError', 'eps_str', 'normalize_stats',
+           'check_dl', 'make_dir', 'fork_rng', 'keeps_cudnn_flags', 'UndoTrainOnError', 'eps_str', 'normalize_stats',
            'NormalizeInput', 'input_stats', 'add_input_norm', 'check_normalization', 'parse_number']
 
 # %% ../nbs/00_core.ipynb #7803692f
@@ -126,6 +127,22 @@ def check_dl(dl, # the loader a function was given
         raise TypeError(f"{who}: `dl` must be a DataLoader (e.g. `learn.dls.valid`), got {dl!r}; give the radius or "
                         "the threat model by name: `eps=8/255` or `threat=...`")
     return dl
+
+# %% ../nbs/00_core.ipynb #2c0c4690
+def make_dir(path, # the folder to make (with its parents); `~` is expanded
+             name:str, # the parameter or environment variable that gave it, for the message
+             who:str=None, # the function, for the message
+            )->Path:
+    "`Path(path).expanduser()`, made if missing; an `OSError` names `name` and says what to do"
+    p = Path(path).expanduser()
+    try: p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        file = isinstance(e, (FileExistsError, NotADirectoryError))
+        why = ('is a file (or under one)' if file else 'cannot be written' if isinstance(e, PermissionError) else
+               f'cannot be made ({e.strerror or e})')
+        raise (NotADirectoryError if file else type(e))(f"{who + ': ' if who else ''}`{name}`={str(path)!r} {why}: "
+                                                        "point it at a writable folder") from None
+    return p
 
 # %% ../nbs/00_core.ipynb #43957510
 def _cuda_devices(device=None):

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from fastai.vision.all import Learner, accuracy, set_seed
 from fastprogress.fastprogress import progress_bar
-from .core import eps_str, check_int, check_number, keeps_cudnn_flags
+from .core import eps_str, check_int, check_number, keeps_cudnn_flags, make_dir
 from .data.arrays import class_split, select_classes, subsample, subsample_valid
 from .data.external import load_dataset
 from .data.loaders import task_dls
@@ -306,10 +306,9 @@ def format_table(res:pd.DataFrame, times:bool=True) -> str:
 # %% ../nbs/08_pipeline.ipynb #58457d2f
 def next_run_dir(out) -> Path:
     "A new folder `out/run_NNN` (the next free number): earlier runs are never overwritten."
-    out = Path(out)
-    if out.exists() and not out.is_dir():
+    if Path(out).expanduser().is_file():
         raise NotADirectoryError(f"`out`={str(out)!r} is a file: give a folder for the results")
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(out, 'out')   # `~` expanded: the run folder and every file of the run in one place
     n = 1 + max([int(p.name[4:]) for p in out.glob('run_[0-9][0-9][0-9]*') if p.name[4:].isdigit()] + [0])
     while True:
         d = out/f'run_{n:03d}'
@@ -325,13 +324,16 @@ def save_run(run_dir, # the run's folder (`next_run_dir`)
              overwrite:bool=False, # replace files of these names already in `run_dir` (else an error, nothing written)
             ) -> dict:
     "Write results.csv, results.json and, when given, robust_curve.csv and robust_curve.png into `run_dir`; the paths."
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).expanduser()
     paths = dict(json=run_dir/'results.json', csv=run_dir/'results.csv')
     names = list(paths.values()) + [run_dir/'robust_curve.csv']*(crv is not None) + [run_dir/'robust_curve.png']*(fig is not None)
     there = [q.name for q in names if q.exists()]
     if there and not overwrite:
         raise FileExistsError(f"save_run: `run_dir`={str(run_dir)!r} already holds {', '.join(there)}: give a new folder "
                               "(`next_run_dir(out)` makes one), or pass `overwrite=True` to replace them")
+    if overwrite:   # the curve of the replaced results goes with them, unless this run has one too
+        for q, new in ((run_dir/'robust_curve.csv', crv), (run_dir/'robust_curve.png', fig)):
+            if new is None and q.is_file(): q.unlink()
     res.to_csv(paths['csv'], index=False)
     payload = dict(payload, results=res.to_dict(orient='records'))
     if crv is not None:

@@ -483,6 +483,45 @@ def test_truncated_small_checkpoint_is_named(tmp_path):
         load_robust_checkpoint(SmallCNN(1, 10, widths=(16, 32)), tmp_path/'t.pth')
 
 
+def test_truncated_old_format_checkpoint_is_named(tmp_path, monkeypatch):
+    "The old (pre-zip) format, cut anywhere (a half-finished download of a 2019-2020 MadryLab file): a ValueError naming "
+    "the file, never a bare IndexError/struct.error; a truncated download is not kept, and is not called unsafe"
+    import numpy as np
+    net = SmallCNN(1, 10, widths=(8,))
+    torch.save({'model': net.state_dict(), 'epoch': np.int64(3)}, tmp_path/'old.pt', _use_new_zipfile_serialization=False)
+    b = (tmp_path/'old.pt').read_bytes()
+    kinds = set()
+    for cut in range(1, len(b), max(1, len(b)//300)):
+        (tmp_path/'t.pt').write_bytes(b[:cut])
+        try: ck._safe_load(tmp_path/'t.pt')
+        except ValueError as e: kinds.add('ValueError'); assert 't.pt is not a readable torch checkpoint' in str(e)
+        except UnsafeCheckpointError: kinds.add('unsafe')   # a cut inside a global's name: refused, never unpickled
+    assert 'ValueError' in kinds
+    monkeypatch.setattr(ck, '_download', lambda url, dest: Path(dest).write_bytes(b[:len(b)//2]))
+    with pytest.raises(ValueError, match='is not a readable checkpoint .an interrupted download'):
+        ck.checkpoint_path('https://example.org/old.pt', cache=tmp_path/'c')
+    assert not any((tmp_path/'c').iterdir())
+    for cut in range(1, 200):   # cuts early in the pickle, where a global's name can be cut
+        monkeypatch.setattr(ck, '_download', lambda url, dest: Path(dest).write_bytes(b[:cut]))
+        with pytest.raises(ValueError, match='not a readable checkpoint'):
+            ck.checkpoint_path(f'https://example.org/{cut}.pt', cache=tmp_path/'c')
+
+
+def test_cache_and_file_urls(tmp_path, monkeypatch):
+    "`cache='~/...'` is under the home folder; a `cache` that is a file, and a relative file:// URL, are named"
+    monkeypatch.setenv('HOME', str(tmp_path/'home'))
+    monkeypatch.chdir(tmp_path)
+    torch.save(SmallCNN(1, 10, widths=(8,)).state_dict(), tmp_path/'w.pt')
+    monkeypatch.setattr(ck, '_download', lambda url, dest: shutil.copy(tmp_path/'w.pt', dest))
+    p = ck.checkpoint_path('https://example.org/w.pt', cache='~/ckpts')
+    assert p.parent == tmp_path/'home'/'ckpts' and not (tmp_path/'~').exists()
+    (tmp_path/'afile').write_text('x')
+    with pytest.raises(NotADirectoryError, match=r"`cache`=.*afile.* is a file"):
+        ck.checkpoint_path('https://example.org/w.pt', cache=tmp_path/'afile')
+    with pytest.raises(ValueError, match='file:// URL takes an absolute path'): ck.checkpoint_path('file://w.pt')
+    assert ck.checkpoint_path(f'file://{tmp_path}/w.pt') == tmp_path/'w.pt'
+
+
 def test_whole_model_checkpoint_into_a_vision_learner_model(tmp_path):
     "A torchvision ResNet checkpoint (MadryLab layout) into fastai's `vision_learner` model: its cut body gets the "
     "weights, its own head stays; `transfer_learner(learner, dls, weights=...)` takes the same route"

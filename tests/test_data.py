@@ -289,4 +289,35 @@ def test_folder_cache_follows_the_folder(tmp_path):
     d = load_dataset('mnist', path=src)
     assert d.n_train == 8 and d.classes == ['0', '1', '2']
     assert load_dataset('mnist', path=src).n_train == 8   # and read from the cache again while the folder is as it is
-    assert len([c for c in cache_dir().iterdir() if c.name.startswith('mnist_png-')]) == 2   # two states, two decodings
+    # the decoding of the folder's first state is deleted with the second: it would never be read again
+    assert len([c for c in cache_dir().iterdir() if c.name.startswith('mnist_png-')]) == 1
+
+
+def test_archive_cache_holds_one_decoding(tmp_path, monkeypatch):
+    "A re-copied archive (new mtime) is decoded again, and the older entry deleted; the extracted files are not kept"
+    import os
+    arc = fake_archive(tmp_path/'d')
+    a = load_dataset('cifar10', path=arc)
+    st = arc.stat(); os.utime(arc, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    b = load_dataset('cifar10', path=arc)
+    assert torch.equal(a.x_train, b.x_train)
+    entries = [c for c in cache_dir().iterdir()]
+    assert len(entries) == 1 and sorted(f.name for f in entries[0].iterdir()) == sorted(
+        ['classes.json', 'source.txt', 'train_x.npy', 'train_y.npy', 'valid_x.npy', 'valid_y.npy'])
+    other = fake_archive(tmp_path/'e')   # another archive of the same name: its own entry, the first one kept
+    load_dataset('cifar10', path=other)
+    assert len(list(cache_dir().iterdir())) == 2
+
+
+def test_bad_archive_and_cache(tmp_path, monkeypatch):
+    "A truncated archive and an `RTL_CACHE` that is a file are named, with what to do"
+    arc = fake_archive(tmp_path/'d')
+    (tmp_path/'t').mkdir()
+    (tmp_path/'t'/'cifar10.tgz').write_bytes(arc.read_bytes()[:len(arc.read_bytes())//2])
+    with pytest.raises(ValueError, match=r"cifar10\.tgz cannot be read .*truncated or corrupt\? Copy or download it again"):
+        load_dataset('cifar10', path=tmp_path/'t'/'cifar10.tgz')
+    assert not [c for c in cache_dir().iterdir() if not c.name.startswith('.')] and not any(
+        c.name.startswith('.extract') for c in cache_dir().iterdir())
+    (tmp_path/'afile').write_text('x')
+    monkeypatch.setenv('RTL_CACHE', str(tmp_path/'afile'))
+    with pytest.raises(NotADirectoryError, match='`RTL_CACHE`=.*afile.* is a file'): load_dataset('cifar10', path=arc)

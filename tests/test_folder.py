@@ -56,6 +56,29 @@ def test_make_image_folder_never_overwrites(tmp_path):
     _fails(lambda: make_image_folder(tmp_path/'x', classes=['blob']), ValueError, r'`classes`')
     _fails(lambda: make_image_folder(tmp_path/'x', ext='.gif'), ValueError, r'`ext`')
     _fails(lambda: make_image_folder(tmp_path/'x', size=0), ValueError, r'`size` must be a positive integer')
+    _fails(lambda: make_image_folder(tmp_path/'file'/'sub'), NotADirectoryError, r"`dest`=.* is a file \(or under one\)")
+
+
+def test_image_folders_are_written_whole(tmp_path, monkeypatch):
+    "`~` is the home folder (no folder named '~' appears); an interrupted write leaves no partial folder behind"
+    import rtl_fastai.data.folder as F
+    monkeypatch.setenv('HOME', str(tmp_path/'home'))
+    monkeypatch.chdir(tmp_path)
+    f = make_image_folder('~/shapes', n_per_class=1, n_valid=1, classes=2)
+    assert f == tmp_path/'home'/'shapes' and (f/'train'/'circle'/'0000.png').is_file() and not (tmp_path/'~').exists()
+    calls = []
+    def boom(x, fn, mode):
+        calls.append(fn)
+        if len(calls) == 3: raise KeyboardInterrupt
+        return save(x, fn, mode)
+    save = F._save
+    monkeypatch.setattr(F, '_save', boom)
+    (tmp_path/'empty').mkdir()
+    for dest in (tmp_path/'new', tmp_path/'empty'):
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt): make_image_folder(dest, n_per_class=2, n_valid=1, classes=2)
+        assert not dest.exists() or not any(dest.iterdir()), list(dest.rglob('*'))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith('.')] == []   # no temporary folder left
 
 
 def test_synthetic_folder_is_learnable_not_trivial(tmp_path):

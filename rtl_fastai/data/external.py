@@ -4,7 +4,7 @@
 
 # %% ../../nbs/00b_data.external.ipynb #53ca091d
 from __future__ import annotations
-import os, json, hashlib, shutil, tarfile, tempfile, multiprocessing
+import os, json, hashlib, shutil, tarfile, tempfile, multiprocessing, zlib
 from collections import namedtuple
 from pathlib import Path
 
@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 from fastai.data.external import untar_data, URLs
+from ..core import make_dir
 from .arrays import ArrayData, load_digits_data
 
 # %% auto #0
@@ -35,7 +36,7 @@ def _is_archive(p:Path): return p.is_file() and p.name.lower().endswith(_ARCHIVE
 
 # %% ../../nbs/00b_data.external.ipynb #9ef03e3f
 def cache_dir()->Path:
-    "Cache folder for extracted archives and decoded arrays: `$RTL_CACHE` or `~/.cache/rtl_fastai`"
+    "Cache folder for decoded arrays and downloads: `$RTL_CACHE` or `~/.cache/rtl_fastai`"
     return Path(os.environ.get('RTL_CACHE') or '~/.cache/rtl_fastai').expanduser()
 
 # %% ../../nbs/00b_data.external.ipynb #c9613745
@@ -128,15 +129,29 @@ def _key(p:Path, archive:bool):
     stem = p.name.split('.')[0]
     return f"{stem}-{hashlib.sha1(s.encode()).hexdigest()[:10]}"
 
+def _drop_stale(d:Path):
+    ("Delete the other cache entries of the source of entry `d` (its `source.txt`): decodings of an archive or folder "
+     "that has changed since, which would never be read again")
+    src = (d/'source.txt').read_text()
+    for o in d.parent.glob(d.name.rsplit('-', 1)[0] + '-*'):
+        try:
+            if o == d or not o.is_dir() or (o/'source.txt').read_text() != src: continue
+            shutil.rmtree(o.rename(o.with_name(f'.stale-{os.getpid()}-{o.name}')), ignore_errors=True)
+        except OSError: pass   # gone already (another process), or no `source.txt`: left alone
+
 def _extract(arc:Path, dest:Path)->Path:
     "Extract `arc` into `dest` once (atomically); returns `dest`"
     if dest.is_dir(): return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix='.extract-'))
     try:
-        with tarfile.open(arc) as tf:
-            if hasattr(tarfile, 'data_filter'): tf.extractall(tmp, filter='data')
-            else: tf.extractall(tmp)
+        try:
+            with tarfile.open(arc) as tf:
+                if hasattr(tarfile, 'data_filter'): tf.extractall(tmp, filter='data')
+                else: tf.extractall(tmp)
+        except (tarfile.TarError, EOFError, zlib.error) as e:
+            raise ValueError(f"the archive {arc} cannot be read ({type(e).__name__}: {e}): truncated or corrupt? "
+                             "Copy or download it again") from None
         try: os.replace(tmp, dest)
         except OSError:
             if not dest.is_dir(): raise  # else another process finished first
@@ -207,19 +222,23 @@ def load_image_data(name:str,  # 'mnist' or 'cifar10'
                    )->ArrayData:
     "Load MNIST or CIFAR-10 (decoding once into the cache) as uint8 `ArrayData`"
     kind, p = find_data(name, path)
-    d = cache_dir()/_key(p, kind=='archive')
+    d = make_dir(cache_dir(), 'RTL_CACHE')/_key(p, kind=='archive')
     if not all((d/f).exists() for f in _FILES):
-        if kind == 'archive':
-            root = _extract(p, d/'extracted')/LAYOUTS[name].folder
-            if not _has_layout(root, name):
-                raise ValueError(f"archive {p} does not hold the expected layout: {_layout_text(name)}")
-        else: root = p
-        xtr, ytr, xva, yva, cls = _decode_split(root, name)
-        d.mkdir(parents=True, exist_ok=True)
+        # an archive is extracted into a folder of this process, deleted once decoded: the cache keeps the arrays only
+        with tempfile.TemporaryDirectory(dir=d.parent, prefix='.extract-') as tmp:
+            if kind == 'archive':
+                root = _extract(p, Path(tmp)/'extracted')/LAYOUTS[name].folder
+                if not _has_layout(root, name):
+                    raise ValueError(f"archive {p} does not hold the expected layout: {_layout_text(name)}")
+            else: root = p
+            xtr, ytr, xva, yva, cls = _decode_split(root, name)
+        d.mkdir(exist_ok=True)
         for arr,f in zip((xtr, ytr, xva, yva), _FILES): _save_atomic(arr, d/f)
+        (d/'source.txt').write_text(str(p.resolve()))
         fd, tmp = tempfile.mkstemp(dir=d, suffix='.tmp')
         with os.fdopen(fd, 'w') as f: json.dump(cls, f)
         os.replace(tmp, d/'classes.json')
+        _drop_stale(d)
     xtr, ytr, xva, yva = (torch.from_numpy(np.load(d/f)) for f in _FILES[:4])
     return ArrayData(xtr, ytr, xva, yva, json.loads((d/'classes.json').read_text()), name)
 

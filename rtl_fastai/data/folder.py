@@ -4,8 +4,9 @@
 
 # %% ../../nbs/00f_data.folder.ipynb #a51e98ac
 from __future__ import annotations
-import random, warnings
+import os, random, shutil, tempfile, warnings
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from fastai.vision.core import PILImage, imagenet_stats
 from fastai.vision.augment import Resize, aug_transforms
 from fastai.vision.data import ImageDataLoaders
 from fastai.torch_core import default_device
-from ..core import is_int, is_number, check_int, normalize_stats, fork_rng
+from ..core import is_int, is_number, check_int, normalize_stats, fork_rng, make_dir
 from .arrays import ArrayData, select_classes, subsample, subsample_valid
 from .external import load_dataset
 
@@ -29,12 +30,25 @@ __all__ = ['SHAPES', 'make_image_folder', 'save_image_folder', 'FolderSummary', 
 SHAPES = ('circle', 'square', 'triangle', 'cross', 'ring')
 
 def _check_dest(dest, who):
-    dest = Path(dest)
+    dest = Path(dest).expanduser()
     if dest.is_file(): raise NotADirectoryError(f"{who}: `dest`={str(dest)!r} is a file; give a new or empty folder")
     if dest.is_dir() and any(dest.iterdir()):
         raise FileExistsError(f"{who}: `dest`={str(dest)!r} is not empty (nothing is overwritten); "
                               "give a new or empty folder")
+    make_dir(dest.parent, 'dest', who)   # a parent that is a file, or cannot be written: said now
     return dest
+
+@contextmanager
+def _written_whole(dest:Path):
+    ("A temporary folder beside `dest` to write into, renamed to `dest` when the body ends: an interrupted run leaves "
+     "no half-written folder that `check_image_folder` would take for a data set")
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f'.{dest.name}-'))
+    try:
+        yield tmp
+        if dest.is_dir(): dest.rmdir()   # empty (`_check_dest`)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
 
 def _check_size(size, who):
     if is_int(size) and size >= 1: return (size, size)
@@ -102,10 +116,11 @@ def make_image_folder(dest,                # a new (or empty) folder to write in
     if mode not in ('RGB', 'L'): raise ValueError(f"{who}: `mode` must be 'RGB' or 'L', got {mode!r}")
     (h, w), dest = _check_size(size, who), _check_dest(dest, who)
     rng = np.random.default_rng(seed)
-    for split, n in ((train, n_per_class), (valid, n_valid)):
-        for c in classes:
-            (dest/split/c).mkdir(parents=True, exist_ok=True)
-            for i in range(n): _save(_shape_image(rng, c, h, w, noise), dest/split/c/f'{i:04d}{ext}', mode)
+    with _written_whole(dest) as tmp:
+        for split, n in ((train, n_per_class), (valid, n_valid)):
+            for c in classes:
+                (tmp/split/c).mkdir(parents=True, exist_ok=True)
+                for i in range(n): _save(_shape_image(rng, c, h, w, noise), tmp/split/c/f'{i:04d}{ext}', mode)
     return dest
 
 # %% ../../nbs/00f_data.folder.ipynb #97e5a3cc
@@ -129,12 +144,13 @@ def save_image_folder(data,                 # an `ArrayData`, or a name/path for
     if d.n_channels not in (1, 3):
         raise ValueError(f"{who}: images with {d.n_channels} channels cannot be written; need 1 or 3")
     dest = _check_dest(dest, who)
-    for split, xs, ys in ((train, d.x_train, d.y_train), (valid, d.x_valid, d.y_valid)):
-        for c in d.classes: (dest/split/str(c)).mkdir(parents=True, exist_ok=True)
-        xs = (xs if xs.dtype == torch.uint8 else (xs.float().clamp(0, 1)*255).round().to(torch.uint8)).cpu()  # (GPU data)
-        for i, (x, y) in enumerate(zip(xs, ys.tolist())):
-            a, gray = x.permute(1, 2, 0).numpy(), x.shape[0] == 1
-            _save(a[..., 0] if gray else a, dest/split/str(d.classes[y])/f'{i:05d}{ext}', 'L' if gray else 'RGB')
+    with _written_whole(dest) as tmp:
+        for split, xs, ys in ((train, d.x_train, d.y_train), (valid, d.x_valid, d.y_valid)):
+            for c in d.classes: (tmp/split/str(c)).mkdir(parents=True, exist_ok=True)
+            xs = (xs if xs.dtype == torch.uint8 else (xs.float().clamp(0, 1)*255).round().to(torch.uint8)).cpu()  # (GPU data)
+            for i, (x, y) in enumerate(zip(xs, ys.tolist())):
+                a, gray = x.permute(1, 2, 0).numpy(), x.shape[0] == 1
+                _save(a[..., 0] if gray else a, tmp/split/str(d.classes[y])/f'{i:05d}{ext}', 'L' if gray else 'RGB')
     return dest
 
 # %% ../../nbs/00f_data.folder.ipynb #e469fcf3
