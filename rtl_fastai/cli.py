@@ -124,11 +124,11 @@ def main(argv=None):
     if args.cmd == 'transfer':
         from rtl_fastai.job import run_transfer_job
         return run_transfer_job(**{k: v for k, v in vars(args).items() if k != 'cmd'})
-    from rtl_fastai.pipeline import run_pipeline, next_run_dir, format_table, save_results, _defaults
+    from rtl_fastai.pipeline import run_pipeline, next_run_dir, format_table, save_results, _defaults, _check_out
     kw = {k: v for k, v in vars(args).items() if k not in ('cmd', 'out', 'threads', 'no_times')}
     kw['device'] = _device(args.device)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir(): sys.exit(f"--out: {str(out)!r} is a file; give a folder for the results")
+    try: out = _check_out(args.out, 'rtl-fastai run')   # before the pipeline runs, not after
+    except OSError as e: sys.exit(str(e).replace('`out`', '--out', 1))
     threads = args.threads or (1 if (args.arch or _defaults(args.data)['arch']) == 'smallcnn' else None)
     if threads: torch.set_num_threads(threads)
     from rtl_fastai.data.external import load_dataset

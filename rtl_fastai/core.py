@@ -128,7 +128,7 @@ def check_dl(dl, # the loader a function was given
                         "the threat model by name: `eps=8/255` or `threat=...`")
     return dl
 
-# %% ../nbs/00_core.ipynb #2c0c4690
+# %% ../nbs/00_core.ipynb #5436d032
 def make_dir(path, # the folder to make (with its parents); `~` is expanded
              name:str, # the parameter or environment variable that gave it, for the message
              who:str=None, # the function, for the message

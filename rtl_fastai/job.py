@@ -31,7 +31,7 @@ from .callback.transfer import transfer_learner
 from .callback.distill import FeatureDistillation
 from .callback.adv_valid import robust_validate, robust_accuracy_curve, in_random_order
 from .experiment import ALPHA_RATIO, fit_quietly
-from .pipeline import next_run_dir, save_run
+from .pipeline import next_run_dir, save_run, _check_out
 from .vis import plot_robust_curve
 
 # %% auto #0
@@ -298,17 +298,6 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, 'torchv
     return model, desc
 
 # %% ../nbs/08b_job.ipynb #d31fdfff
-def _check_out(out, who):
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{who}: `out`={str(out)!r} is a file: give a folder for the results "
-                                 "(each run writes a new run_NNN folder inside it)")
-    parent = next((q for q in [out, *out.parents] if q.exists()), None)
-    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise PermissionError(f"{who}: `out`={str(out)!r} cannot be written ({parent} is not a writable folder); "
-                              "give a folder you can write to")
-    return out
-
 def _eval_dl(dls, n_batches, seed):
     ("The validation DataLoader; with `n_batches`, one whose batches are a fixed random sample of it (an image folder's "
      "validation images are in class order: its first batches would hold few classes)")

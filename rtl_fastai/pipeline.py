@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_pipeline.ipynb #5f5bbe3f
 from __future__ import annotations
-import io, json, time
+import io, json, os, time
 from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
 import pandas as pd
@@ -304,6 +304,18 @@ def format_table(res:pd.DataFrame, times:bool=True) -> str:
     return '\n'.join(out)
 
 # %% ../nbs/08_pipeline.ipynb #58457d2f
+def _check_out(out, who):
+    "`out` with `~` expanded, after checking (without making it) that run folders can be written into it"
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{who}: `out`={str(out)!r} is a file: give a folder for the results "
+                                 "(each run writes a new run_NNN folder inside it)")
+    parent = next((q for q in [out, *out.parents] if q.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise PermissionError(f"{who}: `out`={str(out)!r} cannot be written ({parent} is not a writable folder); "
+                              "give a folder you can write to")
+    return out
+
 def next_run_dir(out) -> Path:
     "A new folder `out/run_NNN` (the next free number): earlier runs are never overwritten."
     if Path(out).expanduser().is_file():

@@ -55,6 +55,19 @@ def test_bad_run_options_fail_in_one_line_before_training(opts, msg, tmp_path, c
     assert '[1/8]' not in capsys.readouterr().out and not list(tmp_path.iterdir())
 
 
+def test_run_out_checked_first(tmp_path, capsys, monkeypatch):
+    "`--out` that is a file, or under a file, fails before the pipeline; `~` is the home folder"
+    (tmp_path/'f').write_text('x')
+    for out, msg in ((tmp_path/'f', 'is a file'), (tmp_path/'f'/'sub', 'cannot be written')):
+        with pytest.raises(SystemExit) as e: main(['run', '--data', 'digits', '--out', str(out)])
+        assert str(e.value.code).startswith('rtl-fastai run: --out=') and msg in str(e.value.code), e.value.code
+        assert '[1/8]' not in capsys.readouterr().out
+    from rtl_fastai.pipeline import next_run_dir
+    monkeypatch.setenv('HOME', str(tmp_path/'home'))
+    monkeypatch.chdir(tmp_path)
+    assert next_run_dir('~/res') == tmp_path/'home'/'res'/'run_001' and not (tmp_path/'~').exists()
+
+
 def test_check_only_trains_nothing(tmp_path, capsys):
     assert main(['run', '--data', 'digits', '--check-only', '--out', str(tmp_path)]) == 0
     assert 'nothing was trained' in capsys.readouterr().out and not list(tmp_path.iterdir())
