@@ -252,6 +252,24 @@ def _into_cut_body(sd, model)->dict|None:
     out.update({k: v for k, v in model.state_dict().items() if k.startswith('1.')})  # fastai's head, as it is
     return out
 
+def _norm_keys(model)->set:
+    ("The state-dict keys of the buffers with which `model` normalizes its inputs (RobustBench's `normalize_model`, a "
+     "model's `mu`/`sigma`, a `NormalizeInput` child): the model's own, which a checkpoint of the network may lack")
+    layer = _norm_layer(model)
+    ts = [t for t in ((layer.mean, layer.std) if layer is not None else ()) if isinstance(t, torch.Tensor)]
+    return {k for k, v in model.state_dict(keep_vars=True).items() if any(v is t for t in ts)}
+
+def _into_wrapped(sd, msd, nkeys)->dict|None:
+    ("`sd` renamed for a model that holds the checkpoint's network as one child (`model.` of RobustBench's "
+     "`normalize_model`, `1.` of `Sequential(Normalize, net)`), the rest of it being its normalization; None unless "
+     "every key and shape of that child fits")
+    rest = {k: v for k, v in msd.items() if k not in nkeys}
+    pres = {k.split('.')[0] + '.' for k in rest}
+    if len(pres) != 1: return None
+    pre = pres.pop()
+    out = OrderedDict((pre + k, v) for k, v in sd.items())
+    return None if any(_mismatch(rest, out)) else out
+
 def _align(sd, model_keys):
     "Strip a prefix all keys share (`module.`, `model.`, torch.compile's `_orig_mod.`) when the model's keys lack it"
     keys = set(model_keys)
@@ -333,9 +351,11 @@ def _load_into(model, src, key=None, map_location='cpu', cache=None, norm='auto'
                           "on the command line") from e
         ckpt = _read_checkpoint(p, map_location, name)
     sd, fstats = extract_state_dict(ckpt, key=key)
-    msd = model.state_dict()
+    msd, nkeys = model.state_dict(), _norm_keys(model)
     sd = _align(sd, msd)
     if any(_mismatch(msd, sd)): sd = _into_cut_body(sd, model) or sd  # a vision_learner model: its body
+    if any(_mismatch(msd, sd)): sd = _into_wrapped(sd, msd, nkeys) or sd  # a normalization in front of the network
+    for k in nkeys - set(sd): sd[k] = msd[k]   # the model's own statistics (checked against the file's below)
     _check_match(msd, sd, pre)
     for k in msd:  # old checkpoints without BatchNorm's counter: keep the model's
         if k.endswith('num_batches_tracked') and k not in sd: sd[k] = msd[k]

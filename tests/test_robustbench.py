@@ -207,3 +207,37 @@ def test_a_robustbench_architecture_of_its_own_is_not_its_base(rb):
     from rtl_fastai.models import model_blocks
     bw = importlib.import_module(_ARCH + 'boosting_wide_resnet')
     with pytest.raises(TypeError, match='set_blocks'): model_blocks(bw.BoostingWideResNet(depth=10, widen_factor=1))
+
+
+def test_checkpoints_into_models_that_normalize(rb, tmp_path):
+    "RobustBench's zoo files lack the `mu`/`sigma` of the classes that normalize in their forward, and a "
+    "`normalize_model`'s own state dict holds its `normalize.*` buffers: both load, the model's statistics kept; a "
+    "file that stores other statistics than the model's is refused"
+    from rtl_fastai.checkpoint import load_robust_checkpoint
+    im = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    net = _subclass(rb['wide_resnet'])
+    torch.save({'state_dict': OrderedDict(('module.' + k, v) for k, v in net.state_dict().items()
+                                          if k not in ('mu', 'sigma'))}, tmp_path/'zoo.pt')
+    m = load_robust_checkpoint(_subclass(rb['wide_resnet']), tmp_path/'zoo.pt')
+    assert torch.equal(m.conv1.weight, net.conv1.weight) and torch.equal(m.mu.flatten(), torch.tensor(CIFAR10[0]))
+    madry = {'model': {**{f'module.model.{k}': v for k, v in net.state_dict().items() if k not in ('mu', 'sigma')},
+                       'module.normalizer.new_mean': torch.tensor(im[0]).view(3, 1, 1),
+                       'module.normalizer.new_std': torch.tensor(im[1]).view(3, 1, 1)}}
+    torch.save(madry, tmp_path/'madry.pt')
+    with pytest.raises(ValueError, match='normalizes its inputs itself .* other statistics'):
+        load_robust_checkpoint(_subclass(rb['wide_resnet']), tmp_path/'madry.pt')
+    nm = rb['utils_architectures'].normalize_model
+    src = nm(torchvision.models.resnet18(), *im)
+    torch.save(src.state_dict(), tmp_path/'full.pt')
+    torch.save(src.model.state_dict(), tmp_path/'inner.pt')
+    for f in ('full.pt', 'inner.pt'):
+        m = load_robust_checkpoint(nm(torchvision.models.resnet18(), *im), tmp_path/f)
+        assert torch.equal(m.model.conv1.weight, src.model.conv1.weight), f
+    # a torchvision `Normalize` in front of the network: a MadryLab file of the network loads into it
+    madry = {'model': {**{f'module.model.{k}': v for k, v in src.model.state_dict().items()},
+                       'module.normalizer.new_mean': torch.tensor(im[0]).view(3, 1, 1),
+                       'module.normalizer.new_std': torch.tensor(im[1]).view(3, 1, 1)}}
+    torch.save(madry, tmp_path/'madry_r18.pt')
+    m = load_robust_checkpoint(nn.Sequential(torchvision.transforms.Normalize(*im), torchvision.models.resnet18()),
+                               tmp_path/'madry_r18.pt')
+    assert torch.equal(m[1].conv1.weight, src.model.conv1.weight)
