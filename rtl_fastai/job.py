@@ -27,7 +27,7 @@ from .checkpoint import (checkpoint_path, extract_state_dict, load_robust_checkp
 from .attacks import ThreatModel
 from .callback.freeze import n_frozen_entries
 from .callback.feature_cache import FeatureCache
-from .callback.transfer import transfer_learner
+from .callback.transfer import transfer_learner, _check_forward
 from .callback.distill import FeatureDistillation
 from .callback.adv_valid import robust_validate, robust_accuracy_curve, in_random_order
 from .experiment import ALPHA_RATIO, fit_quietly
@@ -368,17 +368,7 @@ def _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha
     if problem is not None:
         raise RuntimeError(f"{who}: inconsistent normalization (a bug; please report it): {problem}")
     model.to(dls.device)
-    xb = dls.valid.one_batch()[0][:2]
-    try:
-        with torch.no_grad(): out = model.eval()(xb)
-    except Exception as err:
-        raise RuntimeError(f"{who}: the source model cannot run on the images "
-                           f"({tuple(xb.shape[1:])} after `size`={size}): {type(err).__name__}: {err}") from None
-    if not isinstance(out, torch.Tensor) or out.ndim != 2 or len(out) != len(xb):  # e.g. a CIFAR model at 224x224
-        shp = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise RuntimeError(f"{who}: the source model gives an output of shape {shp} for {len(xb)} images of "
-                           f"{tuple(xb.shape[1:])} (`size`={size}): it needs another input size (CIFAR models: "
-                           "size=32)")
+    _check_forward(model, dls, who, f"`size`={size}; CIFAR models: size=32")
     return dict(n_retrain=n_retrain, lam=lam, threat=threat, warmup_epochs=warmup_epochs, summary=summary,
                 model=model, desc=desc, dls=dls)
 

@@ -194,7 +194,7 @@ def test_transfer_job_from_a_robustbench_source(fake_load_model, tmp_path, monke
     assert res['source']['threat'] == 'Linf eps=8/255' and res['source']['arch'] == 'DMWideResNet'
     assert 0 <= res['pgd_acc'] <= res['clean_acc'] and input_stats(res['learn'].model) is not None
     assert not [t for t in res['learn'].dls.after_batch.fs if type(t).__name__ == 'Normalize']
-    with pytest.raises(RuntimeError, match=r"needs another input size \(CIFAR models: size=32\)"):
+    with pytest.raises(RuntimeError, match=r"needs another input size \(`size`=.*; CIFAR models: size=32\)"):
         transfer_job(folder, source='robustbench:cifar10/Linf/Carmon2019Unlabeled', **{**kw, 'size': 64})
     with pytest.raises(ValueError, match=r"'robustbench:DATASET/THREAT/NAME'"):
         transfer_job(folder, source='robustbench:Carmon2019Unlabeled', **kw)
@@ -241,3 +241,18 @@ def test_checkpoints_into_models_that_normalize(rb, tmp_path):
     m = load_robust_checkpoint(nn.Sequential(torchvision.transforms.Normalize(*im), torchvision.models.resnet18()),
                                tmp_path/'madry_r18.pt')
     assert torch.equal(m[1].conv1.weight, src.model.conv1.weight)
+
+
+def test_cifar_model_on_larger_images_is_said(rb, digits_rgb32):
+    "A CIFAR network (RobustBench's WideResNet pools 8x8) on 64x64 images: `transfer_learner` says it needs another "
+    "input size, instead of a batch-size mismatch in the loss at the first `fit`"
+    import torch.nn.functional as F
+    from rtl_fastai.data.all import ArrayData
+    d = digits_rgb32
+    up = lambda x: F.interpolate(x, size=64, mode='nearest')
+    big = ArrayData(up(d.x_train), d.y_train, up(d.x_valid), d.y_valid, d.classes, 'digits-64')
+    wrn = rb['wide_resnet'].WideResNet(depth=10, widen_factor=1)
+    with pytest.raises(RuntimeError, match=r"output of shape \(8, \d+\) for 2 images of \(3, 64, 64\): it needs another "
+                                           r"input size \(a CIFAR model takes 32x32 images"):
+        transfer_learner(wrn, task_dls(big, bs=20, normalize=False))
+    transfer_learner(wrn, task_dls(d, bs=20, normalize=False))   # 32x32: fine

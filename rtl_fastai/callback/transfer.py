@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from functools import partial
+import torch
 from torch import nn
 from fastcore.foundation import L
 from fastai.learner import Learner
@@ -15,7 +16,8 @@ from fastai.data.core import DataLoaders
 # fit_one_cycle, lr_find, progress bars, as in fastai.vision.all
 import fastai.callback.schedule, fastai.callback.progress  # noqa: F401
 from ..core import is_int, is_number
-from ..core import check_normalization, _norm_layer
+from ..core import check_normalization, _norm_layer, fork_rng
+from ..attacks import eval_mode
 from ..models import model_blocks, replace_head, swap_head, _is_fastai_resnet, _last_linear, _set_module
 from ..checkpoint import load_weights
 from .freeze import n_frozen_entries, FreezeBlocks, trainable_splitter
@@ -94,6 +96,24 @@ def new_head(model:nn.Module, # a model `model_blocks` supports; changed in plac
     return swap_head(model, transfer_head(lin.in_features, n_out, hidden, drop))
 
 # %% ../../nbs/05c_callback.transfer.ipynb #000ed74d
+def _check_forward(model, dls, who:str, fix:str="a CIFAR model takes 32x32 images: `Resize(32)` in `item_tfms`"):
+    ("One forward of two validation images in eval mode (the global RNG left alone): an output of one row per image, "
+     "else an error saying what to change. A loader this check cannot read, or an empty one: nothing is said")
+    dl = getattr(dls, 'valid', None)
+    try:
+        with fork_rng(): xb = (dl.one_batch() if hasattr(dl, 'one_batch') else next(iter(dl)))[0][:2]
+    except Exception: return
+    if not isinstance(xb, torch.Tensor): return
+    try:
+        with torch.no_grad(), eval_mode(model): out = model(xb)
+    except Exception as err:
+        raise RuntimeError(f"{who}: the source model cannot run on the images ({tuple(xb.shape[1:])}): "
+                           f"{type(err).__name__}: {err}") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or len(out) != len(xb):  # e.g. a CIFAR model at 224x224
+        shp = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RuntimeError(f"{who}: the source model gives an output of shape {shp} for {len(xb)} images of "
+                           f"{tuple(xb.shape[1:])}: it needs another input size ({fix})")
+
 def transfer_learner(source,              # the source model (`nn.Module`) or a `Learner` (its model); copied
                      dls:DataLoaders,      # the target task
                      n_retrain:int|str=0,  # blocks retrained from the end: 0 (head only) .. N, or 'all'
@@ -136,6 +156,7 @@ def transfer_learner(source,              # the source model (`nn.Module`) or a 
         for p in m.parameters(): p.requires_grad_(i >= n_frozen)
     dev = getattr(dls, 'device', None)
     if dev is not None: model.to(dev)
+    _check_forward(model, dls, 'transfer_learner')   # images of another size than the source's: said here, not in `fit`
     cbs = [FreezeBlocks(n_frozen), FeatureCache(cache, cache_max_mb)] + list(L(cbs))
     learn = Learner(dls, model, loss_func=loss_func, opt_func=opt_func, lr=lr, metrics=metrics, cbs=cbs,
                     splitter=partial(trainable_splitter, n_frozen=n_frozen), **kwargs)
