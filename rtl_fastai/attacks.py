@@ -13,8 +13,8 @@ from fastai.callback.fp16 import MixedPrecision, AMPMode
 from .core import plain, is_number, check_int, check_number, eps_str, NormalizeInput
 
 # %% auto #0
-__all__ = ['eval_mode', 'EpsScaleWarning', 'PixelRangeWarning', 'ThreatModel', 'as_threat', 'check_attack_args', 'pgd_attack',
-           'margin_loss', 'fgsm_attack', 'robust_eval_batch']
+__all__ = ['eval_mode', 'EpsScaleWarning', 'PixelRangeWarning', 'ThreatModel', 'as_threat', 'pgd_attack', 'margin_loss',
+           'fgsm_attack', 'robust_eval_batch']
 
 # %% ../nbs/02_attacks.ipynb #5f03769f
 @contextmanager
@@ -143,10 +143,6 @@ def as_threat(threat=None, # a `ThreatModel`, a radius `eps` (pixel units), or N
     except ValueError as e:  # the message names the field; say which call it came from
         if who is None: raise
         raise ValueError(f"{getattr(who, '__name__', who)}: {e}") from None
-
-def check_attack_args(eps, steps=1, alpha=None, norm='linf', restarts=1)->ThreatModel:
-    "Raise a clear error for an attack argument out of range (the checks of `ThreatModel`)."
-    return ThreatModel(eps, steps, alpha, norm, restarts)
 
 # %% ../nbs/02_attacks.ipynb #26f8fe3c
 def _pixel_space(stats, like:torch.Tensor)->NormalizeInput:

@@ -398,7 +398,6 @@ def _is_fastai_model(model):
     "Whether `model` is fastai's `nn.Sequential(body, head)` on a torchvision ResNet or a timm model."
     tv_body = isinstance(model, nn.Sequential) and len(model) == 2 and _is_tv_resnet_body(model[0])
     return tv_body or _is_fastai_timm(model)
-_is_fastai_resnet = _is_fastai_model  # the name `callback.transfer` imports
 
 def _fastai_timm_blocks(model):
     body, inner = model[0], _timm_blocks(model[0].model)

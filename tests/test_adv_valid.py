@@ -414,3 +414,14 @@ def test_metrics_with_one_column_name_warn(digits_dls, digits_model):
         learn.validate()
     assert not [x for x in w if 'column name' in str(x.message)]
     assert list(learn.recorder.metric_names[-3:-1]) == [a.name, 'pgd3_small_step']
+
+def test_no_bar_is_honoured(digits_dls, digits_model, capsys):
+    "As fastai's `validate`: inside `learn.no_bar()` no progress bar is drawn (and none is asked for: show_progress=None)"
+    learn = _learn(digits_dls, digits_model)
+    kw = dict(eps=EPS, steps=2, n_batches=2)
+    capsys.readouterr()
+    with learn.no_bar():
+        learn.robust_validate(**kw); robust_accuracy_curve(learn, [0., EPS], steps=2, n_batches=1)
+    assert capsys.readouterr().out == ''
+    learn.robust_validate(**kw)
+    assert '2/2' in capsys.readouterr().out   # the bar, where the learner has one

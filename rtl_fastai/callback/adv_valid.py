@@ -14,6 +14,7 @@ from fastprogress.fastprogress import progress_bar
 from fastai.learner import Learner, Metric
 from fastai.data.load import DataLoader
 from fastai.callback.core import GatherPredsCallback
+from fastai.callback.progress import ProgressCallback
 from ..core import check_int, is_number, fork_rng, eps_str, normalize_stats, check_normalization, check_dl
 from ..attacks import ThreatModel, as_threat, robust_eval_batch, _FIELDS, _amp_context, _pixel_space, _attack_model
 from ..distributed import DistributedDL, _inner, _sharded, _n_real, _in_distrib_ctx
@@ -181,6 +182,10 @@ class RobustAccuracy(Metric):
                       "apart; give one of them `name=`", UserWarning, stacklevel=3)
 
 # %% ../../nbs/03_callback.adv_valid.ipynb #19862a6d
+def _has_bar(learn)->bool:
+    "Whether `learn` shows fastai's progress bars (it has a `ProgressCallback`: not inside `learn.no_bar()`)"
+    return any(isinstance(cb, ProgressCallback) for cb in getattr(learn, 'cbs', []))
+
 @patch
 def robust_validate(self:Learner,
                     dl=None, # a `DataLoader` (default: the validation one)
@@ -191,7 +196,7 @@ def robust_validate(self:Learner,
                     loss_func=None, # per-example loss; default cross-entropy
                     stats=None, # normalization stats; default those of `dl` (a PyTorch DataLoader: of `self.dls`)
                     seed:int=0, # seed of the random starts (None: global RNG)
-                    show_progress:bool=True, # show a progress bar
+                    show_progress:bool=None, # show a progress bar (None: unless the learner has none, `learn.no_bar()`)
                     distributed:bool=None, # shard `dl` and sum the counts over the processes (None: in `distrib_ctx`)
                     amp:bool|None=None, # None: as the learner; True: its MixedPrecision dtype, CPU too; False: fp32
                     compile:bool|dict=False, # attack a `torch.compile`d model (True, or `torch.compile`'s arguments)
@@ -217,6 +222,7 @@ def robust_validate(self:Learner,
                              "script with `accelerate launch` or `torchrun` and call it inside `learn.distrib_ctx()`")
         if not isinstance(dl, DistributedDL): dl = DistributedDL(dl)
         if dist.get_rank() != 0: show_progress = False
+    if show_progress is None: show_progress = _has_bar(self)
     total = len(dl) if n_batches is None else min(n_batches, len(dl))
     met._skipped = total < len(dl)
     it = progress_bar(dl, total=total, leave=False) if show_progress else dl
@@ -255,7 +261,7 @@ def robust_accuracy_curve(learn:Learner,
                           threat:ThreatModel=None, # the attack, taken at each eps by `ThreatModel.at` (default PGD-20)
                           *,
                           plot:bool=False, # also plot robust accuracy against eps
-                          show_progress:bool=True, # a progress bar over `eps_list`
+                          show_progress:bool=None, # a progress bar over `eps_list` (None: unless `learn.no_bar()`)
                           # `ThreatModel` fields (steps, norm, ...) and `robust_validate`'s (n_batches, seed, ...)
                           **kwargs,
                          )->pd.DataFrame: # one row per eps: eps, name, clean_acc, robust_acc, n
@@ -274,6 +280,7 @@ def robust_accuracy_curve(learn:Learner,
     threats = [tm.at(e) for e in eps_list]  # each eps checked once, here
     rows = []
     # a hidden fastprogress bar still prints a probe character: no bar at all unless asked
+    if show_progress is None: show_progress = _has_bar(learn)
     for t in (progress_bar(threats, leave=False) if show_progress else threats):
         r = learn.robust_validate(dl, t, show_progress=False, **kwargs)
         rows.append(dict(eps=t.eps, name=eps_str(t.eps), **{k: r[k] for k in ('clean_acc', 'robust_acc', 'n')}))

@@ -18,7 +18,7 @@ import fastai.callback.schedule, fastai.callback.progress  # noqa: F401
 from ..core import is_int, is_number
 from ..core import check_normalization, _norm_layer, fork_rng
 from ..attacks import eval_mode
-from ..models import model_blocks, replace_head, swap_head, _is_fastai_resnet, _last_linear, _set_module
+from ..models import model_blocks, replace_head, swap_head, _is_fastai_model, _last_linear, _set_module
 from ..checkpoint import load_weights
 from .freeze import n_frozen_entries, FreezeBlocks, trainable_splitter
 from .feature_cache import FeatureCache
@@ -75,7 +75,7 @@ def new_head(model:nn.Module, # a model `model_blocks` supports; changed in plac
         raise ValueError(f"new_head: `p_drop` is a dropout probability in [0, 1), got {p_drop!r}.")
     drop = p_drop or 0.  # fastai's heads take None as their own default
     lin = _first_linear(old)
-    if lin is None and _is_fastai_resnet(model) and getattr(model, 'rtl_blocks', None) is None:
+    if lin is None and _is_fastai_model(model) and getattr(model, 'rtl_blocks', None) is None:
         kw = ({} if hidden is None else dict(lin_ftrs=list(hidden))) | ({} if p_drop is None else dict(ps=p_drop))
         return replace_head(model, n_out, **kw)
     if isinstance(p_drop, (list, tuple)):
