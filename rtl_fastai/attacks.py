@@ -415,7 +415,9 @@ def _check_head(y, out, who:str):
                          "head does not fit these data; give it one output per class of the DataLoaders "
                          "(`replace_head(model, dls.c)`, or `transfer_learner`/`vision_learner`, which make the head)")
 
-def robust_eval_batch(model:nn.Module, x, y, # model, inputs as the model receives them, labels
+def robust_eval_batch(model:nn.Module, # the model attacked (in eval mode; its modes restored)
+                      x:torch.Tensor, # inputs as the model receives them
+                      y:torch.Tensor, # labels
                       threat:ThreatModel|float=None, # a `ThreatModel`, or its eps; default PGD-20 at 8/255
                       *,
                       stats=None, # normalization stats, as for `pgd_attack`

@@ -107,7 +107,10 @@ def check_int(v, name:str, # the value and the parameter's name, as the user typ
 def check_number(v, name:str, # the value and the parameter's name
                  lo:float=None, hi:float=None, # bounds (None: unbounded); `hi` is inclusive
                  lo_open:bool=False, # `lo` excluded (`v > lo`)
-                 none_ok:bool=False, who:str=None, fix:str=None):
+                 none_ok:bool=False, # None is accepted (and returned)
+                 who:str=None, # the function the user called, for the message
+                 fix:str=None, # what to do, appended to the message
+                ):
     "Raise a `ValueError` naming `name` unless `v` is a finite number within the bounds; returns `float(v)` (or None)."
     if v is None and none_ok: return v
     if (not is_number(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi)):
@@ -191,7 +194,9 @@ class UndoTrainOnError:
             raise
 
 # %% ../nbs/00_core.ipynb #3cce00f1
-def eps_str(eps:float, digits:int=4)->str:
+def eps_str(eps:float, # a radius in [0,1] pixel units
+            digits:int=4, # significant digits of a radius that is neither a short decimal nor k/255
+           )->str:
     "`eps` as a short decimal when it has one (0.2, 0.03), else as `k/255` for a whole number of grey levels (8/255)."
     k = eps*255
     if eps == 0: return '0'

@@ -41,7 +41,9 @@ def quiet(learn:Learner, # the learner to silence
     if not bars: st.enter_context(learn.no_bar())
     return st
 
-def fit_quietly(learn:Learner, epochs:int, lr:float,
+def fit_quietly(learn:Learner,
+                epochs:int, # epochs of `fit_one_cycle`
+                lr:float, # its maximum learning rate
                 cbs=(), # extra callbacks of this fit only (adversarial training, distillation, ...)
                 verbose:bool=False, # show fastai's epoch table (and bars)
                 bars:bool=False, # show the progress bars
@@ -84,13 +86,16 @@ def _n_in(dls):
 
 def train_source(dls, # source-task DataLoaders
                  arch='smallcnn', # a name of `ARCHS`, or a function `n_out -> nn.Module`
-                 epochs:int=10, lr:float=3e-3,
+                 epochs:int=10, # epochs of `fit_one_cycle`
+                 lr:float=3e-3, # its maximum learning rate
                  width:int=None, # see `make_model`
                  eps:float=None, # None: natural training; else adversarial training at this L-inf radius (pixels)
                  steps:int=None, # PGD steps of adversarial training (`adv='pgd'`; default 7)
                  alpha:float=None, # the attack's step; default `PGDTraining`'s (or `FastAdvTraining`'s, 1.25*eps)
                  adv:str='pgd', # 'pgd' (`PGDTraining`) or 'fast' (`FastAdvTraining`, one step)
-                 seed:int=0, verbose:bool=False, bars:bool=False,
+                 seed:int=0, # seed of the weights and the shuffle
+                 verbose:bool=False, # show fastai's epoch table (and bars)
+                 bars:bool=False, # show the progress bars
                 ) -> Learner:
     "Train a natural (`eps=None`) or adversarially trained source model from `seed`; returns the `Learner`."
     if adv not in ('pgd', 'fast'): raise ValueError(f"`adv` must be 'pgd' or 'fast', got {adv!r}")

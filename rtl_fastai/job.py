@@ -124,7 +124,8 @@ def _hub_cache_only():
 def build_arch(arch:str, # 'resnet50' or 'torchvision:resnet50' (torchvision), 'timm:convnext_atto' (timm)
                num_classes:int=1000, # outputs of the head
                pretrained:bool=False, # the library's ImageNet weights (downloaded once into its cache)
-               name:str='arch', who:str='transfer_job', # the parameter and function, for messages
+               name:str='arch', # the parameter that gave `arch`, for messages
+               who:str='transfer_job', # the function the user called, for messages
               )->tuple:
     "`(model, (mean, std))`: a torchvision or timm classifier by name and the input statistics it expects"
     if not isinstance(arch, str) or not arch:
@@ -205,6 +206,21 @@ def _robustbench_source(spec:str, who:str):
     return model.eval(), dict(kind='robustbench', name=name, arch=type(model).__name__, threat=threat, norm=norm,
                               eps=eps, dataset=ds)
 
+def _layout_hint(sd)->str:
+    "What the keys of a state dict that fits no `arch` look like, and what to do (a fastai learner's, a CIFAR ResNet's)"
+    tops = {k.split('.')[0] for k in sd}
+    if tops == {'0', '1'}:
+        return ("\nIts keys start with `0.` and `1.`: a fastai `vision_learner`'s `learn.save` (the body and fastai's "
+                "head). Load it into that learner's model in Python and transfer from it: "
+                "`transfer_learner(learn, dls)`")
+    w = sd.get('conv1.weight')
+    if 'linear.weight' in sd and isinstance(w, torch.Tensor) and w.ndim == 4 and w.shape[-1] == 3:
+        return ("\nIt looks like a CIFAR ResNet (a 3x3 `conv1`, a `linear` head), such as MadryLab's CIFAR-10 models: "
+                "no torchvision `arch` fits it. In Python, load it into its architecture (e.g. robustbench's "
+                "`ResNet(Bottleneck, [3, 4, 6, 3])` for a ResNet-50) with `load_robust_checkpoint`, then "
+                "`transfer_learner(model, dls)`, at size 32")
+    return ''
+
 def _differ(st, stats)->bool:
     "Whether the parsed `stats` option `st` (None: not given) contradicts the source's own statistics `stats`"
     return st is not None and (st == 'none' or not all(torch.allclose(a, b) for a, b in zip(st, normalize_stats(stats))))
@@ -215,7 +231,8 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, 'torchv
                 normalize:str='dls', # where the stats go: 'dls' (`model.input_stats`) or 'model' (`NormalizeInput`)
                 pretrained:bool=True, # natural torchvision/timm sources: the library's ImageNet weights
                 cache=None, # download folder of checkpoints (default `cache_dir()/'checkpoints'`)
-                who:str='transfer_job')->tuple:
+                who:str='transfer_job', # the function the user called, for messages
+               )->tuple:
     "`(model, description)`: the source model, loaded, its input statistics placed as `normalize` says"
     if normalize not in ('dls', 'model'):
         raise ValueError(f"{who}: `normalize` must be 'dls' (fastai's Normalize in the DataLoaders) or 'model' (inside "
@@ -270,6 +287,9 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, 'torchv
             raise ValueError(f"{who}: `arch` is missing: a checkpoint file needs its architecture, "
                              "e.g. arch='resnet50' (torchvision) or arch='timm:resnet50'")
         arch = info.arch
+    elif info is not None and _lib_name(arch)[1] != info.arch:
+        raise ValueError(f"{who}: `arch`={arch!r} contradicts the checkpoint {p.name}, the registry's {info.name!r} "
+                         f"(a {info.arch}); leave `arch` out")
     fp = checkpoint_path(s, cache=cache, name='source')  # the local file: `file://` resolved, a URL downloaded
     ckpt = _read_checkpoint(fp, name='source')
     try: sd, fstats = extract_state_dict(ckpt)
@@ -292,7 +312,7 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, 'torchv
         if st == 'none': _place_stats(model, st, normalize)
     except CheckpointMismatchError as e:
         raise CheckpointMismatchError(f"{who}: `source` {p.name} is not a checkpoint of `arch`={arch!r} "
-                                      f"({n or 1000} classes): {e}") from None
+                                      f"({n or 1000} classes): {e}{_layout_hint(sd)}") from None
     desc = dict(kind='checkpoint', name=s, arch=arch, threat=info.threat if info else 'unknown',
                 file=str(Path(fp).resolve()), **_trained_for(info))
     return model, desc

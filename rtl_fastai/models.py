@@ -57,7 +57,11 @@ class BlockNet(nn.Sequential):
     def blocks(self): return [m for n, m in self.named_children() if re.fullmatch(r'block\d+', n)]
 
 # %% ../nbs/01_models.ipynb #bc18f260
-def conv_bn_relu(ni, nf, stride=1, ks=3):
+def conv_bn_relu(ni:int, # input channels
+                 nf:int, # output channels
+                 stride:int=1, # the convolution's stride
+                 ks:int=3, # kernel size
+                ):
     "Conv (no bias) - BatchNorm - ReLU, 'same' padding, as a named `nn.Sequential`."
     return nn.Sequential(OrderedDict([('conv', nn.Conv2d(ni, nf, ks, stride=stride, padding=ks//2, bias=False)),
                                       ('bn', nn.BatchNorm2d(nf)), ('act', nn.ReLU(inplace=True))]))
@@ -172,7 +176,11 @@ class WideResNet(BlockNet):
 # %% ../nbs/01_models.ipynb #c6063409
 class ModelBlocks:
     "The blocks of a model, from input to output: `stem`, `blocks` (list), `pool` (or None), `head`."
-    def __init__(self, stem:nn.Module, blocks:list, head:nn.Module, pool:nn.Module|None=None):
+    def __init__(self, stem:nn.Module, # what runs before the first block
+                 blocks:list, # the blocks, in order: `n_retrain` counts them from the end
+                 head:nn.Module, # the classifier (replaced by transfer)
+                 pool:nn.Module|None=None, # what runs between the last block and the head (the pooled features)
+                ):
         store_attr()
         self.blocks = list(blocks)
     @property

@@ -123,6 +123,26 @@ def test_registry_file_fetched_by_hand_under_its_own_name(files, tmp_path):
     (tmp_path/'mine.pt').write_bytes((root/'robust_r18.ckpt').read_bytes())
     m, desc = load_source(str(tmp_path/'mine.pt'), arch='resnet18')   # a file of unknown training
     assert desc['threat'] == 'unknown' and desc['norm'] is None and desc['eps'] is None
+    with pytest.raises(ValueError, match=r"`arch`='resnet50' contradicts the checkpoint Salman2020Do_R18\.pt"):
+        load_source(str(tmp_path/'Salman2020Do_R18.pt'), arch='resnet50')
+
+
+def test_layouts_no_arch_fits_are_explained(tmp_path):
+    "A fastai `vision_learner` save and a CIFAR ResNet (MadryLab's CIFAR-10 models): the mismatch says what they are"
+    from fastai.vision.learner import vision_learner
+    from fastai.data.core import DataLoaders
+    from torch.utils.data import TensorDataset
+    ds = TensorDataset(torch.rand(4, 3, 32, 32), torch.arange(4) % 2)
+    learn = vision_learner(DataLoaders.from_dsets(ds, ds, bs=2), torchvision.models.resnet18, pretrained=False, n_out=2,
+                           loss_func=torch.nn.CrossEntropyLoss())
+    torch.save(learn.model.state_dict(), tmp_path/'fastai.pth')
+    with pytest.raises(Exception, match=r"(?s)keys start with `0\.` and `1\.`: a fastai `vision_learner`"):
+        load_source(str(tmp_path/'fastai.pth'), arch='resnet18', stats='imagenet')
+    sd = {'conv1.weight': torch.zeros(64, 3, 3, 3), 'layer1.0.shortcut.0.weight': torch.zeros(256, 64, 1, 1),
+          'linear.weight': torch.zeros(10, 2048), 'linear.bias': torch.zeros(10)}
+    torch.save(sd, tmp_path/'cifar.pt')
+    with pytest.raises(Exception, match=r"(?s)looks like a CIFAR ResNet"):
+        load_source(str(tmp_path/'cifar.pt'), arch='resnet50', stats='none')
 
 
 def test_quiet_prints_the_run_folder_alone_on_a_large_folder(files, tmp_path, capsys):

@@ -183,7 +183,10 @@ class FastAdvTraining(_AdvTrainCallback):
         self.learn.xb = (fg,)
 
 # %% ../../nbs/04_callback.adv_train.ipynb #e58889a3
-def trades_kl(adv_logits, clean_logits, reduction='batchmean'):
+def trades_kl(adv_logits:torch.Tensor, # logits on the adversarial examples
+              clean_logits:torch.Tensor, # logits on the clean examples (the target distribution)
+              reduction:str='batchmean', # 'batchmean' (sum over classes, mean over the batch) or 'none'
+             ):
     "TRADES' robust term: KL(softmax(`clean_logits`) || softmax(`adv_logits`)), 'batchmean' or 'none' (per example)"
     if reduction not in ('batchmean', 'none'):
         raise ValueError(f"trades_kl: `reduction` must be 'batchmean' or 'none' (per example), got {reduction!r}")

@@ -70,7 +70,10 @@ def feature_hook(model:nn.Module,     # a model
                      f"are {[n for n, _ in model.named_children()]}; any name of `model.named_modules()` works "
                      f"(e.g. {next((n for n in reversed(names) if '.' in n), names[-1] if names else '')!r}).")
 
-def feature_module(model:nn.Module, layer:str|None=None, who:str='model') -> nn.Module:
+def feature_module(model:nn.Module, # a model
+                   layer:str|None=None, # as for `feature_hook`
+                   who:str='model', # how the error messages call `model`
+                  ) -> nn.Module:
     "The module `feature_hook` hooks."
     return feature_hook(model, layer, who).module
 
@@ -78,7 +81,10 @@ def feature_module(model:nn.Module, layer:str|None=None, who:str='model') -> nn.
 class DistillMetric(Metric):
     ("The term `lam*d` of `FeatureDistillation` `cb`: its mean over the phase's batches, or (`train_only`) "
      "`cb.train_term`.")
-    def __init__(self, cb, name='distill', train_only=False): store_attr()
+    def __init__(self, cb, # the `FeatureDistillation` callback
+                 name:str='distill', # the column's name
+                 train_only:bool=False, # the mean over the training batches only (`cb.train_term`)
+                ): store_attr()
     def reset(self): self.total, self.count = 0., 0
     def accumulate(self, learn):
         if self.train_only or self.cb.batch_term is None: return

@@ -17,7 +17,9 @@ __all__ = ['FlipPadCrop', 'random_tfms', 'unknown_tfms']
 class FlipPadCrop(DisplayedTransform):
     "Random horizontal flip (p=`p_flip`) and random crop after `pad` zero pixels on each side, per image"
     split_idx, order = 0, 50
-    def __init__(self, pad:int=4, p_flip:float=0.5): store_attr()
+    def __init__(self, pad:int=4, # zero pixels added on each side before the random crop
+                 p_flip:float=0.5, # probability of the horizontal flip
+                ): store_attr()
     def encodes(self, x:TensorImage):
         n,c,h,w = x.shape; dev = x.device
         flip = torch.rand(n, device=dev) < self.p_flip

@@ -27,7 +27,11 @@ __all__ = ['ArrayDataset', 'ArrayDL', 'task_dls']
 class ArrayDataset:
     "Images and labels (None: unlabelled) in tensors, typed like fastai's items; `split_idx` 0 (train) or 1 (valid)"
     n_inp = 1
-    def __init__(self, x, y, vocab, split_idx=None):
+    def __init__(self, x, # images, (N, C, H, W): uint8 0..255 or float in [0,1]
+                 y, # class indices, (N,); None: unlabelled
+                 vocab, # the class names
+                 split_idx:int=None, # 0 (train: random transforms apply) or 1 (valid)
+                ):
         store_attr(); self.c = len(vocab); self.loss_func = CrossEntropyLossFlat()
         # fastai's vocab type: `ClassificationInterpretation` reads a plain list as a list of vocabularies
         if not isinstance(vocab, CategoryMap): self.vocab = CategoryMap(list(vocab), sort=False)
@@ -51,7 +55,9 @@ class ArrayDataset:
 
 class ArrayDL(TfmdDL):
     "A `TfmdDL` over an `ArrayDataset` that builds each batch by one tensor indexing"
-    def __init__(self, dataset, bs=64, shuffle=False,
+    def __init__(self, dataset, # an `ArrayDataset`
+                 bs:int=64, # batch size
+                 shuffle:bool=False, # a new order each epoch
                  num_workers=0, # Ignored: batches are one indexing op, worker processes would only add overhead
                  seed=None,     # Seed of the shuffle: the same epochs for fresh loaders (reused ones draw on); None is random
                  **kwargs):
