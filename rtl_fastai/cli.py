@@ -23,7 +23,8 @@ def _eps_arg(s:str) -> float:
     try: return parse_eps(s, who='')
     except ValueError as e: raise argparse.ArgumentTypeError(str(e).removeprefix(': '))  # argparse names the option
 
-def parse_classes(s:str):
+def parse_classes(s:str, # comma-separated class indices or names
+                 ):
     "A class list from text: `0,1,2` (indices) or `cat,dog` (names)."
     items = [c.strip() for c in s.split(',') if c.strip()]
     if not items:
@@ -118,7 +119,8 @@ def _device(s):
         sys.exit(f"--device: {s!r} asked for CUDA but torch sees no GPU; use --device cpu")
     return dev
 
-def main(argv=None):
+def main(argv:list=None, # the arguments (default: the command line's)
+        ):
     "Entry point of the `rtl-fastai` console command."
     args = make_parser().parse_args(argv)
     if args.cmd == 'transfer':

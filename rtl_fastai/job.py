@@ -57,7 +57,8 @@ def parse_eps(eps, # a radius in [0,1] pixel units: a number, or text such as '4
     return v
 
 def parse_n_retrain(n_retrain, # 0, 2, '0', '2' or 'all'
-                    who:str='transfer_job')->int|str:
+                    who:str='transfer_job', # the function the user called, for messages
+                   )->int|str:
     "`n_retrain` as an integer >= 0 or 'all', from a number or text"
     if is_int(n_retrain) and n_retrain >= 0: return int(n_retrain)
     if isinstance(n_retrain, str):
@@ -69,7 +70,8 @@ def parse_n_retrain(n_retrain, # 0, 2, '0', '2' or 'all'
 
 # %% ../nbs/08b_job.ipynb #fb03dcbc
 def parse_stats(stats, # None (from the source), 'imagenet', 'none' ([0,1] pixels), 'm1,m2,m3/s1,s2,s3' or (mean, std)
-                who:str='transfer_job'):
+                who:str='transfer_job', # the function the user called, for messages
+               ):
     "None (take the source's), 'none' (no normalization), or the `(mean, std)` pair of `normalize_stats`"
     if stats is None: return None
     if isinstance(stats, str):
@@ -406,8 +408,7 @@ def _hist(learn):
             for i, vals in enumerate(learn.recorder.values)]
 
 def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `data/valid/<class>/*.jpg` (or `valid_pct`)
-                 # a registry name (`robust_models()`), a checkpoint file/URL, 'torchvision:NAME' / 'timm:NAME', or
-                 # 'robustbench:DATASET/THREAT/NAME' (with robustbench installed)
+                 # a registry name, a checkpoint file/URL, 'torchvision:NAME', 'timm:NAME' or 'robustbench:DATASET/THREAT/NAME'
                  source:str='resnet18_linf_eps4.0',
                  # a checkpoint file's architecture: 'resnet50' (torchvision) or 'timm:NAME'; default: the registry's
                  arch:str=None,

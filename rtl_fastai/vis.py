@@ -229,16 +229,15 @@ def _fig_ax(ax, figsize):
     else: fig = ax.figure
     return fig, ax
 
-def plot_robust_curve(data, # columns `eps`, `robust_acc` (optional `method`/`model`, `clean_acc`): a DataFrame,
-                            # a dict of columns, or a dict name -> DataFrame or {eps: acc}
+def plot_robust_curve(data, # columns `eps`, `robust_acc` (`method`, `clean_acc`): a DataFrame or dict; or name -> {eps: acc}
                       by:str=None, # column with the name of each line; default 'method', else 'model' when present
                       x:str='eps', # column of the radii, pixel units
                       y:str='robust_acc', # column of the robust accuracies (fractions, or percents when > 1)
                       clean:str='clean_acc', # column of the clean accuracy (if present: dotted, in the line's colour)
                       eps_ticks:str='auto', # 'auto' (k/255 if all eps are whole grey levels), '255' or 'float'
                       ax=None, # matplotlib `Axes` to draw on; default a new figure
-                      figsize:tuple=(5, 3.5),
-                      title:str=None,
+                      figsize:tuple=(5, 3.5), # size of the new figure (inches)
+                      title:str=None, # the plot's title
                      )->Figure:
     "Robust accuracy against eps, one line per method/model"
     df = _as_curve_df(data, x, y)
@@ -268,8 +267,8 @@ def plot_block_study(df, # a DataFrame (or dict of columns) with one row per (so
                      by:str='source', # column naming the source of each line ('robust', 'natural'); None: one source
                      eps:float=None, # eps of the PGD accuracy, for the legend (default: the `eps` column's one value)
                      ax=None, # matplotlib `Axes` to draw on; default a new figure
-                     figsize:tuple=(5.5, 3.8),
-                     title:str=None,
+                     figsize:tuple=(5.5, 3.8), # size of the new figure (inches)
+                     title:str=None, # the plot's title
                     )->Figure:
     "Clean (solid) and PGD (dashed) accuracy against the number of retrained blocks, one colour per source"
     if isinstance(df, dict): df = pd.DataFrame(df)
@@ -313,7 +312,7 @@ class AdversarialExplorer:
                  max_steps:int=50, # end of the steps slider
                  stats=None, # normalization stats (default `learn.dls`)
                  k:int=5, # classes in the probability panel
-                 figsize:tuple=(10, 2.9),
+                 figsize:tuple=(10, 2.9), # size of the figure (inches)
                  seed:int=0, # seed of PGD's random start, so that only the sliders change the picture
                  **threat_kw, # `ThreatModel` fields (eps, steps, norm, ...)
                 ):

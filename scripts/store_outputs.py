@@ -6,7 +6,7 @@ shows them (carriage returns applied), then nbdev_clean runs. Usage:
     python scripts/store_outputs.py --streams-only [...]   # only collapse the progress bars of stored outputs
 The notebooks in FULL_FORM keep the outputs of their full form (`RTL_FULL=1`, long runs): without RTL_FULL=1 they
 are left as they are, so a reduced run never overwrites recorded results."""
-import os, shutil, subprocess, sys, tempfile
+import re, os, shutil, subprocess, sys, tempfile
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from docs_build import execute_notebooks, list_notebooks
@@ -19,10 +19,20 @@ def collapse_streams(path):
     nb, _ = CoalesceStreamsPreprocessor(enabled=True).preprocess(nb, {})
     for c in nb.cells:
         for o in c.get('outputs', []):
-            if o.get('output_type') == 'stream': o['text'] = o['text'].replace('\u2588', '')
+            if o.get('output_type') != 'stream': continue
+            lines = o['text'].replace('\u2588', '').split('\n')
+            o['text'] = '\n'.join(l for l in lines if not (l.strip() and _BAR_LEFT.match(l)))   # blank lines kept
+        # what is left of a bar that ended (its label, a frozen 0%), or nothing: no empty output box on the page
+        if c.cell_type == 'code':
+            c['outputs'] = [o for o in c.outputs if o.get('output_type') != 'stream' or o['text'].strip()]
+        else: c.pop('outputs', None)
     nbformat.write(nb, path)
 
-FULL_FORM = {'tutorials/paper_cpu_scale.ipynb'}  # stored outputs come from RTL_FULL=1 (about 35 minutes on one CPU thread)
+# a line that only holds what a finished fastprogress bar leaves: its label ("Epoch 1/1 :"), an unfilled bar, spaces
+_BAR_LEFT = re.compile(r'^\s*(Epoch \d+/\d+ :)?\s*(\|[-\s]*\|\s*\d+\.\d+% \[\d+/\d+ [^\]]*\])?\s*$')
+
+# stored outputs come from RTL_FULL=1: the paper tutorial (22.5 minutes on one CPU thread, its record), quick_start (52 s)
+FULL_FORM = {'tutorials/paper_cpu_scale.ipynb', 'tutorials/quick_start.ipynb'}
 
 def main(args):
     streams_only = '--streams-only' in args

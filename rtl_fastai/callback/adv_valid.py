@@ -255,7 +255,7 @@ def _random_sample(dl, seed:int=0):
     return in_random_order(dl, seed) if isinstance(dl, DataLoader) and len(dl) else dl
 
 # %% ../../nbs/03_callback.adv_valid.ipynb #b0459ab8
-def robust_accuracy_curve(learn:Learner,
+def robust_accuracy_curve(learn:Learner, # the learner whose model is attacked
                           eps_list, # radii in [0,1] pixel units
                           dl=None, # default: the validation `DataLoader`
                           threat:ThreatModel=None, # the attack, taken at each eps by `ThreatModel.at` (default PGD-20)

@@ -123,8 +123,7 @@ class FeatureDistillation(UndoTrainOnError, HookCallback):
                  warmup_epochs:int=0,   # train only the head for this many epochs, then the whole model
                  # compute the source features of every training example once (no random augmentation)
                  precompute:bool=False,
-                 # BatchNorm layers outside the head that hold the source's statistics keep them (eval mode) the whole
-                 # fit, as the authors' code; their weights still train. False: they follow `learn.model.train()`
+                 # the body keeps the source's BatchNorm statistics (eval mode), as the authors' code; False: train mode
                  freeze_bn_stats:bool=True,
                 ):
         who = 'FeatureDistillation'

@@ -151,6 +151,8 @@ class FreezeBlocks(Callback):
     def after_create(self): self.before_fit()
 
 # %% ../../nbs/05a_callback.freeze.ipynb #e309afd5
-def trainable_splitter(model:nn.Module, n_frozen:int=0) -> L:
+def trainable_splitter(model:nn.Module, # a model `model_blocks` supports
+                       n_frozen:int=0, # leading entries left out (frozen)
+                      ) -> L:
     "fastai splitter: one parameter group per entry of `model_blocks(model).all[n_frozen:]` that has parameters."
     return L(params(m) for m in model_blocks(model).all[n_frozen:]).filter(len)
