@@ -6,7 +6,7 @@
 # Users with Quarto can still run nbdev's own `nbdev_docs` (nbs/_quarto.yml, nbs/nbdev.yml).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
-# The docs renderer: installed here until settings.ini's dev_requirements carries it.
+# The docs renderer (in settings.ini's dev_requirements too): installed here into a venv made before it was there.
 _docs_reqs=('mkdocs==1.6.1' 'mkdocs-material==9.8.2')
 if ! python -c 'import mkdocs, material' >/dev/null 2>&1; then
   echo "docs: installing ${_docs_reqs[*]}"
