@@ -1,7 +1,8 @@
 """Side-by-side cost and robustness of adversarial training methods, measured in one run.
 
 For each method (natural training, PGD-7 AT, free AT with m replays, fast AT (FGSM-RS), optionally TRADES)
-the same model is trained from the same initialization on the same data with a one-cycle schedule, and the
+the same model is trained from the same initialization on the same batches, in the same order, with a one-cycle
+schedule (after an untimed warm-up fit), and the
 script prints training wall time per epoch (validation excluded), total training time, clean and PGD-20
 accuracy on a fixed validation subset, and the ratios of the times to natural training.
 
@@ -70,8 +71,12 @@ def main():
                'trades': (lambda: TRADESTraining(eps, beta=6., steps=10), args.epochs)}
     names = {'natural': 'natural', 'pgd': 'PGD-7 AT', 'free': f'free AT (m={args.m})', 'fast': 'fast AT (FGSM-RS)', 'trades': 'TRADES (10 steps, beta 6)'}
     rows = []
+    # untimed warm-up (one-off costs: allocator, kernels, caches), so that the first timed method, natural training
+    # (every ratio's denominator), pays none of them
+    fit_quietly(Learner(make_dls(args), new_model(args, dls), metrics=accuracy), 1, lr, [])
     for k in args.methods.split(','):
         cb, ep = methods[k]
+        dls = make_dls(args)   # each method the same batches in the same order (a fresh seeded shuffle)
         learn = Learner(dls, new_model(args, dls), metrics=accuracy)
         timer = EpochTimer()
         extra = cb()
@@ -91,6 +96,6 @@ def main():
     for r in rows:
         re = f"{r['per_epoch']/nat['per_epoch']:.2f}x" if nat else '-'
         rt = f"{r['total']/nat['total']:.2f}x" if nat else '-'
-        print(f"| {r['name']} | {r['epochs']} | {r['steps']} | {r['per_epoch']:.1f} | {r['total']:.1f}s | {re} | {rt} | {r['clean']:.3f} | {r['robust']:.3f} |")
+        print(f"| {r['name']} | {r['epochs']} | {r['steps']} | {r['per_epoch']:.2f} | {r['total']:.1f}s | {re} | {rt} | {r['clean']:.3f} | {r['robust']:.3f} |")
 
 if __name__ == '__main__': main()

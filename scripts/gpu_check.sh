@@ -11,7 +11,11 @@
 # "GPU checks"). Usage: bash scripts/gpu_check.sh [PART ...] (default: all, in the order above).
 # Environment: CHECK_SECONDS (global deadline, default 540), STUDY_MINUTES (default 2.5; 8 for the full study, alone),
 # COMPILE=1 (add --compile to bench_bf16), OUT (default /tmp/gpu_check_out when not set by the device machine);
-# for a dry run on a CPU: TINY=1 SKIP_INSTALL=1 PYTHON=.venv/bin/python bash scripts/gpu_check.sh env cuda_tests bench study
+# for a dry run on a CPU (after scripts/gpu_prepare.sh, which puts CIFAR-10 in .gpu/, or with RTL_DATA set):
+#   TINY=1 SKIP_INSTALL=1 PYTHON=.venv/bin/python bash scripts/gpu_check.sh env cuda_tests bench study
+# Per-part limits (seconds): env 120, cuda_tests 130, bench 190, study STUDY_MINUTES*60+60 (210 at 2.5), tests 100,
+# bench_bf16 150: 900 in all, more than the deadline on purpose: the parts run in order of importance, each cut at the
+# deadline, so the last (bench_bf16, then tests) get what the others leave; rerun them alone if they were cut
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -56,7 +60,7 @@ run() {
 
 for p in "${parts[@]}"; do
   case $p in
-    env) run env env.txt 120 bash -c "nvidia-smi; nproc; echo C compiler for inductor/triton: \$(command -v gcc cc | head -1); $PY -c 'import torch, fastai, fastcore, sys; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version(), \"fastai\", fastai.__version__, \"fastcore\", fastcore.__version__); print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"NO CUDA\")'; $PY -m pip list 2>/dev/null | grep -i -E '^(torch|triton|fastai|fastcore|fasttransform|fastprogress|torchattacks|plum|timm|numpy) '; time $PY -c 'from rtl_fastai.data.all import load_dataset; print(load_dataset(\"cifar10\"))'" ;;
+    env) run env env.txt 120 bash -c "nvidia-smi; nproc --all; echo C compiler for inductor/triton: \$(command -v gcc cc | head -1); $PY -c 'import torch, fastai, fastcore, sys; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version(), \"fastai\", fastai.__version__, \"fastcore\", fastcore.__version__); print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"NO CUDA\")'; $PY -m pip list 2>/dev/null | grep -i -E '^(torch|triton|fastai|fastcore|fasttransform|fastprogress|torchattacks|plum|timm|numpy) '; time $PY -c 'from rtl_fastai.data.all import load_dataset; print(load_dataset(\"cifar10\"))'" ;;
     cuda_tests) run cuda_tests test_cuda.txt 130 env RTL_TEST_DEVICE=cuda "$PY" -m pytest -q -rsx -p no:cacheprovider tests/test_cuda.py --durations=10 ;;
     bench) run bench bench_fp32.txt 190 "$PY" bench/bench_gpu.py --eval_epochs 1 --reps 1 "${TINY_ARGS[@]}" ;;
     study) run study study.txt $(awk "BEGIN{print int($STUDY_MINUTES*60 + 60)}") "$PY" scripts/gpu_study.py --budget_minutes "$STUDY_MINUTES" --bf16 --channels_last --out "$OUT/study" "${TINY_ARGS[@]}" ;;

@@ -26,9 +26,10 @@ if ls .gpu/wheels/plum_dispatch-2.1[0-9]* >/dev/null 2>&1; then
   wheels .gpu/wheels 'plum-dispatch<2.10'
 fi
 # fallbacks, installed there only where the machine's image lacks them: fastai imports requests and yaml at import,
-# and a recent huggingface_hub (timm's) no longer brings requests along; the study's report needs tabulate
+# and a recent huggingface_hub (timm's) no longer brings requests along; the study's report needs tabulate; fastai's
+# learner imports cloudpickle, which only joblib>=1.6 (scikit-learn's) brings
 rm -rf .gpu/wheels/fallback; mkdir -p .gpu/wheels/fallback   # one version of each (gpu_check installs them together)
-wheels .gpu/wheels/fallback requests urllib3 certifi charset-normalizer idna pyyaml tabulate
+wheels .gpu/wheels/fallback requests urllib3 certifi charset-normalizer idna pyyaml tabulate cloudpickle
 [ -f "$data/cifar10.tgz" ] || { echo "gpu_prepare: no $data/cifar10.tgz (set RTL_DATA to the folder that holds it)" >&2; exit 1; }
 cp -u "$data/cifar10.tgz" .gpu/
 ls -1 .gpu .gpu/wheels
