@@ -23,3 +23,6 @@ for m in mods: importlib.import_module(m)
 print("imported with the newest fastai:", ", ".join(mods))
 PY
 if [ -f tests/newfastai_smoke.py ]; then PYTHONPATH="$PWD" .venv-newfastai/bin/python tests/newfastai_smoke.py; fi
+# the tutorials, as nbdev_test runs them, under the newest fastai (execnb alone: nbdev does not import here)
+PYTHONPATH="$PWD" MPLBACKEND=Agg .venv-newfastai/bin/python scripts/run_notebooks.py nbs/tutorials/quick_start.ipynb \
+  nbs/tutorials/own_folder.ipynb nbs/tutorials/own_robust_model.ipynb
