@@ -326,6 +326,9 @@ def next_run_dir(out) -> Path:
         d = out/f'run_{n:03d}'
         try: d.mkdir(); return d
         except FileExistsError: n += 1
+        except OSError as e:   # a folder that exists but cannot be written
+            raise PermissionError(f"`out`={str(out)!r} cannot be written ({e.strerror or e}): give a folder you can write "
+                                  "to") from None
 
 # %% ../nbs/08_pipeline.ipynb #17b1525f
 def save_run(run_dir, # the run's folder (`next_run_dir`)

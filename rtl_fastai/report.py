@@ -114,7 +114,11 @@ def autoattack_evaluate(learn:Learner, # the learner whose model is attacked
                        )->dict: # `clean_acc`, `robust_acc`, `n`, `attack`, `max_perturbation`
     "Clean and AutoAttack robust accuracy of `learn.model` (torchattacks, optional dependency), eps in pixel units."
     tm = as_threat(threat, dict(steps=100), autoattack_evaluate, **threat_kw)
-    if 'steps' not in threat_kw: tm = tm.replace(steps=100)  # a `ThreatModel`'s steps are PGD's, not AutoAttack's
+    if 'steps' not in threat_kw:  # a `ThreatModel`'s steps are PGD's, not AutoAttack's
+        if isinstance(threat, ThreatModel) and threat.steps not in (100, ThreatModel().steps):
+            warnings.warn(f"autoattack_evaluate: `threat` has steps={threat.steps}, PGD's; AutoAttack runs 100 iterations "
+                          f"(the reference's): pass steps={threat.steps} to run that many", UserWarning, stacklevel=2)
+        tm = tm.replace(steps=100)
     if version not in _VERSIONS: raise ValueError(f"`version` must be one of {_VERSIONS}, got {version!r}")
     check_int(n_batches, 'n_batches', none_ok=True)
     ta = _torchattacks('autoattack_evaluate')

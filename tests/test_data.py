@@ -289,22 +289,29 @@ def test_folder_cache_follows_the_folder(tmp_path):
     d = load_dataset('mnist', path=src)
     assert d.n_train == 8 and d.classes == ['0', '1', '2']
     assert load_dataset('mnist', path=src).n_train == 8   # and read from the cache again while the folder is as it is
-    # the decoding of the folder's first state is deleted with the second: it would never be read again
-    assert len([c for c in cache_dir().iterdir() if c.name.startswith('mnist_png-')]) == 1
+    assert len([c for c in cache_dir().iterdir() if c.name.startswith('mnist_png-')]) == 2   # two states, two decodings
 
 
-def test_archive_cache_holds_one_decoding(tmp_path, monkeypatch):
-    "A re-copied archive (new mtime) is decoded again, and the older entry deleted; the extracted files are not kept"
-    import os
+def test_archive_cache_drops_unread_states(tmp_path, monkeypatch):
+    "A re-copied archive (new mtime) is decoded again; the entry of its earlier state goes once unread for a week "
+    "(two states in use at once keep both); the extracted files are not kept"
+    import os, time
     arc = fake_archive(tmp_path/'d')
+    def touch(ns): st = arc.stat(); os.utime(arc, ns=(st.st_atime_ns, st.st_mtime_ns + ns))
     a = load_dataset('cifar10', path=arc)
-    st = arc.stat(); os.utime(arc, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    b = load_dataset('cifar10', path=arc)
-    assert torch.equal(a.x_train, b.x_train)
-    entries = [c for c in cache_dir().iterdir()]
-    assert len(entries) == 1 and sorted(f.name for f in entries[0].iterdir()) == sorted(
+    first = next(cache_dir().iterdir())
+    assert sorted(f.name for f in first.iterdir()) == sorted(
         ['classes.json', 'source.txt', 'train_x.npy', 'train_y.npy', 'valid_x.npy', 'valid_y.npy'])
+    touch(10**9)
+    b = load_dataset('cifar10', path=arc)
+    assert torch.equal(a.x_train, b.x_train) and len(list(cache_dir().iterdir())) == 2   # the first was read just now
+    week = time.time() - 8*86400
+    for e in cache_dir().iterdir(): os.utime(e/'source.txt', (week, week))   # neither read for 8 days
+    touch(10**9)
+    load_dataset('cifar10', path=arc)
+    assert len(list(cache_dir().iterdir())) == 1   # a third state: the two unread ones are gone
     other = fake_archive(tmp_path/'e')   # another archive of the same name: its own entry, the first one kept
+    for e in cache_dir().iterdir(): os.utime(e/'source.txt', (week, week))
     load_dataset('cifar10', path=other)
     assert len(list(cache_dir().iterdir())) == 2
 

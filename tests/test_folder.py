@@ -1,5 +1,6 @@
 """Tests of `rtl_fastai.data.folder`: the user's own image folder (`check_image_folder`, `folder_dls`) and the small
 folders written for tests and tutorials (`make_image_folder`, `save_image_folder`); `random_tfms` on fastai's `Resize`."""
+from pathlib import Path
 import re, shutil, warnings
 from collections import Counter
 
@@ -79,6 +80,14 @@ def test_image_folders_are_written_whole(tmp_path, monkeypatch):
         with pytest.raises(KeyboardInterrupt): make_image_folder(dest, n_per_class=2, n_valid=1, classes=2)
         assert not dest.exists() or not any(dest.iterdir()), list(dest.rglob('*'))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith('.')] == []   # no temporary folder left
+    monkeypatch.setattr(F, '_save', save)
+    # folders that cannot be replaced are written into as they are: the working folder, a link to an empty folder
+    (tmp_path/'cwd').mkdir(); monkeypatch.chdir(tmp_path/'cwd')
+    assert make_image_folder('.', n_per_class=1, n_valid=1, classes=2) == Path('.')
+    assert (tmp_path/'cwd'/'train').is_dir() and Path.cwd() == tmp_path/'cwd'
+    (tmp_path/'target').mkdir(); (tmp_path/'link').symlink_to(tmp_path/'target')
+    make_image_folder(tmp_path/'link', n_per_class=1, n_valid=1, classes=2)
+    assert (tmp_path/'link').is_symlink() and (tmp_path/'target'/'valid'/'circle'/'0000.png').is_file()
 
 
 def test_synthetic_folder_is_learnable_not_trivial(tmp_path):

@@ -176,3 +176,5 @@ def test_autoattack_iterations(digits_dls, digits_model, monkeypatch):
         autoattack_evaluate(learn, threat, **kw)
         atk, tm = got[0]
         assert tm.steps == n and {a.steps for a in atk._autoattack.attacks if hasattr(a, 'steps')} == {n}, (threat, kw)
+    with pytest.warns(UserWarning, match=r"`threat` has steps=7, PGD's; AutoAttack runs 100 iterations"):
+        autoattack_evaluate(learn, ThreatModel(0.1, steps=7))   # steps chosen for PGD: said, not silently dropped

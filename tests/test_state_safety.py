@@ -329,3 +329,21 @@ def test_export_with_a_splitter_that_holds_the_frozen_blocks(dls, tmp_path):
     assert not any(id(p) in {id(q) for g in learn.opt.param_lists for q in g} for p in learn.model.block1.parameters())
     learn.remove_cb(FreezeBlocks)
     assert learn.splitter is trainable_splitter
+
+
+def test_freezeblocks_with_torch_style_param_groups(dls):
+    "A splitter giving torch's `{'params': ..., 'lr': ...}` groups (fastai's `OptimWrapper`): the frozen ones left out, "
+    "each group's own settings kept"
+    from functools import partial
+    from fastai.optimizer import OptimWrapper
+    def dict_splitter(m):
+        body = [p for n, p in m.named_parameters() if not n.startswith('head')]
+        return [{'params': body, 'lr': 1e-4}, {'params': list(m.head.parameters())}]
+    learn = Learner(dls, SmallCNN(n_in=1, n_out=dls.c, widths=(8, 16)), splitter=dict_splitter,
+                    opt_func=partial(OptimWrapper, opt=torch.optim.AdamW), cbs=FreezeBlocks(2))
+    w = learn.model.stem.conv.weight.detach().clone()
+    _fit(learn)
+    assert torch.equal(w, learn.model.stem.conv.weight)
+    _fit(learn, reset_opt=True)   # the optimizer rebuilt from the splitter: the frozen ones out, the settings kept
+    groups = learn.opt.opt.param_groups
+    assert not any(p is learn.model.stem.conv.weight for g in groups for p in g['params'])

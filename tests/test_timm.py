@@ -255,6 +255,7 @@ def test_timm_weights_without_the_hub(tmp_path, monkeypatch):
     import huggingface_hub.constants as hc
     from safetensors.torch import save_file
     import rtl_fastai.job as job
+    monkeypatch.setattr(hc, 'HF_HUB_OFFLINE', False)   # (an offline CI may set HF_HUB_OFFLINE=1)
     unreachable = job._unreachable
     for v in job._PROXY_VARS: monkeypatch.delenv(v, raising=False)
     assert unreachable('http://127.0.0.1:1')   # a refused connection

@@ -419,3 +419,17 @@ def test_cache_off_line_under_the_progress_bar_and_csv_logger(shapes_folder, cap
     out = capsys.readouterr().out
     assert len([l for l in out.splitlines() if l.startswith("FeatureCache off")]) == 1, repr(out)
     assert 'FeatureCache' not in (tmp_path/'h2.csv').read_text()
+
+
+def test_transfer_learner_forward_check_takes_every_input():
+    "The forward check at construction gives a model of two inputs both (it used to train, and still does)"
+    from torch.utils.data import TensorDataset, DataLoader as TDL
+    from fastai.data.core import DataLoaders
+    class TwoInputs(SmallCNN):
+        def forward(self, x, meta): return super().forward(x) + 0*meta.sum()
+    x, m, y = torch.rand(32, 1, 8, 8), torch.rand(32, 3), torch.arange(32) % 10
+    dl = TDL(TensorDataset(x, m, y), batch_size=16)
+    dls = DataLoaders(dl, dl); dls.n_inp = 2
+    learn = transfer_learner(TwoInputs(n_in=1, n_out=10, widths=(8,)), dls, n_out=10, cache=False,
+                             loss_func=torch.nn.CrossEntropyLoss())
+    with learn.no_bar(), learn.no_logging(): learn.fit(1)

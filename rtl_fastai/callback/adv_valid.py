@@ -170,16 +170,19 @@ class RobustAccuracy(Metric):
     def name(self): return getattr(self, '_name', None) or self.threat.name   # (pickled before `name` existed)
 
     def _check_name(self, learn):
-        "Warn (once) when another `RobustAccuracy` of `learn` has this column name but another threat model"
+        "Warn (once) when another `RobustAccuracy` of `learn` has this column name"
         twins = [m for m in getattr(learn, 'metrics', []) if isinstance(m, RobustAccuracy) and m is not self
-                 and m.name == self.name and m.threat != self.threat]
+                 and m.name == self.name]
         if not twins or getattr(self, '_warned_name', False): return
         self._warned_name = True
-        diff = {k: (getattr(self.threat, k), getattr(twins[0].threat, k)) for k in _FIELDS
-                if getattr(self.threat, k) != getattr(twins[0].threat, k)}
-        warnings.warn(f"RobustAccuracy: two metrics have the column name {self.name!r} but different threat models "
-                      f"({', '.join(f'{k}={a!r} and {b!r}' for k, (a, b) in diff.items())}): their columns cannot be told "
-                      "apart; give one of them `name=`", UserWarning, stacklevel=3)
+        o = twins[0]
+        diff = {k: (getattr(self.threat, k), getattr(o.threat, k)) for k in _FIELDS if getattr(self.threat, k) != getattr(o.threat, k)}
+        diff.update({k: (getattr(self, k, None), getattr(o, k, None)) for k in ('n_batches', 'seed', 'drop_fooled', 'amp')
+                     if getattr(self, k, None) != getattr(o, k, None)})
+        what = (f"different settings ({', '.join(f'{k}={a!r} and {b!r}' for k, (a, b) in diff.items())})" if diff else
+                "the same settings (one of them is enough)")
+        warnings.warn(f"RobustAccuracy: two metrics have the column name {self.name!r} and {what}: their columns cannot "
+                      "be told apart; give one of them `name=`", UserWarning, stacklevel=3)
 
 # %% ../../nbs/03_callback.adv_valid.ipynb #19862a6d
 def _has_bar(learn)->bool:

@@ -74,7 +74,9 @@ class _SplitterWithout:
         out = {id(ps[k]) for k in self.positions if k < len(ps)}
         groups = L(self.splitter(model))
         if len(groups) and isinstance(groups[0], torch.Tensor): return L(p for p in groups if id(p) not in out)  # one group
-        return L(L(p for p in g if id(p) not in out) for g in groups)
+        def keep(ps): return L(p for p in ps if id(p) not in out)
+        # torch-style `{'params': ..., 'lr': ...}` groups (fastai's `OptimWrapper`) keep their other settings
+        return L({**g, 'params': list(keep(g['params']))} if isinstance(g, dict) else keep(g) for g in groups)
 
 class FreezeBlocks(Callback):
     "Keep the first `n_frozen` entries of `model_blocks(model).all` frozen: no gradients, out of the optimizer, in eval"

@@ -101,11 +101,16 @@ def _check_forward(model, dls, who:str, fix:str="a CIFAR model takes 32x32 image
      "else an error saying what to change. A loader this check cannot read, or an empty one: nothing is said")
     dl = getattr(dls, 'valid', None)
     try:
-        with fork_rng(): xb = (dl.one_batch() if hasattr(dl, 'one_batch') else next(iter(dl)))[0][:2]
+        with fork_rng(): b = dl.one_batch() if hasattr(dl, 'one_batch') else next(iter(dl))
     except Exception: return
-    if not isinstance(xb, torch.Tensor): return
+    n_inp = getattr(dls, 'n_inp', None) or getattr(dl, 'n_inp', None) or 1   # a model of several inputs gets them all
+    xs = tuple(b[:n_inp]) if isinstance(b, (tuple, list)) else ()
+    if not xs or not all(isinstance(x, torch.Tensor) for x in xs): return
+    p = next(model.parameters(), None)   # where fit will put the batch (fastai moves it to the model's device)
+    xs = tuple(x[:2].to(p.device) if p is not None else x[:2] for x in xs)
+    xb = xs[0]
     try:
-        with torch.no_grad(), eval_mode(model): out = model(xb)
+        with torch.no_grad(), eval_mode(model): out = model(*xs)
     except Exception as err:
         raise RuntimeError(f"{who}: the source model cannot run on the images ({tuple(xb.shape[1:])}): "
                            f"{type(err).__name__}: {err}") from None

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/00b_data.external.ipynb #53ca091d
 from __future__ import annotations
-import os, json, hashlib, shutil, tarfile, tempfile, multiprocessing, zlib
+import os, json, hashlib, shutil, tarfile, tempfile, time, multiprocessing, zlib
 from collections import namedtuple
 from pathlib import Path
 
@@ -129,13 +129,17 @@ def _key(p:Path, archive:bool):
     stem = p.name.split('.')[0]
     return f"{stem}-{hashlib.sha1(s.encode()).hexdigest()[:10]}"
 
+_STALE_DAYS = 7   # an entry of an earlier state of a source, unread for this long, is deleted
+
 def _drop_stale(d:Path):
-    ("Delete the other cache entries of the source of entry `d` (its `source.txt`): decodings of an archive or folder "
-     "that has changed since, which would never be read again")
-    src = (d/'source.txt').read_text()
+    ("Delete the other cache entries of the source of entry `d` (its `source.txt`) that no load has read for "
+     "`_STALE_DAYS` days (each load touches its entry's `source.txt`): decodings of an archive or folder that has "
+     "changed since. Two states of one path in use at once (machines sharing a cache, each with its own copy) keep both")
+    src, old = (d/'source.txt').read_text(), time.time() - _STALE_DAYS*86400
     for o in d.parent.glob(d.name.rsplit('-', 1)[0] + '-*'):
         try:
-            if o == d or not o.is_dir() or (o/'source.txt').read_text() != src: continue
+            f = o/'source.txt'
+            if o == d or not o.is_dir() or f.read_text() != src or f.stat().st_mtime > old: continue
             shutil.rmtree(o.rename(o.with_name(f'.stale-{os.getpid()}-{o.name}')), ignore_errors=True)
         except OSError: pass   # gone already (another process), or no `source.txt`: left alone
 
@@ -239,6 +243,9 @@ def load_image_data(name:str,  # 'mnist' or 'cifar10'
         with os.fdopen(fd, 'w') as f: json.dump(cls, f)
         os.replace(tmp, d/'classes.json')
         _drop_stale(d)
+    else:
+        try: os.utime(d/'source.txt')   # read now: not stale (an entry made before `source.txt` has none)
+        except OSError: pass
     xtr, ytr, xva, yva = (torch.from_numpy(np.load(d/f)) for f in _FILES[:4])
     return ArrayData(xtr, ytr, xva, yva, json.loads((d/'classes.json').read_text()), name)
 

@@ -40,9 +40,17 @@ def _check_dest(dest, who):
 
 @contextmanager
 def _written_whole(dest:Path):
-    ("A temporary folder beside `dest` to write into, renamed to `dest` when the body ends: an interrupted run leaves "
-     "no half-written folder that `check_image_folder` would take for a data set")
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f'.{dest.name}-'))
+    ("Where to write the folder `dest`: a temporary folder beside it, renamed to `dest` when the body ends, so that an "
+     "interrupted run leaves no half-written folder that `check_image_folder` would take for a data set. A `dest` that "
+     "cannot be replaced (a link, the working folder, a mount point, or one whose parent cannot be written) is written "
+     "into as it is")
+    tmp = None
+    if not (dest.is_symlink() or (dest.exists() and (dest.resolve() == Path.cwd().resolve() or os.path.ismount(dest)))):
+        try: tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f'.{dest.name}-'))
+        except OSError: pass
+    if tmp is None:
+        yield dest
+        return
     try:
         yield tmp
         if dest.is_dir(): dest.rmdir()   # empty (`_check_dest`)
