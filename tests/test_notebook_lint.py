@@ -53,6 +53,8 @@ def test_store_outputs_keeps_full_form(monkeypatch, capsys):
     monkeypatch.setattr(store_outputs, 'collapse_streams', lambda p: ran.append(('collapse', p.name)))
     monkeypatch.setattr(store_outputs.subprocess, 'run', lambda *a, **k: None)
     monkeypatch.chdir(Path(__file__).parent.parent)
-    store_outputs.main(['nbs/tutorials/paper_cpu_scale.ipynb', 'nbs/tutorials/quick_start.ipynb'])
-    assert ran == [Path('tutorials/quick_start.ipynb'), ('collapse', 'quick_start.ipynb')]
-    assert 'paper_cpu_scale.ipynb keeps its stored full-form outputs' in capsys.readouterr().out
+    store_outputs.main(['nbs/tutorials/paper_cpu_scale.ipynb', 'nbs/tutorials/quick_start.ipynb',
+                        'nbs/tutorials/own_folder.ipynb'])
+    assert ran == [Path('tutorials/own_folder.ipynb'), ('collapse', 'own_folder.ipynb')]
+    out = capsys.readouterr().out
+    assert all(f'{n}.ipynb keeps its stored full-form outputs' in out for n in ('paper_cpu_scale', 'quick_start'))
