@@ -349,7 +349,10 @@ def _load_into(model, src, key=None, map_location='cpu', cache=None, norm='auto'
                           f"{why} Offline? Fetch {info.url} where there is a connection, then pass the file: "
                           f"`load_robust_checkpoint('{info.name}', 'path/to/{f}')` in Python, `--source path/to/{f}` "
                           "on the command line") from e
-        ckpt = _read_checkpoint(p, map_location, name)
+        try: ckpt = _read_checkpoint(p, map_location, name)
+        except ValueError as e:   # a cached download that went bad: it is never downloaded again unless deleted
+            if urlparse(str(src)).scheme not in ('http', 'https', 'ftp'): raise
+            raise ValueError(f"{e}\nIt is the cached download of {src}: delete {p} to download it again") from None
     sd, fstats = extract_state_dict(ckpt, key=key)
     msd, nkeys = model.state_dict(), _norm_keys(model)
     sd = _align(sd, msd)

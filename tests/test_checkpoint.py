@@ -550,3 +550,13 @@ def test_whole_model_checkpoint_into_a_vision_learner_model(tmp_path):
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp_path/'r50.pth')   # another architecture
     with pytest.raises(CheckpointMismatchError, match='does not match the model'):
         load_robust_checkpoint(m, tmp_path/'r50.pth', norm='dls', stats=([0.5]*3, [0.25]*3))
+
+
+def test_bad_cached_download_says_to_delete_it(tmp_path, monkeypatch):
+    "A cached download that went bad (disk error, edited by hand) is never fetched again: the error says to delete it"
+    torch.save(SmallCNN(1, 10, widths=(8,)).state_dict(), tmp_path/'w.pt')
+    monkeypatch.setattr(ck, '_download', lambda url, dest: shutil.copy(tmp_path/'w.pt', dest))
+    p = ck.checkpoint_path('https://example.org/w.pt', cache=tmp_path/'c')
+    p.write_bytes(p.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"cached download of https://example.org/w.pt: delete .*w\.pt to download it again"):
+        load_robust_checkpoint(SmallCNN(1, 10, widths=(8,)), 'https://example.org/w.pt', cache=tmp_path/'c')
