@@ -5,6 +5,10 @@ where nbdev does not import, such as `.venv-newfastai` (nbdev 2.4.14 needs fastc
 Usage: python scripts/run_notebooks.py nbs/tutorials/quick_start.ipynb [...]   (exit status 1 if one fails)"""
 import os, shutil, sys, tempfile, time, types
 from pathlib import Path
+# IPython puts an activated virtualenv's packages first on `sys.path` (its `init_virtualenv`): the shell would import
+# the fastai of the venv the scripts activated (.venv) rather than this interpreter's (.venv-newfastai)
+os.environ.pop('VIRTUAL_ENV', None)
+import fastai   # this interpreter's, before any shell: the notebooks must use it
 from execnb.nbio import read_nb
 from execnb.shell import CaptureShell
 
@@ -42,6 +46,9 @@ def run(path:Path)->bool:
         os.chdir(path.parent)   # relative paths resolve as in the notebook's folder
         try:
             k.run(_STUB)
+            r = k.run_cell(f"import fastai; assert fastai.__version__ == {fastai.__version__!r}, "
+                           f"f'the notebook imports fastai {{fastai.__version__}} from {{fastai.__file__}}, not {fastai.__version__}'")
+            if r.exception is not None: raise r.exception
             k.run_all(nb, exc_stop=True, preproc=_skip)
             ok = True
         except Exception:
