@@ -45,6 +45,11 @@ class PixelRangeWarning(UserWarning):
 
 _norms = ('linf', 'l2')
 
+def _norm_key(norm)->str:
+    "A threat norm as `ThreatModel` stores it: any case, as the model registry writes 'L2' and 'Linf'; 'inf' as torch.norm and torchattacks say it"
+    n = str(norm).lower()
+    return {'inf': 'linf', 'l_inf': 'linf', 'l-inf': 'linf', '2': 'l2'}.get(n, n)
+
 @dataclasses.dataclass(frozen=True)
 class ThreatModel:
     "A PGD threat model in [0,1] pixel units, checked once: norm, radius, steps, step size, restarts, random start"
@@ -56,8 +61,7 @@ class ThreatModel:
     random_start:bool=True # start each run at a random point of the ball
 
     def __post_init__(self):
-        # any case, as the model registry writes 'L2' and 'Linf'; 'inf' as torch.norm and torchattacks say it
-        norm = {'inf': 'linf', 'l_inf': 'linf', 'l-inf': 'linf', '2': 'l2'}.get(str(self.norm).lower(), str(self.norm).lower())
+        norm = _norm_key(self.norm)
         if norm not in _norms: raise ValueError(f"`norm` must be one of {_norms}, got {self.norm!r}")
         object.__setattr__(self, 'norm', norm)
         check_number(self.eps, 'eps', lo=0, fix="give it in pixel units ([0,1] scale), e.g. 8/255")

@@ -24,7 +24,7 @@ from .models import model_blocks
 from .hub import IMAGENET_STATS, robust_model_info
 from .checkpoint import (checkpoint_path, extract_state_dict, load_robust_checkpoint, CheckpointMismatchError,
                                    _read_checkpoint, _CKPT_EXTS)
-from .attacks import ThreatModel
+from .attacks import ThreatModel, _norm_key
 from .callback.freeze import n_frozen_entries
 from .callback.feature_cache import FeatureCache
 from .callback.transfer import transfer_learner, _check_forward
@@ -348,7 +348,7 @@ def _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha
     check_int(n_batches, 'n_batches', none_ok=True, who=who, fix='the number of validation batches to attack')
     check_int(num_workers, 'num_workers', lo=0, who=who, fix='processes that decode the images; 0 decodes in this one')
     check_int(threads, 'threads', none_ok=True, who=who); check_int(seed, 'seed', lo=None, who=who)
-    norm = {'inf': 'linf'}.get(str(norm).lower(), str(norm).lower())   # any case, as `ThreatModel` takes it
+    norm = _norm_key(norm)   # as `ThreatModel` takes it
     if norm not in ('linf', 'l2'):
         raise ValueError(f"{who}: `norm` must be 'linf' or 'l2' (the threat model), got {norm!r}")
     for k, v in dict(pretrained=pretrained, curve=curve, cache=cache, quiet=quiet).items():

@@ -318,9 +318,7 @@ def _check_out(out, who):
 
 def next_run_dir(out) -> Path:
     "A new folder `out/run_NNN` (the next free number): earlier runs are never overwritten."
-    if Path(out).expanduser().is_file():
-        raise NotADirectoryError(f"`out`={str(out)!r} is a file: give a folder for the results")
-    out = make_dir(out, 'out')   # `~` expanded: the run folder and every file of the run in one place
+    out = make_dir(out, 'out')   # `~` expanded, a file there named: the run folder and every file of the run in one place
     n = 1 + max([int(p.name[4:]) for p in out.glob('run_[0-9][0-9][0-9]*') if p.name[4:].isdigit()] + [0])
     while True:
         d = out/f'run_{n:03d}'

@@ -113,7 +113,7 @@ def autoattack_evaluate(learn:Learner, # the learner whose model is attacked
                         **threat_kw,
                        )->dict: # `clean_acc`, `robust_acc`, `n`, `attack`, `max_perturbation`
     "Clean and AutoAttack robust accuracy of `learn.model` (torchattacks, optional dependency), eps in pixel units."
-    tm = as_threat(threat, dict(steps=100), autoattack_evaluate, **threat_kw)
+    tm = as_threat(threat, None, autoattack_evaluate, **threat_kw)
     if 'steps' not in threat_kw:  # a `ThreatModel`'s steps are PGD's, not AutoAttack's
         if isinstance(threat, ThreatModel) and threat.steps not in (100, ThreatModel().steps):
             warnings.warn(f"autoattack_evaluate: `threat` has steps={threat.steps}, PGD's; AutoAttack runs 100 iterations "

@@ -316,7 +316,6 @@ class AdversarialExplorer:
                  seed:int=0, # seed of PGD's random start, so that only the sliders change the picture
                  **threat_kw, # `ThreatModel` fields (eps, steps, norm, ...)
                 ):
-        check_dl(dl, type(self).__name__)   # (a radius given in its place)
         self.threat = as_threat(threat, dict(steps=10), type(self), **threat_kw)
         check_int(max_steps, 'max_steps'); check_int(k, 'k')
         if max_eps is None: max_eps = min(1., max(2*self.eps, 32/255))
