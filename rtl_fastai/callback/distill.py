@@ -9,7 +9,7 @@ from copy import deepcopy
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from fastcore.basics import store_attr
+from fastcore.basics import store_attr, patch
 from fastcore.foundation import L
 from fastai.torch_core import find_bs
 from fastai.learner import Learner, Metric
@@ -100,7 +100,7 @@ class DistillMetric(Metric):
     @name.setter
     def name(self, v): self._name = v
 
-# %% ../../nbs/06_callback.distill.ipynb #95a59ce5
+# %% ../../nbs/06_callback.distill.ipynb #74cf1c5b
 def _channels_last(model:nn.Module)->bool:
     "Whether `model`'s convolution weights are stored channels-last (read off the first whose strides tell)"
     ws = (p for p in model.parameters() if p.ndim == 4 and p.is_contiguous() != p.is_contiguous(
@@ -160,8 +160,6 @@ class FeatureDistillation(UndoTrainOnError, HookCallback):
         if name == 'learn' and value is None and getattr(self, '_fitting', False) and self.learn is not None:
             self._cleanup()
         super().__setattr__(name, value)
-
-    # -- features -------------------------------------------------------------------------------------------
     def hook(self, m, inp, outp):
         "The learner's features (`HookCallback`'s hook): the pooled penultimate vector, or the output of `layer`."
         if self._capture: return self._hook_fn(m, inp, outp)
@@ -183,221 +181,236 @@ class FeatureDistillation(UndoTrainOnError, HookCallback):
     def _distance(self, f, fs):
         return feature_distance(f, fs, self.penalty) if isinstance(self.penalty, str) else self.penalty(f, fs)
 
-    # -- fit --------------------------------------------------------------------------------------------------
-    def before_fit(self):
-        self._cleanup()  # after a fit that an exception ended
-        # `validate`, `get_preds`, `predict`, `tta` (fastai's `validation_context` holds `Learner.lock`): nothing to
-        # distil or log, and `validate()` returns its usual values
-        lock = getattr(self.learn, 'lock', None)
-        if hasattr(self.learn, 'gather_preds') or (lock is not None and lock.locked()): return
-        try: self._setup()
-        except Exception: self._cleanup(); raise
+# %% ../../nbs/06_callback.distill.ipynb #ec2e42c4
+@patch
+def before_fit(self:FeatureDistillation):
+    self._cleanup()  # after a fit that an exception ended
+    # `validate`, `get_preds`, `predict`, `tta` (fastai's `validation_context` holds `Learner.lock`): nothing to
+    # distil or log, and `validate()` returns its usual values
+    lock = getattr(self.learn, 'lock', None)
+    if hasattr(self.learn, 'gather_preds') or (lock is not None and lock.locked()): return
+    try: self._setup()
+    except Exception: self._cleanup(); raise
 
-    def _setup(self):
-        model = unwrap_model(self.learn.model)
-        p = next(model.parameters(), None)
-        if p is not None: self.source.to(p.device)
-        if _channels_last(model) and not _channels_last(self.source):  # the learner's memory format: no conversions
-            self.source.to(memory_format=torch.channels_last)
-        mod, self._hook_fn = feature_hook(model, self.layer, "learner's model")
-        ptrs = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-        if any(t.data_ptr() in ptrs for t in list(self.source.parameters()) + list(self.source.buffers())):
-            raise RuntimeError("FeatureDistillation: the source copy shares memory with the learner's model.")
-        cs, cm = _in_channels(self.source), _in_channels(model)
-        if None not in (cs, cm) and cs != cm:
-            raise ValueError(f"FeatureDistillation: the `source` model takes {cs}-channel images but the learner's model "
-                             f"{cm}: the source must see the learner's inputs; give the model the learner started from")
-        check_normalization(self.source, self.learn.dls, 'FeatureDistillation (its `source`)')  # it sees these inputs
-        self.hooks = Hooks([mod], self.hook, self.is_forward, self.detach, self.cpu)  # removed by `_remove`
-        self._add_metrics()
-        self._checked, self._fitting = False, True
-        self._check_useful(model)
-        # the body, once a fit: the warm start freezes it, and the BatchNorm layers holding the source's statistics are in it
-        try: self._body_modules, no_head = self._body(model), None
-        except TypeError as e: self._body_modules, no_head = None, e
-        if self.freeze_bn_stats: self._bns = self._frozen_bns(no_head)
-        if self.warmup_epochs: self._freeze()  # `before_train` unfreezes from epoch `warmup_epochs` on
+@patch
+def _setup(self:FeatureDistillation):
+    model = unwrap_model(self.learn.model)
+    p = next(model.parameters(), None)
+    if p is not None: self.source.to(p.device)
+    if _channels_last(model) and not _channels_last(self.source):  # the learner's memory format: no conversions
+        self.source.to(memory_format=torch.channels_last)
+    mod, self._hook_fn = feature_hook(model, self.layer, "learner's model")
+    ptrs = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    if any(t.data_ptr() in ptrs for t in list(self.source.parameters()) + list(self.source.buffers())):
+        raise RuntimeError("FeatureDistillation: the source copy shares memory with the learner's model.")
+    cs, cm = _in_channels(self.source), _in_channels(model)
+    if None not in (cs, cm) and cs != cm:
+        raise ValueError(f"FeatureDistillation: the `source` model takes {cs}-channel images but the learner's model "
+                         f"{cm}: the source must see the learner's inputs; give the model the learner started from")
+    check_normalization(self.source, self.learn.dls, 'FeatureDistillation (its `source`)')  # it sees these inputs
+    self.hooks = Hooks([mod], self.hook, self.is_forward, self.detach, self.cpu)  # removed by `_remove`
+    self._add_metrics()
+    self._checked, self._fitting = False, True
+    self._check_useful(model)
+    # the body, once a fit: the warm start freezes it, and the BatchNorm layers holding the source's statistics are in it
+    try: self._body_modules, no_head = self._body(model), None
+    except TypeError as e: self._body_modules, no_head = None, e
+    if self.freeze_bn_stats: self._bns = self._frozen_bns(no_head)
+    if self.warmup_epochs: self._freeze()  # `before_train` unfreezes from epoch `warmup_epochs` on
 
-    def _check_useful(self, model):
-        "Warn when nothing the penalty acts on can change in this fit"
-        n, w = getattr(self.learn, 'n_epoch', None), self.warmup_epochs
-        if w and n is not None and w >= n:
-            warnings.warn(f"FeatureDistillation: `warmup_epochs`={w} covers the whole fit ({n} epochs): only the head "
-                          "trains, so the penalty has nothing to act on; fit for more epochs than `warmup_epochs`, "
-                          "or lower it", UserWarning, stacklevel=2)
-        try: in_head = {id(p) for p in head_module(model).parameters()}
-        except TypeError: return  # a model whose head is unknown: nothing to say
-        if not any(p.requires_grad for p in model.parameters() if id(p) not in in_head):
-            warnings.warn("FeatureDistillation: every parameter of the learner's model outside its head is frozen "
-                          "(`transfer_learner(n_retrain=0)`?), so the features cannot move and the penalty stays "
-                          "constant: fine-tune with n_retrain='all' (or some blocks), or leave FeatureDistillation "
-                          "out", UserWarning, stacklevel=2)
+@patch
+def _check_useful(self:FeatureDistillation, model):
+    "Warn when nothing the penalty acts on can change in this fit"
+    n, w = getattr(self.learn, 'n_epoch', None), self.warmup_epochs
+    if w and n is not None and w >= n:
+        warnings.warn(f"FeatureDistillation: `warmup_epochs`={w} covers the whole fit ({n} epochs): only the head "
+                      "trains, so the penalty has nothing to act on; fit for more epochs than `warmup_epochs`, "
+                      "or lower it", UserWarning, stacklevel=2)
+    try: in_head = {id(p) for p in head_module(model).parameters()}
+    except TypeError: return  # a model whose head is unknown: nothing to say
+    if not any(p.requires_grad for p in model.parameters() if id(p) not in in_head):
+        warnings.warn("FeatureDistillation: every parameter of the learner's model outside its head is frozen "
+                      "(`transfer_learner(n_retrain=0)`?), so the features cannot move and the penalty stays "
+                      "constant: fine-tune with n_retrain='all' (or some blocks), or leave FeatureDistillation "
+                      "out", UserWarning, stacklevel=2)
 
-    def _add_metrics(self):
-        rec = getattr(self.learn, 'recorder', None)
-        if rec is None: return
-        if rec.train_metrics: self._mets = [DistillMetric(self, 'distill')]
-        elif rec.valid_metrics:
-            self._mets = [DistillMetric(self, 'train_distill', train_only=True), DistillMetric(self, 'valid_distill')]
-        self.learn.metrics = self.learn.metrics + self._mets
+@patch
+def _add_metrics(self:FeatureDistillation):
+    rec = getattr(self.learn, 'recorder', None)
+    if rec is None: return
+    if rec.train_metrics: self._mets = [DistillMetric(self, 'distill')]
+    elif rec.valid_metrics:
+        self._mets = [DistillMetric(self, 'train_distill', train_only=True), DistillMetric(self, 'valid_distill')]
+    self.learn.metrics = self.learn.metrics + self._mets
 
-    def _cleanup(self):
-        "Remove the hook, the metric columns and the warm-up freeze (also run when a previous fit crashed)."
-        self._remove()
-        self.hooks, self._feats, self._capture, self._fitting, self._pre_dl, self._bns = None, None, False, False, None, []
-        self._body_modules = None
-        if self._mets and getattr(self, 'learn', None) is not None:
-            self.learn.metrics = L(m for m in self.learn.metrics if not any(m is o for o in self._mets))
-        self._mets = []
-        self._unfreeze()
+@patch
+def _cleanup(self:FeatureDistillation):
+    "Remove the hook, the metric columns and the warm-up freeze (also run when a previous fit crashed)."
+    self._remove()
+    self.hooks, self._feats, self._capture, self._fitting, self._pre_dl, self._bns = None, None, False, False, None, []
+    self._body_modules = None
+    if self._mets and getattr(self, 'learn', None) is not None:
+        self.learn.metrics = L(m for m in self.learn.metrics if not any(m is o for o in self._mets))
+    self._mets = []
+    self._unfreeze()
 
-    def after_fit(self): self._cleanup()
+@patch
+def after_fit(self:FeatureDistillation): self._cleanup()
 
-    # -- epochs and batches -------------------------------------------------------------------------------------
-    def before_train(self):
-        # here, not in `before_fit`, which `validate`, `get_preds` and `predict` fire too (after `load_learner`, on
-        # empty loaders): only a fit trains; later epochs find the features cached
-        if self.precompute:
-            try: self._setup_precompute()
-            except Exception: self._cleanup(); raise   # hooks, columns and warm-up freeze undone, as in `after_loss`
-        self.train_sum, self.train_n = 0., 0
-        if self._frozen is not None and self.epoch >= self.warmup_epochs: self._unfreeze()
-        # warm start: the body is a fixed feature extractor (BatchNorm stats, dropout off); then its BatchNorm stats
-        for m in (self._body_modules if self._frozen is not None else self._bns): m.training = False
+# %% ../../nbs/06_callback.distill.ipynb #d3b0434e
+@patch
+def before_train(self:FeatureDistillation):
+    # here, not in `before_fit`, which `validate`, `get_preds` and `predict` fire too (after `load_learner`, on
+    # empty loaders): only a fit trains; later epochs find the features cached
+    if self.precompute:
+        try: self._setup_precompute()
+        except Exception: self._cleanup(); raise   # hooks, columns and warm-up freeze undone, as in `after_loss`
+    self.train_sum, self.train_n = 0., 0
+    if self._frozen is not None and self.epoch >= self.warmup_epochs: self._unfreeze()
+    # warm start: the body is a fixed feature extractor (BatchNorm stats, dropout off); then its BatchNorm stats
+    for m in (self._body_modules if self._frozen is not None else self._bns): m.training = False
 
-    def before_batch(self):
-        if self._fitting: self._capture = True
+@patch
+def before_batch(self:FeatureDistillation):
+    if self._fitting: self._capture = True
 
-    def after_pred(self):
-        if not self._fitting: return
-        self._feats, self._capture = self.hooks.stored[0], False
-        self.hooks[0].stored = None
+@patch
+def after_pred(self:FeatureDistillation):
+    if not self._fitting: return
+    self._feats, self._capture = self.hooks.stored[0], False
+    self.hooks[0].stored = None
 
-    def after_loss(self):
-        self.batch_term = None
-        f, self._feats = self._feats, None
-        if self._fitting and self.training and f is None and len(self.yb):
+@patch
+def after_loss(self:FeatureDistillation):
+    self.batch_term = None
+    f, self._feats = self._feats, None
+    if self._fitting and self.training and f is None and len(self.yb):
+        self._cleanup()
+        raise RuntimeError(f"FeatureDistillation: the learner's model did not run its feature module "
+                           f"({self.layer or 'the pooled penultimate vector'!r}) in this training batch, so there "
+                           "is nothing to distil. A `torch.compile`d model ignores hooks added after its first call: "
+                           "distil with the model before compiling it. A module the feature cache skips (a frozen "
+                           "block) never runs: name a `layer` after the frozen blocks.")
+    if not self._fitting or f is None or not len(self.yb): return
+    if not self.training and not any(not m.train_only for m in self._mets): return  # nothing to log in validation
+    fs = self._target_features()
+    if f.shape != fs.shape:
+        self._cleanup()
+        fix = ("pass `layer=` the name of a module with the same output shape in both"
+               if self.layer is not None else
+               "distil from a source with as many penultimate features (the same architecture and width), or pass "
+               "`layer=` the name of a module with the same output shape in both")
+        raise ValueError(f"FeatureDistillation: the learner's model has features of shape {tuple(f.shape[1:])} per "
+                         f"example at {self.layer or 'the pooled penultimate vector'!r} but the source model has "
+                         f"{tuple(fs.shape[1:])}. Both models must give features of the same shape: {fix}.")
+    with torch.autocast(f.device.type, enabled=False): pen = self._distance(f.float(), fs)
+    if not isinstance(pen, torch.Tensor) or pen.ndim != 0:
+        self._cleanup()
+        raise ValueError(f"FeatureDistillation: `penalty` must return a scalar tensor (the batch's distance), got "
+                         f"{tuple(pen.shape) if isinstance(pen, torch.Tensor) else type(pen).__name__}.")
+    pen = self.lam * pen
+    self.batch_term = pen.detach()
+    if not self.training: return
+    self.learn.loss_grad = self.learn.loss_grad + pen
+    self.learn.loss = self.learn.loss + self.batch_term
+    bs = find_bs(self.yb)
+    self.train_sum = self.train_sum + self.batch_term.double() * bs; self.train_n += bs   # read in `train_term`
+
+# %% ../../nbs/06_callback.distill.ipynb #0603bfae
+@patch
+def _body(self:FeatureDistillation, model) -> list:
+    "The modules of `model` outside its head and the head's parents (raises `TypeError` when the head is unknown)"
+    head = head_module(model)
+    head_mods = {id(m) for m in head.modules()}
+    parents = {id(m) for m in model.modules() if any(c is head for c in m.modules())}
+    return [m for m in model.modules() if id(m) not in head_mods and id(m) not in parents]
+
+@patch
+def _frozen_bns(self:FeatureDistillation, no_head=None) -> list:
+    ("The BatchNorm layers of the body that hold statistics of the source (equal to one of its layers'): they keep "
+     "them. A model trained from scratch, or whose statistics moved in an earlier fit, keeps its own in train mode")
+    if self._body_modules is None:
+        warnings.warn(f"FeatureDistillation(freeze_bn_stats=True): cannot find the head of the learner's model "
+                      f"({no_head}), so its BatchNorm statistics are not frozen: they follow the training batches. "
+                      "Declare its blocks with `rtl_fastai.models.set_blocks`, or pass freeze_bn_stats=False",
+                      UserWarning, stacklevel=2)
+        return []
+    def key(m): return tuple(t.detach().float().cpu().numpy().tobytes() for t in (m.running_mean, m.running_var))
+    def bns(mods): return [m for m in mods if isinstance(m, _BatchNorm) and m.running_mean is not None]
+    src = {key(m) for m in bns(self.source.modules())}
+    return [m for m in bns(self._body_modules) if key(m) in src]
+
+@patch
+def _freeze(self:FeatureDistillation):
+    model = unwrap_model(self.learn.model)
+    try: in_head = {id(p) for p in head_module(model).parameters()}
+    except TypeError as e:
+        raise TypeError(f"FeatureDistillation(warmup_epochs={self.warmup_epochs}): cannot find the head of the "
+                        f"learner's model ({e}); declare its blocks with `rtl_fastai.models.set_blocks` or use "
+                        "warmup_epochs=0.") from None
+    self._frozen = [(p, p.requires_grad) for p in model.parameters() if id(p) not in in_head]
+    for p, _ in self._frozen: p.requires_grad_(False); p.grad = None
+
+@patch
+def _unfreeze(self:FeatureDistillation):
+    if self._frozen is None: return
+    for p, rg in self._frozen: p.requires_grad_(rg)
+    self._frozen = None
+
+# %% ../../nbs/06_callback.distill.ipynb #dd3a1a9a
+@patch
+def _setup_precompute(self:FeatureDistillation):
+    dl = self.dls.train
+    if not (hasattr(dl, 'new') and hasattr(dl, 'dataset') and hasattr(dl, 'after_batch')):
+        raise TypeError(f"FeatureDistillation(precompute=True) needs the training DataLoader to be a fastai "
+                        "`DataLoader` (an `ArrayDL`, `ImageDataLoaders`, a `DataBlock`'s), "
+                        f"got {type(dl).__name__}. "
+                        "Use precompute=False.")
+    rnd = random_tfms(dl)
+    if rnd:
+        raise ValueError("FeatureDistillation(precompute=True): the training DataLoader applies "
+                         f"`{', '.join(rnd)}`, "
+                         "random or training-only transforms, so each epoch's inputs differ and precomputed source "
+                         "features would be wrong. Use precompute=False (source forward per batch).")
+    # MixUp/CutMix and adversarial training replace `learn.xb` every batch: named here, before any precomputation
+    changers = [type(cb).__name__ for cb in self.learn.cbs if isinstance(cb, (MixHandler, _AdvTrainCallback))]
+    if changers:
+        raise ValueError(f"FeatureDistillation(precompute=True): `{', '.join(changers)}` changes the training "
+                         "inputs every batch, so features precomputed on the dataset's images would be wrong. "
+                         "Use precompute=False (source forward per batch, on the inputs the model sees).")
+    model = unwrap_model(self.learn.model)
+    p = next(model.parameters(), None)
+    dev = p.device if p is not None else dl.device
+    key = (id(dl.dataset), len(dl.dataset), id(getattr(dl.dataset, 'x', None)), dev)
+    if self._cache_key != key:
+        feats = []
+        # in dataset order, as training sees the items; on a fork of the random state, so that training draws the
+        # same shuffles and dropout masks as without `precompute`
+        with fork_rng(all_rngs=True):
+            for b in dl.new(shuffle=False, drop_last=False): feats.append(self.source_features(b[0].to(dev), exact=True))
+        feats = torch.cat(feats) if feats else None
+        if feats is None or len(feats) != len(dl.dataset):
+            raise ValueError(f"FeatureDistillation(precompute=True): one pass over the training DataLoader gave "
+                             f"{0 if feats is None else len(feats)} items for a dataset of {len(dl.dataset)}. "
+                             "Use precompute=False.")
+        self._src_feats, self._cache_key = feats, key
+    self._pre_dl = dl
+
+@patch
+def _target_features(self:FeatureDistillation):
+    "Source features of the current batch: looked up when precomputed (training), else the source's forward."
+    x = self.xb[0]
+    if not (self.training and self._pre_dl is not None and self.dl is self._pre_dl): return self.source_features(x)
+    fs = self._src_feats[batch_items(self.learn, self._src_feats.device)]
+    if not self._checked:
+        ref = self.source_features(x, exact=True)   # as they were computed: float32
+        if ref.shape != fs.shape or not torch.allclose(ref, fs, rtol=1e-3,
+                                                       atol=1e-4 * (1 + ref.abs().max().item())):
             self._cleanup()
-            raise RuntimeError(f"FeatureDistillation: the learner's model did not run its feature module "
-                               f"({self.layer or 'the pooled penultimate vector'!r}) in this training batch, so there "
-                               "is nothing to distil. A `torch.compile`d model ignores hooks added after its first call: "
-                               "distil with the model before compiling it. A module the feature cache skips (a frozen "
-                               "block) never runs: name a `layer` after the frozen blocks.")
-        if not self._fitting or f is None or not len(self.yb): return
-        if not self.training and not any(not m.train_only for m in self._mets): return  # nothing to log in validation
-        fs = self._target_features()
-        if f.shape != fs.shape:
-            self._cleanup()
-            fix = ("pass `layer=` the name of a module with the same output shape in both"
-                   if self.layer is not None else
-                   "distil from a source with as many penultimate features (the same architecture and width), or pass "
-                   "`layer=` the name of a module with the same output shape in both")
-            raise ValueError(f"FeatureDistillation: the learner's model has features of shape {tuple(f.shape[1:])} per "
-                             f"example at {self.layer or 'the pooled penultimate vector'!r} but the source model has "
-                             f"{tuple(fs.shape[1:])}. Both models must give features of the same shape: {fix}.")
-        with torch.autocast(f.device.type, enabled=False): pen = self._distance(f.float(), fs)
-        if not isinstance(pen, torch.Tensor) or pen.ndim != 0:
-            self._cleanup()
-            raise ValueError(f"FeatureDistillation: `penalty` must return a scalar tensor (the batch's distance), got "
-                             f"{tuple(pen.shape) if isinstance(pen, torch.Tensor) else type(pen).__name__}.")
-        pen = self.lam * pen
-        self.batch_term = pen.detach()
-        if not self.training: return
-        self.learn.loss_grad = self.learn.loss_grad + pen
-        self.learn.loss = self.learn.loss + self.batch_term
-        bs = find_bs(self.yb)
-        self.train_sum = self.train_sum + self.batch_term.double() * bs; self.train_n += bs   # read in `train_term`
-
-    # -- head-only warm start -------------------------------------------------------------------------------------
-    @staticmethod
-    def _body(model) -> list:
-        "The modules of `model` outside its head and the head's parents (raises `TypeError` when the head is unknown)"
-        head = head_module(model)
-        head_mods = {id(m) for m in head.modules()}
-        parents = {id(m) for m in model.modules() if any(c is head for c in m.modules())}
-        return [m for m in model.modules() if id(m) not in head_mods and id(m) not in parents]
-
-    def _frozen_bns(self, no_head=None) -> list:
-        ("The BatchNorm layers of the body that hold statistics of the source (equal to one of its layers'): they keep "
-         "them. A model trained from scratch, or whose statistics moved in an earlier fit, keeps its own in train mode")
-        if self._body_modules is None:
-            warnings.warn(f"FeatureDistillation(freeze_bn_stats=True): cannot find the head of the learner's model "
-                          f"({no_head}), so its BatchNorm statistics are not frozen: they follow the training batches. "
-                          "Declare its blocks with `rtl_fastai.models.set_blocks`, or pass freeze_bn_stats=False",
-                          UserWarning, stacklevel=2)
-            return []
-        def key(m): return tuple(t.detach().float().cpu().numpy().tobytes() for t in (m.running_mean, m.running_var))
-        def bns(mods): return [m for m in mods if isinstance(m, _BatchNorm) and m.running_mean is not None]
-        src = {key(m) for m in bns(self.source.modules())}
-        return [m for m in bns(self._body_modules) if key(m) in src]
-
-    def _freeze(self):
-        model = unwrap_model(self.learn.model)
-        try: in_head = {id(p) for p in head_module(model).parameters()}
-        except TypeError as e:
-            raise TypeError(f"FeatureDistillation(warmup_epochs={self.warmup_epochs}): cannot find the head of the "
-                            f"learner's model ({e}); declare its blocks with `rtl_fastai.models.set_blocks` or use "
-                            "warmup_epochs=0.") from None
-        self._frozen = [(p, p.requires_grad) for p in model.parameters() if id(p) not in in_head]
-        for p, _ in self._frozen: p.requires_grad_(False); p.grad = None
-
-    def _unfreeze(self):
-        if self._frozen is None: return
-        for p, rg in self._frozen: p.requires_grad_(rg)
-        self._frozen = None
-
-    # -- precomputed source features ------------------------------------------------------------------------------
-    def _setup_precompute(self):
-        dl = self.dls.train
-        if not (hasattr(dl, 'new') and hasattr(dl, 'dataset') and hasattr(dl, 'after_batch')):
-            raise TypeError(f"FeatureDistillation(precompute=True) needs the training DataLoader to be a fastai "
-                            "`DataLoader` (an `ArrayDL`, `ImageDataLoaders`, a `DataBlock`'s), "
-                            f"got {type(dl).__name__}. "
-                            "Use precompute=False.")
-        rnd = random_tfms(dl)
-        if rnd:
-            raise ValueError("FeatureDistillation(precompute=True): the training DataLoader applies "
-                             f"`{', '.join(rnd)}`, "
-                             "random or training-only transforms, so each epoch's inputs differ and precomputed source "
-                             "features would be wrong. Use precompute=False (source forward per batch).")
-        # MixUp/CutMix and adversarial training replace `learn.xb` every batch: named here, before any precomputation
-        changers = [type(cb).__name__ for cb in self.learn.cbs if isinstance(cb, (MixHandler, _AdvTrainCallback))]
-        if changers:
-            raise ValueError(f"FeatureDistillation(precompute=True): `{', '.join(changers)}` changes the training "
-                             "inputs every batch, so features precomputed on the dataset's images would be wrong. "
-                             "Use precompute=False (source forward per batch, on the inputs the model sees).")
-        model = unwrap_model(self.learn.model)
-        p = next(model.parameters(), None)
-        dev = p.device if p is not None else dl.device
-        key = (id(dl.dataset), len(dl.dataset), id(getattr(dl.dataset, 'x', None)), dev)
-        if self._cache_key != key:
-            feats = []
-            # in dataset order, as training sees the items; on a fork of the random state, so that training draws the
-            # same shuffles and dropout masks as without `precompute`
-            with fork_rng(all_rngs=True):
-                for b in dl.new(shuffle=False, drop_last=False): feats.append(self.source_features(b[0].to(dev), exact=True))
-            feats = torch.cat(feats) if feats else None
-            if feats is None or len(feats) != len(dl.dataset):
-                raise ValueError(f"FeatureDistillation(precompute=True): one pass over the training DataLoader gave "
-                                 f"{0 if feats is None else len(feats)} items for a dataset of {len(dl.dataset)}. "
-                                 "Use precompute=False.")
-            self._src_feats, self._cache_key = feats, key
-        self._pre_dl = dl
-
-    def _target_features(self):
-        "Source features of the current batch: looked up when precomputed (training), else the source's forward."
-        x = self.xb[0]
-        if not (self.training and self._pre_dl is not None and self.dl is self._pre_dl): return self.source_features(x)
-        fs = self._src_feats[batch_items(self.learn, self._src_feats.device)]
-        if not self._checked:
-            ref = self.source_features(x, exact=True)   # as they were computed: float32
-            if ref.shape != fs.shape or not torch.allclose(ref, fs, rtol=1e-3,
-                                                           atol=1e-4 * (1 + ref.abs().max().item())):
-                self._cleanup()
-                raise ValueError("FeatureDistillation(precompute=True): the source features of the first training "
-                                 "batch differ from the precomputed ones, so the training inputs are not the "
-                                 "dataset's (random "
-                                 "augmentation, or a callback that changes `learn.xb`, such as adversarial training?). "
-                                 "Use precompute=False.")
-            self._checked = True
-        return fs
+            raise ValueError("FeatureDistillation(precompute=True): the source features of the first training "
+                             "batch differ from the precomputed ones, so the training inputs are not the "
+                             "dataset's (random "
+                             "augmentation, or a callback that changes `learn.xb`, such as adversarial training?). "
+                             "Use precompute=False.")
+        self._checked = True
+    return fs

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 import torch
 from torch import nn
-from fastcore.basics import store_attr, noop
+from fastcore.basics import store_attr, noop, patch
 from fastprogress.fastprogress import progress_bar
 from fastai.torch_core import params
 from fastai.callback.core import Callback
@@ -67,7 +67,7 @@ def _called_entry(model, entry):
     while id(entry) not in own and next(entry.children(), None) is not None: entry = next(entry.children())
     return entry
 
-# %% ../../nbs/05b_callback.feature_cache.ipynb #2223b034
+# %% ../../nbs/05b_callback.feature_cache.ipynb #e9befaaf
 def _say(learn, msg:str):
     ("`msg` as one line of the fit's output: under fastai's progress bar a line of its own (the bar's `logger` writes "
      "table rows, a string would become a row of characters), else through the learner's `logger` (`CSVLogger`'s "
@@ -106,178 +106,197 @@ class FeatureCache(UndoTrainOnError, Callback):
         "Free the cached features (`cached`, and their labels `targets`)."
         self.cached = self.targets = self._key = None
 
-    # -- checks ---------------------------------------------------------------------------------------
-    def _plan(self):
-        "`(None, n_cached)` if the cache can be used, else `(reason, None)`."
-        if self.mode is False: return 'off (mode=False)', None
-        fb = next((cb for cb in self.learn.cbs if isinstance(cb, FreezeBlocks)), None)
-        if fb is None: return 'no FreezeBlocks callback: nothing is frozen', None
-        if fb.n_frozen == 0: return 'nothing is frozen (n_retrain="all")', None
-        if (isinstance(self.learn.model, nn.parallel.DistributedDataParallel)
-                or isinstance(self.dls.train, DistributedDL)):
-            return 'distributed training (each process sees its own share of the batches)', None
-        entries = model_blocks(self.learn.model).all
-        n = fb.n_frozen
-        # parameter-free entries without train/eval behaviour (e.g. the pool) join the cached prefix: smaller features
-        while n < len(entries) - 1 and _passive(entries[n]): n += 1
-        if any(p.requires_grad for m in entries[:n] for p in m.parameters()):
-            return 'a frozen entry has parameters with requires_grad=True', None
-        if getattr(self.dls, 'n_inp', 1) != 1:
-            return f'the data have {self.dls.n_inp} inputs (the cache supports 1)', None
-        rnd = random_tfms(self.dls.train)
-        if rnd: return (f'the training data are randomly augmented ({", ".join(rnd)})'
-                        + ("; fastai's Resize crops at a random place in training, Resize(size, method='squish') does not"
-                           if any(r.startswith("Resize(method='crop'") for r in rnd) else '')), None
-        unk = unknown_tfms(self.dls.train) if self.mode == 'auto' else []   # mode=True: the user vouches for them
-        if unk: return (f'the training data go through {", ".join(unk)}, not known to give the same batches every '
-                        'epoch; if they do, cache with FeatureCache(mode=True) (`transfer_learner(cache=True)`)'), None
-        bad = [type(cb).__name__ for cb in self.learn.cbs if _may_change_inputs(cb)]
-        if bad: return (f'callbacks {bad} may change the inputs or need the frozen activations '
-                        '(set `feature_cache_safe = True` on a callback that does not)'), None
-        return None, n
+# %% ../../nbs/05b_callback.feature_cache.ipynb #33038ed7
+@patch
+def _plan(self:FeatureCache):
+    "`(None, n_cached)` if the cache can be used, else `(reason, None)`."
+    if self.mode is False: return 'off (mode=False)', None
+    fb = next((cb for cb in self.learn.cbs if isinstance(cb, FreezeBlocks)), None)
+    if fb is None: return 'no FreezeBlocks callback: nothing is frozen', None
+    if fb.n_frozen == 0: return 'nothing is frozen (n_retrain="all")', None
+    if (isinstance(self.learn.model, nn.parallel.DistributedDataParallel)
+            or isinstance(self.dls.train, DistributedDL)):
+        return 'distributed training (each process sees its own share of the batches)', None
+    entries = model_blocks(self.learn.model).all
+    n = fb.n_frozen
+    # parameter-free entries without train/eval behaviour (e.g. the pool) join the cached prefix: smaller features
+    while n < len(entries) - 1 and _passive(entries[n]): n += 1
+    if any(p.requires_grad for m in entries[:n] for p in m.parameters()):
+        return 'a frozen entry has parameters with requires_grad=True', None
+    if getattr(self.dls, 'n_inp', 1) != 1:
+        return f'the data have {self.dls.n_inp} inputs (the cache supports 1)', None
+    rnd = random_tfms(self.dls.train)
+    if rnd: return (f'the training data are randomly augmented ({", ".join(rnd)})'
+                    + ("; fastai's Resize crops at a random place in training, Resize(size, method='squish') does not"
+                       if any(r.startswith("Resize(method='crop'") for r in rnd) else '')), None
+    unk = unknown_tfms(self.dls.train) if self.mode == 'auto' else []   # mode=True: the user vouches for them
+    if unk: return (f'the training data go through {", ".join(unk)}, not known to give the same batches every '
+                    'epoch; if they do, cache with FeatureCache(mode=True) (`transfer_learner(cache=True)`)'), None
+    bad = [type(cb).__name__ for cb in self.learn.cbs if _may_change_inputs(cb)]
+    if bad: return (f'callbacks {bad} may change the inputs or need the frozen activations '
+                    '(set `feature_cache_safe = True` on a callback that does not)'), None
+    return None, n
 
-    def _off(self, reason):
-        self.active, self.reason = False, reason
-        if self.mode == 'auto' and not reason.startswith(_EXPECTED):
-            _say(self.learn, f"FeatureCache off: {reason}; the frozen blocks run on every batch")
-        if self.mode is True:
-            raise ValueError(f"FeatureCache(mode=True) cannot be used: {reason}. Use mode='auto' or False.")
+@patch
+def _off(self:FeatureCache, reason):
+    self.active, self.reason = False, reason
+    if self.mode == 'auto' and not reason.startswith(_EXPECTED):
+        _say(self.learn, f"FeatureCache off: {reason}; the frozen blocks run on every batch")
+    if self.mode is True:
+        raise ValueError(f"FeatureCache(mode=True) cannot be used: {reason}. Use mode='auto' or False.")
 
-    # -- the hook -------------------------------------------------------------------------------------
-    def _inject(self, m, args):
-        ("Forward pre-hook on the first trained entry: while armed, the empty batch reaching it (or the placeholder "
-         "`_place` sent through the layers before it) becomes the cached features.")
-        if self._armed is None or not args or not isinstance(args[0], torch.Tensor): return None
-        if len(args[0]) and not self._placed: return None
-        f, self._armed, self._placed = self._armed, None, False
-        return (f, *args[1:])
+# %% ../../nbs/05b_callback.feature_cache.ipynb #5aa84881
+@patch
+def _inject(self:FeatureCache, m, args):
+    ("Forward pre-hook on the first trained entry: while armed, the empty batch reaching it (or the placeholder "
+     "`_place` sent through the layers before it) becomes the cached features.")
+    if self._armed is None or not args or not isinstance(args[0], torch.Tensor): return None
+    if len(args[0]) and not self._placed: return None
+    f, self._armed, self._placed = self._armed, None, False
+    return (f, *args[1:])
 
-    def _place(self, m, args):
-        ("Forward pre-hook on the entry around the injection point: while armed, the empty batch becomes a placeholder "
-         "of one zero per example, which the layers before the point (a pool, a flatten) take where an empty batch "
-         "fails")
-        if self._armed is None or not args or not isinstance(args[0], torch.Tensor) or len(args[0]): return None
-        x, self._placed = args[0], True
-        return (x.new_zeros((len(self._armed),) + (1,) * (x.ndim - 1)), *args[1:])
+@patch
+def _place(self:FeatureCache, m, args):
+    ("Forward pre-hook on the entry around the injection point: while armed, the empty batch becomes a placeholder "
+     "of one zero per example, which the layers before the point (a pool, a flatten) take where an empty batch "
+     "fails")
+    if self._armed is None or not args or not isinstance(args[0], torch.Tensor) or len(args[0]): return None
+    x, self._placed = args[0], True
+    return (x.new_zeros((len(self._armed),) + (1,) * (x.ndim - 1)), *args[1:])
 
-    def _hook_at(self, model, cand):
-        "Hook the injection point of `cand` = (module, label, entry around it or None)"
-        self._hook = [_called_entry(model, cand[0]).register_forward_pre_hook(self._inject)]
-        if cand[2] is not None: self._hook.append(_called_entry(model, cand[2]).register_forward_pre_hook(self._place))
+@patch
+def _hook_at(self:FeatureCache, model, cand):
+    "Hook the injection point of `cand` = (module, label, entry around it or None)"
+    self._hook = [_called_entry(model, cand[0]).register_forward_pre_hook(self._inject)]
+    if cand[2] is not None: self._hook.append(_called_entry(model, cand[2]).register_forward_pre_hook(self._place))
 
-    def _unhook(self):
-        self._armed, self._placed = None, False
-        for h in self._hook or []: h.remove()
-        self._hook = None
+@patch
+def _unhook(self:FeatureCache):
+    self._armed, self._placed = None, False
+    for h in self._hook or []: h.remove()
+    self._hook = None
 
-    # -- building -------------------------------------------------------------------------------------
-    def _build(self, model, entry, dl):
-        # the pass must not consume random numbers (torch's DataLoader draws a seed): training then sees the same
-        # dropout masks and shuffles as without the cache
-        with fork_rng(all_rngs=True), eval_mode(model), torch.no_grad(): return self._build_(model, entry, dl)
+# %% ../../nbs/05b_callback.feature_cache.ipynb #732bee3b
+@patch
+def _build(self:FeatureCache, model, entry, dl):
+    # the pass must not consume random numbers (torch's DataLoader draws a seed): training then sees the same
+    # dropout masks and shuffles as without the cache
+    with fork_rng(all_rngs=True), eval_mode(model), torch.no_grad(): return self._build_(model, entry, dl)
 
-    def _check(self, model, xb, f):
-        ("Why the model, fed an empty batch and `f` at the cached entry, does not give its output on `xb` (None if it "
-         "does).")
-        self._armed = f
-        try: out = model(xb[:0])
-        except Exception as e: return f"the model cannot run on cached features ({type(e).__name__}: {e})"
-        finally: unused, self._armed, self._placed = self._armed, None, False
-        if unused is not None: return "the model's forward does not reach its first trained entry on an empty batch"
-        if not torch.allclose(out, model(xb), rtol=1e-4, atol=1e-5):
-            return "the model's output on cached features differs from its output on the images"
+@patch
+def _check(self:FeatureCache, model, xb, f):
+    ("Why the model, fed an empty batch and `f` at the cached entry, does not give its output on `xb` (None if it "
+     "does).")
+    self._armed = f
+    try: out = model(xb[:0])
+    except Exception as e: return f"the model cannot run on cached features ({type(e).__name__}: {e})"
+    finally: unused, self._armed, self._placed = self._armed, None, False
+    if unused is not None: return "the model's forward does not reach its first trained entry on an empty batch"
+    if not torch.allclose(out, model(xb), rtol=1e-4, atol=1e-5):
+        return "the model's output on cached features differs from its output on the images"
 
-    def _build_(self, model, entry, dl):
-        entry, n, i = _called_entry(model, entry), len(dl.dataset), 0
-        it = dl.new(shuffle=False, drop_last=False)
-        # a bar when the learner shows fastai's (the build counts as the first epoch's time)
-        if getattr(getattr(self.learn, 'progress', None), 'mbar', None) is not None and len(it) > 1:
-            it = progress_bar(it, leave=False)
-            it.comment = 'FeatureCache'
-        for b in it:
-            xb, yb = plain(b[0]), plain(b[1])
-            f = forward_to(model, entry, xb)   # the rest of the forward is skipped
-            if not isinstance(f, torch.Tensor) or len(f) != len(xb):
-                return "the model's forward does not pass its first trained entry one batch tensor"
-            if i == 0:
-                mb = f[0].numel() * f.element_size() * n / 2**20
-                if mb > self.max_mb: return f'the features would take {mb:.0f} MiB > max_mb={self.max_mb:g}'
-                reason = self._check(model, xb, f)
-                if reason is not None: return reason
-                # filled in place: the cache's memory once, not a list of batches and their concatenation
-                self.cached, self.targets = f.new_empty((n, *f.shape[1:])), yb.new_empty((n, *yb.shape[1:]))
-            if i + len(f) > n: return 'the training DataLoader gives more items than its dataset holds'
-            self.cached[i:i+len(f)], self.targets[i:i+len(f)] = f, yb
-            i += len(f)
-        if i == 0: return 'the training set is empty'
-        if i != n: return 'the training DataLoader does not give every item once'
-        return None
+@patch
+def _build_(self:FeatureCache, model, entry, dl):
+    entry, n, i = _called_entry(model, entry), len(dl.dataset), 0
+    it = dl.new(shuffle=False, drop_last=False)
+    # a bar when the learner shows fastai's (the build counts as the first epoch's time)
+    if getattr(getattr(self.learn, 'progress', None), 'mbar', None) is not None and len(it) > 1:
+        it = progress_bar(it, leave=False)
+        it.comment = 'FeatureCache'
+    for b in it:
+        xb, yb = plain(b[0]), plain(b[1])
+        f = forward_to(model, entry, xb)   # the rest of the forward is skipped
+        if not isinstance(f, torch.Tensor) or len(f) != len(xb):
+            return "the model's forward does not pass its first trained entry one batch tensor"
+        if i == 0:
+            mb = f[0].numel() * f.element_size() * n / 2**20
+            if mb > self.max_mb: return f'the features would take {mb:.0f} MiB > max_mb={self.max_mb:g}'
+            reason = self._check(model, xb, f)
+            if reason is not None: return reason
+            # filled in place: the cache's memory once, not a list of batches and their concatenation
+            self.cached, self.targets = f.new_empty((n, *f.shape[1:])), yb.new_empty((n, *yb.shape[1:]))
+        if i + len(f) > n: return 'the training DataLoader gives more items than its dataset holds'
+        self.cached[i:i+len(f)], self.targets[i:i+len(f)] = f, yb
+        i += len(f)
+    if i == 0: return 'the training set is empty'
+    if i != n: return 'the training DataLoader does not give every item once'
+    return None
 
-    # `validate`, `get_preds` and `predict` fire `before_fit` too: the cache is planned and built when the first training
-    # epoch starts, so that nothing is computed (or fails, leaving fastai's `Learner.lock` held) outside a fit
-    def before_fit(self):
-        self._unhook()  # left by a fit that an exception ended
-        self._pending = True
-    def before_train(self):
-        if getattr(self, '_pending', False):
-            self._pending = False
-            self._setup()
-        self._check_labels = True   # the labels of the first batch of each epoch are checked
-    def _setup(self):
-        reason, n = self._plan()
-        if reason is not None: return self._off(reason)
-        model, entries, dl = self.learn.model, model_blocks(self.learn.model).all, self.dls.train
-        key = (id(dl.dataset), len(dl.dataset), n, _fingerprint(entries[:n]))
-        # the cached features enter at the first trained entry (inside it, past a fastai head's pool and flatten: the
-        # pooled features, not the feature maps); where the model's forward cannot take them there (e.g. a head entry
-        # whose two heads read two tokens), at the input of an earlier frozen entry instead: the same model, less time
-        # saved
-        inner = _inner_start(entries[n])
-        cands = ([(inner, f'entry {n} ({type(inner).__name__})', entries[n])] if inner is not None else []) + [
-                 (entries[k], f'entry {k}', None) for k in range(n, 0, -1)]
-        if key == (self._key or (None,))[:4] and self.cached is not None:
-            i = self._key[4]
-            self._hook_at(model, cands[i])
-        else:
-            self.clear()
-            t0, first = time.perf_counter(), None
-            for i, cand in enumerate(cands):
-                self._hook_at(model, cand)
-                reason = self._build(model, cand[0], dl)
-                if reason is None: break
-                self.clear(); self._unhook()
-                first = first or reason
-            self.build_s = time.perf_counter() - t0
-            if reason is not None: return self._off(first)
-            self._key = key + (i,)
-        self.dl_train, self.active = dl, True
-        self.reason = f'on: {len(self.cached)} items, features {tuple(self.cached.shape[1:])} at the input of {cands[i][1]}'
+# %% ../../nbs/05b_callback.feature_cache.ipynb #788d5320
+# `validate`, `get_preds` and `predict` fire `before_fit` too: the cache is planned and built when the first training
+# epoch starts, so that nothing is computed (or fails, leaving fastai's `Learner.lock` held) outside a fit
+@patch
+def before_fit(self:FeatureCache):
+    self._unhook()  # left by a fit that an exception ended
+    self._pending = True
+@patch
+def before_train(self:FeatureCache):
+    if getattr(self, '_pending', False):
+        self._pending = False
+        self._setup()
+    self._check_labels = True   # the labels of the first batch of each epoch are checked
+@patch
+def _setup(self:FeatureCache):
+    reason, n = self._plan()
+    if reason is not None: return self._off(reason)
+    model, entries, dl = self.learn.model, model_blocks(self.learn.model).all, self.dls.train
+    key = (id(dl.dataset), len(dl.dataset), n, _fingerprint(entries[:n]))
+    # the cached features enter at the first trained entry (inside it, past a fastai head's pool and flatten: the
+    # pooled features, not the feature maps); where the model's forward cannot take them there (e.g. a head entry
+    # whose two heads read two tokens), at the input of an earlier frozen entry instead: the same model, less time
+    # saved
+    inner = _inner_start(entries[n])
+    cands = ([(inner, f'entry {n} ({type(inner).__name__})', entries[n])] if inner is not None else []) + [
+             (entries[k], f'entry {k}', None) for k in range(n, 0, -1)]
+    if key == (self._key or (None,))[:4] and self.cached is not None:
+        i = self._key[4]
+        self._hook_at(model, cands[i])
+    else:
+        self.clear()
+        t0, first = time.perf_counter(), None
+        for i, cand in enumerate(cands):
+            self._hook_at(model, cand)
+            reason = self._build(model, cand[0], dl)
+            if reason is None: break
+            self.clear(); self._unhook()
+            first = first or reason
+        self.build_s = time.perf_counter() - t0
+        if reason is not None: return self._off(first)
+        self._key = key + (i,)
+    self.dl_train, self.active = dl, True
+    self.reason = f'on: {len(self.cached)} items, features {tuple(self.cached.shape[1:])} at the input of {cands[i][1]}'
 
-    # -- training -------------------------------------------------------------------------------------
-    def before_batch(self):
-        if not self.active or self.dl is not self.dl_train: return  # e.g. a fit over another DataLoader
-        xb, yb = self.learn.xb[0], plain(self.learn.yb[0])
-        try: idx = batch_items(self.learn, self.cached.device)
-        except RuntimeError as e:
-            raise RuntimeError(f"FeatureCache cannot tell which items this batch holds ({e}); train with cache=False "
-                               "and report this with your DataLoader type.") from None
-        # a check per batch would wait for the GPU at every step: the first batch of each epoch tells whether
-        # the order of the batches is followed
-        if getattr(self, '_check_labels', True) and not torch.equal(self.targets[idx].to(yb.device), yb):
-            raise RuntimeError("FeatureCache lost track of the order of the training batches (labels differ from the "
-                               "cached ones); train with cache=False and report this with your DataLoader type.")
-        self._check_labels = False
-        self._armed = self.cached[idx].to(yb.device)  # taken by the hook in this batch's forward
-        self.learn.xb = (xb[:0],)                         # the frozen prefix runs on an empty batch
+# %% ../../nbs/05b_callback.feature_cache.ipynb #f76997d5
+@patch
+def before_batch(self:FeatureCache):
+    if not self.active or self.dl is not self.dl_train: return  # e.g. a fit over another DataLoader
+    xb, yb = self.learn.xb[0], plain(self.learn.yb[0])
+    try: idx = batch_items(self.learn, self.cached.device)
+    except RuntimeError as e:
+        raise RuntimeError(f"FeatureCache cannot tell which items this batch holds ({e}); train with cache=False "
+                           "and report this with your DataLoader type.") from None
+    # a check per batch would wait for the GPU at every step: the first batch of each epoch tells whether
+    # the order of the batches is followed
+    if getattr(self, '_check_labels', True) and not torch.equal(self.targets[idx].to(yb.device), yb):
+        raise RuntimeError("FeatureCache lost track of the order of the training batches (labels differ from the "
+                           "cached ones); train with cache=False and report this with your DataLoader type.")
+    self._check_labels = False
+    self._armed = self.cached[idx].to(yb.device)  # taken by the hook in this batch's forward
+    self.learn.xb = (xb[:0],)                         # the frozen prefix runs on an empty batch
 
-    def after_pred(self):
-        if self._armed is not None:
-            self._armed = None
-            raise RuntimeError("FeatureCache: the forward of this batch did not use the cached features (a callback "
-                               "changed `learn.xb` after the cache?); train with cache=False.")
-    def after_batch(self): self._armed, self._placed = None, False
-    def after_cancel_batch(self): self._armed, self._placed = None, False
-    def after_fit(self):
-        self._unhook()
-        self.dl_train = None
-    def after_cancel_fit(self): self.after_fit()
+@patch
+def after_pred(self:FeatureCache):
+    if self._armed is not None:
+        self._armed = None
+        raise RuntimeError("FeatureCache: the forward of this batch did not use the cached features (a callback "
+                           "changed `learn.xb` after the cache?); train with cache=False.")
+@patch
+def after_batch(self:FeatureCache): self._armed, self._placed = None, False
+@patch
+def after_cancel_batch(self:FeatureCache): self._armed, self._placed = None, False
+@patch
+def after_fit(self:FeatureCache):
+    self._unhook()
+    self.dl_train = None
+@patch
+def after_cancel_fit(self:FeatureCache): self.after_fit()
