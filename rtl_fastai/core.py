@@ -288,7 +288,7 @@ class NormalizeInput(nn.Module):
 # %% ../nbs/00_core.ipynb #7b9bf457
 import warnings, weakref
 
-# %% ../nbs/00_core.ipynb #b836bd3a
+# %% ../nbs/00_core.ipynb #20f298b9
 class _InputNormHook:
     ("Forward pre-hook that normalizes the model's input with its `NormalizeInput`. The layer stays where it is: on "
      "another device the statistics are copied once per device (and again when they change), since the replicas of "
@@ -309,7 +309,7 @@ class _InputNormHook:
         mean, std = self._stats(x.device)
         return ((x - mean.to(x.dtype)) / std.to(x.dtype), *args[1:])  # `.to` of the same dtype: no copy
 
-# %% ../nbs/00_core.ipynb #01eb620d
+# %% ../nbs/00_core.ipynb #26ab6210
 def _unwrap(model, compiled:bool=True):
     "The module inside `DistributedDataParallel`/`DataParallel` (nested too) and, if `compiled`, `torch.compile`'s wrapper"
     while True:
@@ -355,7 +355,7 @@ def _norm_layer(model):
 
 def _norm_name(layer)->str: return layer.name if isinstance(layer, _NormView) else 'NormalizeInput'
 
-# %% ../nbs/00_core.ipynb #4680f26f
+# %% ../nbs/00_core.ipynb #fa4efa7d
 def input_stats(model:nn.Module)->tuple|None:
     ("`(mean, std)` (1,C,1,1) of the inputs of `model`: its `NormalizeInput`, else its `input_stats`, else a timm "
      "model's `pretrained_cfg` (those of its published weights), else None")
@@ -383,7 +383,7 @@ def _record_stats(model, stats, top=True):
     first = next(iter(model.children()), None)  # fastai's `create_body` keeps the children and drops `model` itself
     for m in [model]*top + [first]*(first is not None): m.input_stats = st
 
-# %% ../nbs/00_core.ipynb #fa299907
+# %% ../nbs/00_core.ipynb #c1af5cf2
 def add_input_norm(model:nn.Module, # any model; changed in place
                    stats, # `(mean, std)` or anything `normalize_stats` takes
                   )->nn.Module:

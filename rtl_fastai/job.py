@@ -161,7 +161,7 @@ def build_arch(arch:str, # 'resnet50' or 'torchvision:resnet50' (torchvision), '
     st = input_stats(m)   # its `pretrained_cfg`'s
     return m, st if st is not None else normalize_stats(IMAGENET_STATS)
 
-# %% ../nbs/08b_job.ipynb #01d8d002
+# %% ../nbs/08b_job.ipynb #d21d9482
 def _head_classes(model, sd):
     "Outputs of the checkpoint's head (the last `nn.Linear` of `model`'s head entry), or None if it is not found"
     lins = [m for m in model_blocks(model).head.modules() if isinstance(m, nn.Linear)]
@@ -227,7 +227,7 @@ def _differ(st, stats)->bool:
     "Whether the parsed `stats` option `st` (None: not given) contradicts the source's own statistics `stats`"
     return st is not None and (st == 'none' or not all(torch.allclose(a, b) for a, b in zip(st, normalize_stats(stats))))
 
-# %% ../nbs/08b_job.ipynb #49a3e210
+# %% ../nbs/08b_job.ipynb #4ce71528
 def load_source(source:str, # a registry name, a checkpoint file or URL, 'torchvision:NAME' / 'timm:NAME', or 'robustbench:DATASET/THREAT/NAME'
                 arch:str=None, # a checkpoint file's architecture ('resnet50', 'timm:resnet50'); default: the registry's
                 stats=None, # input statistics of a checkpoint that stores none (see `parse_stats`)
@@ -395,7 +395,7 @@ def _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha
     return dict(n_retrain=n_retrain, lam=lam, threat=threat, warmup_epochs=warmup_epochs, summary=summary,
                 model=model, desc=desc, dls=dls)
 
-# %% ../nbs/08b_job.ipynb #4dd80659
+# %% ../nbs/08b_job.ipynb #57739810
 def _table(res):
     "The job's results as text, accuracies in percent."
     df = res.copy()
@@ -408,7 +408,7 @@ def _hist(learn):
     return [dict(epoch=i, **{n: (float(v) if v is not None else None) for n, v in zip(names, vals)})
             for i, vals in enumerate(learn.recorder.values)]
 
-# %% ../nbs/08b_job.ipynb #ad668524
+# %% ../nbs/08b_job.ipynb #ce36c6b2
 def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `data/valid/<class>/*.jpg` (or `valid_pct`)
                  # a registry name, a checkpoint file/URL, 'torchvision:NAME', 'timm:NAME' or 'robustbench:DATASET/THREAT/NAME'
                  source:str='resnet18_linf_eps4.0',

@@ -14,7 +14,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
 from .core import plain, check_int, check_number, check_dl, fork_rng, eps_str
 from fastcore.foundation import L
 from .attacks import ThreatModel, as_threat, pgd_attack, eval_mode, _pixel_space
-from .callback.adv_valid import _random_sample
+from .callback.adv_valid import _random_sample, _stats_source
 
 # %% auto #0
 __all__ = ['adversarial_examples', 'show_adversarial', 'plot_robust_curve', 'plot_block_study', 'can_show_widgets',
@@ -95,7 +95,7 @@ def adversarial_examples(learn, # a fastai `Learner` (or anything with `.model`,
                          dl=None, # a `DataLoader` to take one batch from (default `learn.dls.valid` in a seeded random order)
                          batch:tuple=None, # or an `(x, y)` batch, x as the model receives it
                          idxs:list=None, # indices of the images in the batch (default the first `n`)
-                         stats=None, # normalization stats (default `learn.dls`), see `pgd_attack`
+                         stats=None, # normalization stats (default: those of `dl`, else `learn.dls`), see `pgd_attack`
                          seed:int=None, # seed of PGD's random start, for a reproducible picture (global RNG untouched)
                          **threat_kw, # `ThreatModel` fields (eps, steps, alpha, norm, ...); here steps=10
                         )->dict: # images, perturbations, labels and probabilities, clean and adversarial
@@ -118,7 +118,8 @@ def adversarial_examples(learn, # a fastai `Learner` (or anything with `.model`,
             raise ValueError(f"`idxs` must be indices in [0, {len(x)-1}] of the batch, got {idxs}")
     ix = torch.tensor(idxs, device=x.device)
     x, y = x[ix], y[ix]
-    if stats is None: stats = getattr(learn, 'dls', None)
+    if stats is None:  # those of the batches attacked: `dl`'s own (as `robust_validate` reads them), else the learner's
+        stats = _stats_source(dl, learn) if dl is not None and batch is None else getattr(learn, 'dls', None)
     model = learn.model
     with fork_rng(seed, device=x.device): xa = pgd_attack(model, x, y, tm, stats=stats)
     space = _pixel_space(stats, x)
@@ -310,7 +311,7 @@ class AdversarialExplorer:
                  idx:int=0, # initial image index in the batch
                  max_eps:float=None, # end of the eps slider (default max(2*eps, 32/255), at most 1)
                  max_steps:int=50, # end of the steps slider
-                 stats=None, # normalization stats (default `learn.dls`)
+                 stats=None, # normalization stats (default: those of `dl`, else `learn.dls`)
                  k:int=5, # classes in the probability panel
                  figsize:tuple=(10, 2.9), # size of the figure (inches)
                  seed:int=0, # seed of PGD's random start, so that only the sliders change the picture
@@ -320,6 +321,7 @@ class AdversarialExplorer:
         check_int(max_steps, 'max_steps'); check_int(k, 'k')
         if max_eps is None: max_eps = min(1., max(2*self.eps, 32/255))
         max_eps = check_number(max_eps, 'max_eps', lo=0, hi=1, lo_open=True, fix="it is the end of the eps slider")
+        if stats is None and dl is not None and batch is None: stats = _stats_source(dl, learn)  # `dl`'s own
         self.learn, self.stats, self.k, self.figsize, self.seed = learn, stats, k, figsize, seed
         self.max_eps, self.max_steps = max_eps, max_steps
         self.x, self.y = _get_batch(learn, dl, batch, type(self).__name__)

@@ -201,3 +201,17 @@ def test_plot_block_study_bad_inputs():
     with pytest.raises(ValueError, match='model'): plot_block_study(_study(), by='model')
     with pytest.raises(ValueError, match='`df`'): plot_block_study([1, 2])
     with pytest.raises(ValueError, match='`eps`'): plot_block_study(_study(), eps=-1)
+
+
+def test_dl_own_stats():
+    "A `dl` given to the pictures is attacked with its own normalization, as `robust_validate` reads it: eps stays eps"
+    from rtl_fastai.callback.adv_valid import robust_validate
+    set_seed(0)
+    l = Learner(task_dls('digits', bs=64, seed=0, device='cpu'), SmallCNN(n_in=1, n_out=10, widths=(8, 16)))
+    raw = task_dls('digits', bs=64, seed=0, device='cpu', normalize=False)   # the same images, in pixels
+    r = adversarial_examples(l, 4, 0.1, dl=raw.valid, seed=0)
+    fed = (r['x_adv'] - r['x']).abs().max().item()   # what the model received: raw pixels
+    assert fed <= 0.1 + 1e-6 and r['delta'].abs().max().item() <= 0.1 + 1e-6
+    ex = AdversarialExplorer(l, raw.valid, threat=0.1)
+    assert ex.stats is raw.valid
+    ex.redraw(); plt.close('all')

@@ -22,7 +22,7 @@ from ..distributed import DistributedDL, _inner, _sharded, _n_real, _in_distrib_
 # %% auto #0
 __all__ = ['robust_validate', 'RobustAccuracy', 'in_random_order', 'robust_accuracy_curve']
 
-# %% ../../nbs/03_callback.adv_valid.ipynb #f214f15c
+# %% ../../nbs/03_callback.adv_valid.ipynb #f6042b26
 _COMPILED = []  # [(weak reference to a model, `how`, its compiled form)], the newest last; the last 2 are kept
 
 def _stats_source(dl, learn):
@@ -43,7 +43,7 @@ def _compiled(model:torch.nn.Module, how)->torch.nn.Module:
     del _COMPILED[:-2]
     return c
 
-# %% ../../nbs/03_callback.adv_valid.ipynb #9e42239c
+# %% ../../nbs/03_callback.adv_valid.ipynb #94213676
 class RobustAccuracy(Metric):
     "Accuracy under a PGD attack in pixel space, on (the first `n_batches` of) each validation."
     def __init__(self,

@@ -28,7 +28,7 @@ def n_frozen_entries(model:nn.Module, # any model `model_blocks` supports
                          f"head only, {n} every block but the stem) or 'all' (full fine-tuning); got {n_retrain!r}.")
     return 1 + n - n_retrain
 
-# %% ../../nbs/05a_callback.freeze.ipynb #bbf10cb2
+# %% ../../nbs/05a_callback.freeze.ipynb #bdb5df02
 def _opt_groups(opt)->tuple:
     "The parameter lists of `opt` (a fastai `Optimizer`, or an `OptimWrapper` around a torch optimizer) and its state"
     if isinstance(opt, Optimizer): return list(opt.param_lists), opt.state
@@ -65,7 +65,7 @@ def _restore_optimizer(opt, removed:list):
             if p not in state or (st and not state[p]): state[p] = st or {}  # fastai's state may be a plain dict
         _set_group(opt, i, pg)
 
-# %% ../../nbs/05a_callback.freeze.ipynb #52da15c8
+# %% ../../nbs/05a_callback.freeze.ipynb #31fe9a76
 class _SplitterWithout:
     ("`splitter`'s parameter groups without the frozen parameters (by position in the model), every group kept: the "
      "optimizer fastai rebuilds (`learn.export`, `learn.load`, `fit(reset_opt=True)`) is the one `FreezeBlocks` pruned")
@@ -79,7 +79,7 @@ class _SplitterWithout:
         # torch-style `{'params': ..., 'lr': ...}` groups (fastai's `OptimWrapper`) keep their other settings
         return L({**g, 'params': list(keep(g['params']))} if isinstance(g, dict) else keep(g) for g in groups)
 
-# %% ../../nbs/05a_callback.freeze.ipynb #e51c4933
+# %% ../../nbs/05a_callback.freeze.ipynb #e0466ed6
 class FreezeBlocks(Callback):
     "Keep the first `n_frozen` entries of `model_blocks(model).all` frozen: no gradients, out of the optimizer, in eval"
     order = TrainEvalCallback.order + 1
