@@ -11,7 +11,7 @@ from pathlib import Path
 warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
 import torch
 from fastcore.docments import docments
-from .core import parse_number
+from .core import parse_number, check_device
 
 # %% auto #0
 __all__ = ['parse_classes', 'add_signature_args', 'make_parser', 'main']
@@ -112,12 +112,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 # %% ../nbs/09_cli.ipynb #63279a18
 def _device(s):
-    if s is None: return None
-    try: dev = torch.device(s)
-    except RuntimeError as e: sys.exit(f"--device: {s!r} is not a torch device ({e})")
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        sys.exit(f"--device: {s!r} asked for CUDA but torch sees no GPU; use --device cpu")
-    return dev
+    "`--device` checked as the library checks `device` (one this machine has), or one line and exit"
+    try: return check_device(s, 'rtl-fastai run')
+    except ValueError as e: sys.exit(str(e).replace(f'`device`={s!r}', f'--device {s}', 1))
 
 def main(argv:list=None, # the arguments (default: the command line's)
         ):

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from fastai.vision.all import Learner, accuracy, set_seed
 from fastprogress.fastprogress import progress_bar
-from .core import eps_str, check_int, check_number, keeps_cudnn_flags, make_dir
+from .core import eps_str, check_int, check_number, check_device, keeps_cudnn_flags, make_dir
 from .data.arrays import class_split, select_classes, subsample, subsample_valid
 from .data.external import load_dataset
 from .data.loaders import task_dls
@@ -170,6 +170,7 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
     "Train a natural and a robust source model, then the rows of the paper's three findings on the target task"
     d = _defaults(data)
     d['holdout'] = holdout
+    device = check_device(device, 'run_pipeline')  # before `check_only` returns
     for k, v in dict(epochs=epochs, width=width).items(): check_int(v, k, none_ok=True, who='run_pipeline')
     check_int(steps, 'steps', who='run_pipeline')
     for k, v in dict(n_source=n_source, n_target=n_per_class, n_low=n_low, n_test=n_test, arch=arch, width=width,

@@ -3,6 +3,7 @@ its two rows and a verdict computed from them, and writes the same into results.
 of the findings are shown by the recorded default run (README), not asserted here: a seed-fragile, timed claim would
 make a flaky test."""
 import contextlib, io, json, re
+import torch
 from rtl_fastai.cli import main
 from rtl_fastai.pipeline import FINDINGS, verdicts, summarize
 import pandas as pd
@@ -47,7 +48,9 @@ import pytest
     (['--source-classes', '0,1', '--target-classes', '1,2'], "share the classes ['1']"),
     (['--source-classes', '0'], "`source_classes` must name at least 2 classes"),
     (['--warmup', '100'], "`warmup`=100 covers all"),
-])
+    (['--device', 'meta'], "--device meta: give 'cpu', 'cuda' or 'cuda:N'"),
+    (['--device', 'gpu'], "--device gpu is not a torch device"),
+] + ([(['--device', 'mps'], "--device mps asks for MPS but torch sees none")] if not torch.backends.mps.is_available() else []))
 def test_bad_run_options_fail_in_one_line_before_training(opts, msg, tmp_path, capsys):
     "Every option the pipeline could only reject mid-run is checked first: one line, nothing trained or written"
     with pytest.raises(SystemExit) as e: main(['run', '--data', 'digits', '--out', str(tmp_path), *opts])
@@ -66,6 +69,12 @@ def test_run_out_checked_first(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv('HOME', str(tmp_path/'home'))
     monkeypatch.chdir(tmp_path)
     assert next_run_dir('~/res') == tmp_path/'home'/'res'/'run_001' and not (tmp_path/'~').exists()
+
+
+def test_check_only_checks_device(tmp_path):
+    "`device` is checked with the rest, before `check_only` returns"
+    from rtl_fastai.pipeline import run_pipeline
+    with pytest.raises(ValueError, match="run_pipeline: `device`='meta'"): run_pipeline('digits', device='meta', check_only=True)
 
 
 def test_check_only_trains_nothing(tmp_path, capsys):
