@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fastai.callback.fp16 import MixedPrecision, AMPMode
-from .core import plain, is_number, check_int, check_number, eps_str, NormalizeInput
+from .core import plain, is_number, check_int, check_number, eps_str, NormalizeInput, _norm_key
 
 # %% auto #0
 __all__ = ['eval_mode', 'EpsScaleWarning', 'PixelRangeWarning', 'ThreatModel', 'as_threat', 'pgd_attack', 'margin_loss',
@@ -45,10 +45,6 @@ class PixelRangeWarning(UserWarning):
 
 _norms = ('linf', 'l2')
 
-def _norm_key(norm)->str:
-    "A threat norm as `ThreatModel` stores it: any case, as the model registry writes 'L2' and 'Linf'; 'inf' as torch.norm and torchattacks say it"
-    n = str(norm).lower()
-    return {'inf': 'linf', 'l_inf': 'linf', 'l-inf': 'linf', '2': 'l2'}.get(n, n)
 
 @dataclasses.dataclass(frozen=True)
 class ThreatModel:

@@ -17,8 +17,8 @@ from fastai.data.transforms import Normalize
 
 # %% auto #0
 __all__ = ['plain', 'to_device_async', 'check_device', 'use_device', 'is_int', 'is_number', 'check_int', 'check_number',
-           'check_dl', 'make_dir', 'fork_rng', 'keeps_cudnn_flags', 'UndoTrainOnError', 'eps_str', 'normalize_stats',
-           'NormalizeInput', 'input_stats', 'add_input_norm', 'check_normalization', 'parse_number']
+           'check_prob', 'check_dl', 'make_dir', 'fork_rng', 'keeps_cudnn_flags', 'UndoTrainOnError', 'eps_str',
+           'normalize_stats', 'NormalizeInput', 'input_stats', 'add_input_norm', 'check_normalization', 'parse_number']
 
 # %% ../nbs/00_core.ipynb #7803692f
 def plain(t):
@@ -118,6 +118,15 @@ def check_number(v, name:str, # the value and the parameter's name
         _fail(who, name, f"a number{' ' + b if b else ''}{' or None' if none_ok else ''}", v, fix)
     return float(v)
 
+# %% ../nbs/00_core.ipynb #c7e1a0b2
+def check_prob(p, name:str, # the value and the parameter's name
+               who:str=None, # the function or class the user called, for the message
+              ):
+    "Raise a `ValueError` naming `name` unless `p` is a dropout probability, a number in [0, 1); returns `float(p)`."
+    if not is_number(p) or not 0 <= p < 1:
+        raise ValueError(f"{f'{who}: ' if who else ''}`{name}` is a dropout probability in [0, 1), got {p!r}.")
+    return float(p)
+
 # %% ../nbs/00_core.ipynb #19773941
 def check_dl(dl, # the loader a function was given
              who:str, # the function, for the message
@@ -204,6 +213,11 @@ def eps_str(eps:float, # a radius in [0,1] pixel units
     if abs(k - round(k)) < 1e-6*max(1., k): return '1' if round(k) == 255 else f"{round(k)}/255"
     if abs(2*k - round(2*k)) < 1e-6*max(1., k): return f"{round(2*k)/2:g}/255"  # half grey levels (Salman's 0.5/255)
     return f"{eps:.{digits}g}"
+
+def _norm_key(norm)->str:
+    "A threat norm as `ThreatModel` stores it: any case, as the model registry writes 'L2' and 'Linf'; 'inf' as torch.norm and torchattacks say it"
+    n = str(norm).lower()
+    return {'inf': 'linf', 'l_inf': 'linf', 'l-inf': 'linf', '2': 'l2'}.get(n, n)
 
 # %% ../nbs/00_core.ipynb #3842e813
 def _as_stat(v, what):

@@ -10,7 +10,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 import torch.nn as nn
 import torchvision
-from .core import eps_str
+from .core import eps_str, _norm_key
 
 # %% auto #0
 __all__ = ['IMAGENET_STATS', 'SALMAN_L2_EPS', 'SALMAN_LINF_EPS', 'SALMAN_ARCHS', 'ROBUST_MODELS', 'RobustModelInfo',
@@ -99,10 +99,10 @@ def robust_models(arch:str=None, # keep only this architecture, e.g. 'resnet50'
                   norm:str=None, # keep only this threat model: 'L2', 'Linf' (or 'standard')
                  )->list:
     "Names of the registered models"
-    norms = {'l2': 'L2', 'linf': 'Linf', 'standard': 'standard'}  # any case, as `ThreatModel` writes 'linf'
-    if norm is not None and str(norm).lower() not in norms:
+    norms = {'l2': 'L2', 'linf': 'Linf', 'standard': 'standard'}  # any spelling `ThreatModel` takes ('linf', 'inf', ...)
+    if norm is not None and _norm_key(norm) not in norms:
         raise ValueError(f"robust_models: `norm` must be 'L2', 'Linf', 'standard' or None, got {norm!r}")
-    if norm is not None: norm = norms[str(norm).lower()]
+    if norm is not None: norm = norms[_norm_key(norm)]
     archs = sorted({m.arch for m in ROBUST_MODELS.values()})
     if arch is not None and arch not in archs:
         raise ValueError(f"robust_models: no registered model is a {arch!r}; the registry's architectures are {archs}")

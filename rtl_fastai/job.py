@@ -15,7 +15,7 @@ import torchvision
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastprogress.fastprogress import IN_NOTEBOOK
-from .core import (parse_number, is_int, check_int, check_number, eps_str, normalize_stats, input_stats, add_input_norm,
+from .core import (parse_number, is_int, _norm_key, check_int, check_number, eps_str, normalize_stats, input_stats, add_input_norm,
                              check_normalization, _record_stats, _fmt_stats, _norm_layer, keeps_cudnn_flags, check_device,
                              _in_channels, _is_identity)
 from .data.folder import check_image_folder, folder_dls
@@ -24,7 +24,7 @@ from .models import model_blocks
 from .hub import IMAGENET_STATS, robust_model_info
 from .checkpoint import (checkpoint_path, extract_state_dict, load_robust_checkpoint, CheckpointMismatchError,
                                    _read_checkpoint, _CKPT_EXTS)
-from .attacks import ThreatModel, _norm_key
+from .attacks import ThreatModel
 from .callback.freeze import n_frozen_entries
 from .callback.feature_cache import FeatureCache
 from .callback.transfer import transfer_learner, _check_forward

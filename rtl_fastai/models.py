@@ -16,7 +16,7 @@ from fastcore.foundation import L
 from fastai.torch_core import params
 from fastai.layers import AdaptiveConcatPool2d
 from fastai.vision.learner import create_head, apply_init, TimmBody
-from .core import check_int, _foreign_norm, _unwrap
+from .core import check_int, check_prob, is_int, _foreign_norm, _unwrap
 
 # %% auto #0
 __all__ = ['BlockNet', 'conv_bn_relu', 'SmallCNN', 'PreActBlock', 'PreActResNet18', 'wrn_units', 'WideResNet', 'ModelBlocks',
@@ -66,8 +66,6 @@ def conv_bn_relu(ni:int, # input channels
     return nn.Sequential(OrderedDict([('conv', nn.Conv2d(ni, nf, ks, stride=stride, padding=ks//2, bias=False)),
                                       ('bn', nn.BatchNorm2d(nf)), ('act', nn.ReLU(inplace=True))]))
 
-def _check_p(p, name, who):
-    if not 0 <= p < 1: raise ValueError(f"{who}: `{name}` is a dropout probability in [0, 1), got {p!r}.")
 
 class SmallCNN(BlockNet):
     "Small conv net: stem conv, a block per width (stride-2 conv + conv, conv-BN-ReLU), avg pool, (dropout), linear"
@@ -82,7 +80,7 @@ class SmallCNN(BlockNet):
         widths = tuple(widths) if isinstance(widths, (list, tuple)) else (widths,)
         if not widths: raise ValueError("SmallCNN: `widths` is empty; pass e.g. (32, 64).")
         for w in widths: check_int(w, 'widths', who='SmallCNN')
-        _check_p(p_drop, 'p_drop', 'SmallCNN')
+        check_prob(p_drop, 'p_drop', 'SmallCNN')
         stem = conv_bn_relu(n_in, widths[0])
         blocks, ni = [], widths[0]
         for w in widths:  # each block halves the resolution: 8->4->2, 28->14->7
@@ -164,7 +162,7 @@ class WideResNet(BlockNet):
                 ):
         n = wrn_units(depth)
         for v, nm in ((widen, 'widen'), (n_in, 'n_in'), (n_out, 'n_out')): check_int(v, nm, who='WideResNet')
-        _check_p(drop, 'drop', 'WideResNet')
+        check_prob(drop, 'drop', 'WideResNet')
         ws = [16 * widen, 32 * widen, 64 * widen]
         stem = nn.Sequential(OrderedDict([('conv', nn.Conv2d(n_in, 16, 3, 1, 1, bias=False))]))
         blocks = [_stage(ni, nf, n, 1 if i == 0 else 2, drop, final_act=(i == 2))
@@ -639,11 +637,12 @@ def n_blocks(model:nn.Module) -> int:
 def freeze_blocks(model:nn.Module,
                   n_frozen:int, # freeze entries [0, n_frozen) of `model_blocks(model).all` (at most `n_blocks(model)`)
                  ) -> nn.Module:
-    "Set `requires_grad=False` on the first `n_frozen` blocks of `model` and `True` on the rest; returns `model`."
+    "Set `requires_grad=False` on the first `n_frozen` entries of `model_blocks(model)` and `True` on the rest; returns `model`."
     entries = model_blocks(model).all
-    if isinstance(n_frozen, bool) or not isinstance(n_frozen, int) or not 0 <= n_frozen <= len(entries):
+    if not is_int(n_frozen) or not 0 <= n_frozen <= len(entries):  # NumPy integers too, as `FreezeBlocks` takes them
         raise ValueError(f"freeze_blocks: `n_frozen` must be an integer in [0, {len(entries)}] for this model "
                          f"(its blocks: {model_blocks(model)!r}), got {n_frozen!r}.")
+    n_frozen = int(n_frozen)
     for i, m in enumerate(entries):
         for p in m.parameters(): p.requires_grad_(i >= n_frozen)
     return model

@@ -189,3 +189,11 @@ def test_imports_without_timm():
             "assert sys.modules['timm'] is None")
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_freeze_blocks_numpy_int():
+    "`freeze_blocks` takes a NumPy integer, as `FreezeBlocks` does"
+    import numpy as np
+    m = SmallCNN()
+    freeze_blocks(m, np.int64(2))
+    assert [any(p.requires_grad for p in e.parameters()) for e in model_blocks(m).all if list(e.parameters())] == [False, False, True, True]

@@ -15,7 +15,7 @@ from fastai.optimizer import Adam
 from fastai.data.core import DataLoaders
 # fit_one_cycle, lr_find, progress bars, as in fastai.vision.all
 import fastai.callback.schedule, fastai.callback.progress  # noqa: F401
-from ..core import is_int, is_number
+from ..core import is_int, is_number, check_prob
 from ..core import check_normalization, _norm_layer, fork_rng
 from ..attacks import eval_mode
 from ..models import model_blocks, replace_head, swap_head, _is_fastai_model, _last_linear, _set_module
@@ -39,8 +39,7 @@ def transfer_head(n_in:int,      # number of input features (the source's penult
         if not is_int(h) or h < 1:
             raise ValueError(f"transfer_head: sizes must be positive integers, got n_in={n_in!r}, n_out={n_out!r}, "
                              f"hidden={hidden!r}.")
-    if not 0 <= p_drop < 1:
-        raise ValueError(f"transfer_head: `p_drop` is a dropout probability in [0, 1), got {p_drop!r}.")
+    check_prob(p_drop, 'p_drop', 'transfer_head')
     if p_drop and not hidden:
         raise ValueError(f"transfer_head: `p_drop`={p_drop!r} is the dropout after each hidden layer, and there is none: "
                          "give `hidden` (e.g. hidden=(256,)), or leave p_drop at 0.")
@@ -71,8 +70,9 @@ def new_head(model:nn.Module, # a model `model_blocks` supports; changed in plac
     if is_int(hidden): hidden = (hidden,)
     old = model_blocks(model).head
     ps = list(p_drop) if isinstance(p_drop, (list, tuple)) else [p_drop]  # fastai's `ps` may be a list
-    if p_drop is not None and not all(is_number(p) and 0 <= p < 1 for p in ps):
-        raise ValueError(f"new_head: `p_drop` is a dropout probability in [0, 1), got {p_drop!r}.")
+    if p_drop is not None:
+        try: [check_prob(p, 'p_drop', 'new_head') for p in ps]
+        except ValueError: raise ValueError(f"new_head: `p_drop` is a dropout probability in [0, 1), got {p_drop!r}.") from None
     drop = p_drop or 0.  # fastai's heads take None as their own default
     lin = _first_linear(old)
     if lin is None and _is_fastai_model(model) and getattr(model, 'rtl_blocks', None) is None:
