@@ -300,7 +300,7 @@ class NormalizeInput(nn.Module):
     def extra_repr(self): return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
 
 # %% ../nbs/00_core.ipynb #7b9bf457
-import warnings, weakref
+import weakref
 
 # %% ../nbs/00_core.ipynb #20f298b9
 class _InputNormHook:
@@ -466,7 +466,7 @@ def check_normalization(model:nn.Module, # the model the inputs go to
         raise ValueError(f"{who}: the `dls` normalize {got[0].shape[1]} channels ({_fmt_stats(got)}) but the model's "
                          f"first convolution takes {c}-channel images; give `Normalize.from_stats` one value per "
                          "channel of your images (or convert the images to the model's channels)")
-    fix_dls = f"`batch_tfms=Normalize.from_stats(*input_stats(model))` in the DataLoaders"
+    fix_dls = "`batch_tfms=Normalize.from_stats(*input_stats(model))` in the DataLoaders"
     k = _item_channels(dls)
     if c is not None and k is not None and k != c:  # a warning of its own: the normalization is checked as well
         load = "3 channels (fastai's `PILImage`, the default of `ImageBlock`)" if c == 3 else f"{c} channels"

@@ -7,15 +7,16 @@ from __future__ import annotations
 from contextlib import ExitStack
 import torch
 from fastai.vision.all import Learner, accuracy, set_seed
-from .core import check_int, check_number, keeps_cudnn_flags
-from .data.arrays import ArrayData
+from .core import check_int, check_number, is_number, keeps_cudnn_flags, fork_rng, _item_channels
+from .data.arrays import ArrayData, _per_class
 from .models import SmallCNN, PreActResNet18, WideResNet
 from .attacks import ThreatModel
 from .callback.adv_valid import robust_validate
 from .callback.adv_train import PGDTraining, FastAdvTraining
 
 # %% auto #0
-__all__ = ['ARCHS', 'ALPHA_RATIO', 'make_model', 'quiet', 'fit_quietly', 'evaluate', 'train_source', 'carve_valid']
+__all__ = ['ARCHS', 'ALPHA_RATIO', 'make_model', 'quiet', 'fit_quietly', 'experiment_threat', 'evaluate', 'train_source',
+           'carve_valid']
 
 # %% ../nbs/07a_experiment.ipynb #ae0c4df8
 ARCHS = ('smallcnn', 'preact18', 'wrn')
@@ -56,6 +57,15 @@ def fit_quietly(learn:Learner,
 # %% ../nbs/07a_experiment.ipynb #c4b3d33a
 ALPHA_RATIO = 0.25  # PGD step = eps/4: the paper's 2/255 at eps 8/255
 
+def experiment_threat(eps:float, # radius in [0,1] pixel units
+                      steps:int=20, # PGD steps
+                      alpha:float=None, # step in pixels; default `ALPHA_RATIO*eps` (`ThreatModel`'s own at eps 0)
+                      norm:str='linf', # 'linf' or 'l2'
+                     )->ThreatModel:
+    "The experiments' attack: PGD-`steps` at `eps` with step eps/4 (the paper's 2/255 at 8/255) unless `alpha` is given"
+    return ThreatModel(eps, steps, alpha=ALPHA_RATIO*eps if alpha is None and is_number(eps) and eps > 0 else alpha,
+                       norm=norm)
+
 def evaluate(learn:Learner,
              threat, # a `ThreatModel`, or an L-inf radius in [0,1] pixel units
              steps:int=None, # PGD steps when `threat` is a radius (default 20); a `ThreatModel` holds its own
@@ -73,7 +83,7 @@ def evaluate(learn:Learner,
     if not isinstance(threat, ThreatModel):
         steps = 20 if steps is None else steps
         eps = check_number(threat, 'threat', lo=0, fix="give a ThreatModel or the radius in pixel units, e.g. 8/255")
-        threat = ThreatModel(eps, steps, alpha=ALPHA_RATIO*eps if alpha is None and eps > 0 else alpha)
+        threat = experiment_threat(eps, steps, alpha)
     with keeps_cudnn_flags():
         set_seed(seed, reproducible=True)
         r = robust_validate(learn, dl, threat=threat, show_progress=False)
@@ -81,8 +91,10 @@ def evaluate(learn:Learner,
 
 # %% ../nbs/07a_experiment.ipynb #5026f078
 def _n_in(dls):
-    x = getattr(dls.train_ds, 'x', None)  # `ArrayDataset`: no batch drawn (drawing one would move the shuffle)
-    return x.shape[1] if x is not None else dls.one_batch()[0].shape[1]
+    "Input channels of `dls`' images: read from one item (no batch drawn: drawing one would move the seeded shuffle)"
+    n = _item_channels(dls)
+    if n is not None: return n
+    with fork_rng(): return dls.one_batch()[0].shape[1]
 
 def train_source(dls, # source-task DataLoaders
                  arch='smallcnn', # a name of `ARCHS`, or a function `n_out -> nn.Module`
@@ -117,14 +129,13 @@ def carve_valid(data:ArrayData, # a data set whose `x_valid` are the test images
                ) -> ArrayData:
     "Training images split into training and validation (`n_per_class` per class); the test images are dropped."
     check_int(n_per_class, 'n_per_class', who='carve_valid')
-    g, tr, va = torch.Generator().manual_seed(seed), [], []
     for c in range(data.c):
-        idx = (data.y_train == c).nonzero().flatten()
-        if len(idx) <= n_per_class:
-            raise ValueError(f"carve_valid: class {data.classes[c]!r} has {len(idx)} training images, not more than "
+        n = int((data.y_train == c).sum())
+        if n <= n_per_class:
+            raise ValueError(f"carve_valid: class {data.classes[c]!r} has {n} training images, not more than "
                              f"`n_per_class`={n_per_class}; use a smaller `n_per_class`")
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        va.append(idx[:n_per_class]); tr.append(idx[n_per_class:])
-    tr, va = torch.cat(tr).sort().values, torch.cat(va).sort().values
+    va = _per_class(data.y_train, n_per_class, data.classes, seed, 'training')   # as `subsample` draws them
+    keep = torch.ones(len(data.y_train), dtype=torch.bool); keep[va] = False
+    tr = keep.nonzero().flatten()
     return ArrayData(data.x_train[tr], data.y_train[tr], data.x_train[va], data.y_train[va], list(data.classes),
                      data.name)

@@ -24,13 +24,12 @@ from .models import model_blocks
 from .hub import IMAGENET_STATS, robust_model_info
 from .checkpoint import (checkpoint_path, extract_state_dict, load_robust_checkpoint, CheckpointMismatchError,
                                    _read_checkpoint, _CKPT_EXTS)
-from .attacks import ThreatModel
 from .callback.freeze import n_frozen_entries
 from .callback.feature_cache import FeatureCache
 from .callback.transfer import transfer_learner, _check_forward
 from .callback.distill import FeatureDistillation
 from .callback.adv_valid import robust_validate, robust_accuracy_curve, in_random_order
-from .experiment import ALPHA_RATIO, fit_quietly
+from .experiment import experiment_threat, fit_quietly
 from .pipeline import next_run_dir, save_run, _check_out
 from .vis import plot_robust_curve
 
@@ -356,7 +355,7 @@ def _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha
         if not isinstance(v, bool): raise ValueError(f"{who}: `{k}` must be True or False, got {v!r}")
     e = parse_eps(eps, 'eps', who, norm)
     a = None if alpha is None else parse_eps(alpha, 'alpha', who, norm)
-    try: threat = ThreatModel(e, steps, alpha=a if a is not None else (ALPHA_RATIO*e if e > 0 else None), norm=norm)
+    try: threat = experiment_threat(e, steps, a, norm)
     except ValueError as err: raise ValueError(f"{who}: {err}") from None
     if lam > 0 and n_retrain == 0:
         raise ValueError(f"{who}: `lam`={lam:g} has no effect with `n_retrain`=0 (the source's features are frozen): "

@@ -8,15 +8,13 @@ import io, json, os, time
 from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
 import pandas as pd
-import torch
 from fastai.vision.all import Learner, accuracy, set_seed
 from fastprogress.fastprogress import progress_bar
 from .core import eps_str, check_int, check_number, check_device, keeps_cudnn_flags, make_dir
 from .data.arrays import class_split, select_classes, subsample, subsample_valid
 from .data.external import load_dataset
 from .data.loaders import task_dls
-from .experiment import ARCHS, ALPHA_RATIO, make_model, quiet, fit_quietly, evaluate, train_source, carve_valid
-from .attacks import ThreatModel
+from .experiment import ARCHS, ALPHA_RATIO, experiment_threat, make_model, quiet, fit_quietly, evaluate, train_source, carve_valid
 from .callback.adv_valid import robust_accuracy_curve, in_random_order
 from .callback.adv_train import PGDTraining
 from .callback.transfer import transfer_learner
@@ -187,7 +185,7 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
     if warmup is not None: check_int(warmup, 'warmup', lo=0, who='run_pipeline'); d['warmup_epochs'] = warmup
     eps = d['eps'] if eps is None else eps
     check_number(eps, 'eps', lo=0, lo_open=True, who='run_pipeline', fix='a radius in [0,1] pixel units, e.g. 8/255')
-    try: ThreatModel(eps, steps, alpha=ALPHA_RATIO*eps)  # the evaluation's attack: eps and steps checked once, here
+    try: experiment_threat(eps, steps)  # the evaluation's attack: eps and steps checked once, here
     except ValueError as e: raise ValueError(f"run_pipeline: {e}") from None
     if d['warmup_epochs'] >= d['target_epochs']:
         raise ValueError(f"run_pipeline: `warmup`={d['warmup_epochs']} covers all {d['target_epochs']} target epochs: "
@@ -223,7 +221,7 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
             rows += r
             info.setdefault('natural', []).append(src_info['natural'])
             info.setdefault('robust', []).append(src_info['robust'])
-            if curve: crv.append(_curve(learners, eps, steps, s, bars))
+            if curve: crv.append(_curve(learners, eps, s, bars))
         src = {k: pd.DataFrame(info[k]).mean().to_dict() | {'n_seeds': seeds} for k in ('natural', 'robust')}
         info.update(src, total_seconds=time.time()-t_all)
         crv = (pd.concat(crv, ignore_index=True).groupby(['method', 'eps'], sort=False).mean(numeric_only=True)
@@ -231,7 +229,8 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
     return pd.DataFrame(rows), crv, info
 
 # %% ../nbs/08_pipeline.ipynb #7d98fcab
-def _curve(learners, eps, steps, seed, bars):
+def _curve(learners, eps, seed, bars):
+    "PGD-10 accuracy at 0, eps/2, eps and 1.5 eps of every learner, on 2 batches of the test images"
     eps_list = [eps*f for f in (0, 0.5, 1., 1.5) if eps*f <= 1]
     parts = []
     for m, l in (progress_bar(list(learners.items())) if bars else learners.items()):
@@ -241,7 +240,7 @@ def _curve(learners, eps, steps, seed, bars):
             # 2 batches of the test images in one seeded random order, the same for every eps (a shuffling loader
             # would draw other images at each eps): in their own order (class order) they hold few classes
             df = robust_accuracy_curve(l, eps_list, dl=in_random_order(l.dls.valid, seed),
-                                       threat=ThreatModel(eps, 10, alpha=ALPHA_RATIO*eps), n_batches=2,
+                                       threat=experiment_threat(eps, 10), n_batches=2,
                                        show_progress=bars)
         df.insert(0, 'method', m); parts.append(df.drop(columns=['clean_acc'], errors='ignore'))
     return pd.concat(parts, ignore_index=True)

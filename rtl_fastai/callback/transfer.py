@@ -15,7 +15,7 @@ from fastai.optimizer import Adam
 from fastai.data.core import DataLoaders
 # fit_one_cycle, lr_find, progress bars, as in fastai.vision.all
 import fastai.callback.schedule, fastai.callback.progress  # noqa: F401
-from ..core import is_int, is_number, check_prob
+from ..core import is_int, check_prob
 from ..core import check_normalization, _norm_layer, fork_rng
 from ..attacks import eval_mode
 from ..models import model_blocks, replace_head, swap_head, _is_fastai_model, _last_linear, _set_module

@@ -211,7 +211,7 @@ def _layout_error(path, train, valid, missing):
         msg += (". These look like class folders without a train/valid split: split them at random with "
                 f"`valid_pct=0.2` (a random fifth of the images for validation), or move the images into "
                 f"{train}/<class>/ and {valid}/<class>/")
-    else: msg += f". Pass `train=` and `valid=` with the names of your split folders"
+    else: msg += ". Pass `train=` and `valid=` with the names of your split folders"
     return ValueError(msg)
 
 def _random_split(path, train, valid, valid_pct, seed):
