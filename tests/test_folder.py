@@ -368,3 +368,14 @@ def test_16_bit_images_are_warned_about(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         check_image_folder(ok)
+
+
+def test_input_channels_read_without_moving_the_shuffle(tmp_path):
+    "`train_source` reads the channels of a folder's images from one item: a seeded loader's shuffle stays as it was"
+    from rtl_fastai.experiment import _n_in
+    folder = make_image_folder(tmp_path/'f', n_per_class=4, n_valid=1, classes=3, size=8)
+    def first_epoch(peek):
+        dls = folder_dls(folder, size=8, bs=4, seed=0, verify=False, device='cpu')
+        if peek: assert _n_in(dls) == 3
+        return [b[1].tolist() for b in dls.train]
+    assert first_epoch(True) == first_epoch(False)
