@@ -10,7 +10,7 @@ from collections import OrderedDict
 from urllib.parse import urlparse, unquote
 import torch
 import torch.nn as nn
-from .core import normalize_stats, add_input_norm, _norm_layer, _in_channels, _fmt_stats, _record_stats, make_dir
+from .core import normalize_stats, add_input_norm, _norm_layer, _in_channels, _fmt_stats, _record_stats, make_dir, renamed
 from .core import _NormView, _norm_name
 from .data.external import cache_dir
 from .hub import RobustModelInfo, robust_model_info, _CKPT_EXTS
@@ -129,8 +129,9 @@ def _fetch(url:str, dest:Path, sha256:str=None, size:int=None, name='path_or_url
         if part.exists(): part.unlink()
     return dest
 
+@renamed(cache='model_dir')
 def checkpoint_path(path_or_url, # local path, `file://` or `http(s)://` URL
-                    cache:Path=None, # where downloads go; default `cache_dir()/'checkpoints'`
+                    model_dir:Path=None, # where downloads go; default `cache_dir()/'checkpoints'`
                     fname:str=None, # name of the cached file (default: the URL's last part)
                     sha256:str=None, # expected SHA-256 of a download (or a prefix of it), checked when given
                     size:int=None, # expected size in bytes of a download, checked when given
@@ -145,10 +146,10 @@ def checkpoint_path(path_or_url, # local path, `file://` or `http(s)://` URL
                              "slashes); or give the path itself")
         p = Path(unquote(u.path))
     elif u.scheme in ('http', 'https', 'ftp'):
-        cache = make_dir(cache if cache is not None else cache_dir()/'checkpoints',
-                         'cache' if cache is not None else 'RTL_CACHE')
+        model_dir = make_dir(model_dir if model_dir is not None else cache_dir()/'checkpoints',
+                             'model_dir' if model_dir is not None else 'RTL_CACHE')
         fn = fname or Path(unquote(u.path)).name or 'checkpoint'
-        p = cache/f"{hashlib.sha256(s.encode()).hexdigest()[:10]}-{fn}"
+        p = model_dir/f"{hashlib.sha256(s.encode()).hexdigest()[:10]}-{fn}"
         if not p.exists(): _fetch(s, p, sha256=sha256, size=size, name=name)
     elif u.scheme and len(u.scheme) > 1:
         raise ValueError(f"`{name}`: unsupported URL scheme {u.scheme!r} in {s!r}; "
@@ -280,7 +281,7 @@ def _align(sd, model_keys):
     return sd
 
 # %% ../nbs/01a_checkpoint.ipynb #5f484df3
-def _use_stats(model, stats, norm, what, pre=''):
+def _use_stats(model, stats, normalize, what, pre=''):
     mean, std = stats
     c = _in_channels(model)
     if c is not None and mean.shape[1] not in (1, c):
@@ -297,23 +298,23 @@ def _use_stats(model, stats, norm, what, pre=''):
                              f"with other statistics than the checkpoint's ({what}: {_fmt_stats(stats)}): "
                              "give the model without its normalization, or with the checkpoint's statistics")
     elif layer is not None:
-        if norm == 'dls':
-            raise ValueError("`norm`='dls', but `model` normalizes its inputs itself (it has a NormalizeInput layer): "
-                             "use norm='model' (or 'auto'), or build the model without `stats`")
+        if normalize == 'dls':
+            raise ValueError("`normalize`='dls', but `model` normalizes its inputs itself (it has a NormalizeInput layer): "
+                             "use normalize='model' (or 'auto'), or build the model without `stats`")
         if layer.mean.numel() != mean.numel():
             raise CheckpointMismatchError(f"{pre}the input statistics ({what}) have {mean.numel()} channels "
                                           f"but the model's NormalizeInput has {layer.mean.numel()}")
         layer.mean.copy_(mean.view_as(layer.mean)); layer.std.copy_(std.view_as(layer.std))
-    elif norm == 'model': add_input_norm(model, stats)
+    elif normalize == 'model': add_input_norm(model, stats)
     else:
         _record_stats(model, (mean, std))
-        if norm == 'auto':
+        if normalize == 'auto':
             warnings.warn(f"{pre}the checkpoint's model expects [0,1] inputs normalized with {_fmt_stats(stats)} "
                           f"({what}), and `model` has no NormalizeInput "
                           "layer: they are recorded as `model.input_stats`. Normalize either in the DataLoaders "
                           "(`batch_tfms=Normalize.from_stats(*input_stats(model))`, with `from rtl_fastai.core import "
-                          "input_stats`) or inside the model (load with `norm='model'`, or `add_input_norm(model, "
-                          "input_stats(model))`). Pass `norm='dls'` to choose the DataLoaders without this warning.")
+                          "input_stats`) or inside the model (load with `normalize='model'`, or `add_input_norm(model, "
+                          "input_stats(model))`). Pass `normalize='dls'` to choose the DataLoaders without this warning.")
 
 # %% ../nbs/01a_checkpoint.ipynb #381093a7
 def _resolve(src, name):
@@ -330,17 +331,17 @@ def _resolve(src, name):
                          + str(e).split('; ', 1)[1]) from None
     return info.url, info
 
-def _load_into(model, src, key=None, map_location='cpu', cache=None, norm='auto', stats=None, info=None,
+def _load_into(model, src, key=None, map_location='cpu', model_dir=None, normalize='auto', stats=None, info=None,
                name='path_or_url', who=None):
     pre = f"{who}: `{name}`: " if who else ''
-    if norm not in ('auto', 'model', 'dls'):
-        raise ValueError(f"{who or 'load_robust_checkpoint'}: `norm` must be 'auto', 'model' or 'dls', got {norm!r}")
+    if normalize not in ('auto', 'model', 'dls'):
+        raise ValueError(f"{who or 'load_robust_checkpoint'}: `normalize` must be 'auto', 'model' or 'dls', got {normalize!r}")
     if isinstance(src, dict): ckpt = src
     else:
         src, found = _resolve(src, name)
         info = info or found
         kw = dict(fname=info.filename, sha256=info.sha256) if found is not None else {}
-        try: p = checkpoint_path(src, cache=cache, name=name, **kw)
+        try: p = checkpoint_path(src, model_dir=model_dir, name=name, **kw)
         except OSError as e:
             if found is None or isinstance(e, FileNotFoundError): raise
             f = info.filename or Path(urlparse(info.url).path).name
@@ -366,18 +367,19 @@ def _load_into(model, src, key=None, map_location='cpu', cache=None, norm='auto'
     elif stats is not None: st, what = normalize_stats(stats), "`stats`"
     elif info is not None: st, what = normalize_stats(info.stats), f"the registry's for {info.name!r}"
     else: st = None
-    if st is not None: _use_stats(model, st, norm, what, pre)  # checked before anything is loaded
-    elif norm == 'model':
-        raise ValueError(f"{pre}`norm`='model' but the checkpoint holds no input statistics: pass `stats=(mean, std)`")
+    if st is not None: _use_stats(model, st, normalize, what, pre)  # checked before anything is loaded
+    elif normalize == 'model':
+        raise ValueError(f"{pre}`normalize`='model' but the checkpoint holds no input statistics: pass `stats=(mean, std)`")
     model.load_state_dict(sd, strict=True)
     return model
 
+@renamed(cache='model_dir', norm='normalize')
 def load_robust_checkpoint(model:nn.Module|str, # the checkpoint's architecture (loaded in place), or a registry name
                            path_or_url=None, # path, `file://`/`http(s)://` URL or registry name (default: `model`'s)
                            key:str=None, # entry of the checkpoint that holds the weights (default: found automatically)
                            map_location='cpu', # passed to `torch.load`
-                           cache:Path=None, # download folder; default `cache_dir()/'checkpoints'`
-                           norm:str='auto', # where the input statistics go: 'model', 'dls' or 'auto' (see above)
+                           model_dir:Path=None, # download folder; default `cache_dir()/'checkpoints'`
+                           normalize:str='auto', # where the input statistics go: 'model', 'dls' or 'auto' (see above)
                            stats=None, # `(mean, std)` the checkpoint's model expects, if the file holds none
                           )->nn.Module:
     "Load a plain, fastai, DataParallel, MadryLab, RobustBench or safetensors checkpoint into `model`: all keys or none"
@@ -402,13 +404,14 @@ def load_robust_checkpoint(model:nn.Module|str, # the checkpoint's architecture 
     if path_or_url is None:
         raise ValueError("load_robust_checkpoint: `path_or_url` is missing: "
                          "give a checkpoint path, URL or registry name")
-    return _load_into(model, path_or_url, key=key, map_location=map_location, cache=cache, norm=norm, stats=stats,
+    return _load_into(model, path_or_url, key=key, map_location=map_location, model_dir=model_dir, normalize=normalize, stats=stats,
                       info=info)
 
+@renamed(cache='model_dir', norm='normalize')
 def load_weights(model:nn.Module, # the source architecture; loaded in place
                  weights, # a state dict or checkpoint dict, a path, a URL or a registry name
                  who:str='transfer_learner', # the caller, for messages
-                 **kwargs, # `key`, `map_location`, `cache`, `norm`, `stats` of `load_robust_checkpoint`
+                 **kwargs, # `key`, `map_location`, `model_dir`, `normalize`, `stats` of `load_robust_checkpoint`
                 )->nn.Module: # `model`, its weights loaded
     "`load_robust_checkpoint` for an entry point's `weights=` argument: same layouts, errors naming `who` and `weights`"
     return _load_into(model, weights, name='weights', who=who, **kwargs)

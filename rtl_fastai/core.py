@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #e2e0aabd
 from __future__ import annotations
-import math, numbers, os, random, warnings
+import functools, math, numbers, os, random, warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -17,8 +17,9 @@ from fastai.data.transforms import Normalize
 
 # %% auto #0
 __all__ = ['plain', 'to_device_async', 'check_device', 'use_device', 'is_int', 'is_number', 'check_int', 'check_number',
-           'check_prob', 'check_dl', 'make_dir', 'fork_rng', 'keeps_cudnn_flags', 'UndoTrainOnError', 'eps_str',
-           'normalize_stats', 'NormalizeInput', 'input_stats', 'add_input_norm', 'check_normalization', 'parse_number']
+           'check_prob', 'renamed', 'check_dl', 'make_dir', 'fork_rng', 'keeps_cudnn_flags', 'UndoTrainOnError',
+           'eps_str', 'normalize_stats', 'NormalizeInput', 'input_stats', 'add_input_norm', 'check_normalization',
+           'parse_number']
 
 # %% ../nbs/00_core.ipynb #7803692f
 def plain(t):
@@ -126,6 +127,23 @@ def check_prob(p, name:str, # the value and the parameter's name
     if not is_number(p) or not 0 <= p < 1:
         raise ValueError(f"{f'{who}: ' if who else ''}`{name}` is a dropout probability in [0, 1), got {p!r}.")
     return float(p)
+
+# %% ../nbs/00_core.ipynb #b3c4d5e2
+def renamed(**names): # `old='new'` for each renamed keyword
+    "Decorator: each old keyword of `names` is passed on under its new name, with a `FutureWarning`"
+    def deco(f):
+        who = f.__qualname__.removesuffix('.__init__')
+        @functools.wraps(f)
+        def _f(*args, **kwargs):
+            for old, new in names.items():
+                if old not in kwargs: continue
+                if new in kwargs: raise TypeError(f"{who}: `{old}` is the old name of `{new}`: give `{new}` only")
+                warnings.warn(f"{who}: `{old}` is now called `{new}`; the old name will be removed", FutureWarning,
+                              stacklevel=2)
+                kwargs[new] = kwargs.pop(old)
+            return f(*args, **kwargs)
+        return _f
+    return deco
 
 # %% ../nbs/00_core.ipynb #19773941
 def check_dl(dl, # the loader a function was given
@@ -484,13 +502,13 @@ def check_normalization(model:nn.Module, # the model the inputs go to
                               f"({_norm_name(layer)}, {_fmt_stats(exp)}) and the `dls` normalize too "
                               f"({_fmt_stats(got)}). Remove `Normalize` from the DataLoaders' `batch_tfms`" +
                               ("" if isinstance(layer, _NormView) else
-                               ", or take the layer out of the model (load with `norm='dls'`)"))
+                               ", or take the layer out of the model (load with `normalize='dls'`)"))
     elif layer is None and got is None:
         kind, msg = 'missing', (f"the model expects inputs normalized with {_fmt_stats(exp)}{timm_note} "
                                 "but the `dls` do not normalize. "
                                 f"Add {fix_dls}, or normalize inside the model with "
                                 "`add_input_norm(model, input_stats(model))` "
-                                "(or `load_robust_checkpoint(..., norm='model')`)" + (
+                                "(or `load_robust_checkpoint(..., normalize='model')`)" + (
                                 ". (These statistics were recorded on a model that was then cut to its children, as "
                                 "`vision_learner` does with what its `arch` returns: a normalization inside that "
                                 "model is lost with it.)" if where == 'child' else ""))

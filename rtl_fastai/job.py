@@ -15,7 +15,7 @@ import torchvision
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastprogress.fastprogress import IN_NOTEBOOK
-from .core import (parse_number, is_int, _norm_key, check_int, check_number, eps_str, normalize_stats, input_stats, add_input_norm,
+from .core import (parse_number, is_int, _norm_key, renamed, check_int, check_number, eps_str, normalize_stats, input_stats, add_input_norm,
                              check_normalization, _record_stats, _fmt_stats, _norm_layer, keeps_cudnn_flags, check_device,
                              _in_channels, _is_identity)
 from .data.folder import check_image_folder, folder_dls
@@ -227,12 +227,13 @@ def _differ(st, stats)->bool:
     return st is not None and (st == 'none' or not all(torch.allclose(a, b) for a, b in zip(st, normalize_stats(stats))))
 
 # %% ../nbs/08b_job.ipynb #4ce71528
+@renamed(cache='model_dir')
 def load_source(source:str, # a registry name, a checkpoint file or URL, 'torchvision:NAME' / 'timm:NAME', or 'robustbench:DATASET/THREAT/NAME'
                 arch:str=None, # a checkpoint file's architecture ('resnet50', 'timm:resnet50'); default: the registry's
                 stats=None, # input statistics of a checkpoint that stores none (see `parse_stats`)
                 normalize:str='dls', # where the stats go: 'dls' (`model.input_stats`) or 'model' (`NormalizeInput`)
                 pretrained:bool=True, # natural torchvision/timm sources: the library's ImageNet weights
-                cache=None, # download folder of checkpoints (default `cache_dir()/'checkpoints'`)
+                model_dir=None, # download folder of checkpoints (default `cache_dir()/'checkpoints'`)
                 who:str='transfer_job', # the function the user called, for messages
                )->tuple:
     "`(model, description)`: the source model, loaded, its input statistics placed as `normalize` says"
@@ -277,7 +278,7 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, 'torchv
         if _differ(st, info.stats):
             raise ValueError(f"{who}: `stats` differ from the statistics {info.name!r} was trained with "
                              f"({_fmt_stats(normalize_stats(info.stats))}): leave `stats` out")
-        model = load_robust_checkpoint(info.name, norm=normalize, cache=cache)
+        model = load_robust_checkpoint(info.name, normalize=normalize, model_dir=model_dir)
         return model, dict(kind='registry', name=info.name, arch=info.arch, threat=info.threat, url=info.url,
                            citation=info.citation, **_trained_for(info))
     if p.is_dir():
@@ -292,7 +293,7 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, 'torchv
     elif info is not None and _lib_name(arch)[1] != info.arch:
         raise ValueError(f"{who}: `arch`={arch!r} contradicts the checkpoint {p.name}, the registry's {info.name!r} "
                          f"(a {info.arch}); leave `arch` out")
-    fp = checkpoint_path(s, cache=cache, name='source')  # the local file: `file://` resolved, a URL downloaded
+    fp = checkpoint_path(s, model_dir=model_dir, name='source')  # the local file: `file://` resolved, a URL downloaded
     ckpt = _read_checkpoint(fp, name='source')
     try: sd, fstats = extract_state_dict(ckpt)
     except (KeyError, ValueError) as e: raise ValueError(f"{who}: `source`: {e}") from None
@@ -309,7 +310,7 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, 'torchv
                              "or stats='m1,m2,m3/s1,s2,s3'")
         st = normalize_stats(info.stats)
     try:
-        load_robust_checkpoint(model, ckpt, norm=normalize if st != 'none' else 'dls',
+        load_robust_checkpoint(model, ckpt, normalize=normalize if st != 'none' else 'dls',
                                stats=None if isinstance(st, str) else st)
         if st == 'none': _place_stats(model, st, normalize)
     except CheckpointMismatchError as e:

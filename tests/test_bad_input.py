@@ -95,7 +95,7 @@ def _bad_download(payload):
         if isinstance(payload, Exception): raise payload
         Path(dest).write_bytes(payload)
     orig, _ck._download = _ck._download, fake
-    try: load_robust_checkpoint('resnet18_l2_eps3', cache=cache)
+    try: load_robust_checkpoint('resnet18_l2_eps3', model_dir=cache)
     finally:
         _ck._download = orig
         assert list(cache.iterdir()) == [], 'a failed download left a file in the cache'
@@ -349,7 +349,7 @@ CASES = [
                            r'`path_or_url`: the file downloaded from .* is not a readable checkpoint .*nothing was kept in the cache'),
     ('ckpt-stats-channels', lambda d, m, r: load_robust_checkpoint(SmallCNN(), r/'good.pth', stats=([.5]*3, [.2]*3)),
                            CheckpointMismatchError, r'the input statistics \(`stats`\) have 3 channels .*first convolution takes 1-channel images'),
-    ('ckpt-norm',          lambda d, m, r: load_robust_checkpoint(SmallCNN(), r/'madry.pth', norm='inside'), ValueError, r"`norm` must be 'auto', 'model' or 'dls'"),
+    ('ckpt-norm',          lambda d, m, r: load_robust_checkpoint(SmallCNN(), r/'madry.pth', normalize='inside'), ValueError, r"`normalize` must be 'auto', 'model' or 'dls'"),
     ('norm-dls-channels',  lambda d, m, r: check_normalization(SmallCNN(), _norm_dls(([.5]*3, [.2]*3)), 'transfer_learner'), ValueError,
                            r'transfer_learner: the `dls` normalize 3 channels .*first convolution takes 1-channel.*one value per channel'),
     ('norm-missing',       lambda d, m, r: check_normalization(_expects((.5, .25)), _norm_dls(None), 'RobustAccuracy'), W,

@@ -163,11 +163,11 @@ def test_url_download_is_cached(tmp_path, src, monkeypatch):
     def fake(url, dest): calls.append((url, dest)); shutil.copy(tmp_path/'w.pt', dest)
     monkeypatch.setattr(ck, '_download', fake)
     url = 'https://example.org/robust/cifar_linf_8.pt'
-    for _ in range(2): _same(load_robust_checkpoint(_src(), url, cache=tmp_path/'cache'), src)
+    for _ in range(2): _same(load_robust_checkpoint(_src(), url, model_dir=tmp_path/'cache'), src)
     assert len(calls) == 1 and calls[0][0] == url and str(calls[0][1]).endswith('-cifar_linf_8.pt')
     # another URL with the same file name does not overwrite the first download
     other = 'https://example.com/other/cifar_linf_8.pt'
-    load_robust_checkpoint(_src(), other, cache=tmp_path/'cache')
+    load_robust_checkpoint(_src(), other, model_dir=tmp_path/'cache')
     assert len(list((tmp_path/'cache').iterdir())) == 2
 
 def test_url_default_cache_uses_rtl_cache(tmp_path, src, monkeypatch):
@@ -259,8 +259,8 @@ def test_layouts_give_identical_logits(tmp_path, layout, norm):
     make, has_stats = LAYOUTS[layout]
     torch.save(make(net), tmp_path/'c.pt')
     with warnings.catch_warnings():
-        warnings.simplefilter('error')  # an explicit `norm` loads without a warning
-        m = load_robust_checkpoint(torchvision.models.resnet18(num_classes=5), tmp_path/'c.pt', norm=norm,
+        warnings.simplefilter('error')  # an explicit `normalize` loads without a warning
+        m = load_robust_checkpoint(torchvision.models.resnet18(num_classes=5), tmp_path/'c.pt', normalize=norm,
                                    stats=None if has_stats else IMAGENET_STATS).eval()
     _same_sd = lambda a, b: [torch.equal(a.state_dict()[k], v) or k for k, v in b.state_dict().items()]
     assert all(r is True for r in _same_sd(m, net))
@@ -277,14 +277,14 @@ def test_robustbench_model_logits_match_normalize_model(tmp_path):
     net, x = _tv(), _x()
     rb = _rb_model(net).eval()
     torch.save({'state_dict': _dp_sd(rb)}, tmp_path/'rb.pt')
-    m = load_robust_checkpoint(torchvision.models.resnet18(num_classes=5), tmp_path/'rb.pt', norm='model').eval()
+    m = load_robust_checkpoint(torchvision.models.resnet18(num_classes=5), tmp_path/'rb.pt', normalize='model').eval()
     with torch.no_grad(): assert torch.equal(m(x), rb(x))
 
 def test_robustbench_without_norm_warns_with_working_advice(tmp_path):
     torch.save(_rb_model(_tv()).state_dict(), tmp_path/'rb.pt')
     with pytest.warns(UserWarning) as w: m = load_robust_checkpoint(torchvision.models.resnet18(num_classes=5), tmp_path/'rb.pt')
     msg = str(w[0].message)
-    assert 'Normalize.from_stats(*input_stats(model))' in msg and "norm='model'" in msg and 'stats=(mean' not in msg
+    assert 'Normalize.from_stats(*input_stats(model))' in msg and "normalize='model'" in msg and 'stats=(mean' not in msg
     assert torch.equal(input_stats(m)[0], IM_MEAN)
 
 def test_fastai_learner_save_torchvision(tmp_path):
@@ -305,7 +305,7 @@ def test_safetensors_timm_keys(tmp_path):
     save_file(tm.state_dict(), str(tmp_path/'model.safetensors'))
     x = _x()
     m = load_robust_checkpoint(torchvision.models.resnet18(num_classes=5), tmp_path/'model.safetensors',
-                               norm='model', stats=IMAGENET_STATS).eval()
+                               normalize='model', stats=IMAGENET_STATS).eval()
     with torch.no_grad(): assert torch.equal(m(x), tm(_norm(x)))
     # recognized by its header under any name, and back into timm's model
     shutil.copy(tmp_path/'model.safetensors', tmp_path/'weights.bin')
@@ -333,7 +333,7 @@ def _tdls(stats=None, c=3):
 
 def test_check_normalization_after_loading(tmp_path):
     torch.save(_madry_ckpt(_tv()), tmp_path/'m.ckpt')
-    m = load_robust_checkpoint(torchvision.models.resnet18(num_classes=5), tmp_path/'m.ckpt', norm='dls')
+    m = load_robust_checkpoint(torchvision.models.resnet18(num_classes=5), tmp_path/'m.ckpt', normalize='dls')
     assert check_normalization(m, _tdls(IMAGENET_STATS), 'transfer_learner') is None
     dls = _tdls()
     with pytest.warns(UserWarning, match=r'transfer_learner: .*expects inputs normalized with mean=\[0.485'):
@@ -342,7 +342,7 @@ def test_check_normalization_after_loading(tmp_path):
         warnings.simplefilter('error')  # once per model and DataLoaders
         assert 'do not normalize' in check_normalization(m, dls, 'transfer_learner')
     with pytest.warns(UserWarning, match='normalize with mean=\\[0.5'): check_normalization(m, _tdls(([.5]*3, [.5]*3)), 'RobustAccuracy')
-    inside = load_robust_checkpoint(torchvision.models.resnet18(num_classes=5), tmp_path/'m.ckpt', norm='model')
+    inside = load_robust_checkpoint(torchvision.models.resnet18(num_classes=5), tmp_path/'m.ckpt', normalize='model')
     assert check_normalization(inside, _tdls(), 'robust_validate') is None
     with pytest.warns(UserWarning, match='robust_validate: the inputs are normalized twice'):
         check_normalization(inside, _tdls(IMAGENET_STATS), 'robust_validate')
@@ -357,23 +357,23 @@ def test_add_input_norm_survives_copy_and_pickle(tmp_path):
 
 def test_norm_dls_with_a_normalizing_model_is_refused(tmp_path, src):
     torch.save(_madry_sd(src, [.5]*3, [.25]*3), tmp_path/'m.pt')
-    with pytest.raises(ValueError, match="`norm`='dls'"):
-        load_robust_checkpoint(PreActResNet18(n_out=6, width=4, stats=([0.]*3, [1.]*3)), tmp_path/'m.pt', norm='dls')
-    with pytest.raises(ValueError, match='`norm` must be'): load_robust_checkpoint(_src(), tmp_path/'m.pt', norm='inside')
+    with pytest.raises(ValueError, match="`normalize`='dls'"):
+        load_robust_checkpoint(PreActResNet18(n_out=6, width=4, stats=([0.]*3, [1.]*3)), tmp_path/'m.pt', normalize='dls')
+    with pytest.raises(ValueError, match='`normalize` must be'): load_robust_checkpoint(_src(), tmp_path/'m.pt', normalize='inside')
 
 def test_stats_channels_must_match_the_model(tmp_path):
     m1 = SmallCNN(n_in=1, n_out=5)
     torch.save(m1.state_dict(), tmp_path/'p.pt')
     before = {k: v.clone() for k, v in m1.state_dict().items()}
     with pytest.raises(CheckpointMismatchError, match=r'the input statistics \(`stats`\) have 3 channels .* takes 1-channel'):
-        load_robust_checkpoint(m1, tmp_path/'p.pt', stats=IMAGENET_STATS, norm='dls')
+        load_robust_checkpoint(m1, tmp_path/'p.pt', stats=IMAGENET_STATS, normalize='dls')
     for k, v in m1.state_dict().items(): assert torch.equal(v, before[k])
 
 def test_load_weights_for_entry_points(tmp_path):
     net, x = _tv(), _x()
     torch.save(_madry_ckpt(net), tmp_path/'m.ckpt')
     for w in (tmp_path/'m.ckpt', str(tmp_path/'m.ckpt'), _madry_ckpt(net)):
-        m = load_weights(torchvision.models.resnet18(num_classes=5), w, norm='dls').eval()
+        m = load_weights(torchvision.models.resnet18(num_classes=5), w, normalize='dls').eval()
         with torch.no_grad(): assert torch.equal(m(_norm(x)), net(_norm(x)))
     with pytest.raises(CheckpointMismatchError, match=r'transfer_learner: `weights`: the checkpoint does not match'):
         load_weights(torchvision.models.resnet34(num_classes=5), tmp_path/'m.ckpt')
@@ -397,12 +397,12 @@ def test_registry_salman_end_to_end(tmp_path, monkeypatch):
     calls = []
     _serve(monkeypatch, {info.url: tmp_path/'resnet18_l2_eps3.ckpt'}, calls)
     for _ in range(2):
-        m = load_robust_checkpoint('resnet18_l2_eps3', cache=tmp_path/'cache', norm='model').eval()
+        m = load_robust_checkpoint('resnet18_l2_eps3', model_dir=tmp_path/'cache', normalize='model').eval()
         with torch.no_grad(): assert torch.equal(m(x), net(_norm(x)))
     assert calls == [info.url]
     assert [p.name.split('-', 1)[1] for p in (tmp_path/'cache').iterdir()] == ['resnet18_l2_eps3.ckpt']
     # by name into a model the user built
-    m = load_robust_checkpoint(torchvision.models.resnet18(), 'resnet18_l2_eps3', cache=tmp_path/'cache', norm='dls')
+    m = load_robust_checkpoint(torchvision.models.resnet18(), 'resnet18_l2_eps3', model_dir=tmp_path/'cache', normalize='dls')
     assert torch.equal(input_stats(m)[0], IM_MEAN) and calls == [info.url]
 
 def test_registry_robustbench_zoo_file_gets_registry_stats(tmp_path, monkeypatch):
@@ -410,7 +410,7 @@ def test_registry_robustbench_zoo_file_gets_registry_stats(tmp_path, monkeypatch
     net, x = _tv(n=1000), _x()
     torch.save({'state_dict': _dp_sd(net)}, tmp_path/'zoo.pt')
     _serve(monkeypatch, {info.url: tmp_path/'zoo.pt'}, [])
-    m = load_robust_checkpoint('Salman2020Do_R18', cache=tmp_path/'c', norm='model').eval()
+    m = load_robust_checkpoint('Salman2020Do_R18', model_dir=tmp_path/'c', normalize='model').eval()
     with torch.no_grad(): assert torch.equal(m(x), net(_norm(x)))
     assert [p.name.split('-', 1)[1] for p in (tmp_path/'c').iterdir()] == ['Salman2020Do_R18.pt']
 
@@ -431,10 +431,10 @@ def test_registry_hash_checked_and_bad_downloads_leave_nothing(tmp_path, monkeyp
              (_entry(), ConnectionError('no route to host'), OSError, 'downloading https://example.org/tiny.pt failed')]
     for info, payload, exc, msg in cases:
         _serve(monkeypatch, {info.url: payload}, [])
-        with pytest.raises(exc, match=msg): load_robust_checkpoint(info, cache=cache, norm='dls')
+        with pytest.raises(exc, match=msg): load_robust_checkpoint(info, model_dir=cache, normalize='dls')
         assert list(cache.iterdir()) == [], 'nothing half-written may stay in the cache'
     _serve(monkeypatch, {'https://example.org/tiny.pt': data}, [])
-    m = load_robust_checkpoint(_entry(sha256=good[:12]), cache=cache, norm='dls').eval()
+    m = load_robust_checkpoint(_entry(sha256=good[:12]), model_dir=cache, normalize='dls').eval()
     x = _x()
     with torch.no_grad(): assert torch.equal(m(_norm(x)), net(_norm(x)))
 
@@ -449,7 +449,7 @@ def test_registry_wrong_architecture_is_a_mismatch(tmp_path, monkeypatch):
     torch.save(_madry_ckpt(_tv(n=1000)), tmp_path/'f.ckpt')
     _serve(monkeypatch, {info.url: tmp_path/'f.ckpt'}, [])
     with pytest.raises(CheckpointMismatchError, match='does not match the model'):
-        load_robust_checkpoint(torchvision.models.resnet34(), 'resnet18_linf_eps4.0', cache=tmp_path/'c')
+        load_robust_checkpoint(torchvision.models.resnet34(), 'resnet18_linf_eps4.0', model_dir=tmp_path/'c')
 
 
 def test_registry_file_given_first_and_offline_message(tmp_path, monkeypatch):
@@ -471,7 +471,7 @@ def test_registry_file_given_first_and_offline_message(tmp_path, monkeypatch):
     def offline(url, dest): raise urllib.error.URLError('[Errno -2] Name or service not known')
     monkeypatch.setattr(ck, '_download', offline)
     with pytest.raises(OSError, match=r"'resnet18_linf_eps4.0' is not in the cache.*Offline\? Fetch .*--source path/to/resnet18_linf_eps4.0.ckpt"):
-        ck.load_robust_checkpoint('resnet18_linf_eps4.0', cache=tmp_path/'c')
+        ck.load_robust_checkpoint('resnet18_linf_eps4.0', model_dir=tmp_path/'c')
 
 
 def test_truncated_small_checkpoint_is_named(tmp_path):
@@ -499,12 +499,12 @@ def test_truncated_old_format_checkpoint_is_named(tmp_path, monkeypatch):
     assert 'ValueError' in kinds
     monkeypatch.setattr(ck, '_download', lambda url, dest: Path(dest).write_bytes(b[:len(b)//2]))
     with pytest.raises(ValueError, match='is not a readable checkpoint .an interrupted download'):
-        ck.checkpoint_path('https://example.org/old.pt', cache=tmp_path/'c')
+        ck.checkpoint_path('https://example.org/old.pt', model_dir=tmp_path/'c')
     assert not any((tmp_path/'c').iterdir())
     for cut in range(1, 200):   # cuts early in the pickle, where a global's name can be cut
         monkeypatch.setattr(ck, '_download', lambda url, dest: Path(dest).write_bytes(b[:cut]))
         with pytest.raises(ValueError, match='not a readable checkpoint'):
-            ck.checkpoint_path(f'https://example.org/{cut}.pt', cache=tmp_path/'c')
+            ck.checkpoint_path(f'https://example.org/{cut}.pt', model_dir=tmp_path/'c')
 
 
 def test_cache_and_file_urls(tmp_path, monkeypatch):
@@ -513,11 +513,11 @@ def test_cache_and_file_urls(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save(SmallCNN(1, 10, widths=(8,)).state_dict(), tmp_path/'w.pt')
     monkeypatch.setattr(ck, '_download', lambda url, dest: shutil.copy(tmp_path/'w.pt', dest))
-    p = ck.checkpoint_path('https://example.org/w.pt', cache='~/ckpts')
+    p = ck.checkpoint_path('https://example.org/w.pt', model_dir='~/ckpts')
     assert p.parent == tmp_path/'home'/'ckpts' and not (tmp_path/'~').exists()
     (tmp_path/'afile').write_text('x')
-    with pytest.raises(NotADirectoryError, match=r"`cache`=.*afile.* is a file"):
-        ck.checkpoint_path('https://example.org/w.pt', cache=tmp_path/'afile')
+    with pytest.raises(NotADirectoryError, match=r"`model_dir`=.*afile.* is a file"):
+        ck.checkpoint_path('https://example.org/w.pt', model_dir=tmp_path/'afile')
     with pytest.raises(ValueError, match='file:// URL takes an absolute path'): ck.checkpoint_path('file://w.pt')
     assert ck.checkpoint_path(f'file://{tmp_path}/w.pt') == tmp_path/'w.pt'
 
@@ -538,25 +538,39 @@ def test_whole_model_checkpoint_into_a_vision_learner_model(tmp_path):
     head = {k: v.clone() for k, v in m[1].state_dict().items()}
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        load_robust_checkpoint(m, tmp_path/'madry.ckpt', norm='dls', stats=([0.5]*3, [0.25]*3))
+        load_robust_checkpoint(m, tmp_path/'madry.ckpt', normalize='dls', stats=([0.5]*3, [0.25]*3))
     assert torch.equal(m[0][0].weight, src.conv1.weight) and torch.equal(m[0][7][1].bn2.running_var, src.layer4[1].bn2.running_var)
     assert all(torch.equal(v, m[1].state_dict()[k]) for k, v in head.items())
     m[0][0].weight.data.zero_()   # the keys in another order (sorted, as safetensors stores them): the same parts
     torch.save(dict(sorted(src.state_dict().items())), tmp_path/'sorted.pth')
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        load_robust_checkpoint(m, tmp_path/'sorted.pth', norm='dls', stats=([0.5]*3, [0.25]*3))
+        load_robust_checkpoint(m, tmp_path/'sorted.pth', normalize='dls', stats=([0.5]*3, [0.25]*3))
     assert torch.equal(m[0][0].weight, src.conv1.weight) and torch.equal(m[0][1].weight, src.bn1.weight)
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp_path/'r50.pth')   # another architecture
     with pytest.raises(CheckpointMismatchError, match='does not match the model'):
-        load_robust_checkpoint(m, tmp_path/'r50.pth', norm='dls', stats=([0.5]*3, [0.25]*3))
+        load_robust_checkpoint(m, tmp_path/'r50.pth', normalize='dls', stats=([0.5]*3, [0.25]*3))
 
 
 def test_bad_cached_download_says_to_delete_it(tmp_path, monkeypatch):
     "A cached download that went bad (disk error, edited by hand) is never fetched again: the error says to delete it"
     torch.save(SmallCNN(1, 10, widths=(8,)).state_dict(), tmp_path/'w.pt')
     monkeypatch.setattr(ck, '_download', lambda url, dest: shutil.copy(tmp_path/'w.pt', dest))
-    p = ck.checkpoint_path('https://example.org/w.pt', cache=tmp_path/'c')
+    p = ck.checkpoint_path('https://example.org/w.pt', model_dir=tmp_path/'c')
     p.write_bytes(p.read_bytes()[:100])
     with pytest.raises(ValueError, match=r"cached download of https://example.org/w.pt: delete .*w\.pt to download it again"):
-        load_robust_checkpoint(SmallCNN(1, 10, widths=(8,)), 'https://example.org/w.pt', cache=tmp_path/'c')
+        load_robust_checkpoint(SmallCNN(1, 10, widths=(8,)), 'https://example.org/w.pt', model_dir=tmp_path/'c')
+
+
+def test_old_keyword_names_still_work(tmp_path, src):
+    "`norm=` and `cache=` (the names before `normalize=` and `model_dir=`) load the same, with a FutureWarning"
+    torch.save(_madry_sd(src, [.5]*3, [.25]*3), tmp_path/'m.pt')
+    new = load_robust_checkpoint(_src(), tmp_path/'m.pt', normalize='dls')
+    with pytest.warns(FutureWarning, match="load_robust_checkpoint: `norm` is now called `normalize`"):
+        old = load_robust_checkpoint(_src(), tmp_path/'m.pt', norm='dls')
+    assert all(torch.equal(a, b) for a, b in zip(new.state_dict().values(), old.state_dict().values()))
+    assert torch.equal(input_stats(old)[1], input_stats(new)[1])
+    with pytest.warns(FutureWarning, match="`cache` is now called `model_dir`"):
+        assert ck.checkpoint_path(tmp_path/"m.pt", cache=tmp_path/"c") == tmp_path/"m.pt"
+    with pytest.raises(TypeError, match='give `normalize` only'):
+        load_robust_checkpoint(_src(), tmp_path/'m.pt', norm='dls', normalize='model')

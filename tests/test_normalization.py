@@ -26,7 +26,7 @@ def _dls(stats=None):
     return d
 
 def _expects_imagenet():
-    "A model that expects ImageNet-normalized inputs, as `load_robust_checkpoint(..., norm='dls')` leaves it."
+    "A model that expects ImageNet-normalized inputs, as `load_robust_checkpoint(..., normalize='dls')` leaves it."
     set_seed(0)
     m = SmallCNN(n_in=3, n_out=2, widths=(8, 16))
     m.input_stats = IMAGENET
@@ -78,13 +78,13 @@ def test_other_statistics_name_both():
     assert len(msgs) == 1 and 'mean=[0.485' in msgs[0] and 'normalize with mean=[0.5, 0.5, 0.5]' in msgs[0], msgs
 
 def test_loaded_checkpoint_statistics(tmp_path):
-    "A checkpoint with stored statistics, loaded with norm='dls' (or through `weights=`): the entry points know them."
+    "A checkpoint with stored statistics, loaded with normalize='dls' (or through `weights=`): the entry points know them."
     m = _expects_imagenet()
     del m.input_stats
     torch.save({'state_dict': {**{f'model.{k}': v for k, v in m.state_dict().items()},
                                'normalize.mean': torch.tensor(IMAGENET[0]).view(1, 3, 1, 1),
                                'normalize.std': torch.tensor(IMAGENET[1]).view(1, 3, 1, 1)}}, tmp_path/'rb.pt')
-    loaded = load_robust_checkpoint(SmallCNN(n_in=3, n_out=2, widths=(8, 16)), tmp_path/'rb.pt', norm='dls')
+    loaded = load_robust_checkpoint(SmallCNN(n_in=3, n_out=2, widths=(8, 16)), tmp_path/'rb.pt', normalize='dls')
     torch.testing.assert_close(input_stats(loaded)[0].flatten(), torch.tensor(IMAGENET[0]))
     assert len(_run('robust_validate', loaded, _dls())) == 1
     # `weights=`: the same loader; the statistics go to the copy, and one warning (transfer_learner's) names them
@@ -112,10 +112,10 @@ def test_vision_learner_keeps_what_the_inputs_need(tmp_path, norm):
                                'normalize.mean': torch.tensor(IMAGENET[0]).view(1, 3, 1, 1),
                                'normalize.std': torch.tensor(IMAGENET[1]).view(1, 3, 1, 1)}}, tmp_path/'rb.pt')
     def robust_resnet18(pretrained=False, **kwargs):
-        return load_robust_checkpoint(torchvision.models.resnet18(weights=None), tmp_path/'rb.pt', norm=norm)
+        return load_robust_checkpoint(torchvision.models.resnet18(weights=None), tmp_path/'rb.pt', normalize=norm)
     learn = vision_learner(_dls(), robust_resnet18, pretrained=False)
     torch.testing.assert_close(input_stats(learn.model)[0].flatten(), torch.tensor(IMAGENET[0]))
-    msgs = _run('robust_validate', learn.model, _dls())   # a `norm='model'` normalization is lost with the cut: warned
+    msgs = _run('robust_validate', learn.model, _dls())   # a `normalize='model'` normalization is lost with the cut: warned
     assert len(msgs) == 1 and 'do not normalize' in msgs[0] and 'vision_learner' in msgs[0], msgs
     assert not _run('transfer_learner', learn, _dls(IMAGENET))   # the tutorial's route: Normalize in the DataLoaders
 

@@ -147,7 +147,7 @@ def transfer_learner(source,              # the source model (`nn.Module`) or a 
     model = copy.deepcopy(model)
     # the checkpoint's statistics go where the model has them: its `NormalizeInput`, else `model.input_stats`
     if weights is not None:
-        load_weights(model, weights, 'transfer_learner', norm='auto' if _norm_layer(model) is not None else 'dls')
+        load_weights(model, weights, 'transfer_learner', normalize='auto' if _norm_layer(model) is not None else 'dls')
     n_frozen = n_frozen_entries(model, n_retrain)
     if n_out is None: n_out = getattr(dls, 'c', None)
     if n_out is None: raise ValueError("transfer_learner: `dls` has no `c` (number of classes); pass `n_out`.")
