@@ -122,8 +122,9 @@ def _hub_cache_only():
     finally:
         if off: constants.HF_HUB_OFFLINE = False
 
+@renamed(num_classes='n_out')
 def build_arch(arch:str, # 'resnet50' or 'torchvision:resnet50' (torchvision), 'timm:convnext_atto' (timm)
-               num_classes:int=1000, # outputs of the head
+               n_out:int=1000, # outputs of the head (classes)
                pretrained:bool=False, # the library's ImageNet weights (downloaded once into its cache)
                name:str='arch', # the parameter that gave `arch`, for messages
                who:str='transfer_job', # the function the user called, for messages
@@ -139,7 +140,7 @@ def build_arch(arch:str, # 'resnet50' or 'torchvision:resnet50' (torchvision), '
         if n not in names:
             raise ValueError(f"{who}: `{name}`={arch!r} is not a torchvision classification model"
                              f"{_did_you_mean(n, names)} (write 'timm:NAME' for a timm model)")
-        try: m = torchvision.models.get_model(n, weights='DEFAULT' if pretrained else None, num_classes=num_classes)
+        try: m = torchvision.models.get_model(n, weights='DEFAULT' if pretrained else None, num_classes=n_out)
         except Exception as e:
             if pretrained: raise OSError(fail.format(f"{type(e).__name__}: {e}")) from e
             raise
@@ -151,7 +152,7 @@ def build_arch(arch:str, # 'resnet50' or 'torchvision:resnet50' (torchvision), '
     if not timm.is_model(n.split('.')[0]):
         raise ValueError(f"{who}: `{name}`={arch!r} is not a timm model{_did_you_mean(n, timm.list_models())}")
     with (_hub_cache_only() if pretrained else nullcontext(False)) as offline:
-        try: m = timm.create_model(n, pretrained=pretrained, num_classes=num_classes)
+        try: m = timm.create_model(n, pretrained=pretrained, num_classes=n_out)
         except Exception as e:
             if not pretrained: raise
             hub = ("the Hugging Face Hub cannot be reached and the weights are not in its local cache; "
@@ -302,7 +303,7 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, 'torchv
                          f"with ({_fmt_stats(normalize_stats(fstats))}): leave `stats` out")
     model, _ = build_arch(arch, who=who)
     n = _head_classes(model, sd)
-    if n is not None and n != 1000: model, _ = build_arch(arch, num_classes=n, who=who)
+    if n is not None and n != 1000: model, _ = build_arch(arch, n_out=n, who=who)
     if fstats is None and st is None:
         if info is None:
             raise ValueError(f"{who}: `stats`: the checkpoint {p.name} stores no input statistics; say what the model "

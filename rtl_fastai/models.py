@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_models.ipynb #cfbcf4db
 from __future__ import annotations
-import re
+import re, warnings
 from collections import OrderedDict
 from typing import Callable, NamedTuple
 import torch
@@ -16,13 +16,13 @@ from fastcore.foundation import L
 from fastai.torch_core import params
 from fastai.layers import AdaptiveConcatPool2d
 from fastai.vision.learner import create_head, apply_init, TimmBody
-from .core import check_int, check_prob, is_int, _foreign_norm, _unwrap
+from .core import check_int, check_prob, is_int, renamed, _foreign_norm, _unwrap
 
 # %% auto #0
 __all__ = ['BlockNet', 'conv_bn_relu', 'SmallCNN', 'PreActBlock', 'PreActResNet18', 'wrn_units', 'WideResNet', 'ModelBlocks',
            'Stage', 'forward_to', 'model_blocks', 'set_blocks', 'unwrap_model', 'head_module', 'get_features',
-           'feature_shape', 'Penultimate', 'penultimate', 'pooled_features', 'swap_head', 'replace_head', 'n_blocks',
-           'freeze_blocks', 'block_splitter', 'NormalizeInput']
+           'feature_shape', 'Penultimate', 'penultimate', 'pooled_features', 'swap_head', 'replace_head', 'n_entries',
+           'n_blocks', 'freeze_blocks', 'block_splitter', 'NormalizeInput']
 
 # %% ../nbs/01_models.ipynb #9b25a71a
 from .core import NormalizeInput
@@ -92,16 +92,17 @@ class SmallCNN(BlockNet):
 # %% ../nbs/01_models.ipynb #9b5e5b68
 class PreActBlock(nn.Module):
     "Pre-activation basic block (BN-ReLU-conv x2); the 1x1 shortcut (when shape changes) takes the activated input."
+    @renamed(drop='p_drop')
     def __init__(self,
                  ni:int,         # input channels
                  nf:int,         # output channels
                  stride:int=1,   # stride of the first conv (2 to downsample)
-                 drop:float=0.,  # dropout between the two convs (wide ResNets)
+                 p_drop:float=0.,  # dropout between the two convs (wide ResNets)
                 ):
         super().__init__()
         self.bn1, self.conv1 = nn.BatchNorm2d(ni), nn.Conv2d(ni, nf, 3, stride, 1, bias=False)
         self.bn2, self.conv2 = nn.BatchNorm2d(nf), nn.Conv2d(nf, nf, 3, 1, 1, bias=False)
-        self.drop = nn.Dropout(drop) if drop else nn.Identity()
+        self.drop = nn.Dropout(p_drop) if p_drop else nn.Identity()
         self.shortcut = nn.Conv2d(ni, nf, 1, stride, bias=False) if stride != 1 or ni != nf else None
     def forward(self, x):
         out = torch.relu(self.bn1(x))
@@ -110,9 +111,9 @@ class PreActBlock(nn.Module):
         out = self.conv2(self.drop(torch.relu(self.bn2(out))))
         return out + sc
 
-def _stage(ni, nf, n, stride, drop=0., final_act=False):
+def _stage(ni, nf, n, stride, p_drop=0., final_act=False):
     "`n` pre-act blocks; with `final_act`, the network's last BN-ReLU (named `bn`, `act`) ends the stage."
-    layers = [(f'unit{i+1}', PreActBlock(ni if i == 0 else nf, nf, stride if i == 0 else 1, drop)) for i in range(n)]
+    layers = [(f'unit{i+1}', PreActBlock(ni if i == 0 else nf, nf, stride if i == 0 else 1, p_drop)) for i in range(n)]
     if final_act: layers += [('bn', nn.BatchNorm2d(nf)), ('act', nn.ReLU(inplace=True))]
     return nn.Sequential(OrderedDict(layers))
 
@@ -152,20 +153,21 @@ def wrn_units(depth:int):
 # %% ../nbs/01_models.ipynb #c5c8fe22
 class WideResNet(BlockNet):
     "WRN-`depth`-`widen`: stem conv, `block1`..`block3` (widths 16k, 32k, 64k, then BN-ReLU), avg pool, linear head"
+    @renamed(drop='p_drop')
     def __init__(self,
                  depth:int=28,  # 6n+4 (standard) or 6n+2 (Madry/Shafahi), see `wrn_units`
                  widen:int=10,  # widening factor k
                  n_in:int=3,    # input channels
                  n_out:int=10,  # classes
-                 drop:float=0., # dropout between the convs of each block
+                 p_drop:float=0., # dropout between the convs of each block
                  stats:tuple|None=None, # `(mean, std)` to normalize [0,1] inputs inside the model
                 ):
         n = wrn_units(depth)
         for v, nm in ((widen, 'widen'), (n_in, 'n_in'), (n_out, 'n_out')): check_int(v, nm, who='WideResNet')
-        check_prob(drop, 'drop', 'WideResNet')
+        check_prob(p_drop, 'p_drop', 'WideResNet')
         ws = [16 * widen, 32 * widen, 64 * widen]
         stem = nn.Sequential(OrderedDict([('conv', nn.Conv2d(n_in, 16, 3, 1, 1, bias=False))]))
-        blocks = [_stage(ni, nf, n, 1 if i == 0 else 2, drop, final_act=(i == 2))
+        blocks = [_stage(ni, nf, n, 1 if i == 0 else 2, p_drop, final_act=(i == 2))
                   for i, (ni, nf) in enumerate(zip([16] + ws[:-1], ws))]
         super().__init__(stem, blocks, nn.Linear(ws[-1], n_out), stats=stats)
         self.depth, self.widen, self.units = depth, widen, n
@@ -630,12 +632,19 @@ def replace_head(model:nn.Module,
     return swap_head(model, new)
 
 # %% ../nbs/01_models.ipynb #2922fc0e
-def n_blocks(model:nn.Module) -> int:
+def n_entries(model:nn.Module) -> int:
     "Number of entries in `model_blocks(model).all`: stem, blocks, pool (if any) and head."
     return len(model_blocks(model).all)
 
+def n_blocks(model:nn.Module) -> int:
+    "The old name of `n_entries` (it counts every entry, not the blocks that `n_retrain` counts)"
+    warnings.warn("n_blocks(model) is now called n_entries(model): it counts the entries of `model_blocks(model).all` "
+                  "(stem, blocks, pool, head), not the blocks `n_retrain` counts; the old name will be removed",
+                  FutureWarning, stacklevel=2)
+    return n_entries(model)
+
 def freeze_blocks(model:nn.Module,
-                  n_frozen:int, # freeze entries [0, n_frozen) of `model_blocks(model).all` (at most `n_blocks(model)`)
+                  n_frozen:int, # freeze entries [0, n_frozen) of `model_blocks(model).all` (at most `n_entries(model)`)
                  ) -> nn.Module:
     "Set `requires_grad=False` on the first `n_frozen` entries of `model_blocks(model)` and `True` on the rest; returns `model`."
     entries = model_blocks(model).all

@@ -12,7 +12,7 @@ import torch.nn as nn
 import pandas as pd
 from fastcore.basics import patch
 from fastai.learner import Learner
-from .core import plain, is_number, check_int, check_dl, fork_rng, eps_str, normalize_stats, NormalizeInput
+from .core import plain, is_number, check_int, check_dl, fork_rng, eps_str, normalize_stats, NormalizeInput, renamed
 from .attacks import ThreatModel, EpsScaleWarning, as_threat, eval_mode
 from .callback.adv_valid import robust_validate, _random_sample, _stats_source
 
@@ -98,6 +98,7 @@ def torchattack_evaluate(learn:Learner, # the learner whose model is attacked (i
 # %% ../nbs/10_robustness_report.ipynb #ac720f2b
 _VERSIONS = ('standard', 'plus', 'rand')
 
+@renamed(n_classes='n_out')
 def autoattack_evaluate(learn:Learner, # the learner whose model is attacked
                         threat:ThreatModel|float=None, # its eps and norm (default 8/255, L-inf), or eps
                         *,
@@ -105,7 +106,7 @@ def autoattack_evaluate(learn:Learner, # the learner whose model is attacked
                         n_batches:int|None=2, # attack `n_batches` batches (of a seeded random sample when `dl` is None; None: all)
                         dl=None, # default: the validation `DataLoader`
                         stats=None, # normalization stats; default: those of `dl`
-                        n_classes:int=None, # default: `learn.dls.c`
+                        n_out:int=None, # the model's classes; default: `learn.dls.c`
                         seed:int=0, # AutoAttack's seed
                         # `ThreatModel` fields: eps, norm, and steps (the iterations of APGD-CE, APGD-T and FAB-T;
                         # default 100 as in the reference AutoAttack, also for a `threat` whose steps are PGD's;
@@ -122,10 +123,10 @@ def autoattack_evaluate(learn:Learner, # the learner whose model is attacked
     if version not in _VERSIONS: raise ValueError(f"`version` must be one of {_VERSIONS}, got {version!r}")
     check_int(n_batches, 'n_batches', none_ok=True)
     ta = _torchattacks('autoattack_evaluate')
-    if n_classes is None: n_classes = getattr(learn.dls, 'c', None)
-    check_int(n_classes, 'n_classes', lo=2, fix="AutoAttack's targeted attacks need 2 classes or more")
+    if n_out is None: n_out = getattr(learn.dls, 'c', None)
+    check_int(n_out, 'n_out', lo=2, fix="AutoAttack's targeted attacks need 2 classes or more")
     def mk(m):
-        atk = ta.AutoAttack(m, norm=_TA_NORMS[tm.norm], eps=tm.eps, version=version, n_classes=n_classes, seed=seed)
+        atk = ta.AutoAttack(m, norm=_TA_NORMS[tm.norm], eps=tm.eps, version=version, n_classes=n_out, seed=seed)
         for a in atk._autoattack.attacks:  # torchattacks builds APGD/APGD-T/FAB with 10 iterations: use `steps`
             if hasattr(a, 'steps'): a.steps = tm.steps
         return atk

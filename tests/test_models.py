@@ -17,13 +17,13 @@ def _vision_learner_model():
     dls = DataLoaders.from_dsets(ds, ds, bs=4)
     return vision_learner(dls, fa_resnet18, pretrained=False, n_out=10, loss_func=CrossEntropyLossFlat()).model
 
-# name: (model factory, input shape, n_out, feature shape for batch 2, n_blocks)
+# name: (model factory, input shape, n_out, feature shape for batch 2, n_entries)
 CASES = {
     'smallcnn8':   (lambda: SmallCNN(widths=(8, 16)), (1, 8, 8), 10, (2, 16), 5),
     'smallcnn28':  (lambda: SmallCNN(widths=(8, 16), p_drop=0.1), (1, 28, 28), 10, (2, 16), 5),
     'preact18':    (lambda: PreActResNet18(width=4), (3, 32, 32), 10, (2, 32), 7),
     'wrn16_1':     (lambda: WideResNet(16, 1), (3, 32, 32), 10, (2, 64), 6),
-    'wrn14_1':     (lambda: WideResNet(14, 1, drop=0.1), (3, 32, 32), 10, (2, 64), 6),  # Madry counting, 2 units
+    'wrn14_1':     (lambda: WideResNet(14, 1, p_drop=0.1), (3, 32, 32), 10, (2, 64), 6),  # Madry counting, 2 units
     'tv_resnet18': (lambda: resnet18(weights=None), (3, 32, 32), 1000, (2, 512), 7),
     'tv_resnet50': (lambda: resnet50(weights=None), (3, 32, 32), 1000, (2, 2048), 7),
     'vision_learner': (_vision_learner_model, (3, 32, 32), 10, (2, 512, 1, 1), 6),
@@ -41,7 +41,7 @@ def test_forward_and_sequential_blocks(case):
     out = m(x)
     assert out.shape == (2, n_out)
     mb = model_blocks(m)
-    assert len(mb.all) == n_blocks(m) == nb
+    assert len(mb.all) == n_entries(m) == nb
     assert all(isinstance(b, nn.Module) for b in mb.all)
     torch.testing.assert_close(nn.Sequential(*mb.all)(x), out)  # blocks run input -> output
 
@@ -98,7 +98,7 @@ def test_unsupported_model():
 def test_set_blocks_custom_model():
     m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     set_blocks(m, stem=m[0:2], blocks=[m[2:4]], head=m[4])
-    assert n_blocks(m) == 3 and len(block_splitter(m)) == 3
+    assert n_entries(m) == 3 and len(block_splitter(m)) == 3
     x = torch.rand(5, 4)
     assert tuple(feature_shape(m, x)) == (5, 8)
     replace_head(m, 6)

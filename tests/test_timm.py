@@ -9,7 +9,7 @@ from fastai.vision.learner import vision_learner
 from fastai.vision.models import resnet18 as fa_resnet18
 from rtl_fastai.data.all import ArrayData, task_dls
 from rtl_fastai.models import (model_blocks, block_splitter, replace_head, head_module, penultimate, pooled_features,
-                               set_blocks, Stage, n_blocks)
+                               set_blocks, Stage, n_entries)
 from rtl_fastai.callback.transfer import transfer_learner, n_frozen_entries
 import rtl_fastai.callback.adv_valid  # noqa: F401  (Learner.robust_validate)
 
@@ -148,7 +148,7 @@ def test_pooled_features_timm_vs_vision_learner(dls, arch, kw):
     torch.testing.assert_close(pooled_features(vm, x), pooled_features(tm, x), rtol=0, atol=0)
     # the fastai wrapper of a timm model: its blocks reproduce its forward, the head is fastai's
     with torch.no_grad(): torch.testing.assert_close(nn.Sequential(*model_blocks(vm).all)(x), vm(x), rtol=0, atol=0)
-    assert head_module(vm) is vm[1] and n_blocks(vm) >= len(model_blocks(tm).blocks) + 2
+    assert head_module(vm) is vm[1] and n_entries(vm) >= len(model_blocks(tm).blocks) + 2
 
 def test_penultimate_hook_usable_in_training():
     "The `Penultimate` hook gives the features of the forward in progress, with gradients (as distillation needs)."

@@ -16,7 +16,7 @@ from fastai.learner import Learner, Metric
 from fastai.callback.hook import Hooks, HookCallback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.mixup import MixHandler
-from ..core import check_int, check_number, fork_rng, UndoTrainOnError, check_normalization, _in_channels
+from ..core import check_int, check_number, fork_rng, UndoTrainOnError, check_normalization, _in_channels, renamed
 from ..models import head_module, unwrap_model, penultimate, Penultimate, forward_to
 from ..data.augment import random_tfms
 from .batch_items import batch_items
@@ -28,14 +28,15 @@ __all__ = ['feature_distance', 'feature_hook', 'feature_module', 'DistillMetric'
 # %% ../../nbs/06_callback.distill.ipynb #5fb4aa3d
 _dists = ('l1', 'l2')
 
+@renamed(dist='penalty')
 def feature_distance(f:torch.Tensor,     # features of the model being trained, `(bs, ...)`
                      f_src:torch.Tensor, # features of the source model, same shape
-                     dist:str='l1',      # 'l1': per-example L1 norm; 'l2': per-example Euclidean norm (*not* squared)
+                     penalty:str='l1',   # 'l1': per-example L1 norm; 'l2': per-example Euclidean norm (*not* squared)
                     ) -> torch.Tensor:
     "Batch mean of the per-example norm of `f - f_src` (features flattened per example), computed in float32."
-    if dist not in _dists: raise ValueError(f"`dist` must be one of {_dists}, got {dist!r}")
+    if penalty not in _dists: raise ValueError(f"feature_distance: `penalty` must be one of {_dists}, got {penalty!r}")
     d = (f.float() - f_src.float()).flatten(1)
-    if dist == 'l1': return d.abs().sum(1).mean()
+    if penalty == 'l1': return d.abs().sum(1).mean()
     sq = (d * d).sum(1)
     # sqrt has an infinite slope at 0: take it only where the difference is not exactly zero (gradient 0 there)
     return torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), torch.zeros_like(sq)).mean()
