@@ -63,13 +63,14 @@ def add_signature_args(parser:argparse.ArgumentParser,
                        skip=(), # parameters that are not options (set by the command itself)
                        types:dict=None, # parameter name -> parser of its text, overriding the annotation's
                        choices:dict=None, # parameter name -> allowed values
+                       aliases:dict=None, # parameter name -> more option strings (an option's old name, kept working)
                       ) -> argparse.ArgumentParser:
     "Add an option `--name` to `parser` for each parameter of `func`, with its default and its docment as help."
-    types, choices = types or {}, choices or {}
+    types, choices, aliases = types or {}, choices or {}, aliases or {}
     for k, v in docments(func, full=True, returns=False).items():
         if k in skip or v.default is inspect.Parameter.empty: continue
         help = (v.docment or '').strip()
-        names = lambda pre: list(dict.fromkeys(['--' + pre + k.replace('_', '-'), '--' + pre + k]))
+        names = lambda pre: list(dict.fromkeys(['--' + pre + k.replace('_', '-'), '--' + pre + k] + list(aliases.get(k, []))))
         if v.anno in (bool, 'bool'):
             if v.default: parser.add_argument(*names('no-'), dest=k, action='store_false', help=f"turns off (it is on by default): {help}")
             else: parser.add_argument(*names(''), dest=k, action='store_true', help=help)
@@ -83,8 +84,9 @@ def add_signature_args(parser:argparse.ArgumentParser,
 def _run_options(r):
     from rtl_fastai.pipeline import run_pipeline
     from rtl_fastai.experiment import ARCHS
-    add_signature_args(r, run_pipeline, skip=('path', 'bars', 'log'), types=dict(eps=_eps_arg, warmup=_int_arg(0)),
-                       choices=dict(arch=ARCHS))
+    add_signature_args(r, run_pipeline, skip=('path', 'show_progress', 'log'),
+                       types=dict(eps=_eps_arg, warmup_epochs=_int_arg(0)), choices=dict(arch=ARCHS),
+                       aliases=dict(warmup_epochs=['--warmup']))  # its earlier name, kept for scripts
     r.add_argument('--out', default='rtl_out', help="results folder; each run writes a new run_NNN inside it")
     r.add_argument('--threads', type=_int_arg(1), default=None,
                    help="torch CPU threads; default 1 for the small CNN (faster than 2 for such tiny layers), "
@@ -144,7 +146,7 @@ def main(argv:list=None, # the arguments (default: the command line's)
         print(f"rtl-fastai run: the options and the data ({args.data}) check out; nothing was trained (--check-only)")
         return 0
     print(f"rtl-fastai run: data={args.data}, results go to a new folder in {out}/", flush=True)
-    res, crv, info = run_pipeline(**kw, bars=sys.stdout.isatty())
+    res, crv, info = run_pipeline(**kw, show_progress=sys.stdout.isatty())
     settings = {k: v for k, v in vars(args).items() if k != 'cmd'}
     paths = save_results(next_run_dir(out), res, crv, info, settings)
     print()

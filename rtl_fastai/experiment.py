@@ -7,7 +7,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 import torch
 from fastai.vision.all import Learner, accuracy, set_seed
-from .core import check_int, check_number, is_number, keeps_cudnn_flags, fork_rng, _item_channels
+from .core import check_int, check_number, is_number, keeps_cudnn_flags, fork_rng, renamed, _item_channels
 from .data.arrays import ArrayData, _per_class
 from .models import SmallCNN, PreActResNet18, WideResNet
 from .attacks import ThreatModel
@@ -32,26 +32,28 @@ def make_model(arch:str, # 'smallcnn', 'preact18' or 'wrn' (WRN-16-k, k=`width`)
     raise ValueError(f"`arch` must be one of {ARCHS}, got {arch!r}")
 
 # %% ../nbs/07a_experiment.ipynb #54429b7d
+@renamed(bars='show_progress')
 def quiet(learn:Learner, # the learner to silence
           logging:bool=False, # keep fastai's epoch table
-          bars:bool=False, # keep the progress bars
+          show_progress:bool=False, # keep the progress bars
          ) -> ExitStack:
-    "Context that hides `learn`'s epoch table (unless `logging`) and progress bars (unless `bars`)."
+    "Context that hides `learn`'s epoch table (unless `logging`) and progress bars (unless `show_progress`)."
     st = ExitStack()
     if not logging: st.enter_context(learn.no_logging())
-    if not bars: st.enter_context(learn.no_bar())
+    if not show_progress: st.enter_context(learn.no_bar())
     return st
 
+@renamed(bars='show_progress')
 def fit_quietly(learn:Learner,
                 epochs:int, # epochs of `fit_one_cycle`
                 lr:float, # its maximum learning rate
                 cbs=(), # extra callbacks of this fit only (adversarial training, distillation, ...)
                 verbose:bool=False, # show fastai's epoch table (and bars)
-                bars:bool=False, # show the progress bars
+                show_progress:bool=False, # show the progress bars
                ) -> Learner:
     "`learn.fit_one_cycle(epochs, lr)` without tables or bars unless asked; returns `learn`."
     cbs = [cbs] if cbs is not None and not isinstance(cbs, (list, tuple)) else list(cbs or [])
-    with quiet(learn, verbose, bars or verbose): learn.fit_one_cycle(epochs, lr, cbs=cbs)
+    with quiet(learn, verbose, show_progress or verbose): learn.fit_one_cycle(epochs, lr, cbs=cbs)
     return learn
 
 # %% ../nbs/07a_experiment.ipynb #c4b3d33a
@@ -96,6 +98,7 @@ def _n_in(dls):
     if n is not None: return n
     with fork_rng(): return dls.one_batch()[0].shape[1]
 
+@renamed(bars='show_progress')
 def train_source(dls, # source-task DataLoaders
                  arch='smallcnn', # a name of `ARCHS`, or a function `n_out -> nn.Module`
                  epochs:int=10, # epochs of `fit_one_cycle`
@@ -107,7 +110,7 @@ def train_source(dls, # source-task DataLoaders
                  adv:str='pgd', # 'pgd' (`PGDTraining`) or 'fast' (`FastAdvTraining`, one step)
                  seed:int=0, # seed of the weights and the shuffle
                  verbose:bool=False, # show fastai's epoch table (and bars)
-                 bars:bool=False, # show the progress bars
+                 show_progress:bool=False, # show the progress bars
                 ) -> Learner:
     "Train a natural (`eps=None`) or adversarially trained source model from `seed`; returns the `Learner`."
     if adv not in ('pgd', 'fast'): raise ValueError(f"`adv` must be 'pgd' or 'fast', got {adv!r}")
@@ -120,7 +123,7 @@ def train_source(dls, # source-task DataLoaders
         model = make_model(arch, n_in, dls.c, width) if isinstance(arch, str) else arch(dls.c)
         cbs = [] if not eps else [PGDTraining(eps, steps=7 if steps is None else steps, alpha=alpha) if adv == 'pgd'
                                   else FastAdvTraining(eps, alpha=alpha)]
-        return fit_quietly(Learner(dls, model, metrics=accuracy), epochs, lr, cbs, verbose=verbose, bars=bars)
+        return fit_quietly(Learner(dls, model, metrics=accuracy), epochs, lr, cbs, verbose=verbose, show_progress=show_progress)
 
 # %% ../nbs/07a_experiment.ipynb #f6b0dd51
 def carve_valid(data:ArrayData, # a data set whose `x_valid` are the test images

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 from fastai.vision.all import Learner, accuracy, set_seed
 from fastprogress.fastprogress import progress_bar
-from .core import eps_str, check_int, check_number, check_device, keeps_cudnn_flags, make_dir
+from .core import eps_str, check_int, check_number, check_device, keeps_cudnn_flags, make_dir, renamed
 from .data.arrays import class_split, select_classes, subsample, subsample_valid
 from .data.external import load_dataset
 from .data.loaders import task_dls
@@ -91,7 +91,7 @@ def _one_seed(ds, src_cls, tgt_cls, d, eps, steps, lam, seed, device, verbose, b
              + (f", PGD-{d['at_steps']} adversarial training at eps={eps_str(e)})" if e else ")"))
         t = time.time()
         l = train_source(src_dls, arch, d['source_epochs'], lr, width, eps=e, steps=d['at_steps'], seed=seed,
-                         verbose=verbose, bars=bars)
+                         verbose=verbose, show_progress=bars)
         info[k] = dict(seconds=time.time()-t, **{k2: v for k2, v in ev(l).items() if k2 != 'n'}); learners[k] = l
     nat, rob = learners.pop('natural'), learners.pop('robust')
     names = _row_names(d['n_low'], d['low_retrain'])
@@ -100,7 +100,7 @@ def _one_seed(ds, src_cls, tgt_cls, d, eps, steps, lam, seed, device, verbose, b
         step(f"{method}{desc}")
         set_seed(seed, reproducible=True)
         t = time.time()
-        l = fit_quietly(make(), epochs, lr, cbs, verbose=verbose, bars=bars)
+        l = fit_quietly(make(), epochs, lr, cbs, verbose=verbose, show_progress=bars)
         secs = time.time() - t
         r = ev(l)
         rows.append(dict(finding=finding, method=method, seed=seed, clean_acc=r['clean_acc'], pgd_acc=r['pgd_acc'],
@@ -131,6 +131,7 @@ def _one_seed(ds, src_cls, tgt_cls, d, eps, steps, lam, seed, device, verbose, b
     return rows, learners, info
 
 # %% ../nbs/08_pipeline.ipynb #de9ed6ae
+@renamed(warmup='warmup_epochs', bars='show_progress')
 def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloaded), 'digits' (embedded: no download),
                  # 'cifar10', or a folder in one of their layouts
                  data:str='mnist',
@@ -154,14 +155,14 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
                  ft_lr:float=None, # learning rate of both fine-tuning rows (finding 2); default the sources' `lr`
                  low_lr:float=None, # learning rate of the low-data transfer row (finding 3); default per dataset
                  scratch_lr:float=None, # lr of adversarial training from scratch (finding 3); default per dataset
-                 warmup:int=None, # head-only warm-up epochs of the distillation row; default per dataset
+                 warmup_epochs:int=None, # head-only warm-up epochs of the distillation row; default per dataset
                  seed:int=0, # random seed of the first run
                  seeds:int=1, # runs with seeds seed, seed+1, ...: each figure is then mean and spread over them
                  device=None, # torch device; default fastai's `default_device()`
                  path=None, # where to read 'mnist'/'cifar10' from (see `find_data`)
                  curve:bool=True, # also compute robust accuracy against eps for the rows of the findings
                  verbose:bool=False, # show fastai's epoch tables
-                 bars:bool=False, # show fastai's progress bars
+                 show_progress:bool=False, # show fastai's progress bars
                  log=print, # where step messages go (None: silent)
                  check_only:bool=False, # only check the arguments and the data (nothing is trained, nothing returned)
                 ): # (results DataFrame: one row per method and seed, curve DataFrame or None, source info)
@@ -182,14 +183,15 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
                  low_steps=max(1, round(f*d['low_steps'])), warmup_epochs=min(d['warmup_epochs'], max(0, epochs-1)))
     for k, v in dict(ft_lr=ft_lr, low_lr=low_lr, scratch_lr=scratch_lr).items():
         check_number(v, k, lo=0, lo_open=True, none_ok=True, who='run_pipeline', fix='e.g. 1e-3')
-    if warmup is not None: check_int(warmup, 'warmup', lo=0, who='run_pipeline'); d['warmup_epochs'] = warmup
+    if warmup_epochs is not None:
+        check_int(warmup_epochs, 'warmup_epochs', lo=0, who='run_pipeline'); d['warmup_epochs'] = warmup_epochs
     eps = d['eps'] if eps is None else eps
     check_number(eps, 'eps', lo=0, lo_open=True, who='run_pipeline', fix='a radius in [0,1] pixel units, e.g. 8/255')
     try: experiment_threat(eps, steps)  # the evaluation's attack: eps and steps checked once, here
     except ValueError as e: raise ValueError(f"run_pipeline: {e}") from None
     if d['warmup_epochs'] >= d['target_epochs']:
-        raise ValueError(f"run_pipeline: `warmup`={d['warmup_epochs']} covers all {d['target_epochs']} target epochs: "
-                         "the distillation row would train its head only; give warmup < epochs")
+        raise ValueError(f"run_pipeline: `warmup_epochs`={d['warmup_epochs']} covers all {d['target_epochs']} target "
+                         "epochs: the distillation row would train its head only; give warmup_epochs < epochs")
     if d['arch'] not in ARCHS: raise ValueError(f"`arch` must be one of {ARCHS}, got {d['arch']!r}")
     log = log or (lambda *a, **k: None)
     ds = load_dataset(data, path=path)
@@ -217,11 +219,11 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
             i[0] += 1; log(f"[{i[0]}/{n_steps}] {msg}" + (f" (seed {s})" if seeds > 1 else ''))
         rows, info, crv = [], dict(settings=dict(d, eps=eps, steps=steps, alpha=ALPHA_RATIO*eps)), []
         for s in range(seed, seed+seeds):
-            r, learners, src_info = _one_seed(ds, src_cls, tgt_cls, d, eps, steps, d['lam'], s, device, verbose, bars, step)
+            r, learners, src_info = _one_seed(ds, src_cls, tgt_cls, d, eps, steps, d['lam'], s, device, verbose, show_progress, step)
             rows += r
             info.setdefault('natural', []).append(src_info['natural'])
             info.setdefault('robust', []).append(src_info['robust'])
-            if curve: crv.append(_curve(learners, eps, s, bars))
+            if curve: crv.append(_curve(learners, eps, s, show_progress))
         src = {k: pd.DataFrame(info[k]).mean().to_dict() | {'n_seeds': seeds} for k in ('natural', 'robust')}
         info.update(src, total_seconds=time.time()-t_all)
         crv = (pd.concat(crv, ignore_index=True).groupby(['method', 'eps'], sort=False).mean(numeric_only=True)

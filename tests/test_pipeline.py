@@ -47,7 +47,8 @@ import pytest
     (['--distill-layer', 'nolayer'], "`layer`='nolayer' is not a module of the model"),
     (['--source-classes', '0,1', '--target-classes', '1,2'], "share the classes ['1']"),
     (['--source-classes', '0'], "`source_classes` must name at least 2 classes"),
-    (['--warmup', '100'], "`warmup`=100 covers all"),
+    (['--warmup-epochs', '100'], "`warmup_epochs`=100 covers all"),
+    (['--warmup', '100'], "`warmup_epochs`=100 covers all"),   # its earlier name still works
     (['--device', 'meta'], "--device meta: give 'cpu', 'cuda' or 'cuda:N'"),
     (['--device', 'gpu'], "--device gpu is not a torch device"),
 ] + ([(['--device', 'mps'], "--device mps asks for MPS but torch sees none")] if not torch.backends.mps.is_available() else []))
@@ -83,8 +84,8 @@ def test_check_only_trains_nothing(tmp_path, capsys):
 
 
 def test_cli_takes_warmup_zero_and_half_grey_levels(tmp_path, capsys):
-    "`--warmup 0` (no head-only warm-up) and `--eps 0.5/255` (as `eps_str` writes half grey levels) are options"
-    assert main(['run', '--data', 'digits', '--warmup', '0', '--eps', '0.5/255', '--check-only',
+    "`--warmup-epochs 0` (no head-only warm-up) and `--eps 0.5/255` (as `eps_str` writes half grey levels) are options"
+    assert main(['run', '--data', 'digits', '--warmup-epochs', '0', '--eps', '0.5/255', '--check-only',
                  '--out', str(tmp_path)]) == 0
     assert 'nothing was trained' in capsys.readouterr().out
 
