@@ -96,7 +96,7 @@ def adversarial_examples(learn, # a fastai `Learner` (or anything with `.model`,
                          batch:tuple=None, # or an `(x, y)` batch, x as the model receives it
                          idxs:list=None, # indices of the images in the batch (default the first `n`)
                          stats=None, # normalization stats (default: those of `dl`, else `learn.dls`), see `pgd_attack`
-                         seed:int=None, # seed of PGD's random start, for a reproducible picture (global RNG untouched)
+                         seed:int=0, # seed of PGD's random start: the same picture every call (None: a new start; global RNG untouched)
                          **threat_kw, # `ThreatModel` fields (eps, steps, alpha, norm, ...); here steps=10
                         )->dict: # images, perturbations, labels and probabilities, clean and adversarial
     "PGD adversarial examples of `n` images with their pixels, perturbations and class probabilities"
@@ -199,6 +199,10 @@ def _as_curve_df(data, x, y):
     else: raise ValueError(f"`data` must be a DataFrame or a dict, got {type(data).__name__}")
     return df
 
+def _pick(df, col, default, alt):
+    "`col`; or, when `col` is left at its `default` and `df` lacks it, the column `alt` that our tables use for the same"
+    return alt if col == default and col not in df.columns and alt in df.columns else col
+
 def _need(df, cols, param='data'):
     miss = [c for c in cols if c not in df.columns]
     if miss: raise ValueError(f"`{param}` lacks the column(s) {miss}; it has {list(df.columns)} "
@@ -233,7 +237,7 @@ def _fig_ax(ax, figsize):
 def plot_robust_curve(data, # columns `eps`, `robust_acc` (`method`, `clean_acc`): a DataFrame or dict; or name -> {eps: acc}
                       by:str=None, # column with the name of each line; default 'method', else 'model' when present
                       x:str='eps', # column of the radii, pixel units
-                      y:str='robust_acc', # column of the robust accuracies (fractions, or percents when > 1)
+                      y:str='robust_acc', # column of the robust accuracies (fractions, or percents when > 1); or 'pgd_acc'
                       clean:str='clean_acc', # column of the clean accuracy (if present: dotted, in the line's colour)
                       eps_ticks:str='auto', # 'auto' (k/255 if all eps are whole grey levels), '255' or 'float'
                       ax=None, # matplotlib `Axes` to draw on; default a new figure
@@ -242,6 +246,7 @@ def plot_robust_curve(data, # columns `eps`, `robust_acc` (`method`, `clean_acc`
                      )->Figure:
     "Robust accuracy against eps, one line per method/model"
     df = _as_curve_df(data, x, y)
+    y = _pick(df, y, 'robust_acc', 'pgd_acc')   # the pipeline's and the job's tables
     _need(df, [x, y])
     if by is None: by = next((c for c in ('method', 'model') if c in df.columns), None)
     elif by not in df.columns: raise ValueError(f"`by`={by!r} is not a column of `data` ({list(df.columns)})")
@@ -262,9 +267,9 @@ def plot_robust_curve(data, # columns `eps`, `robust_acc` (`method`, `clean_acc`
 
 # %% ../nbs/07_vis.ipynb #f17d5567
 def plot_block_study(df, # a DataFrame (or dict of columns) with one row per (source, number of retrained blocks)
-                     x:str='n_retrained', # column: number of retrained blocks (0 = head only)
+                     x:str='n_retrain', # column: number of retrained blocks (0 = head only); or 'n_retrained'
                      clean:str='clean_acc', # column: clean validation accuracy
-                     robust:str='robust_acc', # column: PGD accuracy
+                     robust:str='robust_acc', # column: PGD accuracy; or 'pgd_acc' (the pipeline's and the job's tables)
                      by:str='source', # column naming the source of each line ('robust', 'natural'); None: one source
                      eps:float=None, # eps of the PGD accuracy, for the legend (default: the `eps` column's one value)
                      ax=None, # matplotlib `Axes` to draw on; default a new figure
@@ -275,6 +280,7 @@ def plot_block_study(df, # a DataFrame (or dict of columns) with one row per (so
     if isinstance(df, dict): df = pd.DataFrame(df)
     if not isinstance(df, pd.DataFrame):
         raise ValueError(f"`df` must be a DataFrame or a dict of columns, got {type(df).__name__}")
+    x, robust = _pick(df, x, 'n_retrain', 'n_retrained'), _pick(df, robust, 'robust_acc', 'pgd_acc')
     _need(df, [x, clean, robust] + ([by] if by else []), 'df')
     if eps is None and 'eps' in df.columns and df['eps'].nunique() == 1: eps = float(df['eps'].iloc[0])
     if eps is not None: check_number(eps, 'eps', lo=0, hi=1, fix="give it in [0,1] pixel units, e.g. 8/255")

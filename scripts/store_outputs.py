@@ -20,13 +20,17 @@ def collapse_streams(path):
     for c in nb.cells:
         for o in c.get('outputs', []):
             if o.get('output_type') != 'stream': continue
-            lines = o['text'].replace('\u2588', '').split('\n')
+            text = _JIT_WARNING.sub('', o['text'])   # torch's notice about fastai's own code: noise on every page
+            lines = text.replace('\u2588', '').split('\n')
             o['text'] = '\n'.join(l for l in lines if not (l.strip() and _BAR_LEFT.match(l)))   # blank lines kept
         # what is left of a bar that ended (its label, a frozen 0%), or nothing: no empty output box on the page
         if c.cell_type == 'code':
             c['outputs'] = [o for o in c.outputs if o.get('output_type') != 'stream' or o['text'].strip()]
         else: c.pop('outputs', None)
     nbformat.write(nb, path)
+
+# recent torch deprecates `torch.jit.script`, which fastai uses at import (the CLI filters the same warning)
+_JIT_WARNING = re.compile(r'[^\n]*FutureWarning: `torch\.jit\.script` is deprecated[^\n]*\n(\s*warnings\.warn\(\n)?')
 
 # a line that only holds what a finished fastprogress bar leaves: its label ("Epoch 1/1 :"), an unfilled bar, spaces
 _BAR_LEFT = re.compile(r'^\s*(Epoch \d+/\d+ :)?\s*(\|[-\s]*\|\s*\d+\.\d+% \[\d+/\d+ [^\]]*\])?\s*$')

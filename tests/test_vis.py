@@ -178,7 +178,7 @@ def test_plot_robust_curve_takes_robust_accuracy_curve(learn):
 
 
 def _study():
-    return pd.DataFrame(dict(source=['robust']*3 + ['natural']*3, n_retrained=[0, 1, 2]*2, eps=8/255,
+    return pd.DataFrame(dict(source=['robust']*3 + ['natural']*3, n_retrain=[0, 1, 2]*2, eps=8/255,
                              clean_acc=[.7, .8, .85, .8, .87, .9], robust_acc=[.4, .3, .2, .0, .01, .02]))
 
 
@@ -196,7 +196,7 @@ def test_plot_block_study():
 
 
 def test_plot_block_study_bad_inputs():
-    with pytest.raises(ValueError, match='n_retrained'): plot_block_study(_study().drop(columns='n_retrained'))
+    with pytest.raises(ValueError, match='n_retrain'): plot_block_study(_study().drop(columns='n_retrain'))
     with pytest.raises(ValueError, match='robust_acc'): plot_block_study(_study().drop(columns='robust_acc'))
     with pytest.raises(ValueError, match='model'): plot_block_study(_study(), by='model')
     with pytest.raises(ValueError, match='`df`'): plot_block_study([1, 2])
@@ -215,3 +215,20 @@ def test_dl_own_stats():
     ex = AdversarialExplorer(l, raw.valid, threat=0.1)
     assert ex.stats is raw.valid
     ex.redraw(); plt.close('all')
+
+
+def test_default_picture_is_reproducible(learn):
+    "Seeded by default (seed=0, as AdversarialExplorer): the same picture every call; seed=None draws a new start"
+    a, b = (adversarial_examples(learn, n=2, eps=0.2, steps=3) for _ in range(2))
+    assert torch.equal(a['x_adv'], b['x_adv'])
+    c = adversarial_examples(learn, n=2, eps=0.2, steps=3, seed=None)
+    assert c['x_adv'].shape == a['x_adv'].shape
+
+
+def test_results_tables_plot_as_they_are():
+    "The pipeline's and the job's tables (`pgd_acc`) plot without renaming; `n_retrained` (an earlier name) too"
+    df = pd.DataFrame(dict(method=['a']*3, eps=[0, 4/255, 8/255], pgd_acc=[0.9, 0.6, 0.3]))
+    assert plot_robust_curve(df).axes[0].lines[0].get_ydata().tolist() == [0.9, 0.6, 0.3]
+    st = _study().rename(columns={'n_retrain': 'n_retrained', 'robust_acc': 'pgd_acc'})
+    assert len(plot_block_study(st).axes[0].lines) == 4
+    plt.close('all')
