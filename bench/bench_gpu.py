@@ -13,7 +13,7 @@ PreActResNet18 of full width (64):
   throughput images/s of natural training: fastai + our data pipeline (data in host memory, and on the GPU; fastai's Adam
              and torch's fused Adam) against a plain PyTorch loop over the same model, data and augmentation.
 
-    python bench/bench_gpu.py                          # on a GPU (about 3 minutes on one H200)
+    python bench/bench_gpu.py                          # on a GPU (an estimate of about 3 minutes on one H200: not yet run)
     python bench/bench_gpu.py --bf16 --channels_last   # mixed precision (fastai's to_bf16 / autocast) and NHWC
     python bench/bench_gpu.py --compile                # also torch.compile'd model for the evaluation (against eager;
                                                        # GPU only: inductor's CPU code crashed on a dynamic batch size here)
