@@ -17,9 +17,9 @@ from fastai.data.transforms import Normalize
 
 # %% auto #0
 __all__ = ['plain', 'to_device_async', 'check_device', 'use_device', 'is_int', 'is_number', 'check_int', 'check_number',
-           'check_prob', 'renamed', 'check_dl', 'make_dir', 'fork_rng', 'keeps_cudnn_flags', 'UndoTrainOnError',
-           'eps_str', 'normalize_stats', 'NormalizeInput', 'input_stats', 'add_input_norm', 'check_normalization',
-           'parse_number']
+           'check_prob', 'renamed', 'check_dl', 'make_dir', 'fork_rng', 'peek_batch', 'keeps_cudnn_flags',
+           'UndoTrainOnError', 'eps_str', 'normalize_stats', 'NormalizeInput', 'input_stats', 'add_input_norm',
+           'check_normalization', 'parse_number']
 
 # %% ../nbs/00_core.ipynb #7803692f
 def plain(t):
@@ -193,6 +193,16 @@ def fork_rng(seed:int=None, # seed the forked state with this (None: continue fr
         try: yield
         finally:
             if all_rngs: random.setstate(py); np.random.set_state(npy)
+
+# %% ../nbs/00_core.ipynb #b3c4d5f2
+def peek_batch(dl): # a fastai `DataLoader` (`one_batch`) or any iterable of batches
+    "One batch of `dl`, every random state left as it was (a fastai loader's own shuffle generator included)"
+    rng = getattr(dl, 'rng', None)
+    state = rng.getstate() if isinstance(rng, random.Random) else None
+    try:
+        with fork_rng(all_rngs=True): return dl.one_batch() if hasattr(dl, 'one_batch') else next(iter(dl))
+    finally:
+        if state is not None: rng.setstate(state); dl.rng = rng   # a pass replaces `dl.rng` (fastai's `randomize`)
 
 # %% ../nbs/00_core.ipynb #e2539223
 @contextmanager

@@ -7,7 +7,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 import torch
 from fastai.vision.all import Learner, accuracy, set_seed
-from .core import check_int, check_number, is_number, keeps_cudnn_flags, fork_rng, renamed, _item_channels
+from .core import check_int, check_number, is_number, keeps_cudnn_flags, renamed, peek_batch, _item_channels
 from .data.arrays import ArrayData, _per_class
 from .models import SmallCNN, PreActResNet18, WideResNet
 from .attacks import ThreatModel
@@ -96,7 +96,7 @@ def _n_in(dls):
     "Input channels of `dls`' images: read from one item (no batch drawn: drawing one would move the seeded shuffle)"
     n = _item_channels(dls)
     if n is not None: return n
-    with fork_rng(): return dls.one_batch()[0].shape[1]
+    return peek_batch(dls.train)[0].shape[1]
 
 @renamed(bars='show_progress')
 def train_source(dls, # source-task DataLoaders

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fastcore.meta import delegates
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
-from .core import plain, check_int, check_number, check_dl, fork_rng, eps_str
+from .core import plain, check_int, check_number, check_dl, fork_rng, eps_str, peek_batch
 from fastcore.foundation import L
 from .attacks import ThreatModel, as_threat, pgd_attack, eval_mode, _pixel_space
 from .callback.adv_valid import _random_sample, _stats_source
@@ -41,8 +41,7 @@ def _get_batch(learn, dl=None, batch=None, who='adversarial_examples'):
         if hasattr(dl, '__len__') and not len(dl):
             raise ValueError(f"{who}: the DataLoader is empty (a learner from `load_learner` keeps no data): pass one "
                              "with labels, e.g. `dl=learn.dls.test_dl(items, with_labels=True)`, or `batch=(x, y)`")
-        with fork_rng():  # leave the training RNG as it was
-            x, y = (dl.one_batch() if hasattr(dl, 'one_batch') else next(iter(dl)))[:2]  # (a PyTorch DataLoader)
+        x, y = peek_batch(dl)[:2]  # every random state left as it was (a PyTorch DataLoader too)
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise ValueError(f"the images must be a 4-d tensor (batch, channels, height, width), got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")

@@ -16,7 +16,7 @@ from fastai.data.core import DataLoaders
 # fit_one_cycle, lr_find, progress bars, as in fastai.vision.all
 import fastai.callback.schedule, fastai.callback.progress  # noqa: F401
 from ..core import is_int, check_prob
-from ..core import check_normalization, _norm_layer, fork_rng
+from ..core import check_normalization, _norm_layer, peek_batch
 from ..attacks import eval_mode
 from ..models import model_blocks, replace_head, swap_head, _is_fastai_model, _last_linear, _set_module
 from ..checkpoint import load_weights
@@ -101,7 +101,7 @@ def _check_forward(model, dls, who:str, fix:str="a CIFAR model takes 32x32 image
      "else an error saying what to change. A loader this check cannot read, or an empty one: nothing is said")
     dl = getattr(dls, 'valid', None)
     try:
-        with fork_rng(): b = dl.one_batch() if hasattr(dl, 'one_batch') else next(iter(dl))
+        b = peek_batch(dl)
     except Exception: return
     n_inp = getattr(dls, 'n_inp', None) or getattr(dl, 'n_inp', None) or 1   # a model of several inputs gets them all
     xs = tuple(b[:n_inp]) if isinstance(b, (tuple, list)) else ()
