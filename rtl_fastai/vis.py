@@ -4,6 +4,7 @@
 
 # %% ../nbs/07_vis.ipynb #5259b163
 from __future__ import annotations
+from contextlib import nullcontext
 import numpy as np
 import pandas as pd
 import torch
@@ -95,7 +96,7 @@ def adversarial_examples(learn, # a fastai `Learner` (or anything with `.model`,
                          batch:tuple=None, # or an `(x, y)` batch, x as the model receives it
                          idxs:list=None, # indices of the images in the batch (default the first `n`)
                          stats=None, # normalization stats (default: those of `dl`, else `learn.dls`), see `pgd_attack`
-                         seed:int=0, # seed of PGD's random start: the same picture every call (None: a new start; global RNG untouched)
+                         seed:int=0, # seed of PGD's random start: the same picture every call, global RNG untouched; None: a new one
                          **threat_kw, # `ThreatModel` fields (eps, steps, alpha, norm, ...); here steps=10
                         )->dict: # images, perturbations, labels and probabilities, clean and adversarial
     "PGD adversarial examples of `n` images with their pixels, perturbations and class probabilities"
@@ -120,7 +121,8 @@ def adversarial_examples(learn, # a fastai `Learner` (or anything with `.model`,
     if stats is None:  # those of the batches attacked: `dl`'s own (as `robust_validate` reads them), else the learner's
         stats = _stats_source(dl, learn) if dl is not None and batch is None else getattr(learn, 'dls', None)
     model = learn.model
-    with fork_rng(seed, device=x.device): xa = pgd_attack(model, x, y, tm, stats=stats)
+    # seeded: on a fork of the random state (the global one untouched); None: drawn from (and advancing) the global one
+    with (fork_rng(seed, device=x.device) if seed is not None else nullcontext()): xa = pgd_attack(model, x, y, tm, stats=stats)
     space = _pixel_space(stats, x)
     p, pa = space.to_pixels(x.float()).clamp(0, 1), space.to_pixels(xa.float()).clamp(0, 1)
     return dict(idxs=idxs, x=x, y=y, x_adv=xa, pixels=p, adv_pixels=pa, delta=pa - p, probs=_probs(model, x),
@@ -280,7 +282,11 @@ def plot_block_study(df, # a DataFrame (or dict of columns) with one row per (so
     if not isinstance(df, pd.DataFrame):
         raise ValueError(f"`df` must be a DataFrame or a dict of columns, got {type(df).__name__}")
     x, robust = _pick(df, x, 'n_retrain', 'n_retrained'), _pick(df, robust, 'robust_acc', 'pgd_acc')
+    if x == 'n_retrain' and 'n_retrained' in df.columns and not pd.api.types.is_numeric_dtype(df[x]): x = 'n_retrained'
     _need(df, [x, clean, robust] + ([by] if by else []), 'df')
+    if not pd.api.types.is_numeric_dtype(df[x]):
+        raise ValueError(f"`df[{x!r}]` must hold numbers of retrained blocks, got {df[x].unique().tolist()}: map 'all' to "
+                         f"the number of blocks, e.g. df.assign({x}=df.{x}.replace('all', 4).astype(int))")
     if eps is None and 'eps' in df.columns and df['eps'].nunique() == 1: eps = float(df['eps'].iloc[0])
     if eps is not None: check_number(eps, 'eps', lo=0, hi=1, fix="give it in [0,1] pixel units, e.g. 8/255")
     fig, ax = _fig_ax(ax, figsize)

@@ -232,3 +232,29 @@ def test_results_tables_plot_as_they_are():
     st = _study().rename(columns={'n_retrain': 'n_retrained', 'robust_acc': 'pgd_acc'})
     assert len(plot_block_study(st).axes[0].lines) == 4
     plt.close('all')
+
+
+def test_no_dls_and_a_pytorch_loader():
+    "`learn` may be anything with `.model`: a PyTorch loader's batches are then taken as pixels (no dls to read stats from)"
+    import types
+    from torch.utils.data import DataLoader, TensorDataset
+    lrn = types.SimpleNamespace(model=SmallCNN(n_in=1, n_out=3, widths=(8,)).eval())
+    dl = DataLoader(TensorDataset(torch.rand(8, 1, 8, 8), torch.randint(0, 3, (8,))), batch_size=8)
+    r = adversarial_examples(lrn, 2, 0.1, dl=dl, steps=2)
+    assert (r['x_adv'] - r['x']).abs().max() <= 0.1 + 1e-6
+    AdversarialExplorer(lrn, dl, threat=0.1)
+
+
+def test_unseeded_pictures_differ(learn):
+    "seed=None draws PGD's start from the global random state: two calls give two pictures"
+    kw = dict(n=4, eps=0.2, steps=1, alpha=0.01)
+    assert not torch.equal(adversarial_examples(learn, seed=None, **kw)['x_adv'], adversarial_examples(learn, seed=None, **kw)['x_adv'])
+
+
+def test_block_study_with_both_columns():
+    "A table with n_retrain as text ('all') and n_retrained as numbers plots the numbers; text alone is refused clearly"
+    df = pd.DataFrame(dict(source=['r']*3, n_retrain=['0', '1', 'all'], n_retrained=[0, 1, 5],
+                           clean_acc=[.5, .6, .7], robust_acc=[.3, .2, .1]))
+    assert plot_block_study(df).axes[0].lines[0].get_xdata().tolist() == [0, 1, 5]
+    with pytest.raises(ValueError, match="map 'all' to the number of blocks"): plot_block_study(df.drop(columns='n_retrained'))
+    plt.close('all')

@@ -29,7 +29,7 @@ def _stats_source(dl, learn):
     ("What the normalization statistics of `dl`'s batches are read from: the fastai loader (inside a `DistributedDL`), "
      "else (a PyTorch DataLoader, a list of batches) the learner's `DataLoaders`")
     src = _inner(dl)
-    return src if isinstance(src, DataLoader) else learn.dls
+    return src if isinstance(src, DataLoader) else getattr(learn, 'dls', None)
 
 def _compiled(model:torch.nn.Module, how)->torch.nn.Module:
     ("`torch.compile(model)` (`how`: True, or a dict of `torch.compile`'s arguments), compiled once and reused while "
