@@ -409,6 +409,62 @@ def _hist(learn):
     return [dict(epoch=i, **{n: (float(v) if v is not None else None) for n, v in zip(names, vals)})
             for i, vals in enumerate(learn.recorder.values)]
 
+def _train_job(j, epochs, lr, cache, seed, quiet, log):
+    "The transfer learner of the checked job `j`, trained: `(learn, seconds)`"
+    s = j['summary']
+    set_seed(seed, reproducible=True)
+    learn = transfer_learner(j['model'], j['dls'], n_retrain=j['n_retrain'], metrics=accuracy, lr=lr,
+                             cache='auto' if cache else False)
+    cbs = [FeatureDistillation(j['model'], lam=j['lam'], warmup_epochs=j['warmup_epochs'])] if j['lam'] > 0 else []
+    log(f"training: {epochs} epoch{'s' if epochs != 1 else ''} on {s.n_train} images of {len(s.classes)} classes")
+    t, bars = time.time(), _bars(quiet)
+    # on a terminal or in a notebook fastai's table and bars (unless `quiet`); in a log the bars would be control
+    # characters, so the epoch table is printed from the recorder after the fit
+    fit_quietly(learn, epochs, lr, cbs, verbose=bars)
+    if not quiet and not bars: print(pd.DataFrame(_hist(learn)).to_string(index=False), flush=True)
+    return learn, time.time() - t
+
+def _evaluate_job(learn, j, n_batches, curve, seed, quiet, log):
+    "Clean and PGD accuracy of the trained job, and its robustness curve: `(robust_validate's dict, curve or None, seconds)`"
+    tm, s, bars = j['threat'], j['summary'], _bars(quiet)
+    vdl = _eval_dl(j['dls'], n_batches, seed)
+    n_eval = s.n_valid if n_batches is None else min(s.n_valid, n_batches*vdl.bs)
+    log(f"evaluation: clean and {tm.name} accuracy on {n_eval} validation images"
+        + ('' if n_batches is None else f" (a random sample of the {s.n_valid}: `n_batches`={n_batches})")
+        + (f", then at {len(_curve_eps(tm.eps, tm.norm)) - 1} more radii for the robustness curve" if curve else ''))
+    t = time.time()
+    r = robust_validate(learn, vdl, threat=tm, n_batches=n_batches, seed=seed, show_progress=bars)
+    crv = None
+    if curve:
+        crv = robust_accuracy_curve(learn, _curve_eps(tm.eps, tm.norm), vdl, threat=tm, n_batches=n_batches,
+                                    seed=seed, show_progress=bars)
+        label = f"{j['desc']['name']}, n_retrain={j['n_retrain']}" + (f", lam={j['lam']:g}" if j['lam'] else '')
+        crv.insert(0, 'method', label)
+    return r, crv, time.time() - t
+
+def _write_job(learn, j, r, crv, settings, epochs, out, quiet, seconds):
+    "A new run folder under `out`: results, settings and sources, curve and its plot, the exported learner"
+    tm, s, d = j['threat'], j['summary'], j['desc']
+    row = dict(source=Path(d['name']).name if d['kind'] == 'checkpoint' else d['name'], arch=d['arch'],
+               n_retrain=j['n_retrain'], lam=j['lam'], epochs=epochs, clean_acc=r['clean_acc'],
+               pgd_acc=r['robust_acc'], attack=r['attack'], n_valid=r['n'],
+               seconds=seconds['train_seconds'] + seconds['eval_seconds'])
+    res = pd.DataFrame([row])
+    fc = next((cb for cb in learn.cbs if isinstance(cb, FeatureCache)), None)
+    info = dict(source=d, data=dict(path=str(Path(s.path).resolve()), classes=s.classes, n_train=s.n_train,
+                                    n_valid=s.n_valid),
+                threat=dict(eps=tm.eps, steps=tm.steps, alpha=tm.step_size, norm=tm.norm, name=tm.name),
+                history=_hist(learn), feature_cache=None if fc is None else fc.reason, **seconds)
+    run_dir = next_run_dir(out)
+    fig = None if crv is None else plot_robust_curve(crv.drop(columns=['clean_acc'], errors='ignore'),
+                                                     title=f'{tm.name} on {s.n_valid} validation images')
+    paths = save_run(run_dir, res, dict(settings=settings, sources=info), crv, fig)
+    learn.export(run_dir.resolve()/'export.pkl')
+    paths['export'] = run_dir/'export.pkl'
+    if quiet: print(run_dir, flush=True)  # for scripts: `run=$(rtl-fastai transfer ... --quiet)`
+    else: print(f"\n{_table(res)}\n\nwrote {run_dir}/: " + ', '.join(p.name for p in paths.values()), flush=True)
+    return res, run_dir, paths
+
 # %% ../nbs/08b_job.ipynb #ce36c6b2
 def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `data/valid/<class>/*.jpg` (or `valid_pct`)
                  # a registry name, a checkpoint file/URL, 'torchvision:NAME', 'timm:NAME' or 'robustbench:DATASET/THREAT/NAME'
@@ -465,7 +521,7 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
                 try: err.bad_input = True  # `main` prints the message alone
                 except AttributeError: pass
                 raise
-            dls, tm, summary = j['dls'], j['threat'], j['summary']
+            tm, summary = j['threat'], j['summary']
             src_norm = j['desc']['norm']   # 'linf', 'l2', or None (a standard or unknown source)
             if src_norm is not None and src_norm != tm.norm:
                 src_eps = eps_str(j['desc']['eps'])
@@ -481,52 +537,10 @@ def transfer_job(data:str, # the image folder: `data/train/<class>/*.jpg` and `d
                     f"would train on {summary.n_train} images)")
                 return dict(summary=summary, source=j['desc'], threat=tm, n_retrain=j['n_retrain'], lam=j['lam'],
                             run_dir=None)
-            set_seed(seed, reproducible=True)
-            learn = transfer_learner(j['model'], dls, n_retrain=j['n_retrain'], metrics=accuracy, lr=lr,
-                                     cache='auto' if cache else False)
-            cbs = ([FeatureDistillation(j['model'], lam=j['lam'], warmup_epochs=j['warmup_epochs'])] if j['lam'] > 0
-                   else [])
-            log(f"training: {epochs} epoch{'s' if epochs != 1 else ''} on {summary.n_train} images of {len(summary.classes)} classes")
-            t = time.time()
-            # on a terminal or in a notebook fastai's table and bars (unless `quiet`); in a log the bars would be control
-            # characters, so the epoch table is printed from the recorder after the fit
-            bars = _bars(quiet)
-            fit_quietly(learn, epochs, lr, cbs, verbose=bars)
-            if not quiet and not bars: print(pd.DataFrame(_hist(learn)).to_string(index=False), flush=True)
-            train_s = time.time() - t
-            fc = next((c for c in learn.cbs if isinstance(c, FeatureCache)), None)
-            vdl = _eval_dl(dls, n_batches, seed)
-            n_eval = summary.n_valid if n_batches is None else min(summary.n_valid, n_batches*vdl.bs)
-            log(f"evaluation: clean and {tm.name} accuracy on {n_eval} validation images"
-                + ('' if n_batches is None else f" (a random sample of the {summary.n_valid}: `n_batches`={n_batches})")
-                + (f", then at {len(_curve_eps(tm.eps, tm.norm)) - 1} more radii for the robustness curve" if curve else ''))
-            t = time.time()
-            r = robust_validate(learn, vdl, threat=tm, n_batches=n_batches, seed=seed, show_progress=bars)
-            crv = None
-            if curve:
-                crv = robust_accuracy_curve(learn, _curve_eps(tm.eps, tm.norm), vdl, threat=tm, n_batches=n_batches,
-                                            seed=seed, show_progress=bars)
-                label = f"{j['desc']['name']}, n_retrain={j['n_retrain']}" + (f", lam={j['lam']:g}" if j['lam'] else '')
-                crv.insert(0, 'method', label)
-            eval_s = time.time() - t
-            d = j['desc']
-            row = dict(source=Path(d['name']).name if d['kind'] == 'checkpoint' else d['name'], arch=d['arch'],
-                       n_retrain=j['n_retrain'], lam=j['lam'], epochs=epochs, clean_acc=r['clean_acc'],
-                       pgd_acc=r['robust_acc'], attack=r['attack'], n_valid=r['n'], seconds=train_s + eval_s)
-            res = pd.DataFrame([row])
-            info = dict(source=j['desc'], data=dict(path=str(Path(summary.path).resolve()), classes=summary.classes,
-                                                    n_train=summary.n_train, n_valid=summary.n_valid),
-                        threat=dict(eps=tm.eps, steps=tm.steps, alpha=tm.step_size, norm=tm.norm, name=tm.name),
-                        history=_hist(learn), feature_cache=None if fc is None else fc.reason,
-                        train_seconds=train_s, eval_seconds=eval_s, total_seconds=time.time() - t0)
-            run_dir = next_run_dir(out)
-            fig = None if crv is None else plot_robust_curve(crv.drop(columns=['clean_acc'], errors='ignore'),
-                                                       title=f'{tm.name} on {summary.n_valid} validation images')
-            paths = save_run(run_dir, res, dict(settings=settings, sources=info), crv, fig)
-            learn.export(run_dir.resolve()/'export.pkl')
-            paths['export'] = run_dir/'export.pkl'
-            if quiet: print(run_dir, flush=True)  # for scripts: `run=$(rtl-fastai transfer ... --quiet)`
-            else: print(f"\n{_table(res)}\n\nwrote {run_dir}/: " + ', '.join(p.name for p in paths.values()), flush=True)
+            learn, train_s = _train_job(j, epochs, lr, cache, seed, quiet, log)
+            r, crv, eval_s = _evaluate_job(learn, j, n_batches, curve, seed, quiet, log)
+            res, run_dir, paths = _write_job(learn, j, r, crv, settings, epochs, out, quiet,
+                                             dict(train_seconds=train_s, eval_seconds=eval_s, total_seconds=time.time() - t0))
             return dict(clean_acc=r['clean_acc'], pgd_acc=r['robust_acc'], attack=r['attack'], n=r['n'], results=res,
                         curve=crv, run_dir=run_dir, paths=paths, source=j['desc'], learn=learn)
         finally: torch.set_num_threads(old_threads)
