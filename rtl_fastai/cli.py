@@ -63,14 +63,14 @@ def add_signature_args(parser:argparse.ArgumentParser,
                        skip=(), # parameters that are not options (set by the command itself)
                        types:dict=None, # parameter name -> parser of its text, overriding the annotation's
                        choices:dict=None, # parameter name -> allowed values
-                       aliases:dict=None, # parameter name -> more option strings (an option's old name, kept working)
+                       aliases:dict=None, # parameter name -> old option strings: they keep working, not shown in --help
                       ) -> argparse.ArgumentParser:
     "Add an option `--name` to `parser` for each parameter of `func`, with its default and its docment as help."
     types, choices, aliases = types or {}, choices or {}, aliases or {}
     for k, v in docments(func, full=True, returns=False).items():
         if k in skip or v.default is inspect.Parameter.empty: continue
         help = (v.docment or '').strip()
-        names = lambda pre: list(dict.fromkeys(['--' + pre + k.replace('_', '-'), '--' + pre + k] + list(aliases.get(k, []))))
+        names = lambda pre: list(dict.fromkeys(['--' + pre + k.replace('_', '-'), '--' + pre + k]))
         if v.anno in (bool, 'bool'):
             if v.default: parser.add_argument(*names('no-'), dest=k, action='store_false', help=f"turns off (it is on by default): {help}")
             else: parser.add_argument(*names(''), dest=k, action='store_true', help=help)
@@ -78,6 +78,9 @@ def add_signature_args(parser:argparse.ArgumentParser,
         typ = types.get(k) or _parser_of(v.anno, v.default)
         parser.add_argument(*names(''), dest=k, default=v.default, type=typ, choices=choices.get(k), help=help,
                             metavar=None if k in choices else k.upper())
+        if aliases.get(k):  # the default stays the option's own
+            parser.add_argument(*aliases[k], dest=k, default=argparse.SUPPRESS, type=typ, choices=choices.get(k),
+                                help=argparse.SUPPRESS)
     return parser
 
 # %% ../nbs/09_cli.ipynb #5040b92f
