@@ -328,3 +328,19 @@ def test_bad_archive_and_cache(tmp_path, monkeypatch):
     (tmp_path/'afile').write_text('x')
     monkeypatch.setenv('RTL_CACHE', str(tmp_path/'afile'))
     with pytest.raises(NotADirectoryError, match='`RTL_CACHE`=.*afile.* is a file'): load_dataset('cifar10', path=arc)
+
+
+def test_select_classes_refuses_a_set(digits):
+    "A set's order changes from one process to the next (hash seeds): the labels 0..k-1 would too"
+    with pytest.raises(TypeError, match='must be ordered'): select_classes(digits, {'3', '5', '8'})
+
+
+def test_hidden_files_are_skipped(tmp_path):
+    "macOS's `._name.png` next to the images (and hidden folders) are skipped, as fastai's get_image_files does"
+    fold = fake_folder(tmp_path/'f')
+    a = load_dataset('cifar10', path=fold)
+    for split in ('train', 'test'):
+        (fold/split/'cat'/'._0.png').write_bytes(b'\x00\x05junk')
+        (fold/split/'.hidden').mkdir()
+    b = load_dataset('cifar10', path=fold)
+    assert torch.equal(a.x_train, b.x_train) and b.classes == a.classes

@@ -90,6 +90,9 @@ def select_classes(data:ArrayData, # Dataset to filter
     if isinstance(classes, str) and classes in ('source', 'target') and classes not in data.classes:
         classes = getattr(class_split(data), classes)
     if isinstance(classes, (str, int)): classes = [classes]
+    if isinstance(classes, (set, frozenset)):  # its order changes from one Python process to the next
+        raise TypeError(f"select_classes: `classes` must be ordered (a list or tuple: their order is the new labels "
+                        f"0..k-1), got a set {classes!r}: e.g. {sorted(map(str, classes))!r}")
     idx = []
     for c in classes:
         if is_int(c):

@@ -167,14 +167,15 @@ def _extract(arc:Path, dest:Path)->Path:
 def _list_split(root:Path, split:str, name:str, classes=None):
     "Sorted image files and labels of `root/split/<class>/`"
     d = root/split
-    cls = sorted(o.name for o in d.iterdir() if o.is_dir()) if classes is None else classes
+    cls = sorted(o.name for o in d.iterdir() if o.is_dir() and not o.name.startswith('.')) if classes is None else classes
     if not cls: raise ValueError(f"no class folders in {d}: {_layout_text(name)}")
     files,labels = [],[]
     for i,c in enumerate(cls):
         cd = d/c
         if not cd.is_dir():
             raise ValueError(f"{cd} is missing (classes of the training split: {cls}): {_layout_text(name)}")
-        fs = sorted(cd/f.name for f in os.scandir(cd) if Path(f.name).suffix.lower() in _IMG_EXTS)
+        # hidden files (macOS's `._x.png`) skipped, as fastai's `get_image_files` does
+        fs = sorted(cd/f.name for f in os.scandir(cd) if Path(f.name).suffix.lower() in _IMG_EXTS and not f.name.startswith('.'))
         if not fs: raise ValueError(f"no images in {cd}: {_layout_text(name)}")
         files += fs; labels += [i]*len(fs)
     return files, np.array(labels, dtype=np.int64), cls

@@ -133,6 +133,19 @@ def _data_device(data_device, device):
         raise ValueError(f"task_dls: `data_device` must be None (the CPU), 'device' (the batches' device) or a torch "
                          f"device such as 'cuda', got {data_device!r}") from None
 
+def _check_pixels(d:ArrayData):
+    "Refuse images that are neither uint8 nor floats in [0,1]: eps, `Normalize` and the attacks assume [0,1] pixels"
+    for x in (d.x_train, d.x_valid):
+        if x.dtype == torch.uint8 or not len(x): continue
+        if not x.is_floating_point():
+            raise TypeError(f"task_dls: the images must be uint8 (0..255) or floats in [0,1], got {x.dtype}: "
+                            "convert them with `x.float()/255` (or `x.to(torch.uint8)`)")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 1 + 1e-6:
+            raise ValueError(f"task_dls: the images must be pixels in [0,1] (or uint8 0..255), got values in "
+                             f"[{lo:.3g}, {hi:.3g}]: divide 0..255 images by 255; give them unnormalized (task_dls "
+                             "adds its own `Normalize`)")
+
 def task_dls(data='digits',        # 'digits', 'mnist', 'cifar10', a path (see `load_dataset`), or an `ArrayData`
              classes=None,         # Class names/indices, 'source' or 'target' (see `class_split`), or None for all
              n_per_class:int=None, # Training examples per class (seeded, stratified); None keeps all
@@ -146,6 +159,9 @@ def task_dls(data='digits',        # 'digits', 'mnist', 'cifar10', a path (see `
              # Where the images live: None keeps them on the CPU (each batch copied to `device`); 'device' (or a
              # device) moves them there once, so batches are cut and augmented there and never wait on the CPU
              data_device=None,
+             # `(mean, std)` of `Normalize` instead of the training subset's: a source model's (`input_stats(model)`)
+             # when this task is a transfer target, so that the frozen blocks see inputs normalized as in training
+             stats=None,
             )->DataLoaders:
     "Fast fastai `DataLoaders` for one task (pixels in [0,1] before `Normalize`)"
     check_int(bs, 'bs', who='task_dls'); check_int(val_bs, 'val_bs', none_ok=True, who='task_dls')
@@ -156,6 +172,7 @@ def task_dls(data='digits',        # 'digits', 'mnist', 'cifar10', a path (see `
     d = data if isinstance(data, ArrayData) else load_dataset(data, path=path)
     if classes is not None: d = select_classes(d, classes)
     if n_per_class is not None: d = subsample(d, n_per_class, seed=seed)
+    _check_pixels(d)
     n_cls = len(d.y_train.unique())
     if n_cls < 2:
         raise ValueError(f"task_dls: the training set has {d.n_train} examples of {n_cls} class(es) ({d!r}); "
@@ -167,10 +184,14 @@ def task_dls(data='digits',        # 'digits', 'mnist', 'cifar10', a path (see `
         if d.img_size != (32,32):
             raise ValueError(f"augment=True is for 32x32 images (CIFAR-10), these are {d.img_size}; use augment=False")
         tfms.append(FlipPadCrop())
-    stats = None
+    if stats is not None and not normalize:
+        raise ValueError("task_dls: `stats` are the statistics of `Normalize`, and normalize=False adds none: "
+                         "leave one of them out")
     if normalize:
-        mean, std = channel_stats(d.x_train)
-        tfms.append(Normalize.from_stats(mean.tolist(), std.tolist(), cuda=False))
+        mean, std = channel_stats(d.x_train) if stats is None else normalize_stats(stats)
+        if mean.numel() not in (1, d.x_train.shape[1]):
+            raise ValueError(f"task_dls: `stats` have {mean.numel()} channels, the images {d.x_train.shape[1]}")
+        tfms.append(Normalize.from_stats(mean.flatten().tolist(), std.flatten().tolist(), cuda=False))
         stats = normalize_stats((mean, std))
     if device is None: device = default_device()
     dd = _data_device(data_device, device)
