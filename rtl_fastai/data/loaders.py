@@ -153,7 +153,9 @@ def task_dls(data='digits',        # 'digits', 'mnist', 'cifar10', a path (see `
              val_bs:int=None,      # Validation batch size (default: 2*bs)
              normalize:bool=True,  # Add fastai's `Normalize` with per-channel stats of the training subset
              augment:bool=False,   # Random flip + 4px pad-and-crop on training batches (32x32 data only)
-             seed:int=0,           # Seed of the subsample and of the training shuffle (fresh loaders repeat a run)
+             # Seed of the subsample and of the training shuffle (fresh loaders repeat a run); `augment` draws from
+             # torch's global random state: `set_seed` repeats it
+             seed:int=0,
              device=None,          # Device of the batches; None is fastai's `default_device()`
              path=None,            # Where to read 'mnist'/'cifar10' from (see `find_data`)
              # Where the images live: None keeps them on the CPU (each batch copied to `device`); 'device' (or a
