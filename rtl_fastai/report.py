@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_robustness_report.ipynb #c115239a
 from __future__ import annotations
-import warnings
+import re, warnings
 from collections import OrderedDict
 from contextlib import contextmanager
 import torch
@@ -12,8 +12,9 @@ import torch.nn as nn
 import pandas as pd
 from fastcore.basics import patch
 from fastai.learner import Learner
-from .core import plain, is_number, check_int, check_dl, fork_rng, eps_str, normalize_stats, NormalizeInput, renamed
-from .attacks import ThreatModel, EpsScaleWarning, as_threat, eval_mode
+from .core import (plain, is_number, check_int, check_dl, fork_rng, eps_str, normalize_stats, NormalizeInput, renamed,
+                             check_normalization)
+from .attacks import ThreatModel, EpsScaleWarning, as_threat, eval_mode, _check_pixels
 from .callback.adv_valid import robust_validate, _random_sample, _stats_source
 
 # %% auto #0
@@ -67,7 +68,14 @@ def torchattack_evaluate(learn:Learner, # the learner whose model is attacked (i
     check_int(n_batches, 'n_batches', none_ok=True)
     check_dl(dl, 'torchattack_evaluate')
     if dl is None: dl = learn.dls.valid if n_batches is None else _random_sample(learn.dls.valid, seed)
-    st = normalize_stats(_stats_source(dl, learn) if stats is None else stats)
+    if hasattr(dl, '__len__') and not len(dl):
+        raise ValueError("torchattack_evaluate: the DataLoader is empty (a learner from `load_learner` keeps no data): "
+                         "pass one with labels, e.g. `dl=learn.dls.test_dl(items, with_labels=True)`")
+    src = _stats_source(dl, learn)
+    check_normalization(learn.model, src, 'torchattack_evaluate')   # as `robust_validate` does
+    dev = getattr(src, 'device', None)
+    if dev is not None: learn.model.to(dev)
+    st = normalize_stats(src if stats is None else stats)
     model = learn.model
     # in eval mode while the attack is built and run (torchattacks puts a model in training mode back in it after each
     # attack), every module's mode restored after; no parameter takes a gradient (FAB calls `backward`), `.grad` kept
@@ -79,8 +87,14 @@ def torchattack_evaluate(learn:Learner, # the learner whose model is attacked (i
         atk = make_attack(pm)
         for i, b in enumerate(dl):
             if n_batches is not None and i >= n_batches: break
+            if isinstance(b, torch.Tensor) or len(b) < 2:
+                raise ValueError(f"{name}: the DataLoader's batches must be (images, labels) pairs, got "
+                                 f"{'a bare tensor' if isinstance(b, torch.Tensor) else f'{len(b)} item(s)'} (a `test_dl` "
+                                 "of unlabelled items?): use `learn.dls.test_dl(items, with_labels=True)`")
             x, y = plain(b[0]), plain(b[1])
-            p = pm.norm.to_pixels(x.float()).clamp(0, 1) if st is not None else x.float().clamp(0, 1)
+            p = pm.norm.to_pixels(x.float()) if st is not None else x.float()
+            if i == 0: _check_pixels(p, st)   # torchattacks takes [0,1]: out-of-range pixels are clamped, and said so
+            p = p.clamp(0, 1)
             with torch.no_grad(): c = pm(p).argmax(1) == y
             r = c.clone()
             if c.any() and eps > 0:
@@ -124,7 +138,8 @@ def autoattack_evaluate(learn:Learner, # the learner whose model is attacked
     check_int(n_batches, 'n_batches', none_ok=True)
     ta = _torchattacks('autoattack_evaluate')
     if n_out is None: n_out = getattr(learn.dls, 'c', None)
-    check_int(n_out, 'n_out', lo=2, fix="AutoAttack's targeted attacks need 2 classes or more")
+    check_int(n_out, 'n_out', lo=3, fix="AutoAttack's targeted and DLR-loss attacks need 3 classes or more; on 2 classes "
+              "run `torchattack_evaluate` with torchattacks' APGD (cross-entropy) or Square")
     def mk(m):
         atk = ta.AutoAttack(m, norm=_TA_NORMS[tm.norm], eps=tm.eps, version=version, n_classes=n_out, seed=seed)
         for a in atk._autoattack.attacks:  # torchattacks builds APGD/APGD-T/FAB with 10 iterations: use `steps`
@@ -246,8 +261,9 @@ def robustness_report(self:Learner,
     factors = list(eps_factors or ())
     if not all(is_number(f) and f > 0 for f in factors):
         raise ValueError(f"`eps_factors` must be positive numbers, got {eps_factors!r}")
-    steps_list = sorted({max(1, steps//4), steps, 2*steps} if steps_list is None else set(steps_list))
+    steps_list = {max(1, steps//4), steps, 2*steps} if steps_list is None else set(steps_list)
     for s in steps_list: check_int(s, 'steps_list', fix="give PGD step counts, e.g. (5, 20, 40)")
+    steps_list = sorted(steps_list | {steps})   # the reference run, which every other check compares with
     if autoattack: _torchattacks('robustness_report (AutoAttack)')
     if square_queries is not None:
         try: _torchattacks('robustness_report (Square)')
@@ -258,6 +274,10 @@ def robustness_report(self:Learner,
     # a folder loader keeps its validation images in class order: its first batches would hold few classes
     check_dl(dl, 'robustness_report')
     if dl is None and n_batches is not None: dl = _random_sample(self.dls.valid, seed)
+    elif dl is not None and getattr(dl, 'shuffle', False): dl = _random_sample(dl, seed)  # every row: the same images
+    elif isinstance(getattr(dl, 'sampler', None), torch.utils.data.RandomSampler):
+        raise ValueError("robustness_report: `dl` shuffles, so each attack would see other images and the checks would "
+                         "compare different samples: pass a DataLoader with shuffle=False")
     rows = []
     def pgd(e, s, r=1, attack='pgd', **kw):
         with warnings.catch_warnings():  # the radii derived from `eps` (e.g. the unbounded eps=1) are meant
@@ -285,14 +305,14 @@ def robustness_report(self:Learner,
     results = pd.DataFrame(rows).astype({'steps': 'Int64'})  # whole step counts; none for Square and AutoAttack
     checks = masking_checks(results, eps, steps, tol)
     for c in checks[~checks.passed].itertuples():
-        hint = next((h for k, h in _HINTS.items() if k in c.check), '')
+        hint = next((h for k, h in _HINTS.items() if re.search(rf'\b{k}\b', c.check)), '')  # 'eps', not in 'steps'
         warnings.warn(f"robustness_report: check '{c.check}' failed ({c.detail}): {hint}. The PGD robust accuracy "
                       "may overstate the robustness (gradient masking?).", GradientMaskingWarning, stacklevel=2)
     if show:
         t = results.copy()
         t['eps'] = t.eps.map(eps_str)
         for col in ('clean_acc', 'robust_acc'): t[col] = t[col].map(lambda v: f"{100*v:.2f}%")
-        print(f"Robustness report ({norm}, eps={eps_str(eps)}, {int(results.n.iloc[0])} validation examples)")
+        print(f"Robustness report ({norm}, eps={eps_str(eps)}, {int(results.n.iloc[0])} examples)")
         print(t.to_string(index=False))
         print(checks.assign(passed=checks.passed.map({True: 'ok', False: 'FAILED'})).to_string(index=False))
     return dict(results=results, checks=checks)

@@ -9,6 +9,7 @@ from fastai.learner import Learner
 from rtl_fastai.models import SmallCNN
 from rtl_fastai.core import NormalizeInput
 from rtl_fastai.callback.adv_valid import in_random_order
+from rtl_fastai.data.all import task_dls
 from rtl_fastai.report import (autoattack_evaluate, square_evaluate, masking_checks, GradientMaskingWarning, PixelModel)
 
 torch.set_num_threads(1)
@@ -178,3 +179,42 @@ def test_autoattack_iterations(digits_dls, digits_model, monkeypatch):
         assert tm.steps == n and {a.steps for a in atk._autoattack.attacks if hasattr(a, 'steps')} == {n}, (threat, kw)
     with pytest.warns(UserWarning, match=r"`threat` has steps=7, PGD's; AutoAttack runs 100 iterations"):
         autoattack_evaluate(learn, ThreatModel(0.1, steps=7))   # steps chosen for PGD: said, not silently dropped
+
+
+def test_report_on_a_shuffled_loader_attacks_the_same_images(digits_dls, digits_model):
+    "A shuffling `dl` (here the training loader) is read in one seeded order: every row sees the same images"
+    learn = _learn(digits_dls, digits_model)
+    rep, _ = _report(learn, dl=digits_dls.train, square_queries=None)
+    pgd = rep['results'][rep['results'].attack.str.startswith('pgd') | (rep['results'].attack == 'fgsm')]
+    assert pgd.clean_acc.nunique() == 1, pgd          # the same images: the same clean accuracy in every row
+    from torch.utils.data import DataLoader, TensorDataset
+    tdl = DataLoader(TensorDataset(torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))), batch_size=4, shuffle=True)
+    with pytest.raises(ValueError, match='pass a DataLoader with shuffle=False'): _report(learn, dl=tdl)
+
+
+def test_report_steps_list_keeps_the_reference(digits_dls, digits_model):
+    "A `steps_list` without the reference steps gets them: the checks that compare with the reference run"
+    rep, _ = _report(_learn(digits_dls, digits_model), steps_list=(5, 40), square_queries=None)
+    assert 10 in set(rep['results'].query("attack == 'pgd'").steps) and len(rep['checks']) == 5
+
+
+def test_evaluators_check_their_inputs(digits_dls, digits_model):
+    "torchattacks' evaluators: the pixel-range warning, labels, an empty loader, and 3 classes for AutoAttack"
+    pytest.importorskip('torchattacks')
+    from rtl_fastai.attacks import PixelRangeWarning
+    learn = _learn(digits_dls, digits_model)
+    with pytest.warns(PixelRangeWarning): square_evaluate(learn, 0.1, n_queries=10, n_batches=1, stats=(0.9, 1.0))
+    from torch.utils.data import DataLoader
+    bare = DataLoader(torch.rand(10, 1, 8, 8), batch_size=5)
+    with pytest.raises(ValueError, match=r'\(images, labels\) pairs'): square_evaluate(learn, 0.1, n_queries=10, dl=bare)
+    with pytest.raises(ValueError, match='the DataLoader is empty'): square_evaluate(learn, 0.1, n_queries=10, dl=[])
+    with pytest.raises(ValueError, match='3 classes or more'): autoattack_evaluate(learn, 0.1, n_out=2)
+
+
+def test_in_random_order_leaves_python_random():
+    "fastai's `DataLoader.new` draws from Python's `random`: the sample order leaves it as it was"
+    import random
+    dl = task_dls('digits', bs=64).valid
+    random.seed(0); r0 = random.random(); random.seed(0)
+    in_random_order(dl, seed=1)
+    assert random.random() == r0

@@ -251,7 +251,7 @@ def in_random_order(dl, # a fastai `DataLoader` (e.g. `dls.valid`)
                         "for a PyTorch DataLoader, build it with `sampler=torch.utils.data.RandomSampler(ds, "
                         "generator=torch.Generator().manual_seed(0))`")
     idxs = torch.randperm(len(dl.dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-    return dl.new(shuffle=False, get_idxs=lambda: idxs)
+    with fork_rng(all_rngs=True): return dl.new(shuffle=False, get_idxs=lambda: idxs)  # (`new` draws from `random`)
 
 def _random_sample(dl, seed:int=0):
     ("The default evaluation sample: `in_random_order(dl, seed)` for a fastai loader with items (a folder's validation "
