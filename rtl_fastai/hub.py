@@ -4,7 +4,7 @@
 
 # %% ../nbs/01b_hub.ipynb #fd772499
 from __future__ import annotations
-import difflib
+import difflib, re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -119,6 +119,7 @@ def robust_model_info(name:str, # a registry name, e.g. 'resnet50_l2_eps3' or 'S
     low = {n.lower(): n for n in ROBUST_MODELS}
     key = name.lower()
     key = next((key[:-len(e)] for e in _CKPT_EXTS if key.endswith(e)), key)  # a file fetched by hand
+    key = re.sub(r'(_l2_eps\d+)\.0$', r'\1', key)   # the publisher's tables write L2 radii as 3.0, its files eps3
     if key in low: return ROBUST_MODELS[low[key]]
     # or the entry's own file name, which the offline advice names (`Standard_R50`: 'resnet50-0676ba61.pth')
     by_file = {(i.filename or Path(urlparse(i.url).path).name).lower(): i for i in ROBUST_MODELS.values()}
