@@ -195,14 +195,23 @@ def fork_rng(seed:int=None, # seed the forked state with this (None: continue fr
             if all_rngs: random.setstate(py); np.random.set_state(npy)
 
 # %% ../nbs/00_core.ipynb #b3c4d5f2
+def _own_generators(dl)->list:
+    "The `torch.Generator`s a PyTorch `DataLoader` draws its order from (its own, its sampler's, its batch sampler's)"
+    bs = getattr(dl, 'batch_sampler', None)
+    cands = (getattr(dl, 'generator', None), getattr(getattr(dl, 'sampler', None), 'generator', None),
+             getattr(getattr(bs, 'sampler', None), 'generator', None))
+    return [g for i, g in enumerate(cands) if isinstance(g, torch.Generator) and all(g is not h for h in cands[:i])]
+
 def peek_batch(dl): # a fastai `DataLoader` (`one_batch`) or any iterable of batches
-    "One batch of `dl`, every random state left as it was (a fastai loader's own shuffle generator included)"
+    "One batch of `dl`, every random state left as it was (a loader's own shuffle generator included)"
     rng = getattr(dl, 'rng', None)
     state = rng.getstate() if isinstance(rng, random.Random) else None
+    gens = [(g, g.get_state()) for g in _own_generators(dl)]
     try:
         with fork_rng(all_rngs=True): return dl.one_batch() if hasattr(dl, 'one_batch') else next(iter(dl))
     finally:
         if state is not None: rng.setstate(state); dl.rng = rng   # a pass replaces `dl.rng` (fastai's `randomize`)
+        for g, s in gens: g.set_state(s)
 
 # %% ../nbs/00_core.ipynb #e2539223
 @contextmanager

@@ -15,7 +15,7 @@ import torchvision
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastprogress.fastprogress import IN_NOTEBOOK
-from .core import (parse_number, is_int, _norm_key, renamed, check_int, check_number, eps_str, normalize_stats, input_stats, add_input_norm,
+from .core import (parse_number, is_int, _norm_key, renamed, fork_rng, check_int, check_number, eps_str, normalize_stats, input_stats, add_input_norm,
                              check_normalization, _record_stats, _fmt_stats, _norm_layer, keeps_cudnn_flags, check_device,
                              _in_channels, _is_identity)
 from .data.folder import check_image_folder, folder_dls
@@ -379,7 +379,8 @@ def _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha
     except (FileNotFoundError, NotADirectoryError, ValueError, TypeError) as err:
         raise type(err)(f"{who}: `data`: " + str(err).replace('check_image_folder: ', '', 1).replace('`path`=', '', 1)) from None
     # the source
-    model, desc = load_source(source, arch, stats, normalize, pretrained, who=who)
+    with fork_rng(seed, all_rngs=True):  # seeded: random source weights (`pretrained=False`) repeat with `seed`
+        model, desc = load_source(source, arch, stats, normalize, pretrained, who=who)
     try: n_frozen_entries(model, n_retrain)
     except ValueError as err: raise ValueError(f"{who}: {err}") from None
     # no `Normalize` in the DataLoaders for a model that normalizes itself (`normalize='model'`, a RobustBench model)

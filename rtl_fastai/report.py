@@ -138,8 +138,10 @@ def autoattack_evaluate(learn:Learner, # the learner whose model is attacked
     check_int(n_batches, 'n_batches', none_ok=True)
     ta = _torchattacks('autoattack_evaluate')
     if n_out is None: n_out = getattr(learn.dls, 'c', None)
-    check_int(n_out, 'n_out', lo=3, fix="AutoAttack's targeted and DLR-loss attacks need 3 classes or more; on 2 classes "
-              "run `torchattack_evaluate` with torchattacks' APGD (cross-entropy) or Square")
+    # torchattacks' DLR loss reads the 3rd-largest logit, its targeted form (APGD-T, in 'standard' and 'plus') the 4th
+    lo = 3 if version == 'rand' else 4
+    check_int(n_out, 'n_out', lo=lo, fix=f"AutoAttack {version!r} needs {lo} classes or more (its DLR-loss attacks read the "
+              f"{'3rd' if lo == 3 else '4th'}-largest output); on fewer, run `torchattack_evaluate` with torchattacks' APGD (cross-entropy) or Square")
     def mk(m):
         atk = ta.AutoAttack(m, norm=_TA_NORMS[tm.norm], eps=tm.eps, version=version, n_classes=n_out, seed=seed)
         for a in atk._autoattack.attacks:  # torchattacks builds APGD/APGD-T/FAB with 10 iterations: use `steps`

@@ -282,11 +282,13 @@ def plot_block_study(df, # a DataFrame (or dict of columns) with one row per (so
     if not isinstance(df, pd.DataFrame):
         raise ValueError(f"`df` must be a DataFrame or a dict of columns, got {type(df).__name__}")
     x, robust = _pick(df, x, 'n_retrain', 'n_retrained'), _pick(df, robust, 'robust_acc', 'pgd_acc')
-    if x == 'n_retrain' and 'n_retrained' in df.columns and not pd.api.types.is_numeric_dtype(df[x]): x = 'n_retrained'
+    def numbers(c): return c in df.columns and pd.to_numeric(df[c], errors='coerce').notna().all()
+    if x == 'n_retrain' and 'n_retrained' in df.columns and not numbers(x): x = 'n_retrained'
     _need(df, [x, clean, robust] + ([by] if by else []), 'df')
-    if not pd.api.types.is_numeric_dtype(df[x]):
+    if not numbers(x):
         raise ValueError(f"`df[{x!r}]` must hold numbers of retrained blocks, got {df[x].unique().tolist()}: map 'all' to "
                          f"the number of blocks, e.g. df.assign({x}=df.{x}.replace('all', 4).astype(int))")
+    df = df.assign(**{x: pd.to_numeric(df[x])})   # numbers held as objects (a column that also had 'all')
     if eps is None and 'eps' in df.columns and df['eps'].nunique() == 1: eps = float(df['eps'].iloc[0])
     if eps is not None: check_number(eps, 'eps', lo=0, hi=1, fix="give it in [0,1] pixel units, e.g. 8/255")
     fig, ax = _fig_ax(ax, figsize)

@@ -290,3 +290,13 @@ def test_pretrained_source_keeps_its_statistics(monkeypatch):
     with pytest.raises(ValueError, match='leave `stats` out'): load_source('timm:resnet18', stats='0.5,0.5,0.5/0.5,0.5,0.5')
     load_source('torchvision:resnet18', stats='imagenet')                  # the same statistics: fine
     load_source('torchvision:resnet18', stats='none', pretrained=False)   # random weights: any
+
+
+def test_random_source_weights_follow_the_seed(files, tmp_path):
+    "`pretrained=False`: the source's random weights come from `seed`, so two runs of the same job give the same model"
+    _, folder, _ = files
+    kw = dict(source='torchvision:resnet18', pretrained=False, size=32, bs=8, epochs=1, steps=1, curve=False, seed=0,
+              quiet=True)
+    a, b = (transfer_job(str(folder), out=str(tmp_path/f'o{k}'), **kw) for k in range(2))
+    assert a['learn'].recorder.values == b['learn'].recorder.values
+    assert all(torch.equal(p, q) for p, q in zip(a['learn'].model.state_dict().values(), b['learn'].model.state_dict().values()))

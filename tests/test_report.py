@@ -208,7 +208,7 @@ def test_evaluators_check_their_inputs(digits_dls, digits_model):
     bare = DataLoader(torch.rand(10, 1, 8, 8), batch_size=5)
     with pytest.raises(ValueError, match=r'\(images, labels\) pairs'): square_evaluate(learn, 0.1, n_queries=10, dl=bare)
     with pytest.raises(ValueError, match='the DataLoader is empty'): square_evaluate(learn, 0.1, n_queries=10, dl=[])
-    with pytest.raises(ValueError, match='3 classes or more'): autoattack_evaluate(learn, 0.1, n_out=2)
+    with pytest.raises(ValueError, match='needs 4 classes or more'): autoattack_evaluate(learn, 0.1, n_out=3)
 
 
 def test_in_random_order_leaves_python_random():

@@ -258,3 +258,10 @@ def test_block_study_with_both_columns():
     assert plot_block_study(df).axes[0].lines[0].get_xdata().tolist() == [0, 1, 5]
     with pytest.raises(ValueError, match="map 'all' to the number of blocks"): plot_block_study(df.drop(columns='n_retrained'))
     plt.close('all')
+
+
+def test_block_study_numbers_held_as_objects():
+    "A column that held 'all' before it was filtered out keeps its numbers as objects: they still plot"
+    df = pd.DataFrame(dict(n_retrain=[0, 1, 'all'], clean_acc=[.5, .6, .7], robust_acc=[.3, .2, .1], source=['a']*3))
+    assert plot_block_study(df[df.n_retrain != 'all']).axes[0].lines[0].get_xdata().tolist() == [0, 1]
+    plt.close('all')
