@@ -14,7 +14,7 @@ from .core import eps_str, check_int, check_number, check_device, keeps_cudnn_fl
 from .data.arrays import class_split, select_classes, subsample, subsample_valid
 from .data.external import load_dataset
 from .data.loaders import task_dls
-from .experiment import ARCHS, ALPHA_RATIO, experiment_threat, make_model, quiet, fit_quietly, evaluate, train_source, carve_valid
+from .experiment import ARCHS, experiment_threat, make_model, quiet, fit_quietly, evaluate, train_source, carve_valid
 from .callback.adv_valid import robust_accuracy_curve, in_random_order
 from .callback.adv_train import PGDTraining
 from .callback.transfer import transfer_learner
@@ -187,7 +187,7 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
         check_int(warmup_epochs, 'warmup_epochs', lo=0, who='run_pipeline'); d['warmup_epochs'] = warmup_epochs
     eps = d['eps'] if eps is None else eps
     check_number(eps, 'eps', lo=0, lo_open=True, who='run_pipeline', fix='a radius in [0,1] pixel units, e.g. 8/255')
-    try: experiment_threat(eps, steps)  # the evaluation's attack: eps and steps checked once, here
+    try: threat = experiment_threat(eps, steps)  # the evaluation's attack: eps and steps checked once, here
     except ValueError as e: raise ValueError(f"run_pipeline: {e}") from None
     if d['warmup_epochs'] >= d['target_epochs']:
         raise ValueError(f"run_pipeline: `warmup_epochs`={d['warmup_epochs']} covers all {d['target_epochs']} target "
@@ -217,7 +217,7 @@ def run_pipeline(# 'mnist' (read from RTL_DATA or ../shared/data, else downloade
         n_steps, i, t_all = 8*seeds, [0], time.time()
         def step(msg):
             i[0] += 1; log(f"[{i[0]}/{n_steps}] {msg}" + (f" (seed {s})" if seeds > 1 else ''))
-        rows, info, crv = [], dict(settings=dict(d, eps=eps, steps=steps, alpha=ALPHA_RATIO*eps)), []
+        rows, info, crv = [], dict(settings=dict(d, eps=eps, steps=steps, alpha=threat.step_size)), []
         for s in range(seed, seed+seeds):
             r, learners, src_info = _one_seed(ds, src_cls, tgt_cls, d, eps, steps, d['lam'], s, device, verbose, show_progress, step)
             rows += r

@@ -12,10 +12,9 @@ import torch.nn as nn
 import pandas as pd
 from fastcore.basics import patch
 from fastai.learner import Learner
-from .core import (plain, is_number, check_int, check_dl, fork_rng, eps_str, normalize_stats, NormalizeInput, renamed,
-                             check_normalization)
+from .core import plain, is_number, check_int, check_dl, fork_rng, eps_str, normalize_stats, NormalizeInput, renamed
 from .attacks import ThreatModel, EpsScaleWarning, as_threat, eval_mode, _check_pixels
-from .callback.adv_valid import robust_validate, _random_sample, _stats_source
+from .callback.adv_valid import robust_validate, _random_sample, _attack_source, _check_labelled
 
 # %% auto #0
 __all__ = ['PixelModel', 'torchattack_evaluate', 'autoattack_evaluate', 'square_evaluate', 'GradientMaskingWarning',
@@ -68,13 +67,7 @@ def torchattack_evaluate(learn:Learner, # the learner whose model is attacked (i
     check_int(n_batches, 'n_batches', none_ok=True)
     check_dl(dl, 'torchattack_evaluate')
     if dl is None: dl = learn.dls.valid if n_batches is None else _random_sample(learn.dls.valid, seed)
-    if hasattr(dl, '__len__') and not len(dl):
-        raise ValueError("torchattack_evaluate: the DataLoader is empty (a learner from `load_learner` keeps no data): "
-                         "pass one with labels, e.g. `dl=learn.dls.test_dl(items, with_labels=True)`")
-    src = _stats_source(dl, learn)
-    check_normalization(learn.model, src, 'torchattack_evaluate')   # as `robust_validate` does
-    dev = getattr(src, 'device', None)
-    if dev is not None: learn.model.to(dev)
+    src = _attack_source(learn, dl, 'torchattack_evaluate')   # the checks `robust_validate` makes
     st = normalize_stats(src if stats is None else stats)
     model = learn.model
     # in eval mode while the attack is built and run (torchattacks puts a model in training mode back in it after each
@@ -87,10 +80,7 @@ def torchattack_evaluate(learn:Learner, # the learner whose model is attacked (i
         atk = make_attack(pm)
         for i, b in enumerate(dl):
             if n_batches is not None and i >= n_batches: break
-            if isinstance(b, torch.Tensor) or len(b) < 2:
-                raise ValueError(f"{name}: the DataLoader's batches must be (images, labels) pairs, got "
-                                 f"{'a bare tensor' if isinstance(b, torch.Tensor) else f'{len(b)} item(s)'} (a `test_dl` "
-                                 "of unlabelled items?): use `learn.dls.test_dl(items, with_labels=True)`")
+            _check_labelled(b, name)
             x, y = plain(b[0]), plain(b[1])
             p = pm.norm.to_pixels(x.float()) if st is not None else x.float()
             if i == 0: _check_pixels(p, st)   # torchattacks takes [0,1]: out-of-range pixels are clamped, and said so

@@ -31,6 +31,25 @@ def _stats_source(dl, learn):
     src = _inner(dl)
     return src if isinstance(src, DataLoader) else getattr(learn, 'dls', None)
 
+def _attack_source(learn, dl, who:str):
+    ("The checks before `learn.model` is attacked on `dl`'s batches (`dl` not empty, inputs normalized once), the model "
+     "moved to the data's device as fastai's `validate` does (`TrainEvalCallback.before_fit`); returns `_stats_source`")
+    if hasattr(dl, '__len__') and not len(dl):
+        raise ValueError(f"{who}: the DataLoader is empty (a learner from `load_learner` keeps no data): "
+                         "pass one with labels, e.g. `dl=learn.dls.test_dl(items, with_labels=True)`")
+    src = _stats_source(dl, learn)
+    check_normalization(learn.model, src, who)
+    dev = getattr(src, 'device', None)
+    if dev is not None: learn.model.to(dev)
+    return src
+
+def _check_labelled(b, who:str):
+    "Raise unless the batch `b` holds images and labels (a `test_dl` of unlabelled items gives images only)"
+    if isinstance(b, torch.Tensor) or len(b) < 2:
+        raise ValueError(f"{who} needs labels: the DataLoader's batches must be (images, labels) pairs, got "
+                         f"{'a bare tensor' if isinstance(b, torch.Tensor) else f'{len(b)} item(s)'} (a `test_dl` of "
+                         "unlabelled items?): use `learn.dls.test_dl(items, with_labels=True)`")
+
 def _compiled(model:torch.nn.Module, how)->torch.nn.Module:
     ("`torch.compile(model)` (`how`: True, or a dict of `torch.compile`'s arguments), compiled once and reused while "
      "`model` is one of the last 2 models compiled here (which this cache keeps alive: the compiled module holds them)")
@@ -208,13 +227,7 @@ def robust_validate(self:Learner,
                    )->dict: # `clean_acc`, `robust_acc`, `n` (examples attacked) and `attack` (the name)
     "Clean and PGD robust accuracy of `self.model` on `dl`, eps in pixel units."
     dl = check_dl(self.dls.valid if dl is None else dl, 'robust_validate')   # (a radius given as `dl`: refused)
-    if not len(dl):
-        raise ValueError("robust_validate: the DataLoader is empty (a learner from `load_learner` keeps no data): "
-                         "pass one with labels, e.g. `dl=learn.dls.test_dl(items, with_labels=True)`")
-    src = _stats_source(dl, self)
-    check_normalization(self.model, src, 'robust_validate')
-    dev = getattr(src, 'device', None)
-    if dev is not None: self.model.to(dev)  # as fastai's `validate` does (`TrainEvalCallback.before_fit`)
+    src = _attack_source(self, dl, 'robust_validate')
     met = RobustAccuracy(as_threat(threat, None, Learner.robust_validate, **threat_kw), n_batches=n_batches,
                          drop_fooled=drop_fooled, loss_func=loss_func, stats=stats, seed=seed, amp=amp, compile=compile)
     if stats is None: stats = normalize_stats(src)
@@ -233,9 +246,7 @@ def robust_validate(self:Learner,
     for i, b in enumerate(it):
         if n_batches is not None and i >= n_batches: break
         if n_inp != 1: raise ValueError(f"robust_validate attacks models with one input; this DataLoader has {n_inp}")
-        if len(b) < 2:
-            raise ValueError("robust_validate needs labels, and this DataLoader's batches have none (a `test_dl` of "
-                             "unlabelled items?): use `learn.dls.test_dl(items, with_labels=True)`")
+        _check_labelled(b, 'robust_validate')
         met._update(self.model, b[0], b[1], stats, dl, self)
     return dict(clean_acc=met.clean_value, robust_acc=met.value, n=int(met.total), attack=met.name)
 
