@@ -10,6 +10,7 @@ from collections import OrderedDict
 from urllib.parse import urlparse, unquote
 import torch
 import torch.nn as nn
+import torchvision
 from .core import normalize_stats, add_input_norm, _norm_layer, _in_channels, _fmt_stats, _record_stats, make_dir, renamed
 from .core import _NormView, _norm_name
 from .data.external import cache_dir
@@ -55,13 +56,20 @@ def _safe_load(path:Path, map_location='cpu', name='path_or_url'):
             raise ValueError(f"`{name}`: {path} is not a readable torch checkpoint "
                              "(empty, truncated or corrupted file?): "
                              f"save or download it again. torch said: {e}") from e
+        if 'fastai.learner.Learner' in str(e):   # `learn.export()` (also what `rtl-fastai transfer` writes)
+            raise UnsafeCheckpointError(
+                f"{path} is a fastai `learn.export()` file (a pickled Learner), and unpickling it can run arbitrary "
+                "code: rtl_fastai never loads such files itself. If you trust it: in Python, `learn = load_learner(path)` "
+                "and pass `learn` (or `learn.model`) as the source; for a weights file, "
+                "`torch.save(load_learner(path).model.state_dict(), 'weights.pth')` and load 'weights.pth' (on the "
+                f"command line with the `--arch` it was built from).\ntorch said: {e}") from e
         raise UnsafeCheckpointError(
             f"torch.load(weights_only=True) refused to unpickle {path}: the file holds Python objects other than "
             "tensors and plain containers (for instance a whole pickled nn.Module, a Learner, or an instance of a "
             "custom class), and unpickling those can run arbitrary code. rtl_fastai never loads such files.\n"
             "What to do: in an environment you trust (with the code that defined those objects), load the file "
-            "and re-save only its weights, e.g. `obj = torch.load(path, weights_only=False); "
-            "torch.save(obj.state_dict() if isinstance(obj, torch.nn.Module) else obj['model'], 'weights.pth')`, "
+            "and re-save only its weights, e.g. `obj = torch.load(path, weights_only=False); m = getattr(obj, 'model', "
+            "obj); torch.save(m.state_dict() if isinstance(m, torch.nn.Module) else obj['model'], 'weights.pth')`, "
             "then load 'weights.pth'. If you trust the file and it only needs a few harmless globals, you can also "
             "allow them with `torch.serialization.add_safe_globals([...])`.\n"
             f"torch said: {e}") from e
@@ -396,7 +404,13 @@ def load_robust_checkpoint(model:nn.Module|str, # the checkpoint's architecture 
                              f"`load_robust_checkpoint('resnet18_linf_eps4.0', {path_or_url!r})`") from None
     if isinstance(model, (str, RobustModelInfo)):
         try: info = robust_model_info(model)
-        except ValueError as e: raise ValueError(str(e).replace('`name`:', '`model`:', 1)) from None
+        except ValueError as e:
+            arch = model if isinstance(model, str) and callable(getattr(torchvision.models, model, None)) else None
+            if arch is None or path_or_url is None: raise ValueError(str(e).replace('`name`:', '`model`:', 1)) from None
+            raise ValueError(f"load_robust_checkpoint: `model`={model!r} is not a registry name; with a checkpoint "  # the CLI's `--arch`
+                             f"given, `model` is the module to load it into: `load_robust_checkpoint(torchvision.models."
+                             f"{model}(num_classes=...), {str(path_or_url)!r})`, with the checkpoint's number of classes "
+                             "(1000 for ImageNet)") from None
         model, path_or_url = info.build(), info if path_or_url is None else path_or_url
     elif not isinstance(model, nn.Module):
         raise TypeError("load_robust_checkpoint: `model` must be an nn.Module or a registry name, "

@@ -26,6 +26,10 @@ def plain(t):
     "`t` as a plain `torch.Tensor` (a view, no copy) if it is a tensor subclass; anything else unchanged."
     return t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) and type(t) is not torch.Tensor else t
 
+def _wide(t:torch.Tensor)->torch.Tensor:
+    "`t` in float64 for sums, on its device; float32 where the device has no float64 (Apple's MPS)"
+    return t.float() if t.device.type == 'mps' else t.double()
+
 # %% ../nbs/00_core.ipynb #d52a9b1f
 def to_device_async(t:torch.Tensor, device) -> torch.Tensor:
     "`t` on `device`, without a host-device synchronisation when a CPU tensor goes to a GPU (through pinned memory)"
@@ -181,6 +185,14 @@ def _cuda_devices(device=None):
         return [d] if d.type == 'cuda' else []
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
 
+def _seed_forked(seed, device, devs):
+    "Seed the CPU and the forked CUDA devices `devs` only: `torch.manual_seed` seeds every GPU, whose state was not forked"
+    if device is None or torch.device(device).type not in ('cpu', 'cuda'): return torch.manual_seed(seed)  # (MPS, ...)
+    torch.random.default_generator.manual_seed(seed)
+    for d in devs:
+        i = d if isinstance(d, int) else (d.index if d.index is not None else torch.cuda.current_device())
+        torch.cuda.default_generators[i].manual_seed(seed)
+
 @contextmanager
 def fork_rng(seed:int=None, # seed the forked state with this (None: continue from the current state)
              device=None, # the CUDA device whose state to fork (default: every initialized CUDA device)
@@ -188,8 +200,9 @@ def fork_rng(seed:int=None, # seed the forked state with this (None: continue fr
             ):
     "Run the body on a fork of torch's random state, seeded with `seed`; the global state is as before afterwards."
     py, npy = (random.getstate(), np.random.get_state()) if all_rngs else (None, None)
-    with torch.random.fork_rng(devices=_cuda_devices(device)):
-        if seed is not None: torch.manual_seed(seed)
+    devs = _cuda_devices(device)
+    with torch.random.fork_rng(devices=devs):
+        if seed is not None: _seed_forked(seed, device, devs)
         try: yield
         finally:
             if all_rngs: random.setstate(py); np.random.set_state(npy)
@@ -335,6 +348,14 @@ class NormalizeInput(nn.Module):
         st = normalize_stats(stats)
         return None if st is None else cls(*st)
     def extra_repr(self): return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+# %% ../nbs/00_core.ipynb #a7c3e1f0
+def _kept_stats(stats):
+    ("`stats` as a callback should keep them: a `DataLoaders`/`DataLoader` becomes its `(mean, std)` (the identity "
+     "`(0, 1)` if it does not normalize), so that `learn.export()` pickles no data; anything else is returned as given")
+    if not (isinstance(stats, (DataLoaders, TfmdDL)) or hasattr(stats, 'after_batch')): return stats
+    st = normalize_stats(stats)
+    return st if st is not None else (torch.zeros(1,1,1,1), torch.ones(1,1,1,1))
 
 # %% ../nbs/00_core.ipynb #7b9bf457
 import weakref

@@ -7,7 +7,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 import torch
 from fastai.vision.all import Learner, accuracy, set_seed
-from .core import check_int, check_number, is_number, keeps_cudnn_flags, renamed, peek_batch, _item_channels
+from .core import fork_rng, check_int, check_number, is_number, keeps_cudnn_flags, renamed, peek_batch, _item_channels
 from .data.arrays import ArrayData, _per_class
 from .models import SmallCNN, PreActResNet18, WideResNet
 from .attacks import ThreatModel
@@ -86,7 +86,7 @@ def evaluate(learn:Learner,
         steps = 20 if steps is None else steps
         eps = check_number(threat, 'threat', lo=0, fix="give a ThreatModel or the radius in pixel units, e.g. 8/255")
         threat = experiment_threat(eps, steps, alpha)
-    with keeps_cudnn_flags():
+    with keeps_cudnn_flags(), fork_rng(all_rngs=True):   # seeded, and the caller's random state as it was
         set_seed(seed, reproducible=True)
         r = robust_validate(learn, dl, threat=threat, show_progress=False)
     return dict(clean_acc=r['clean_acc'], pgd_acc=r['robust_acc'], n=r['n'])

@@ -16,7 +16,10 @@ from fastcore.foundation import L
 from fastai.torch_core import params
 from fastai.layers import AdaptiveConcatPool2d
 from fastai.vision.learner import create_head, apply_init, TimmBody
+from copy import deepcopy
+from fastai.learner import Learner
 from .core import check_int, check_prob, is_int, renamed, _foreign_norm, _unwrap
+from .core import normalize_stats, _input_stats, _record_stats
 
 # %% auto #0
 __all__ = ['BlockNet', 'conv_bn_relu', 'SmallCNN', 'PreActBlock', 'PreActResNet18', 'wrn_units', 'WideResNet', 'ModelBlocks',
@@ -490,7 +493,7 @@ def head_module(model:nn.Module) -> nn.Module:
 
 def _hooked_forward(model, x, mod, fn, pre=False) -> list:
     "What `fn` returned at each call of a hook on `mod` (pre-hook if `pre`) in `model(x)`, eval mode, no gradients"
-    out, was_training = [], model.training
+    out, modes = [], [(m, m.training) for m in model.modules()]   # each module's: a frozen block stays in eval
     reg = mod.register_forward_pre_hook if pre else mod.register_forward_hook
     h = reg(lambda *a: out.append(fn(*a)))  # `append` returns None: the hook changes nothing
     try:
@@ -498,7 +501,7 @@ def _hooked_forward(model, x, mod, fn, pre=False) -> list:
         with torch.no_grad(): model(x)
     finally:
         h.remove()
-        model.train(was_training)
+        for m, t in modes: m.training = t
     return out
 
 def get_features(model:nn.Module, x:torch.Tensor) -> torch.Tensor:
@@ -511,6 +514,22 @@ def get_features(model:nn.Module, x:torch.Tensor) -> torch.Tensor:
 def feature_shape(model:nn.Module, x:torch.Tensor) -> torch.Size:
     "Shape of the penultimate features (the head's input) of `model` for the sample batch `x`."
     return get_features(model, x).shape
+
+# %% ../nbs/01_models.ipynb #c3e9a2b7
+def _copy_source(source, who:str) -> nn.Module:
+    ("A copy of the source model: `source` is an `nn.Module` or a `Learner`. A `Learner`'s copy records the statistics "
+     "its `DataLoaders` normalize with (`vision_learner` puts ImageNet's there, not in the model), so that a target "
+     "that does not normalize alike is warned about")
+    model = source.model if isinstance(source, Learner) else source
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{who}: `source` must be an nn.Module (the source model) or a fastai Learner, "
+                        f"got {type(source).__name__}.")
+    model = deepcopy(unwrap_model(model))
+    if isinstance(source, Learner) and _input_stats(model)[1] in (None, 'timm'):   # (a timm model's published stats:
+        try: st = normalize_stats(source.dls)                                       #  its Learner's say what it learnt)
+        except (TypeError, ValueError, AttributeError): st = None                   # (no fastai loaders: nothing said)
+        if st is not None: _record_stats(model, st)
+    return model
 
 # %% ../nbs/01_models.ipynb #3794a089
 class Penultimate(NamedTuple):
@@ -531,7 +550,8 @@ def _timm_penultimate(m):
     if kind == 'vit':
         if isinstance(m.get_classifier(), tuple):  # distilled DeiT: timm's pre-logits, the mean of its two tokens
             return Penultimate(m.norm, lambda mod, inp, out: m.forward_head(out, pre_logits=True))
-        return Penultimate(m.head, _flat_in)
+        # before timm's `head_drop` (dropout with `drop_rate`), as for the other kinds: the features, not a random mask
+        return Penultimate(getattr(m, 'head_drop', None) or m.head, _flat_in)
     if kind == 'convnext': return Penultimate(m.head, _gap_in)
     return Penultimate(m.global_pool, _gap_in)  # resnet, efficientnet
 
@@ -541,6 +561,8 @@ def penultimate(model:nn.Module) -> Penultimate:
     rb = getattr(model, 'rtl_blocks', None)
     if rb is not None: return Penultimate(model_blocks(model).head, _gap_in)  # declared blocks: the head's input
     if _timm_kind(model) is not None: return _timm_penultimate(model)
+    if _is_fastai_timm(model) and not model[0].needs_pool and _timm_kind(model[0].model) == 'vit':
+        return _timm_penultimate(model[0].model)   # its body runs timm's `head_drop`: the input of that dropout
     if _is_fastai_model(model): return Penultimate(model[0], _gap_out)
     tvm = torchvision.models
     if isinstance(model, tvm.VisionTransformer): return Penultimate(model.heads, _flat_in)

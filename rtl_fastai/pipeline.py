@@ -93,7 +93,9 @@ def _one_seed(ds, src_cls, tgt_cls, d, eps, steps, lam, seed, device, verbose, b
         l = train_source(src_dls, arch, d['source_epochs'], lr, width, eps=e, steps=d['at_steps'], seed=seed,
                          verbose=verbose, show_progress=bars)
         info[k] = dict(seconds=time.time()-t, **{k2: v for k2, v in ev(l).items() if k2 != 'n'}); learners[k] = l
-    nat, rob = learners.pop('natural'), learners.pop('robust')
+    # the models, not their Learners: each task is normalized with its own statistics (a deviation the docs state), and
+    # `transfer_learner` would hold a Learner's copy to its loaders' statistics
+    nat, rob = learners.pop('natural').model, learners.pop('robust').model
     names = _row_names(d['n_low'], d['low_retrain'])
 
     def row(finding, method, make, epochs, lr, cbs=(), desc=''):
@@ -114,7 +116,7 @@ def _one_seed(ds, src_cls, tgt_cls, d, eps, steps, lam, seed, device, verbose, b
     flr = d.get('ft_lr') or lr  # fine-tuning rows: the sources' lr unless `ft_lr` is given
     row(f2, names[f2][0], lambda: transfer_learner(rob, tgt_dls, n_retrain='all', metrics=accuracy), ep, flr)
     row(f2, names[f2][1], lambda: transfer_learner(rob, tgt_dls, n_retrain='all', metrics=accuracy), ep, flr,
-        cbs=[FeatureDistillation(rob.model, lam=lam, layer=d['distill_layer'], warmup_epochs=d['warmup_epochs'])],
+        cbs=[FeatureDistillation(rob, lam=lam, layer=d['distill_layer'], warmup_epochs=d['warmup_epochs'])],
         desc=f" (lam={lam:g}" + (f" on {d['distill_layer']}'s output" if d['distill_layer'] else '')
              + f", {d['warmup_epochs']} head-only warm-up epochs)")
     low = task_dls(low, **dict(kw, bs=min(d['bs'], 4*d['n_low'])))

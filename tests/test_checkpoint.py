@@ -157,6 +157,16 @@ def test_unpickling_code_is_refused(tmp_path, src, obj):
     assert 'torch.load(weights_only=True) refused' in msg and 'arbitrary code' in msg and 'state_dict()' in msg
     assert isinstance(e.value, pickle.UnpicklingError)
 
+def test_fastai_export_is_named(tmp_path, src):
+    "A `learn.export()` file (what `rtl-fastai transfer` writes) as a checkpoint: refused, and the message says what it "
+    "is and what works (`load_learner`, or its model's state dict); the generic advice would index the Learner"
+    from fastai.learner import Learner
+    from rtl_fastai.data.all import task_dls
+    Learner(task_dls(bs=8), _src()).export(tmp_path/'export.pkl')
+    with pytest.raises(UnsafeCheckpointError) as e: load_robust_checkpoint(_src(), tmp_path/'export.pkl')
+    msg = str(e.value)
+    assert 'learn.export()' in msg and 'load_learner(path)' in msg and '.model.state_dict()' in msg
+
 def test_url_download_is_cached(tmp_path, src, monkeypatch):
     torch.save(src.state_dict(), tmp_path/'w.pt')
     calls = []
@@ -443,6 +453,10 @@ def test_unknown_names_list_close_ones():
         load_robust_checkpoint('resnet50_l2_eps4')
     with pytest.raises(ValueError, match=r"`path_or_url`: 'Salman2020Do_R1' is neither a checkpoint file nor a registered model. did you mean 'Salman2020Do_R18'"):
         load_robust_checkpoint(torchvision.models.resnet18(), 'Salman2020Do_R1')
+    # the CLI's `--arch resnet18` in Python, with a file: `model` must be the module (said with the call that works)
+    with pytest.raises(ValueError, match=r"with a checkpoint given, `model` is the module to load it into: "
+                                         r"`load_robust_checkpoint\(torchvision.models.resnet18\(num_classes=...\), 'my.ckpt'\)`"):
+        load_robust_checkpoint('resnet18', 'my.ckpt')
 
 def test_registry_wrong_architecture_is_a_mismatch(tmp_path, monkeypatch):
     info = ROBUST_MODELS['resnet18_linf_eps4.0']

@@ -413,3 +413,56 @@ def test_source_runs_in_the_callers_precision(source):
     h.remove()
     assert seen == [torch.bfloat16, torch.float32] and f.dtype == f32.dtype == torch.float32
     torch.testing.assert_close(f, f32, rtol=0.05, atol=0.05)
+
+
+def _warned(fit):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always'); fit()
+    return [str(x.message) for x in w if "no longer hold the source's statistics" in str(x.message)]
+
+
+def test_statistics_moved_by_an_earlier_fit_are_said(source):
+    "A head-only fit without the callback (`learn.freeze()` keeps BatchNorm training) moves the body's statistics: "
+    "`freeze_bn_stats` cannot keep the source's in the next fit, and says so; `fine_tune` with the callback keeps them"
+    from rtl_fastai.callback.transfer import transfer_learner   # (its splitter: `freeze()` leaves the head)
+    learn = transfer_learner(source, target_dls(), n_retrain='all', cache=False)
+    learn.freeze()
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, 1e-2)
+    learn.unfreeze()
+    with learn.no_bar(), learn.no_logging():
+        assert _warned(lambda: learn.fit_one_cycle(1, 1e-3, cbs=FeatureDistillation(source, lam=5e-3)))
+    bn = 'block1.down.bn.running_mean'
+    learn = transfer_learner(source, target_dls(), n_retrain='all', cache=False)
+    with learn.no_bar(), learn.no_logging():
+        assert not _warned(lambda: learn.fine_tune(1, freeze_epochs=1, cbs=FeatureDistillation(source, lam=5e-3)))
+    assert torch.equal(learn.model.state_dict()[bn], source.state_dict()[bn])
+    scratch = Learner(target_dls(), SmallCNN(n_out=5, widths=(8, 16)), loss_func=CrossEntropyLossFlat())  # not from
+    with scratch.no_bar(), scratch.no_logging():                                                        # the source:
+        assert not _warned(lambda: scratch.fit(1, 1e-3, cbs=FeatureDistillation(source, lam=5e-3)))     # its own stats
+
+
+def test_interrupted_warmup_leaves_no_frozen_flags(source, tmp_path):
+    "Ctrl-C in the warm start of a callback attached to the Learner (no event runs after it): no parameter is left "
+    "with `requires_grad=False`, so `learn.export()` works at once (fastai's export rebuilds the optimizer from the "
+    "trainable parameters; it failed, and left `learn.dls` empty), and the next fit trains the whole model"
+    from fastai.learner import load_learner
+    class CtrlC(Callback):
+        order = 100
+        def after_loss(self):
+            if self.training and self.iter == 2: raise KeyboardInterrupt
+    learn = make_learner(source, metrics=accuracy, cbs=FeatureDistillation(source, lam=1e-3, warmup_epochs=1))
+    learn.path = tmp_path
+    flags = [p.requires_grad for p in learn.model.parameters()]
+    with learn.no_bar(), learn.no_logging(), pytest.raises(KeyboardInterrupt): learn.fit(2, 1e-3, cbs=CtrlC())
+    assert [p.requires_grad for p in learn.model.parameters()] == flags
+    n_train = len(learn.dls.train)
+    learn.export('x.pkl')
+    assert len(learn.dls.train) == n_train
+    loaded = load_learner(tmp_path/'x.pkl')
+    x = learn.dls.valid.one_batch()[0][:4].cpu()
+    loaded.model.eval(); learn.model.eval()
+    with torch.no_grad(): torch.testing.assert_close(loaded.model(x), learn.model(x))
+    body0 = learn.model.stem.conv.weight.detach().clone()
+    with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-3)   # the warm start again (epoch 0), then all of it
+    assert not torch.equal(learn.model.stem.conv.weight, body0)
+    assert [p.requires_grad for p in learn.model.parameters()] == flags

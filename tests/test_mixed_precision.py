@@ -38,6 +38,15 @@ class CPUBFloat16(MixedPrecision):
         self.learn.scaler = torch.amp.GradScaler(dev, enabled=False)
 
 
+class CPUFloat16(MixedPrecision):
+    "fastai's `MixedPrecision` with float16 autocast on the data's device and a real `GradScaler` (CPU included)."
+    def __init__(self): super().__init__(amp_mode='fp16')
+    def before_fit(self):
+        dev = self.dls.device.type if self.dls.device is not None else 'cpu'
+        self.autocast, self.scales = torch.autocast(dev, dtype=torch.float16), L()
+        self.learn.scaler = torch.amp.GradScaler(dev, **self.kwargs)
+
+
 class DtypeProbe:
     "Forward hook on the first conv: the dtypes of its outputs."
     def __init__(self, model):
@@ -72,11 +81,12 @@ def small_dls(device):
     return task_dls(subsample(load_digits_data(), 30), bs=64, seed=0, device=device)
 
 
-@pytest.mark.parametrize('mode', ['cpu-bf16', 'to_bf16', 'to_fp16'])
+@pytest.mark.parametrize('mode', ['cpu-bf16', 'cpu-fp16', 'to_bf16', 'to_fp16'])
 @pytest.mark.parametrize('setup', SETUP_NAMES)
 def test_callbacks_under_mixed_precision(setup, mode, small_dls, digits_model):
     learn, cbs = _setups(small_dls, digits_model)[setup]
     if mode == 'cpu-bf16': learn.add_cb(CPUBFloat16())
+    elif mode == 'cpu-fp16': learn.add_cb(CPUFloat16())
     elif mode == 'to_bf16': learn.to_bf16()
     else: learn.to_fp16()
     probe = DtypeProbe(learn.model)
@@ -89,7 +99,7 @@ def test_callbacks_under_mixed_precision(setup, mode, small_dls, digits_model):
     assert all(torch.isfinite(torch.tensor(v)) for v in learn.recorder.values[-1]), learn.recorder.values
     assert acc > 0.8 and 0 <= rob <= acc, learn.recorder.values   # from the trained digits model
     assert all(p.dtype == torch.float32 for p in learn.model.parameters())
-    if mode == 'cpu-bf16' or small_dls.device.type == 'cuda': assert torch.bfloat16 in probe.dtypes or torch.float16 in probe.dtypes, probe.dtypes
+    if mode.startswith('cpu-') or small_dls.device.type == 'cuda': assert torch.bfloat16 in probe.dtypes or torch.float16 in probe.dtypes, probe.dtypes
     else: assert probe.dtypes == {torch.float32}  # on CPU, fastai's MixedPrecision runs in float32 (documented)
 
 
@@ -142,3 +152,45 @@ def test_robust_metric_follows_learner_precision(small_dls, digits_model, amp):
     assert seen[0] == ({torch.float32} if amp is False else {torch.bfloat16}), seen
     r = learn.robust_validate(eps=0.1, steps=3, n_batches=1, show_progress=False, amp=amp)   # and after fit
     assert 0 <= r['robust_acc'] <= r['clean_acc']
+
+
+def test_fp16_input_gradients_do_not_underflow():
+    "Under fp16 autocast the attack rescales each example's loss gradient before the half-precision backward "
+    "(`_input_grad`). On a confident model, whose fp32 input gradients are ~1e-8 (under fp16's smallest subnormal, "
+    "6e-8), a plain fp16 backward gives an all-zero gradient for about half the examples, so PGD would not move them; "
+    "the rescaled one gives none, with the signs of fp32's"
+    import torch.nn.functional as F
+    from rtl_fastai.attacks import _input_grad
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    with torch.no_grad(): m[-1].weight.mul_(1000.); m[-1].bias.zero_()   # confident: tiny cross-entropy gradients
+    x = torch.rand(32, 3, 16, 16)
+    with torch.no_grad(): y = m(x).argmax(1)
+    def grad(dtype, rescaled):
+        d = torch.zeros_like(x, requires_grad=True)
+        with torch.autocast('cpu', dtype=dtype, enabled=dtype is not None):
+            out = m(x + d); out32 = out.float(); losses = F.cross_entropy(out32, y, reduction='none')
+            return _input_grad(out, out32, losses, d) if rescaled else torch.autograd.grad(losses.sum(), d)[0]
+    def zero_rows(g): return int((g.flatten(1).abs().amax(1) == 0).sum())
+    g32, naive, ours = grad(None, False), grad(torch.float16, False), grad(torch.float16, True)
+    assert zero_rows(g32) == 0 and zero_rows(naive) > 0   # the case is real: fp16 underflows without the rescaling
+    assert zero_rows(ours) == 0
+    assert (ours.sign() == g32.sign()).float().mean() > 0.9
+
+
+@pytest.mark.parametrize('dtype', [None, torch.bfloat16, torch.float16])
+def test_attacks_keep_channels_last(dtype):
+    "A channels-last batch (3 channels: a 1-channel batch is channels-last and contiguous at once) stays channels-last "
+    "through the attacks, in fp32 and under autocast, so the model's convolutions get the layout they were tuned for"
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    m = m.eval().to(memory_format=torch.channels_last)
+    x = torch.rand(6, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+    y = torch.randint(0, 4, (6,))
+    stats = ([0.5]*3, [0.25]*3)
+    with torch.autocast('cpu', dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        for xa in (pgd_attack(m, x, y, 0.1, steps=3, stats=stats), pgd_attack(m, x, y, 0.5, steps=3, norm='l2', stats=stats),
+                   pgd_attack(m, x, y, 0.1, steps=3, stats=stats, drop_fooled=False), fgsm_attack(m, x, y, 0.1, stats=stats)):
+            assert xa.is_contiguous(memory_format=torch.channels_last) and xa.dtype == torch.float32

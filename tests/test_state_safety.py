@@ -240,12 +240,17 @@ def test_export_holds_no_data(dls, digits_model, tmp_path):
     class Stop(Callback):
         def after_batch(self):
             if self.iter == 1: raise RuntimeError('stop')
-    for i, cb in enumerate((PGDTraining(0.1, steps=2), FreeAdvTraining(0.1, replays=2), FastAdvTraining(0.1))):
+    trainers = (PGDTraining(0.1, steps=2), FreeAdvTraining(0.1, replays=2), FastAdvTraining(0.1),
+                TRADESTraining(0.1, steps=2), PGDTraining(0.1, steps=2, stats=dls), FastAdvTraining(0.1, stats=dls.train))
+    for i, cb in enumerate(trainers):   # `stats=dls`: the callback keeps its (mean, std), not the loaders
         learn = Learner(dls, SmallCNN(n_in=1, n_out=dls.c, widths=(8,)), cbs=cb)
         _fit(learn)
         with pytest.raises(RuntimeError, match='stop'): _fit(learn, cbs=Stop())
         learn.export(tmp_path/f'{i}.pkl')
         assert (tmp_path/f'{i}.pkl').stat().st_size < limit, type(cb).__name__
+    learn = Learner(dls, SmallCNN(n_in=1, n_out=dls.c, widths=(8,)), metrics=RobustAccuracy(0.1, steps=2, stats=dls))
+    learn.export(tmp_path/'metric.pkl')
+    assert (tmp_path/'metric.pkl').stat().st_size < limit
     learn = transfer_learner(_model(digits_model), dls, n_retrain=1, cache=True)
     with pytest.raises(RuntimeError, match='stop'): _fit(learn, cbs=Stop())
     assert learn.feature_cache.active

@@ -274,3 +274,21 @@ def test_timm_weights_without_the_hub(tmp_path, monkeypatch):
     with pytest.raises(OSError, match='cannot be reached and the weights are not in its local cache'):
         job.build_arch('timm:resnet34', pretrained=True)
     assert not hc.HF_HUB_OFFLINE
+
+
+def test_penultimate_before_timm_head_dropout():
+    "A timm ViT with `drop_rate` drops out just before its head: the penultimate features are those before the dropout "
+    "(as for the CNNs), the same in train and eval mode, bare or in `vision_learner`; not a random mask of them"
+    from fastai.vision.learner import TimmBody
+    vit = timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=32, depth=1, drop_rate=0.5)
+    body = timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=32, depth=1, drop_rate=0.5, num_classes=0)
+    wrapped = nn.Sequential(TimmBody(body, pretrained=False, cut=None), nn.Linear(192, 3))  # as `vision_learner` builds
+    x = torch.rand(4, 3, 32, 32)
+    for m in (vit, wrapped):
+        p, got = penultimate(m), []
+        h = p.module.register_forward_hook(lambda mod, i, o: got.append(p.hook_func(mod, i, o)))
+        with torch.no_grad():
+            m.train(); m(x)
+            m.eval(); m(x)
+        h.remove()
+        torch.testing.assert_close(got[0], got[1])

@@ -433,3 +433,27 @@ def test_transfer_learner_forward_check_takes_every_input():
     learn = transfer_learner(TwoInputs(n_in=1, n_out=10, widths=(8,)), dls, n_out=10, cache=False,
                              loss_func=torch.nn.CrossEntropyLoss())
     with learn.no_bar(), learn.no_logging(): learn.fit(1)
+
+
+def test_cache_keeps_channels_last(digits_dls):
+    "A channels-last model's cached feature maps are stored channels-last (the retrained convolutions' layout: not "
+    "converted again at every batch); the training is the same as without the cache"
+    m = SmallCNN(n_in=1, n_out=digits_dls.c, widths=(8, 16)).to(memory_format=torch.channels_last)
+    learn = transfer_learner(m, digits_dls, n_retrain=1, cache=True)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    c = learn.feature_cache.cached
+    assert learn.feature_cache.active and c.ndim == 4 and c.shape[1] > 1
+    assert c.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_cache_rebuilt_when_transforms_change(digits_dls):
+    "`dls.add_tfms` between two fits (a `Normalize` added later, as fastai allows) changes the frozen features: the "
+    "cache is built again, not reused stale"
+    from fastai.data.transforms import Normalize
+    dls = task_dls(bs=64, normalize=False)
+    learn = transfer_learner(SmallCNN(n_in=1, n_out=dls.c, widths=(8, 16)), dls, n_retrain=1, cache=True)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    first = learn.feature_cache.cached.clone()
+    dls.add_tfms([Normalize.from_stats(0.3, 0.37, cuda=False)], 'after_batch')
+    with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    assert learn.feature_cache.active and not torch.allclose(first, learn.feature_cache.cached)

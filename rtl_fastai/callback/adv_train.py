@@ -6,11 +6,11 @@
 from __future__ import annotations
 import torch
 import torch.nn.functional as F
-from fastcore.basics import store_attr, GetAttr
+from fastcore.basics import GetAttr
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.training import GradientAccumulation
-from ..core import plain, check_int, check_number, normalize_stats, check_normalization, UndoTrainOnError
+from ..core import plain, _kept_stats, check_int, check_number, normalize_stats, check_normalization, UndoTrainOnError
 import warnings
 from ..attacks import (ThreatModel, as_threat, pgd_attack, fgsm_attack, eval_mode, _pixel_space, _amp_context,
                                 _check_pixels, _check_labels, _check_head, _attack_model)
@@ -63,12 +63,15 @@ class _AdvTrainCallback(UndoTrainOnError, Callback):
     def before_train(self):
         if getattr(self, '_ready', False): return
         self._ready = True
-        others = [type(c).__name__ for c in self.learn.cbs if isinstance(c, _AdvTrainCallback) and c is not self]
-        if others:
+        ours = [c for c in self.learn.cbs if isinstance(c, _AdvTrainCallback)]
+        if len(ours) > 1:  # (this very callback twice: given to `Learner(cbs=...)` and to `fit(cbs=...)`)
+            others = [type(c).__name__ + (' (this same callback, twice)' if c is ours[0] else '') for c in ours[1:]]
             raise ValueError(f"{type(self).__name__}: the learner has another adversarial-training callback "
                              f"({', '.join(others)}); each would perturb every batch in turn, so the perturbations "
                              "add up beyond eps. Keep one: a callback given to `Learner(cbs=...)` serves every fit, "
-                             "so do not pass it to `fit(cbs=...)` as well (or `learn.remove_cb` it first)")
+                             "so do not pass it to `fit(cbs=...)` as well (or `learn.remove_cb` it first). A callback passed "
+                             "to both is left detached by fastai when this fit ends: `learn.remove_cb(cb); learn.add_cb(cb)` "
+                             "attaches it again")
         self._stats = self.learn.dls if self.stats is None else self.stats
         normalize_stats(self._stats)  # fail early on unusable stats
         check_normalization(self.learn.model, self.learn.dls, type(self).__name__)  # warns once per model and data
@@ -91,7 +94,7 @@ class PGDTraining(_AdvTrainCallback):
                  stats=None, # normalization stats (see `pgd_attack`); default: those of `learn.dls`
                  **threat_kw, # `ThreatModel` fields; here steps=7 (step size 2.5*eps/7, random start)
                 ):
-        self._threat(threat, threat_kw, dict(steps=7), restarts=True); self.stats = stats
+        self._threat(threat, threat_kw, dict(steps=7), restarts=True); self.stats = _kept_stats(stats)
     def before_batch(self):
         x,y = _one_input(self.learn, 'PGDTraining')
         xa = pgd_attack(_attacked(self.learn), x, y, self.threat, stats=self._space_of(x), check_pixels=self._check_now())
@@ -122,7 +125,7 @@ class FreeAdvTraining(_AdvTrainCallback):
         self._threat(threat, threat_kw, linf_only=True,
                      one_step="the attack's steps are the replays, `replays`=m")
         check_int(replays, 'replays', fix="it is m, how many times each minibatch is replayed")
-        store_attr('replays,stats')
+        self.replays, self.stats = replays, _kept_stats(stats)
     _stateattrs = _AdvTrainCallback._stateattrs + ('delta', '_d', '_p', '_space')  # the perturbation is the data's size
     def before_fit(self):
         super().before_fit()
@@ -174,7 +177,7 @@ class FastAdvTraining(_AdvTrainCallback):
                  **threat_kw, # `ThreatModel` fields; `alpha` is the FGSM step, default 1.25*eps (eps if not random_start)
                 ):
         self._threat(threat, threat_kw, dict(steps=1), one_step="use PGDTraining for a multi-step attack")
-        self.stats = stats
+        self.stats = _kept_stats(stats)
     def before_batch(self):
         x,y = _one_input(self.learn, 'FastAdvTraining')
         tm = self.threat
@@ -207,11 +210,13 @@ class TRADESTraining(_AdvTrainCallback):
                 ):
         self._threat(threat, threat_kw, dict(steps=10))
         self.beta = check_number(beta, 'beta', lo=0, fix="it is the weight of the KL term")
-        self.stats = stats
+        self.stats = _kept_stats(stats)
+    _stateattrs = _AdvTrainCallback._stateattrs + ('x_adv', 'kl')  # a batch, and a tensor of the graph
     def before_batch(self):
         x,_ = _one_input(self.learn, 'TRADESTraining')
         model = _attacked(self.learn)
         with _amp_context(self.learn, x.device):
+            x = plain(x)  # (before fastai's `CastToTensor`: the passes below on a plain tensor, as the clean one)
             with eval_mode(model), torch.no_grad(): q = F.softmax(model(x).float(), 1)
             self.x_adv = pgd_attack(model, x, q, self.threat, stats=self._space_of(x), loss_func=_kl_to,
                                     check_pixels=self._check_now())

@@ -15,7 +15,7 @@ from fastai.learner import Learner, Metric
 from fastai.data.load import DataLoader
 from fastai.callback.core import GatherPredsCallback
 from fastai.callback.progress import ProgressCallback
-from ..core import check_int, is_number, fork_rng, eps_str, normalize_stats, check_normalization, check_dl
+from ..core import _kept_stats, check_int, is_number, fork_rng, eps_str, normalize_stats, check_normalization, check_dl
 from ..attacks import ThreatModel, as_threat, robust_eval_batch, _FIELDS, _amp_context, _pixel_space, _attack_model
 from ..distributed import DistributedDL, _inner, _sharded, _n_real, _in_distrib_ctx
 
@@ -89,7 +89,8 @@ class RobustAccuracy(Metric):
         if not (amp is None or isinstance(amp, bool)):
             raise ValueError(f"RobustAccuracy: `amp` must be None (the learner's precision), True or False, "
                              f"got {amp!r}")
-        store_attr('n_batches,drop_fooled,loss_func,stats,seed,amp,compile')
+        store_attr('n_batches,drop_fooled,loss_func,seed,amp,compile')
+        self.stats = _kept_stats(stats)  # `stats=dls`: its (mean, std), not the data, in `learn.export()`
         self._space, self._name = None, name
         self.reset()
 

@@ -5,19 +5,18 @@
 # %% ../../nbs/06_callback.distill.ipynb #f64a3884
 from __future__ import annotations
 import contextlib, difflib, warnings
-from copy import deepcopy
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from fastcore.basics import store_attr, patch
 from fastcore.foundation import L
 from fastai.torch_core import find_bs
-from fastai.learner import Learner, Metric
+from fastai.learner import Metric
 from fastai.callback.hook import Hooks, HookCallback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.mixup import MixHandler
-from ..core import check_int, check_number, fork_rng, UndoTrainOnError, check_normalization, _in_channels, renamed
-from ..models import head_module, unwrap_model, penultimate, Penultimate, forward_to
+from ..core import _wide, check_int, check_number, fork_rng, UndoTrainOnError, check_normalization, _in_channels, renamed
+from ..models import _copy_source, Stage, head_module, unwrap_model, penultimate, Penultimate, forward_to
 from ..data.augment import random_tfms
 from .batch_items import batch_items
 from .adv_train import _AdvTrainCallback
@@ -90,7 +89,7 @@ class DistillMetric(Metric):
     def accumulate(self, learn):
         if self.train_only or self.cb.batch_term is None: return
         bs = find_bs(learn.yb)
-        self.total = self.total + self.cb.batch_term.double() * bs   # on the device: no sync per batch
+        self.total = self.total + _wide(self.cb.batch_term) * bs   # on the device: no sync per batch
         self.count += bs
     @property
     def value(self):
@@ -128,10 +127,6 @@ class FeatureDistillation(UndoTrainOnError, HookCallback):
                  freeze_bn_stats:bool=True,
                 ):
         who = 'FeatureDistillation'
-        if isinstance(source, Learner): source = source.model  # as `transfer_learner` takes it
-        if not isinstance(source, nn.Module):
-            raise TypeError(f"{who}: `source` must be an nn.Module (the robust source model) or its Learner, "
-                            f"got {type(source).__name__}.")
         check_number(lam, 'lam', lo=0, who=who, fix='e.g. 5e-3')
         if not (callable(penalty) or (isinstance(penalty, str) and penalty in _dists)):
             raise ValueError(f"{who}: `penalty` must be 'l1', 'l2' or a function (f, f_src) -> scalar, "
@@ -139,7 +134,7 @@ class FeatureDistillation(UndoTrainOnError, HookCallback):
         check_int(warmup_epochs, 'warmup_epochs', lo=0, who=who)
         super().__init__(is_forward=True, detach=False, cpu=False)
         store_attr('lam,layer,penalty,warmup_epochs,precompute,freeze_bn_stats')
-        self.source = deepcopy(unwrap_model(source)).eval().requires_grad_(False)
+        self.source = _copy_source(source, who).eval().requires_grad_(False)  # (a `Learner`'s: with its loaders' stats)
         feature_hook(self.source, layer, 'source model')  # fails early on a bad `layer`
         self._hook_fn = None
         self._fitting, self._capture, self._feats, self._mets, self._frozen = False, False, None, [], None
@@ -310,12 +305,13 @@ def after_loss(self:FeatureDistillation):
         raise ValueError(f"FeatureDistillation: `penalty` must return a scalar tensor (the batch's distance), got "
                          f"{tuple(pen.shape) if isinstance(pen, torch.Tensor) else type(pen).__name__}.")
     pen = self.lam * pen
+    if self._frozen is not None: pen = pen.detach()   # the warm start: the penalty does not train the body either
     self.batch_term = pen.detach()
     if not self.training: return
     self.learn.loss_grad = self.learn.loss_grad + pen
     self.learn.loss = self.learn.loss + self.batch_term
     bs = find_bs(self.yb)
-    self.train_sum = self.train_sum + self.batch_term.double() * bs; self.train_n += bs   # read in `train_term`
+    self.train_sum = self.train_sum + _wide(self.batch_term) * bs; self.train_n += bs   # read in `train_term`
 
 # %% ../../nbs/06_callback.distill.ipynb #0603bfae
 @patch
@@ -338,24 +334,54 @@ def _frozen_bns(self:FeatureDistillation, no_head=None) -> list:
         return []
     def key(m): return tuple(t.detach().float().cpu().numpy().tobytes() for t in (m.running_mean, m.running_var))
     def bns(mods): return [m for m in mods if isinstance(m, _BatchNorm) and m.running_mean is not None]
-    src = {key(m) for m in bns(self.source.modules())}
-    return [m for m in bns(self._body_modules) if key(m) in src]
+    src, body = {key(m) for m in bns(self.source.modules())}, bns(self._body_modules)
+    kept = [m for m in body if key(m) in src]
+    if len(kept) < len(body) and self._from_source():
+        warnings.warn(f"FeatureDistillation(freeze_bn_stats=True): {len(body)-len(kept)} of the {len(body)} BatchNorm "
+                      "layers outside the head no longer hold the source's statistics, though the weights come from the "
+                      "source: an earlier fit moved them (fastai's `freeze()` keeps BatchNorm training), and they now "
+                      "follow the training batches. To keep the source's, give the callback to every fit, e.g. "
+                      "`learn.fine_tune(n, freeze_epochs=k, cbs=FeatureDistillation(src))`, or warm the head up with "
+                      "`warmup_epochs` instead of a fit of its own", UserWarning, stacklevel=2)
+    return kept
+
+@patch
+def _from_source(self:FeatureDistillation) -> bool:
+    "Whether the body's first weight matrix or kernel is one of the source's: the student started from the source"
+    w = next((p for m in self._body_modules for p in m.parameters(recurse=False) if p.ndim > 1), None)
+    return w is not None and any(q.shape == w.shape and torch.equal(q.detach().to(w.device), w.detach())
+                                 for q in self.source.parameters())
+
+def _detach_inputs(mod, inp):
+    "Forward pre-hook of the head in the warm start: its input detached, so no gradient reaches the body"
+    return tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in inp) if torch.is_grad_enabled() else None
 
 @patch
 def _freeze(self:FeatureDistillation):
+    ("The warm start: the head's input is detached in every forward (a hook), so the body gets no gradient; no "
+     "parameter's `requires_grad` changes, so a fit that an exception (Ctrl-C) ends leaves no frozen flags for "
+     "`learn.export()` to trip on. A head the forward does not call as one module (a `Stage`, e.g. a distilled "
+     "DeiT's two heads) or a compiled model: the body's `requires_grad` flags are turned off instead")
     model = unwrap_model(self.learn.model)
-    try: in_head = {id(p) for p in head_module(model).parameters()}
+    try: head = head_module(model)
     except TypeError as e:
         raise TypeError(f"FeatureDistillation(warmup_epochs={self.warmup_epochs}): cannot find the head of the "
                         f"learner's model ({e}); declare its blocks with `rtl_fastai.models.set_blocks` or use "
                         "warmup_epochs=0.") from None
-    self._frozen = [(p, p.requires_grad) for p in model.parameters() if id(p) not in in_head]
-    for p, _ in self._frozen: p.requires_grad_(False); p.grad = None
+    in_head = {id(p) for p in head.parameters()}
+    body = [p for p in model.parameters() if id(p) not in in_head]
+    for p in body: p.grad = None   # (fastai zeroes gradients, keeping them: a zero one would still get weight decay)
+    if isinstance(head, Stage) or unwrap_model(self.learn.model, compiled=False) is not model:
+        self._frozen = [(p, p.requires_grad) for p in body]
+        for p in body: p.requires_grad_(False)
+    else: self._frozen = head.register_forward_pre_hook(_detach_inputs)
 
 @patch
 def _unfreeze(self:FeatureDistillation):
     if self._frozen is None: return
-    for p, rg in self._frozen: p.requires_grad_(rg)
+    if isinstance(self._frozen, list):
+        for p, rg in self._frozen: p.requires_grad_(rg)
+    else: self._frozen.remove()
     self._frozen = None
 
 # %% ../../nbs/06_callback.distill.ipynb #dd3a1a9a

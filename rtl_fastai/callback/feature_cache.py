@@ -12,7 +12,7 @@ from fastprogress.fastprogress import progress_bar
 from fastai.torch_core import params
 from fastai.callback.core import Callback
 from ..distributed import DistributedDL
-from ..core import plain, fork_rng, check_number, UndoTrainOnError
+from ..core import plain, _wide, fork_rng, check_number, UndoTrainOnError
 from ..models import model_blocks, forward_to
 from ..data.augment import random_tfms, unknown_tfms
 from ..attacks import eval_mode
@@ -50,8 +50,14 @@ def _fingerprint(mods):
     ("Cheap summary of the weights and buffers of `mods`, to notice that frozen weights were changed (e.g. "
      "`learn.load`).")
     with torch.no_grad():
-        return tuple((t.numel(), float(t.double().sum()), float(t.double().abs().sum()))
+        return tuple((t.numel(), float(_wide(t).sum()), float(_wide(t).abs().sum()))
                      for m in mods for t in [*m.parameters(), *m.buffers()])
+
+def _tfms_sig(dl):
+    ("The transforms of `dl`, which objects and their state as `repr` shows it: a `Normalize` added by `dls.add_tfms` "
+     "between two fits changes the inputs, so the features cached before it are stale")
+    return tuple((id(t), repr(t)) for a in ('after_item', 'before_batch', 'after_batch')
+                 for t in getattr(getattr(dl, a, None), 'fs', None) or ())
 
 def _inner_start(entry):
     ("In an `nn.Sequential` entry that starts with layers without parameters or train/eval behaviour (fastai's head: "
@@ -214,7 +220,10 @@ def _build_(self:FeatureCache, model, entry, dl):
             reason = self._check(model, xb, f)
             if reason is not None: return reason
             # filled in place: the cache's memory once, not a list of batches and their concatenation
-            self.cached, self.targets = f.new_empty((n, *f.shape[1:])), yb.new_empty((n, *yb.shape[1:]))
+            cl = f.ndim == 4 and f.shape[1] > 1 and f.is_contiguous(memory_format=torch.channels_last)
+            self.cached = torch.empty((n, *f.shape[1:]), dtype=f.dtype, device=f.device,
+                                      memory_format=torch.channels_last if cl else torch.contiguous_format)
+            self.targets = yb.new_empty((n, *yb.shape[1:]))   # (a channels-last model's maps: kept in its layout)
         if i + len(f) > n: return 'the training DataLoader gives more items than its dataset holds'
         self.cached[i:i+len(f)], self.targets[i:i+len(f)] = f, yb
         i += len(f)
@@ -240,7 +249,7 @@ def _setup(self:FeatureCache):
     reason, n = self._plan()
     if reason is not None: return self._off(reason)
     model, entries, dl = self.learn.model, model_blocks(self.learn.model).all, self.dls.train
-    key = (id(dl.dataset), len(dl.dataset), n, _fingerprint(entries[:n]))
+    key = (id(dl.dataset), len(dl.dataset), n, _fingerprint(entries[:n]), _tfms_sig(dl))
     # the cached features enter at the first trained entry (inside it, past a fastai head's pool and flatten: the
     # pooled features, not the feature maps); where the model's forward cannot take them there (e.g. a head entry
     # whose two heads read two tokens), at the input of an earlier frozen entry instead: the same model, less time
@@ -248,8 +257,8 @@ def _setup(self:FeatureCache):
     inner = _inner_start(entries[n])
     cands = ([(inner, f'entry {n} ({type(inner).__name__})', entries[n])] if inner is not None else []) + [
              (entries[k], f'entry {k}', None) for k in range(n, 0, -1)]
-    if key == (self._key or (None,))[:4] and self.cached is not None:
-        i = self._key[4]
+    if self._key is not None and key == self._key[:-1] and self.cached is not None:   # (`_key` ends with `i`)
+        i = self._key[-1]
         self._hook_at(model, cands[i])
     else:
         self.clear()

@@ -4,7 +4,6 @@
 
 # %% ../../nbs/05c_callback.transfer.ipynb #a21baf56
 from __future__ import annotations
-import copy
 from collections import OrderedDict
 from functools import partial
 import torch
@@ -18,7 +17,7 @@ import fastai.callback.schedule, fastai.callback.progress  # noqa: F401
 from ..core import is_int, check_prob
 from ..core import check_normalization, _norm_layer, peek_batch
 from ..attacks import eval_mode
-from ..models import model_blocks, replace_head, swap_head, _is_fastai_model, _last_linear, _set_module
+from ..models import _copy_source, model_blocks, replace_head, swap_head, _is_fastai_model, _last_linear, _set_module
 from ..checkpoint import load_weights
 from .freeze import n_frozen_entries, FreezeBlocks, trainable_splitter
 from .feature_cache import FeatureCache
@@ -137,14 +136,10 @@ def transfer_learner(source,              # the source model (`nn.Module`) or a 
                     ) -> Learner: # the transfer learner, `FreezeBlocks` and `FeatureCache` attached
     ("A fastai `Learner` that retrains the last `n_retrain` blocks of a copy of `source` and a new head on `dls`; the "
      "frozen blocks stay frozen through `learn.unfreeze()` (`FreezeBlocks`): change `n_retrain` to retrain more")
-    model = source.model if isinstance(source, Learner) else source
-    if not isinstance(model, nn.Module):
-        raise TypeError("transfer_learner: `source` must be an nn.Module or a fastai Learner, "
-                        f"got {type(source).__name__}.")
     if not isinstance(dls, DataLoaders):
         raise TypeError(f"transfer_learner: `dls` must be fastai `DataLoaders` (training and validation), got "
                         f"{type(dls).__name__}" + (": pass `dls`, not `dls.train`" if hasattr(dls, 'dataset') else ''))
-    model = copy.deepcopy(model)
+    model = _copy_source(source, 'transfer_learner')   # (a `Learner`'s: with the statistics its loaders normalized with)
     # the checkpoint's statistics go where the model has them: its `NormalizeInput`, else `model.input_stats`
     if weights is not None:
         load_weights(model, weights, 'transfer_learner', normalize='auto' if _norm_layer(model) is not None else 'dls')
