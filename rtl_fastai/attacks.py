@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fastai.callback.fp16 import MixedPrecision, AMPMode
-from .core import plain, is_number, check_int, check_number, eps_str, NormalizeInput, _norm_key
+from .core import plain, is_number, check_bool, check_int, check_number, eps_str, NormalizeInput, _norm_key
 
 # %% auto #0
 __all__ = ['eval_mode', 'EpsScaleWarning', 'PixelRangeWarning', 'ThreatModel', 'as_threat', 'pgd_attack', 'margin_loss',
@@ -337,6 +337,7 @@ def _check_pixels(p, stats):
 
 def _attack(model, x, y, tm:ThreatModel, loss_func, stats, drop_fooled, need_fooled=False, check_pixels=True):
     "Adversarial `x` and, when `drop_fooled` or `need_fooled`, whether each example is fooled by it."
+    check_bool(drop_fooled, 'drop_fooled')
     y = _check_xy(x, y, classes=loss_func is None or drop_fooled or need_fooled or tm.restarts > 1)
     eps, steps, alpha, norm, restarts = tm.eps, tm.steps, tm.step_size, tm.norm, tm.restarts
     if loss_func is None: loss_func = nn.CrossEntropyLoss(reduction='none')

@@ -17,9 +17,9 @@ from fastai.data.transforms import Normalize
 
 # %% auto #0
 __all__ = ['plain', 'to_device_async', 'check_device', 'use_device', 'is_int', 'is_number', 'check_int', 'check_number',
-           'check_prob', 'renamed', 'check_dl', 'make_dir', 'fork_rng', 'peek_batch', 'keeps_cudnn_flags',
-           'UndoTrainOnError', 'eps_str', 'normalize_stats', 'NormalizeInput', 'input_stats', 'add_input_norm',
-           'check_normalization', 'parse_number']
+           'check_prob', 'check_learner', 'check_bool', 'renamed', 'check_dl', 'make_dir', 'fork_rng', 'peek_batch',
+           'keeps_cudnn_flags', 'UndoTrainOnError', 'eps_str', 'normalize_stats', 'NormalizeInput', 'input_stats',
+           'add_input_norm', 'check_normalization', 'parse_number']
 
 # %% ../nbs/00_core.ipynb #7803692f
 def plain(t):
@@ -131,6 +131,24 @@ def check_prob(p, name:str, # the value and the parameter's name
     if not is_number(p) or not 0 <= p < 1:
         raise ValueError(f"{f'{who}: ' if who else ''}`{name}` is a dropout probability in [0, 1), got {p!r}.")
     return float(p)
+
+def check_learner(learn, who:str)->None:
+    "Raise a `TypeError` unless `learn` is a fastai `Learner`, saying how to make one of a model"
+    from fastai.learner import Learner
+    if isinstance(learn, Learner): return
+    got = type(learn).__name__
+    raise TypeError(f"{who}: `learn` must be a fastai Learner, got {got}" + (
+        ": wrap the model, `Learner(dls, model, loss_func=nn.CrossEntropyLoss())`, or attack one batch with "
+        "`pgd_attack(model, x, y, eps)`" if isinstance(learn, nn.Module) else
+        ": give the Learner (DataLoaders are its `dls`)" if hasattr(learn, 'train') or hasattr(learn, 'dataset') else ""))
+
+def check_bool(v, name:str, # the value and the parameter's name
+               who:str=None, # the function or class the user called, for the message
+              )->bool:
+    "Raise a `TypeError` naming `name` unless `v` is True or False (a NumPy bool too: not 'no', whose truth is True)"
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{f'{who}: ' if who else ''}`{name}` must be True or False, got {v!r}")
+    return bool(v)
 
 # %% ../nbs/00_core.ipynb #b3c4d5e2
 def renamed(**names): # `old='new'` for each renamed keyword
@@ -350,11 +368,14 @@ class NormalizeInput(nn.Module):
     def extra_repr(self): return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
 
 # %% ../nbs/00_core.ipynb #a7c3e1f0
-def _kept_stats(stats):
+def _kept_stats(stats, who:str=None):
     ("`stats` as a callback should keep them: a `DataLoaders`/`DataLoader` becomes its `(mean, std)` (the identity "
-     "`(0, 1)` if it does not normalize), so that `learn.export()` pickles no data; anything else is returned as given")
+     "`(0, 1)` if it does not normalize), so that `learn.export()` pickles no data; anything else is checked (a bad "
+     "value fails at construction, not after an epoch) and returned as given")
+    if stats is None: return None
+    try: st = normalize_stats(stats)
+    except (TypeError, ValueError) as e: raise type(e)(f"{who or 'stats'}: `stats`: {e}") from None
     if not (isinstance(stats, (DataLoaders, TfmdDL)) or hasattr(stats, 'after_batch')): return stats
-    st = normalize_stats(stats)
     return st if st is not None else (torch.zeros(1,1,1,1), torch.ones(1,1,1,1))
 
 # %% ../nbs/00_core.ipynb #7b9bf457

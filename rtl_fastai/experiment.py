@@ -7,7 +7,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 import torch
 from fastai.vision.all import Learner, accuracy, set_seed
-from .core import fork_rng, check_int, check_number, is_number, keeps_cudnn_flags, renamed, peek_batch, _item_channels
+from .core import fork_rng, check_learner, check_int, check_number, is_number, keeps_cudnn_flags, renamed, peek_batch, _item_channels
 from .data.arrays import ArrayData, _per_class
 from .models import SmallCNN, PreActResNet18, WideResNet
 from .attacks import ThreatModel
@@ -26,6 +26,7 @@ def make_model(arch:str, # 'smallcnn', 'preact18' or 'wrn' (WRN-16-k, k=`width`)
                width:int=None, # smallcnn: first block's channels (32); preact18: base width (64); wrn: widen factor (1)
               ):
     "A fresh model of family `arch`."
+    check_int(width, 'width', none_ok=True, who='make_model', fix='None for the default of `arch`')
     if arch == 'smallcnn': return SmallCNN(n_in=n_in, n_out=n_out, widths=(width, 2*width) if width else (32, 64))
     if arch == 'preact18': return PreActResNet18(n_in=n_in, n_out=n_out, width=width or 64)
     if arch == 'wrn': return WideResNet(depth=16, widen=width or 1, n_in=n_in, n_out=n_out)
@@ -52,6 +53,8 @@ def fit_quietly(learn:Learner,
                 show_progress:bool=False, # show the progress bars
                ) -> Learner:
     "`learn.fit_one_cycle(epochs, lr)` without tables or bars unless asked; returns `learn`."
+    check_learner(learn, 'fit_quietly'); check_int(epochs, 'epochs', who='fit_quietly')
+    check_number(lr, 'lr', lo=0, lo_open=True, who='fit_quietly', fix='the maximum learning rate, e.g. 3e-3')
     cbs = [cbs] if cbs is not None and not isinstance(cbs, (list, tuple)) else list(cbs or [])
     with quiet(learn, verbose, show_progress or verbose): learn.fit_one_cycle(epochs, lr, cbs=cbs)
     return learn
@@ -78,6 +81,7 @@ def evaluate(learn:Learner,
              dl=None, # a `DataLoader`; default the validation one
             ) -> dict: # `clean_acc`, `pgd_acc` (fractions) and `n` (examples evaluated)
     "Clean and PGD accuracy of `learn.model`, seeded."
+    check_learner(learn, 'evaluate')
     if isinstance(threat, ThreatModel) and (steps is not None or alpha is not None):
         raise TypeError(f"evaluate: `threat` is a ThreatModel, which holds the steps and step size: give them there, "
                         f"e.g. threat.replace(steps={steps if steps is not None else threat.steps}"

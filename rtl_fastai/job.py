@@ -15,7 +15,7 @@ import torchvision
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastprogress.fastprogress import IN_NOTEBOOK
-from .core import (parse_number, is_int, _norm_key, renamed, fork_rng, check_int, check_number, eps_str, normalize_stats, input_stats, add_input_norm,
+from .core import (check_bool, parse_number, is_int, _norm_key, renamed, fork_rng, check_int, check_number, eps_str, normalize_stats, input_stats, add_input_norm,
                              check_normalization, _record_stats, _fmt_stats, _norm_layer, keeps_cudnn_flags, check_device,
                              _in_channels, _is_identity)
 from .data.folder import check_image_folder, folder_dls
@@ -354,7 +354,7 @@ def _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha
     if norm not in ('linf', 'l2'):
         raise ValueError(f"{who}: `norm` must be 'linf' or 'l2' (the threat model), got {norm!r}")
     for k, v in dict(pretrained=pretrained, curve=curve, cache=cache, quiet=quiet).items():
-        if not isinstance(v, bool): raise ValueError(f"{who}: `{k}` must be True or False, got {v!r}")
+        check_bool(v, k, who)
     e = parse_eps(eps, 'eps', who, norm)
     a = None if alpha is None else parse_eps(alpha, 'alpha', who, norm)
     try: threat = experiment_threat(e, steps, a, norm)

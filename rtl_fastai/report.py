@@ -12,7 +12,7 @@ import torch.nn as nn
 import pandas as pd
 from fastcore.basics import patch
 from fastai.learner import Learner
-from .core import plain, is_number, check_int, check_dl, fork_rng, eps_str, normalize_stats, NormalizeInput, renamed
+from .core import plain, is_number, check_bool, check_int, check_dl, fork_rng, eps_str, normalize_stats, NormalizeInput, renamed
 from .attacks import ThreatModel, EpsScaleWarning, as_threat, eval_mode, _check_pixels
 from .callback.adv_valid import robust_validate, _random_sample, _attack_source, _check_labelled
 
@@ -246,7 +246,7 @@ def robustness_report(self:Learner,
     check_int(restarts, 'restarts')
     if eps == 0: raise ValueError("`eps` must be > 0 for a robustness report, e.g. 8/255")
     check_int(n_batches, 'n_batches', none_ok=True)
-    check_int(square_queries, 'square_queries', none_ok=True)
+    check_int(square_queries, 'square_queries', none_ok=True); check_bool(show, 'show', 'robustness_report')
     if not is_number(tol) or not 0 <= tol < 1: raise ValueError(f"`tol` must be a number in [0, 1), got {tol!r}")
     if is_number(eps_factors): eps_factors = (eps_factors,)
     if is_number(steps_list): steps_list = (steps_list,)

@@ -8,6 +8,7 @@ from contextlib import nullcontext
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 import torch.nn.functional as F
 from fastcore.meta import delegates
 from matplotlib.figure import Figure
@@ -28,6 +29,10 @@ def _model_device(model):
 
 def _get_batch(learn, dl=None, batch=None, who='adversarial_examples'):
     "`(x, y)` as plain tensors on the model's device: `batch`, else one batch of `dl`, else of a seeded random order of `learn.dls.valid`"
+    if not isinstance(getattr(learn, 'model', None), nn.Module):
+        raise TypeError(f"{who}: `learn` must be a fastai Learner (or anything with `.model`), got {type(learn).__name__}"
+                        + (": wrap the model, `Learner(dls, model, loss_func=nn.CrossEntropyLoss())`"
+                           if isinstance(learn, nn.Module) else ""))
     if batch is not None:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise ValueError("`batch` must be an `(x, y)` pair of tensors (x as the model receives it), "

@@ -19,7 +19,8 @@ from rtl_fastai.attacks import pgd_attack, fgsm_attack, ThreatModel
 from rtl_fastai.checkpoint import load_robust_checkpoint, extract_state_dict, CheckpointMismatchError, UnsafeCheckpointError
 import rtl_fastai.checkpoint as _ck
 from rtl_fastai.core import check_normalization
-from rtl_fastai.callback.adv_valid import RobustAccuracy, robust_accuracy_curve
+from rtl_fastai.callback.adv_valid import RobustAccuracy, robust_accuracy_curve, robust_validate
+from rtl_fastai.experiment import fit_quietly
 from rtl_fastai.callback.adv_train import PGDTraining, FreeAdvTraining, FastAdvTraining, TRADESTraining
 from rtl_fastai.callback.transfer import transfer_learner, transfer_head
 from rtl_fastai.callback.freeze import FreezeBlocks
@@ -245,6 +246,15 @@ CASES = [
     ('pgdtrain-no-eps',    lambda d, m, r: PGDTraining(), TypeError, r'PGDTraining needs the radius'),
     ('free-l2',            lambda d, m, r: FreeAdvTraining(0.1, norm='l2'), ValueError, r'L-inf attacks only.*`norm`'),
     ('fit-loss-turns-nan', lambda d, m, r: _nan_fit(d), ValueError, r"non-finite .*the model's outputs are nan/inf"),
+    ('pgdtrain-stats-str', lambda d, m, r: PGDTraining(0.1, stats='imagenet'), TypeError, r"^PGDTraining: `stats`: normalize_stats: expected"),
+    ('pgd-drop_fooled-str', lambda d, m, r: _pgd(d, m, drop_fooled='no'), TypeError, r"`drop_fooled` must be True or False, got 'no'"),
+    ('fd-freeze_bn-str',   lambda d, m, r: FeatureDistillation(m, freeze_bn_stats='False'), TypeError, r"FeatureDistillation: `freeze_bn_stats` must be True or False"),
+    ('fit_quietly-model',  lambda d, m, r: fit_quietly(m, 1, 1e-3), TypeError, r"fit_quietly: `learn` must be a fastai Learner, got SmallCNN: wrap the model"),
+    ('fit_quietly-lr',     lambda d, m, r: fit_quietly(Learner(d, m), 1, -1.), ValueError, r"fit_quietly: `lr` must be a number > 0"),
+    ('make_model-width0',  lambda d, m, r: make_model('smallcnn', 1, 10, width=0), ValueError, r"make_model: `width` must be an integer >= 1"),
+    ('robust_validate-model', lambda d, m, r: robust_validate(m), TypeError, r"robust_validate: `learn` must be a fastai Learner, got SmallCNN"),
+    ('arraydata-nhwc',     lambda d, m, r: ArrayData(torch.zeros(4, 8, 8, 1), torch.zeros(4, dtype=torch.long), torch.zeros(4, 1, 8, 8),
+                                                    torch.zeros(4, dtype=torch.long), ['a', 'b']), ValueError, r"channels last \(NHWC\).*x.permute\(0, 3, 1, 2\)"),
     # -- validation callbacks and the report
     ('robacc-n_batches',   lambda d, m, r: RobustAccuracy(n_batches=0), ValueError, r'`n_batches` must be an integer >= 1'),
     ('robacc-norm',        lambda d, m, r: RobustAccuracy(norm='l1'), ValueError, r'`norm`'),

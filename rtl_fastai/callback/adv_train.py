@@ -94,7 +94,7 @@ class PGDTraining(_AdvTrainCallback):
                  stats=None, # normalization stats (see `pgd_attack`); default: those of `learn.dls`
                  **threat_kw, # `ThreatModel` fields; here steps=7 (step size 2.5*eps/7, random start)
                 ):
-        self._threat(threat, threat_kw, dict(steps=7), restarts=True); self.stats = _kept_stats(stats)
+        self._threat(threat, threat_kw, dict(steps=7), restarts=True); self.stats = _kept_stats(stats, type(self).__name__)
     def before_batch(self):
         x,y = _one_input(self.learn, 'PGDTraining')
         xa = pgd_attack(_attacked(self.learn), x, y, self.threat, stats=self._space_of(x), check_pixels=self._check_now())
@@ -125,7 +125,7 @@ class FreeAdvTraining(_AdvTrainCallback):
         self._threat(threat, threat_kw, linf_only=True,
                      one_step="the attack's steps are the replays, `replays`=m")
         check_int(replays, 'replays', fix="it is m, how many times each minibatch is replayed")
-        self.replays, self.stats = replays, _kept_stats(stats)
+        self.replays, self.stats = replays, _kept_stats(stats, type(self).__name__)
     _stateattrs = _AdvTrainCallback._stateattrs + ('delta', '_d', '_p', '_space')  # the perturbation is the data's size
     def before_fit(self):
         super().before_fit()
@@ -177,7 +177,7 @@ class FastAdvTraining(_AdvTrainCallback):
                  **threat_kw, # `ThreatModel` fields; `alpha` is the FGSM step, default 1.25*eps (eps if not random_start)
                 ):
         self._threat(threat, threat_kw, dict(steps=1), one_step="use PGDTraining for a multi-step attack")
-        self.stats = _kept_stats(stats)
+        self.stats = _kept_stats(stats, type(self).__name__)
     def before_batch(self):
         x,y = _one_input(self.learn, 'FastAdvTraining')
         tm = self.threat
@@ -210,7 +210,7 @@ class TRADESTraining(_AdvTrainCallback):
                 ):
         self._threat(threat, threat_kw, dict(steps=10))
         self.beta = check_number(beta, 'beta', lo=0, fix="it is the weight of the KL term")
-        self.stats = _kept_stats(stats)
+        self.stats = _kept_stats(stats, type(self).__name__)
     _stateattrs = _AdvTrainCallback._stateattrs + ('x_adv', 'kl')  # a batch, and a tensor of the graph
     def before_batch(self):
         x,_ = _one_input(self.learn, 'TRADESTraining')

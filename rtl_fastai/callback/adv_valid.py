@@ -15,7 +15,7 @@ from fastai.learner import Learner, Metric
 from fastai.data.load import DataLoader
 from fastai.callback.core import GatherPredsCallback
 from fastai.callback.progress import ProgressCallback
-from ..core import _kept_stats, check_int, is_number, fork_rng, eps_str, normalize_stats, check_normalization, check_dl
+from ..core import _kept_stats, check_bool, check_learner, check_int, is_number, fork_rng, eps_str, normalize_stats, check_normalization, check_dl
 from ..attacks import ThreatModel, as_threat, robust_eval_batch, _FIELDS, _amp_context, _pixel_space, _attack_model
 from ..distributed import DistributedDL, _inner, _sharded, _n_real, _in_distrib_ctx
 
@@ -85,12 +85,12 @@ class RobustAccuracy(Metric):
             raise ValueError(f"RobustAccuracy: `compile` must be False, True or a dict of `torch.compile` arguments "
                              f"(e.g. dict(mode='max-autotune')), got {compile!r}")
         check_int(n_batches, 'n_batches', none_ok=True, fix="it is the number of validation batches to attack")
-        check_int(seed, 'seed', lo=None, none_ok=True)
+        check_int(seed, 'seed', lo=None, none_ok=True); check_bool(drop_fooled, 'drop_fooled', 'RobustAccuracy')
         if not (amp is None or isinstance(amp, bool)):
             raise ValueError(f"RobustAccuracy: `amp` must be None (the learner's precision), True or False, "
                              f"got {amp!r}")
         store_attr('n_batches,drop_fooled,loss_func,seed,amp,compile')
-        self.stats = _kept_stats(stats)  # `stats=dls`: its (mean, std), not the data, in `learn.export()`
+        self.stats = _kept_stats(stats, 'RobustAccuracy')  # `stats=dls`: its (mean, std), not the data, in `learn.export()`
         self._space, self._name = None, name
         self.reset()
 
@@ -227,6 +227,7 @@ def robust_validate(self:Learner,
                     **threat_kw, # `ThreatModel` fields (eps, steps, alpha, norm, restarts, random_start)
                    )->dict: # `clean_acc`, `robust_acc`, `n` (examples attacked) and `attack` (the name)
     "Clean and PGD robust accuracy of `self.model` on `dl`, eps in pixel units."
+    check_learner(self, 'robust_validate')
     dl = check_dl(self.dls.valid if dl is None else dl, 'robust_validate')   # (a radius given as `dl`: refused)
     src = _attack_source(self, dl, 'robust_validate')
     met = RobustAccuracy(as_threat(threat, None, Learner.robust_validate, **threat_kw), n_batches=n_batches,
@@ -282,6 +283,7 @@ def robust_accuracy_curve(learn:Learner, # the learner whose model is attacked
                           **kwargs,
                          )->pd.DataFrame: # one row per eps: eps, name, clean_acc, robust_acc, n
     "Robust accuracy of `learn` for each eps of `eps_list`, the step size in proportion to eps."
+    check_learner(learn, 'robust_accuracy_curve')
     if is_number(eps_list):
         raise TypeError(f"robust_accuracy_curve: `eps_list` must be a list of radii, e.g. [0, 4/255, {eps_str(eps_list)}], "
                         f"got the number {eps_list!r}; for one radius use `learn.robust_validate(eps={eps_str(eps_list)})`")

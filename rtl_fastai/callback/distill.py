@@ -15,7 +15,7 @@ from fastai.learner import Metric
 from fastai.callback.hook import Hooks, HookCallback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.mixup import MixHandler
-from ..core import _wide, check_int, check_number, fork_rng, UndoTrainOnError, check_normalization, _in_channels, renamed
+from ..core import _wide, check_bool, check_int, check_number, fork_rng, UndoTrainOnError, check_normalization, _in_channels, renamed
 from ..models import _copy_source, Stage, head_module, unwrap_model, penultimate, Penultimate, forward_to
 from ..data.augment import random_tfms
 from .batch_items import batch_items
@@ -132,6 +132,7 @@ class FeatureDistillation(UndoTrainOnError, HookCallback):
             raise ValueError(f"{who}: `penalty` must be 'l1', 'l2' or a function (f, f_src) -> scalar, "
                              f"got {penalty!r}.")
         check_int(warmup_epochs, 'warmup_epochs', lo=0, who=who)
+        check_bool(precompute, 'precompute', who); check_bool(freeze_bn_stats, 'freeze_bn_stats', who)
         super().__init__(is_forward=True, detach=False, cpu=False)
         store_attr('lam,layer,penalty,warmup_epochs,precompute,freeze_bn_stats')
         self.source = _copy_source(source, who).eval().requires_grad_(False)  # (a `Learner`'s: with its loaders' stats)

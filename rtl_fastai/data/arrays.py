@@ -26,6 +26,34 @@ class ArrayData:
     classes: list         # Class names, `classes[i]` is the name of label `i`
     name: str = ''        # 'digits', 'mnist', 'cifar10' or '' (used by `class_split`)
 
+    def __post_init__(self):
+        "Checked once, here: a wrong layout or label fails now with its fix, not as an index error in `fit`"
+        for k in ('x_train', 'y_train', 'x_valid', 'y_valid'):   # NumPy arrays are taken as they are (no copy)
+            v = getattr(self, k)
+            if not isinstance(v, torch.Tensor):
+                try: setattr(self, k, torch.as_tensor(v))
+                except (TypeError, ValueError, RuntimeError): raise TypeError(f"ArrayData: `{k}` must be a tensor or "
+                                                                              f"an array, got {type(v).__name__}") from None
+        for s in ('train', 'valid'):
+            x, y = getattr(self, f'x_{s}'), getattr(self, f'y_{s}')
+            if x.ndim != 4:
+                raise ValueError(f"ArrayData: `x_{s}` must be NCHW images (4 dims), got shape {tuple(x.shape)}"
+                                 + (": add the channel dim, `x[:, None]`" if x.ndim == 3 else ""))
+            if x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
+                raise ValueError(f"ArrayData: `x_{s}` has shape {tuple(x.shape)}, channels last (NHWC): give NCHW "
+                                 "images, `x.permute(0, 3, 1, 2)`")
+            if y.ndim != 1 or len(y) != len(x):
+                raise ValueError(f"ArrayData: `y_{s}` must hold one label per image: {len(x)} images, labels of "
+                                 f"shape {tuple(y.shape)}")
+            if y.is_floating_point() or y.dtype == torch.bool:
+                raise TypeError(f"ArrayData: `y_{s}` must hold integer class indices, got {y.dtype}")
+            if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(self.classes)):
+                raise ValueError(f"ArrayData: `y_{s}` holds labels {int(y.min())}..{int(y.max())}, but `classes` names "
+                                 f"{len(self.classes)} classes (labels 0..{len(self.classes)-1})")
+        if self.x_train.shape[1:] != self.x_valid.shape[1:] and len(self.x_valid) and len(self.x_train):
+            raise ValueError(f"ArrayData: training images are {tuple(self.x_train.shape[1:])} but validation images "
+                             f"{tuple(self.x_valid.shape[1:])}: give both the same channels and size")
+
     @property
     def c(self): return len(self.classes)
     @property

@@ -6,7 +6,6 @@
 from __future__ import annotations
 import random
 from contextlib import contextmanager
-import numpy as np
 
 import torch
 from fastcore.basics import store_attr
@@ -15,7 +14,7 @@ from fastai.data.core import TfmdDL, DataLoaders
 from fastai.data.transforms import Normalize, IntToFloatTensor, CategoryMap, Category
 from fastai.losses import CrossEntropyLossFlat
 from fastai.data.core import explode_types # fasttransform's, as fastai uses it
-from ..core import check_int, check_device, normalize_stats, to_device_async, plain
+from ..core import check_bool, check_int, check_device, normalize_stats, to_device_async, plain
 from .arrays import ArrayData, select_classes, subsample, channel_stats
 from .external import load_dataset
 from .augment import FlipPadCrop
@@ -169,7 +168,7 @@ def task_dls(data='digits',        # 'digits', 'mnist', 'cifar10', a path (see `
     check_int(bs, 'bs', who='task_dls'); check_int(val_bs, 'val_bs', none_ok=True, who='task_dls')
     check_int(seed, 'seed', lo=None, who='task_dls')
     for k, v in (('normalize', normalize), ('augment', augment)):
-        if not isinstance(v, (bool, np.bool_)): raise TypeError(f"task_dls: `{k}` must be True or False, got {v!r}")
+        check_bool(v, k, 'task_dls')
     device = check_device(device, 'task_dls')
     d = data if isinstance(data, ArrayData) else load_dataset(data, path=path)
     if classes is not None: d = select_classes(d, classes)
