@@ -85,8 +85,14 @@ def parse_stats(stats, # None (from the source), 'imagenet', 'none' ([0,1] pixel
             raise ValueError(f"{who}: `stats`={stats!r} is not 'imagenet', 'none' or "
                              "'mean1,mean2,mean3/std1,std2,std3' "
                              "(e.g. '0.485,0.456,0.406/0.229,0.224,0.225')") from None
-    try: return normalize_stats(stats)
-    except (TypeError, ValueError) as e: raise ValueError(f"{who}: `stats`: {e}") from None
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        try: st = normalize_stats(stats)
+        except (TypeError, ValueError) as e: raise ValueError(f"{who}: `stats`: {e}") from None
+    for m in w:   # statistics of 0-255 values: refused here, once (each later use would warn again)
+        if 'divide them by 255' in str(m.message): raise ValueError(f"{who}: `stats`: {m.message}")
+        warnings.warn_explicit(m.message, m.category, m.filename, m.lineno)
+    return st
 
 # %% ../nbs/08b_job.ipynb #09fc7fd1
 _LIBS = ('torchvision', 'timm')

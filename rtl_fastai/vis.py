@@ -357,8 +357,8 @@ class AdversarialExplorer:
         "Attack image `idx` with PGD-`steps` at `eps` (None keeps the current value) and draw it with its probabilities"
         tm = self.threat
         if eps is not None: tm = tm.at(float(eps))  # the step size follows eps
-        if steps is not None: tm = tm.replace(steps=int(steps))
-        idx = self.idx if idx is None else self._check_idx(int(idx))
+        if steps is not None: tm = tm.replace(steps=check_int(steps, 'steps', who='redraw'))   # (2.7: refused, not 2)
+        idx = self.idx if idx is None else self._check_idx(check_int(idx, 'idx', lo=0, who='redraw'))
         self.threat, self.idx = tm, idx
         self.fig = show_adversarial(self.learn, batch=(self.x, self.y), idxs=[idx], threat=tm, stats=self.stats,
                                     probs=True, k=self.k, figsize=self.figsize, seed=self.seed)
