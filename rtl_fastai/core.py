@@ -206,6 +206,7 @@ def _cuda_devices(device=None):
 def _seed_forked(seed, device, devs):
     "Seed the CPU and the forked CUDA devices `devs` only: `torch.manual_seed` seeds every GPU, whose state was not forked"
     if device is None or torch.device(device).type not in ('cpu', 'cuda'): return torch.manual_seed(seed)  # (MPS, ...)
+    seed = int(seed)   # (a NumPy integer: `Generator.manual_seed` takes Python ints only)
     torch.random.default_generator.manual_seed(seed)
     for d in devs:
         i = d if isinstance(d, int) else (d.index if d.index is not None else torch.cuda.current_device())
@@ -573,8 +574,10 @@ def check_normalization(model:nn.Module, # the model the inputs go to
                                 ". (These statistics were recorded on a model that was then cut to its children, as "
                                 "`vision_learner` does with what its `arch` returns: a normalization inside that "
                                 "model is lost with it.)" if where == 'child' else ""))
-    elif layer is None and not (torch.allclose(got[0], exp[0], atol=1e-4)
-                                and torch.allclose(got[1], exp[1], atol=1e-4)):
+    # statistics measured on another split of the data differ by a few percent (digits 0-4 and 5-9: std 0.378 and
+    # 0.374), which moves the features little; ImageNet's against CIFAR-10's std differ by 8-10%
+    elif layer is None and not (torch.allclose(got[0], exp[0], rtol=0.03, atol=1e-3)
+                                and torch.allclose(got[1], exp[1], rtol=0.03, atol=1e-3)):
         kind, msg = 'other', (f"the model expects inputs normalized with {_fmt_stats(exp)}{timm_note} "
                               f"but the `dls` normalize with {_fmt_stats(got)}. Use {fix_dls}")
     else: return None

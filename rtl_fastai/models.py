@@ -516,7 +516,9 @@ def feature_shape(model:nn.Module, x:torch.Tensor) -> torch.Size:
     return get_features(model, x).shape
 
 # %% ../nbs/01_models.ipynb #c3e9a2b7
-def _copy_source(source, who:str) -> nn.Module:
+def _copy_source(source, who:str,
+                 record:bool=True, # record a `Learner`'s statistics (not when other weights are loaded into the copy)
+                ) -> nn.Module:
     ("A copy of the source model: `source` is an `nn.Module` or a `Learner`. A `Learner`'s copy records the statistics "
      "its `DataLoaders` normalize with (`vision_learner` puts ImageNet's there, not in the model), so that a target "
      "that does not normalize alike is warned about")
@@ -525,7 +527,7 @@ def _copy_source(source, who:str) -> nn.Module:
         raise TypeError(f"{who}: `source` must be an nn.Module (the source model) or a fastai Learner, "
                         f"got {type(source).__name__}.")
     model = deepcopy(unwrap_model(model))
-    if isinstance(source, Learner) and _input_stats(model)[1] in (None, 'timm'):   # (a timm model's published stats:
+    if record and isinstance(source, Learner) and _input_stats(model)[1] in (None, 'timm'):   # (a timm model's published stats:
         try: st = normalize_stats(source.dls)                                       #  its Learner's say what it learnt)
         except (TypeError, ValueError, AttributeError): st = None                   # (no fastai loaders: nothing said)
         if st is not None: _record_stats(model, st)

@@ -97,6 +97,15 @@ def main(out):
                 r['cache'] = next(cb for cb in l2.cbs if isinstance(cb, FeatureCache)).reason
         except Exception as e:
             res[name] = dict(ok=False, error=''.join(traceback.format_exception(e))[-3000:])
+    # FeatureDistillation's warm start: the body gets no gradient, which DDP takes only when it looks for unused
+    # parameters; asked for, the body's gradients are averaged after the warm start (the same weights on each rank)
+    from accelerate import DistributedDataParallelKwargs
+    for name, kw in (('warm_default', {}), ('warm_unused', dict(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]))):
+        l2 = Learner(dls, SmallCNN(n_in=1, n_out=10), metrics=accuracy, cbs=FeatureDistillation(learn.model, lam=5e-3, warmup_epochs=1))
+        try:
+            with l2.no_bar(), l2.no_logging(), l2.distrib_ctx(sync_bn=False, cpu=True, **kw): l2.fit(2, 1e-3)
+            res[name] = dict(ok=True, body=float(l2.model.stem.conv.weight.double().sum()))
+        except Exception as e: res[name] = dict(ok=False, error=str(e)[-600:])
     (out/f'rank{rank}.json').write_text(json.dumps(res, indent=1))
 
 

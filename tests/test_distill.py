@@ -441,10 +441,10 @@ def test_statistics_moved_by_an_earlier_fit_are_said(source):
         assert not _warned(lambda: scratch.fit(1, 1e-3, cbs=FeatureDistillation(source, lam=5e-3)))     # its own stats
 
 
-def test_interrupted_warmup_leaves_no_frozen_flags(source, tmp_path):
-    "Ctrl-C in the warm start of a callback attached to the Learner (no event runs after it): no parameter is left "
-    "with `requires_grad=False`, so `learn.export()` works at once (fastai's export rebuilds the optimizer from the "
-    "trainable parameters; it failed, and left `learn.dls` empty), and the next fit trains the whole model"
+def test_interrupted_warmup_then_export(source, tmp_path):
+    "Ctrl-C in the warm start of a callback attached to the Learner (no event runs after it): `learn.export()` puts "
+    "the frozen flags back before it rebuilds the optimizer from the trainable parameters (it failed, and left "
+    "`learn.dls` empty); the export holds no live hook, and the next fits train the whole model"
     from fastai.learner import load_learner
     class CtrlC(Callback):
         order = 100
@@ -454,15 +454,46 @@ def test_interrupted_warmup_leaves_no_frozen_flags(source, tmp_path):
     learn.path = tmp_path
     flags = [p.requires_grad for p in learn.model.parameters()]
     with learn.no_bar(), learn.no_logging(), pytest.raises(KeyboardInterrupt): learn.fit(2, 1e-3, cbs=CtrlC())
-    assert [p.requires_grad for p in learn.model.parameters()] == flags
+    assert [p.requires_grad for p in learn.model.parameters()] != flags   # the warm start's, left by the Ctrl-C
     n_train = len(learn.dls.train)
     learn.export('x.pkl')
-    assert len(learn.dls.train) == n_train
+    assert len(learn.dls.train) == n_train and [p.requires_grad for p in learn.model.parameters()] == flags
     loaded = load_learner(tmp_path/'x.pkl')
     x = learn.dls.valid.one_batch()[0][:4].cpu()
     loaded.model.eval(); learn.model.eval()
     with torch.no_grad(): torch.testing.assert_close(loaded.model(x), learn.model(x))
+    # the hooks the Ctrl-C left on the model travel with it, off: a copy's body trains, the loaded learner's too
+    from rtl_fastai.callback.transfer import transfer_learner
+    for l in (transfer_learner(learn.model, target_dls(), n_retrain='all', cache=False), loaded):
+        if l is loaded: l.dls = target_dls(); l.remove_cb(l.feature_distillation)
+        w0 = l.model.stem.conv.weight.detach().clone()
+        with l.no_bar(), l.no_logging(): l.fit(1, 1e-2)
+        assert not torch.equal(l.model.stem.conv.weight, w0)
     body0 = learn.model.stem.conv.weight.detach().clone()
     with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-3)   # the warm start again (epoch 0), then all of it
     assert not torch.equal(learn.model.stem.conv.weight, body0)
     assert [p.requires_grad for p in learn.model.parameters()] == flags
+
+
+def test_warm_start_with_a_head_called_in_parts():
+    "A declared head (`set_blocks`) the forward calls in parts, not as one module: the warm start still trains only "
+    "the head (the body's flags are off); inputs keep their gradients, so attacks in the warm start work"
+    from rtl_fastai.models import set_blocks
+    from rtl_fastai.callback.adv_valid import RobustAccuracy
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.block = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.drop, self.fc = torch.nn.Dropout(0.), torch.nn.Linear(8, 5)
+        def forward(self, x): return self.fc(self.drop(self.block(torch.relu(self.conv(x))).mean((2, 3))))
+    def make():
+        m = Net(); return set_blocks(m, stem=m.conv, blocks=[m.block], head=torch.nn.Sequential(m.drop, m.fc))
+    src = make()
+    learn = Learner(target_dls(), make(), loss_func=CrossEntropyLossFlat(), metrics=RobustAccuracy(0.1, steps=2, n_batches=1))
+    learn.model.load_state_dict(src.state_dict())
+    w0, h0 = learn.model.conv.weight.detach().clone(), learn.model.fc.weight.detach().clone()
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')   # (a warm start as long as the fit: warned, on purpose here)
+        learn.fit(1, 1e-2, cbs=FeatureDistillation(src, lam=1e-2, layer='block', warmup_epochs=1))
+    assert torch.equal(learn.model.conv.weight, w0) and not torch.equal(learn.model.fc.weight, h0)
+    assert learn.recorder.values[-1][-1] is not None   # the attack of the validation, inside the warm start

@@ -124,6 +124,16 @@ def test_transfer_and_distill(runs):
     assert r0['distill']['metrics']['accuracy'] == r1['distill']['metrics']['accuracy']
 
 
+def test_distill_warm_start_under_ddp(runs):
+    "The warm start under DDP: refused with the fix by default (DDP refuses parameters without gradients), and with "
+    "`find_unused_parameters=True` the body's gradients are averaged after it: the same body on both ranks"
+    _, (r0, r1) = runs
+    for r in (r0, r1):
+        assert not r['warm_default']['ok'] and 'find_unused_parameters=True' in r['warm_default']['error']
+        assert r['warm_unused']['ok'], r['warm_unused'].get('error')
+    assert r0['warm_unused']['body'] == r1['warm_unused']['body']
+
+
 def test_free_adv_training_replays_each_share(runs):
     "FreeAdvTraining wraps the loader after fastai's DistributedTrainer: each process replays its own share m=2 times."
     _, (r0, r1) = runs

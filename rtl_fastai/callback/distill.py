@@ -12,11 +12,11 @@ from fastcore.basics import store_attr, patch
 from fastcore.foundation import L
 from fastai.torch_core import find_bs
 from fastai.learner import Metric
-from fastai.callback.hook import Hooks, HookCallback
+from fastai.callback.hook import HookCallback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.mixup import MixHandler
 from ..core import _wide, check_bool, check_int, check_number, fork_rng, UndoTrainOnError, check_normalization, _in_channels, renamed
-from ..models import _copy_source, Stage, head_module, unwrap_model, penultimate, Penultimate, forward_to
+from ..models import _copy_source, head_module, unwrap_model, penultimate, Penultimate, forward_to
 from ..data.augment import random_tfms
 from .batch_items import batch_items
 from .adv_train import _AdvTrainCallback
@@ -106,6 +106,18 @@ def _channels_last(model:nn.Module)->bool:
     ws = (p for p in model.parameters() if p.ndim == 4 and p.is_contiguous() != p.is_contiguous(
         memory_format=torch.channels_last))   # a 1-channel or 1x1 weight is both
     return not next(ws, torch.empty(0)).is_contiguous()
+
+class _ModelHook:
+    ("The callback's forward hook on the learner's model, keeping `fn`'s result in `stored` while `on`; a copy or a "
+     "pickle of it is off and holds nothing (no callback, Learner or graph): a model that a Ctrl-C left hooked, then "
+     "saved or copied (`transfer_learner(learn)`), carries a hook that does nothing")
+    def __init__(self, mod, fn): self.fn, self.on, self.stored, self.handle = fn, True, None, mod.register_forward_hook(self)
+    def __call__(self, mod, inp, out):
+        if self.on: self.stored = self.fn(mod, inp, out)
+    def remove(self): self.on, self.stored = False, None; self.handle.remove()
+    def __getstate__(self): return dict(fn=None, on=False, stored=None, handle=None)
+    def __deepcopy__(self, memo):
+        new = object.__new__(type(self)); new.__dict__.update(self.__getstate__()); return new
 
 class FeatureDistillation(UndoTrainOnError, HookCallback):
     ("Add `lam * penalty(f(x), f_src(x))` to the training loss: `f` the learner's features, `f_src` a frozen source "
@@ -205,7 +217,7 @@ def _setup(self:FeatureDistillation):
         raise ValueError(f"FeatureDistillation: the `source` model takes {cs}-channel images but the learner's model "
                          f"{cm}: the source must see the learner's inputs; give the model the learner started from")
     check_normalization(self.source, self.learn.dls, 'FeatureDistillation (its `source`)')  # it sees these inputs
-    self.hooks = Hooks([mod], self.hook, self.is_forward, self.detach, self.cpu)  # removed by `_remove`
+    self.hooks = _ModelHook(mod, self.hook)  # removed by `_remove` (fastai's `HookCallback`)
     self._add_metrics()
     self._checked, self._fitting = False, True
     self._check_useful(model)
@@ -213,7 +225,7 @@ def _setup(self:FeatureDistillation):
     try: self._body_modules, no_head = self._body(model), None
     except TypeError as e: self._body_modules, no_head = None, e
     if self.freeze_bn_stats: self._bns = self._frozen_bns(no_head)
-    if self.warmup_epochs: self._freeze()  # `before_train` unfreezes from epoch `warmup_epochs` on
+    if self.warmup_epochs: self._head_params(model)   # fails early; the warm start begins in `before_train`
 
 @patch
 def _check_useful(self:FeatureDistillation, model):
@@ -264,6 +276,9 @@ def before_train(self:FeatureDistillation):
         except Exception: self._cleanup(); raise   # hooks, columns and warm-up freeze undone, as in `after_loss`
     self.train_sum, self.train_n = 0., 0
     if self._frozen is not None and self.epoch >= self.warmup_epochs: self._unfreeze()
+    if self._frozen is None and self._fitting and self.epoch < self.warmup_epochs:
+        try: self._freeze()   # the warm start, from the first training epoch (after DDP wrapped the model)
+        except Exception: self._cleanup(); raise
     # warm start: the body is a fixed feature extractor (BatchNorm stats, dropout off); then its BatchNorm stats
     for m in (self._body_modules if self._frozen is not None else self._bns): m.training = False
 
@@ -274,8 +289,8 @@ def before_batch(self:FeatureDistillation):
 @patch
 def after_pred(self:FeatureDistillation):
     if not self._fitting: return
-    self._feats, self._capture = self.hooks.stored[0], False
-    self.hooks[0].stored = None
+    self._feats, self._capture = self.hooks.stored, False
+    self.hooks.stored = None
 
 @patch
 def after_loss(self:FeatureDistillation):
@@ -353,36 +368,46 @@ def _from_source(self:FeatureDistillation) -> bool:
     return w is not None and any(q.shape == w.shape and torch.equal(q.detach().to(w.device), w.detach())
                                  for q in self.source.parameters())
 
-def _detach_inputs(mod, inp):
-    "Forward pre-hook of the head in the warm start: its input detached, so no gradient reaches the body"
-    return tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in inp) if torch.is_grad_enabled() else None
-
 @patch
-def _freeze(self:FeatureDistillation):
-    ("The warm start: the head's input is detached in every forward (a hook), so the body gets no gradient; no "
-     "parameter's `requires_grad` changes, so a fit that an exception (Ctrl-C) ends leaves no frozen flags for "
-     "`learn.export()` to trip on. A head the forward does not call as one module (a `Stage`, e.g. a distilled "
-     "DeiT's two heads) or a compiled model: the body's `requires_grad` flags are turned off instead")
-    model = unwrap_model(self.learn.model)
-    try: head = head_module(model)
+def _head_params(self:FeatureDistillation, model) -> set:
+    "The ids of the head's parameters (the warm start trains only them)"
+    try: return {id(p) for p in head_module(model).parameters()}
     except TypeError as e:
         raise TypeError(f"FeatureDistillation(warmup_epochs={self.warmup_epochs}): cannot find the head of the "
                         f"learner's model ({e}); declare its blocks with `rtl_fastai.models.set_blocks` or use "
                         "warmup_epochs=0.") from None
-    in_head = {id(p) for p in head.parameters()}
-    body = [p for p in model.parameters() if id(p) not in in_head]
-    for p in body: p.grad = None   # (fastai zeroes gradients, keeping them: a zero one would still get weight decay)
-    if isinstance(head, Stage) or unwrap_model(self.learn.model, compiled=False) is not model:
-        self._frozen = [(p, p.requires_grad) for p in body]
-        for p in body: p.requires_grad_(False)
-    else: self._frozen = head.register_forward_pre_hook(_detach_inputs)
+
+@patch
+def _freeze(self:FeatureDistillation):
+    "The warm start: the parameters outside the head stop requiring gradients (their flags saved, and put back after)"
+    model = unwrap_model(self.learn.model)
+    in_head = self._head_params(model)
+    ddp = self.learn.model   # fastai's `DistributedTrainer` wraps the model in `before_fit`, before this
+    if isinstance(ddp, nn.parallel.DistributedDataParallel) and not ddp.find_unused_parameters:
+        raise ValueError("FeatureDistillation(warmup_epochs=...) under DistributedDataParallel: the body gets no "
+                         "gradient in the warm start, which DDP refuses unless it looks for unused parameters: "
+                         "`learn.distrib_ctx(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])` "
+                         "(accelerate's), or warmup_epochs=0")
+    self._frozen = [(p, p.requires_grad) for p in model.parameters() if id(p) not in in_head]
+    for p, _ in self._frozen: p.requires_grad_(False); p.grad = None
+    # `learn.export()` after a fit that an exception (Ctrl-C) ended, with no event in between: fastai's export calls
+    # `_end_cleanup` first, so the flags, hook and columns are undone before it rebuilds the optimizer from the
+    # trainable parameters (which failed, and left `learn.dls` empty); removed with the rest by `_cleanup`
+    learn = self.learn
+    if '_end_cleanup' not in vars(learn):
+        end = learn._end_cleanup
+        def _end_cleanup():
+            for cb in learn.cbs:
+                if isinstance(cb, FeatureDistillation): cb._cleanup()
+            return end()
+        learn._end_cleanup = _end_cleanup
 
 @patch
 def _unfreeze(self:FeatureDistillation):
+    learn = getattr(self, 'learn', None)
+    if learn is not None: vars(learn).pop('_end_cleanup', None)
     if self._frozen is None: return
-    if isinstance(self._frozen, list):
-        for p, rg in self._frozen: p.requires_grad_(rg)
-    else: self._frozen.remove()
+    for p, rg in self._frozen: p.requires_grad_(rg)
     self._frozen = None
 
 # %% ../../nbs/06_callback.distill.ipynb #dd3a1a9a

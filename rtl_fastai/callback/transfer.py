@@ -139,7 +139,8 @@ def transfer_learner(source,              # the source model (`nn.Module`) or a 
     if not isinstance(dls, DataLoaders):
         raise TypeError(f"transfer_learner: `dls` must be fastai `DataLoaders` (training and validation), got "
                         f"{type(dls).__name__}" + (": pass `dls`, not `dls.train`" if hasattr(dls, 'dataset') else ''))
-    model = _copy_source(source, 'transfer_learner')   # (a `Learner`'s: with the statistics its loaders normalized with)
+    # a `Learner`'s copy records the statistics its loaders normalized with, unless `weights` replace what it learnt
+    model = _copy_source(source, 'transfer_learner', record=weights is None)
     # the checkpoint's statistics go where the model has them: its `NormalizeInput`, else `model.input_stats`
     if weights is not None:
         load_weights(model, weights, 'transfer_learner', normalize='auto' if _norm_layer(model) is not None else 'dls')
