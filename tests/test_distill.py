@@ -497,3 +497,21 @@ def test_warm_start_with_a_head_called_in_parts():
         learn.fit(1, 1e-2, cbs=FeatureDistillation(src, lam=1e-2, layer='block', warmup_epochs=1))
     assert torch.equal(learn.model.conv.weight, w0) and not torch.equal(learn.model.fc.weight, h0)
     assert learn.recorder.values[-1][-1] is not None   # the attack of the validation, inside the warm start
+
+
+def test_unfreeze_after_an_interrupted_warm_start_stands(source):
+    "Ctrl-C in the warm start, then the user's `learn.unfreeze()`: the callback's clean-up at the next fit does not "
+    "put back the flags it saved under `learn.freeze()` (the body then never trained, silently)"
+    from rtl_fastai.callback.transfer import transfer_learner
+    class CtrlC(Callback):
+        order = 100
+        def after_loss(self):
+            if self.training and self.iter == 1: raise KeyboardInterrupt
+    learn = transfer_learner(source, target_dls(), n_retrain='all', cache=False)
+    learn.add_cb(FeatureDistillation(source, lam=1e-3, warmup_epochs=1))
+    learn.freeze()
+    with learn.no_bar(), learn.no_logging(), pytest.raises(KeyboardInterrupt): learn.fit(2, 1e-3, cbs=CtrlC())
+    learn.unfreeze()
+    w0 = learn.model.stem.conv.weight.detach().clone()
+    with learn.no_bar(), learn.no_logging(): learn.fit(3, 1e-2)
+    assert learn.model.stem.conv.weight.requires_grad and not torch.equal(w0, learn.model.stem.conv.weight)

@@ -2,9 +2,10 @@
 
 fastai 2.8.7's `MixedPrecision` (`to_fp16()`, `to_bf16()`) hard-codes `autocast('cuda')`, which PyTorch disables
 (with a warning) on a machine without a GPU: on CPU those learners train in float32. Mixed precision that really
-runs on CPU is bfloat16 autocast, `torch.autocast('cpu', dtype=torch.bfloat16)`: `CPUBFloat16` below is
+runs on CPU is bfloat16 autocast, `torch.autocast('cpu', dtype=torch.bfloat16)`: `CPUAutocast` below is
 `MixedPrecision` with that autocast (a test helper; on the device of the data, so with `RTL_TEST_DEVICE=cuda` it is
-CUDA bf16 autocast). Every callback and attack is checked under it, and under
+CUDA bf16 autocast), or with float16 autocast and a real `GradScaler` (its scaled, skipped and unscaled steps run on
+the CPU too). Every callback and attack is checked under both, and under
 `to_fp16()`/`to_bf16()` (which must at least run on CPU, and do real mixed precision on a GPU); PGD robust
 accuracy under CPU bf16 autocast is within 2 points of float32 on the digits model.
 """
@@ -29,22 +30,15 @@ from rtl_fastai.callback.distill import FeatureDistillation
 torch.set_num_threads(1)
 
 
-class CPUBFloat16(MixedPrecision):
-    "fastai's `MixedPrecision` with bfloat16 autocast on the data's device, CPU included (no grad scaler: bf16 has the range of fp32)."
-    def __init__(self): super().__init__(amp_mode='bf16')
+class CPUAutocast(MixedPrecision):
+    ("fastai's `MixedPrecision` with `dtype` autocast on the data's device, CPU included: float16 with a real "
+     "`GradScaler`, bfloat16 without one (it has the range of fp32)")
+    def __init__(self, dtype=torch.bfloat16):
+        super().__init__(amp_mode='fp16' if dtype == torch.float16 else 'bf16'); self.dtype = dtype
     def before_fit(self):
         dev = self.dls.device.type if self.dls.device is not None else 'cpu'
-        self.autocast, self.scales = torch.autocast(dev, dtype=torch.bfloat16), L()
-        self.learn.scaler = torch.amp.GradScaler(dev, enabled=False)
-
-
-class CPUFloat16(MixedPrecision):
-    "fastai's `MixedPrecision` with float16 autocast on the data's device and a real `GradScaler` (CPU included)."
-    def __init__(self): super().__init__(amp_mode='fp16')
-    def before_fit(self):
-        dev = self.dls.device.type if self.dls.device is not None else 'cpu'
-        self.autocast, self.scales = torch.autocast(dev, dtype=torch.float16), L()
-        self.learn.scaler = torch.amp.GradScaler(dev, **self.kwargs)
+        self.autocast, self.scales = torch.autocast(dev, dtype=self.dtype), L()
+        self.learn.scaler = torch.amp.GradScaler(dev, **(self.kwargs if self.dtype == torch.float16 else dict(enabled=False)))
 
 
 class DtypeProbe:
@@ -85,8 +79,8 @@ def small_dls(device):
 @pytest.mark.parametrize('setup', SETUP_NAMES)
 def test_callbacks_under_mixed_precision(setup, mode, small_dls, digits_model):
     learn, cbs = _setups(small_dls, digits_model)[setup]
-    if mode == 'cpu-bf16': learn.add_cb(CPUBFloat16())
-    elif mode == 'cpu-fp16': learn.add_cb(CPUFloat16())
+    if mode == 'cpu-bf16': learn.add_cb(CPUAutocast(torch.bfloat16))
+    elif mode == 'cpu-fp16': learn.add_cb(CPUAutocast(torch.float16))
     elif mode == 'to_bf16': learn.to_bf16()
     else: learn.to_fp16()
     probe = DtypeProbe(learn.model)
@@ -136,7 +130,7 @@ def test_robust_metric_follows_learner_precision(small_dls, digits_model, amp):
     """`RobustAccuracy` accumulates in `after_batch`, after `MixedPrecision` left its autocast: with `amp=None` it
     attacks in the learner's dtype again (here bf16 autocast on the data's device), with `amp=False` in float32."""
     learn = Learner(small_dls, _model(digits_model), metrics=[RobustAccuracy(0.1, steps=3, n_batches=1, amp=amp)])
-    learn.add_cb(CPUBFloat16())
+    learn.add_cb(CPUAutocast(torch.bfloat16))
     probe, seen = DtypeProbe(learn.model), []
     class Clear(Callback):
         order = 49   # just before the Recorder accumulates the metrics

@@ -389,6 +389,8 @@ def _freeze(self:FeatureDistillation):
                          "`learn.distrib_ctx(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])` "
                          "(accelerate's), or warmup_epochs=0")
     self._frozen = [(p, p.requires_grad) for p in model.parameters() if id(p) not in in_head]
+    opt = getattr(self.learn, 'opt', None)
+    self._fidx = (id(opt), getattr(opt, 'frozen_idx', None))   # fastai's freeze state: a later `freeze_to` sets every flag
     for p, _ in self._frozen: p.requires_grad_(False); p.grad = None
     # `learn.export()` after a fit that an exception (Ctrl-C) ended, with no event in between: fastai's export calls
     # `_end_cleanup` first, so the flags, hook and columns are undone before it rebuilds the optimizer from the
@@ -405,10 +407,16 @@ def _freeze(self:FeatureDistillation):
 @patch
 def _unfreeze(self:FeatureDistillation):
     learn = getattr(self, 'learn', None)
-    if learn is not None: vars(learn).pop('_end_cleanup', None)
     if self._frozen is None: return
-    for p, rg in self._frozen: p.requires_grad_(rg)
+    (opt, fidx), self._fidx = getattr(self, '_fidx', None) or (None, None), None
+    cur = getattr(learn, 'opt', None)
+    # the saved flags go back, unless `learn.freeze()`/`unfreeze()` ran since (a fit a Ctrl-C ended, then the user's
+    # `unfreeze()`): fastai's `freeze_to` set every flag then, and its choice stands
+    if not (cur is not None and id(cur) == opt and getattr(cur, 'frozen_idx', None) != fidx):
+        for p, rg in self._frozen: p.requires_grad_(rg)
     self._frozen = None
+    if learn is not None and not any(isinstance(c, FeatureDistillation) and c._frozen is not None for c in learn.cbs):
+        vars(learn).pop('_end_cleanup', None)   # the last warm start over: `export` needs no undoing
 
 # %% ../../nbs/06_callback.distill.ipynb #dd3a1a9a
 @patch

@@ -31,6 +31,8 @@ class ArrayData:
         for k in ('x_train', 'y_train', 'x_valid', 'y_valid'):   # NumPy arrays are taken as they are (no copy)
             v = getattr(self, k)
             if not isinstance(v, torch.Tensor):
+                if isinstance(v, np.ndarray) and not (v.flags.c_contiguous and v.dtype.isnative):  # a flipped view (BGR)
+                    v = np.ascontiguousarray(v, dtype=v.dtype.newbyteorder('='))                 # or big-endian data
                 try: setattr(self, k, torch.as_tensor(v))
                 except (TypeError, ValueError, RuntimeError): raise TypeError(f"ArrayData: `{k}` must be a tensor or "
                                                                               f"an array, got {type(v).__name__}") from None
@@ -47,6 +49,7 @@ class ArrayData:
                                  f"shape {tuple(y.shape)}")
             if y.is_floating_point() or y.dtype == torch.bool:
                 raise TypeError(f"ArrayData: `y_{s}` must hold integer class indices, got {y.dtype}")
+            if y.dtype != torch.long: y = y.long(); setattr(self, f'y_{s}', y)   # (uint8 would index as a mask)
             if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(self.classes)):
                 raise ValueError(f"ArrayData: `y_{s}` holds labels {int(y.min())}..{int(y.max())}, but `classes` names "
                                  f"{len(self.classes)} classes (labels 0..{len(self.classes)-1})")
