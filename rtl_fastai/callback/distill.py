@@ -321,7 +321,6 @@ def after_loss(self:FeatureDistillation):
         raise ValueError(f"FeatureDistillation: `penalty` must return a scalar tensor (the batch's distance), got "
                          f"{tuple(pen.shape) if isinstance(pen, torch.Tensor) else type(pen).__name__}.")
     pen = self.lam * pen
-    if self._frozen is not None: pen = pen.detach()   # the warm start: the penalty does not train the body either
     self.batch_term = pen.detach()
     if not self.training: return
     self.learn.loss_grad = self.learn.loss_grad + pen
