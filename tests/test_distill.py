@@ -415,6 +415,14 @@ def test_source_runs_in_the_callers_precision(source):
     torch.testing.assert_close(f, f32, rtol=0.05, atol=0.05)
 
 
+class CtrlC(Callback):
+    "A Ctrl-C (KeyboardInterrupt) after the loss of training batch `at`: no fastai event runs after it"
+    order = 100
+    def __init__(self, at): self.at = at
+    def after_loss(self):
+        if self.training and self.iter == self.at: raise KeyboardInterrupt
+
+
 def _warned(fit):
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter('always'); fit()
@@ -446,14 +454,10 @@ def test_interrupted_warmup_then_export(source, tmp_path):
     "the frozen flags back before it rebuilds the optimizer from the trainable parameters (it failed, and left "
     "`learn.dls` empty); the export holds no live hook, and the next fits train the whole model"
     from fastai.learner import load_learner
-    class CtrlC(Callback):
-        order = 100
-        def after_loss(self):
-            if self.training and self.iter == 2: raise KeyboardInterrupt
     learn = make_learner(source, metrics=accuracy, cbs=FeatureDistillation(source, lam=1e-3, warmup_epochs=1))
     learn.path = tmp_path
     flags = [p.requires_grad for p in learn.model.parameters()]
-    with learn.no_bar(), learn.no_logging(), pytest.raises(KeyboardInterrupt): learn.fit(2, 1e-3, cbs=CtrlC())
+    with learn.no_bar(), learn.no_logging(), pytest.raises(KeyboardInterrupt): learn.fit(2, 1e-3, cbs=CtrlC(2))
     assert [p.requires_grad for p in learn.model.parameters()] != flags   # the warm start's, left by the Ctrl-C
     n_train = len(learn.dls.train)
     learn.export('x.pkl')
@@ -503,14 +507,10 @@ def test_unfreeze_after_an_interrupted_warm_start_stands(source):
     "Ctrl-C in the warm start, then the user's `learn.unfreeze()`: the callback's clean-up at the next fit does not "
     "put back the flags it saved under `learn.freeze()` (the body then never trained, silently)"
     from rtl_fastai.callback.transfer import transfer_learner
-    class CtrlC(Callback):
-        order = 100
-        def after_loss(self):
-            if self.training and self.iter == 1: raise KeyboardInterrupt
     learn = transfer_learner(source, target_dls(), n_retrain='all', cache=False)
     learn.add_cb(FeatureDistillation(source, lam=1e-3, warmup_epochs=1))
     learn.freeze()
-    with learn.no_bar(), learn.no_logging(), pytest.raises(KeyboardInterrupt): learn.fit(2, 1e-3, cbs=CtrlC())
+    with learn.no_bar(), learn.no_logging(), pytest.raises(KeyboardInterrupt): learn.fit(2, 1e-3, cbs=CtrlC(1))
     learn.unfreeze()
     w0 = learn.model.stem.conv.weight.detach().clone()
     with learn.no_bar(), learn.no_logging(): learn.fit(3, 1e-2)
