@@ -11,23 +11,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fastai.callback.fp16 import MixedPrecision, AMPMode
 from .core import plain, is_number, check_bool, check_int, check_number, eps_str, NormalizeInput, _norm_key
+from .core import eval_mode
 
 # %% auto #0
-__all__ = ['eval_mode', 'EpsScaleWarning', 'PixelRangeWarning', 'ThreatModel', 'as_threat', 'pgd_attack', 'margin_loss',
-           'fgsm_attack', 'robust_eval_batch']
+__all__ = ['EpsScaleWarning', 'PixelRangeWarning', 'ThreatModel', 'as_threat', 'pgd_attack', 'margin_loss', 'fgsm_attack',
+           'robust_eval_batch', 'eval_mode']
 
 # %% ../nbs/02_attacks.ipynb #5f03769f
-@contextmanager
-def eval_mode(model:nn.Module):
-    "Put every module of `model` in eval mode, then restore each module's own previous mode."
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be an nn.Module (attacks run it in eval mode and restore its modes), got "
-                        f"{type(model).__name__}: wrap a function `f` in a module whose `forward(x)` returns `f(x)`")
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try: yield model
-    finally:
-        for m,t in modes: m.training = t
+_all_ = ['eval_mode']  # re-exported from core
 
 def _attack_model(model:nn.Module)->nn.Module:
     ("The model an attack runs: out of `DistributedDataParallel`, whose forward syncs buffers across processes at every "

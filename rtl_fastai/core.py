@@ -18,8 +18,8 @@ from fastai.data.transforms import Normalize
 # %% auto #0
 __all__ = ['plain', 'to_device_async', 'check_device', 'use_device', 'is_int', 'is_number', 'check_int', 'check_number',
            'check_prob', 'check_learner', 'check_bool', 'renamed', 'check_dl', 'make_dir', 'fork_rng', 'peek_batch',
-           'keeps_cudnn_flags', 'UndoTrainOnError', 'eps_str', 'normalize_stats', 'NormalizeInput', 'input_stats',
-           'add_input_norm', 'check_normalization', 'parse_number']
+           'keeps_cudnn_flags', 'eval_mode', 'UndoTrainOnError', 'eps_str', 'normalize_stats', 'NormalizeInput',
+           'input_stats', 'add_input_norm', 'check_normalization', 'parse_number']
 
 # %% ../nbs/00_core.ipynb #7803692f
 def plain(t):
@@ -252,6 +252,19 @@ def keeps_cudnn_flags():
     flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     try: yield
     finally: torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
+
+# %% ../nbs/00_core.ipynb #e7a1c0d2
+@contextmanager
+def eval_mode(model:nn.Module):
+    "Put every module of `model` in eval mode, then restore each module's own previous mode."
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module (attacks run it in eval mode and restore its modes), got "
+                        f"{type(model).__name__}: wrap a function `f` in a module whose `forward(x)` returns `f(x)`")
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try: yield model
+    finally:
+        for m,t in modes: m.training = t
 
 # %% ../nbs/00_core.ipynb #d2ef1ac9
 from fastai.callback.core import (CancelBatchException, CancelStepException, CancelBackwardException,

@@ -18,7 +18,7 @@ from fastai.layers import AdaptiveConcatPool2d
 from fastai.vision.learner import create_head, apply_init, TimmBody
 from copy import deepcopy
 from fastai.learner import Learner
-from .core import check_int, check_prob, is_int, renamed, _foreign_norm, _unwrap
+from .core import check_int, check_prob, is_int, renamed, _foreign_norm, _unwrap, eval_mode
 from .core import normalize_stats, _input_stats, _record_stats
 
 # %% auto #0
@@ -493,15 +493,11 @@ def head_module(model:nn.Module) -> nn.Module:
 
 def _hooked_forward(model, x, mod, fn, pre=False) -> list:
     "What `fn` returned at each call of a hook on `mod` (pre-hook if `pre`) in `model(x)`, eval mode, no gradients"
-    out, modes = [], [(m, m.training) for m in model.modules()]   # each module's: a frozen block stays in eval
-    reg = mod.register_forward_pre_hook if pre else mod.register_forward_hook
+    out, reg = [], mod.register_forward_pre_hook if pre else mod.register_forward_hook
     h = reg(lambda *a: out.append(fn(*a)))  # `append` returns None: the hook changes nothing
     try:
-        model.eval()
-        with torch.no_grad(): model(x)
-    finally:
-        h.remove()
-        for m, t in modes: m.training = t
+        with eval_mode(model), torch.no_grad(): model(x)  # each module's mode restored: a frozen block stays in eval
+    finally: h.remove()
     return out
 
 def get_features(model:nn.Module, x:torch.Tensor) -> torch.Tensor:

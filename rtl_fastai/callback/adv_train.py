@@ -38,9 +38,10 @@ class _AdvTrainCallback(UndoTrainOnError, Callback):
     "Common base: the threat model, and the normalization `stats` of the learner's `DataLoaders`"
     run_valid = False
     _stateattrs = ('_stats', '_sp')  # not pickled by `learn.export()`: the data, even after a fit an exception ended
-    def _threat(self, threat, kw, defaults=None, linf_only=False, restarts=False, one_step:str=None):
+    def _setup(self, threat, kw, stats, defaults=None, linf_only=False, restarts=False, one_step:str=None):
         ("The callback's `ThreatModel`: `threat` (or eps) with the fields of `kw`; the radius is required. Fields the "
-         "method cannot use are refused: `restarts` > 1 unless `restarts`, `steps` != 1 where `one_step` says why")
+         "method cannot use are refused: `restarts` > 1 unless `restarts`, `steps` != 1 where `one_step` says why. "
+         "And the `stats` it keeps: their `(mean, std)`, not a `DataLoaders` (which `learn.export()` would pickle)")
         who = type(self).__name__
         if threat is None and 'eps' not in kw:
             raise TypeError(f"{who} needs the radius: {who}(eps) with eps in [0,1] pixel units, "
@@ -55,6 +56,7 @@ class _AdvTrainCallback(UndoTrainOnError, Callback):
                           "radius in pixel units, e.g. 8/255", UserWarning, stacklevel=3)
         if linf_only and self.threat.norm != 'linf':
             raise ValueError(f"{who} trains against L-inf attacks only, got `norm`={self.threat.norm!r}")
+        self.stats = _kept_stats(stats, who)
     @property
     def eps(self): return self.threat.eps
     # `validate`, `get_preds` and `predict` fire `before_fit` too: the checks wait for the first training epoch, so that
@@ -94,7 +96,7 @@ class PGDTraining(_AdvTrainCallback):
                  stats=None, # normalization stats (see `pgd_attack`); default: those of `learn.dls`
                  **threat_kw, # `ThreatModel` fields; here steps=7 (step size 2.5*eps/7, random start)
                 ):
-        self._threat(threat, threat_kw, dict(steps=7), restarts=True); self.stats = _kept_stats(stats, type(self).__name__)
+        self._setup(threat, threat_kw, stats, dict(steps=7), restarts=True)
     def before_batch(self):
         x,y = _one_input(self.learn, 'PGDTraining')
         xa = pgd_attack(_attacked(self.learn), x, y, self.threat, stats=self._space_of(x), check_pixels=self._check_now())
@@ -122,10 +124,10 @@ class FreeAdvTraining(_AdvTrainCallback):
                  stats=None, # normalization stats; default: those of `learn.dls`
                  **threat_kw, # `ThreatModel` fields: eps, and `alpha`, the FGSM step (default eps, as the paper)
                 ):
-        self._threat(threat, threat_kw, linf_only=True,
+        self._setup(threat, threat_kw, stats, linf_only=True,
                      one_step="the attack's steps are the replays, `replays`=m")
         check_int(replays, 'replays', fix="it is m, how many times each minibatch is replayed")
-        self.replays, self.stats = replays, _kept_stats(stats, type(self).__name__)
+        self.replays = replays
     _stateattrs = _AdvTrainCallback._stateattrs + ('delta', '_d', '_p', '_space')  # the perturbation is the data's size
     def before_fit(self):
         super().before_fit()
@@ -176,8 +178,7 @@ class FastAdvTraining(_AdvTrainCallback):
                  stats=None, # normalization stats; default: those of `learn.dls`
                  **threat_kw, # `ThreatModel` fields; `alpha` is the FGSM step, default 1.25*eps (eps if not random_start)
                 ):
-        self._threat(threat, threat_kw, dict(steps=1), one_step="use PGDTraining for a multi-step attack")
-        self.stats = _kept_stats(stats, type(self).__name__)
+        self._setup(threat, threat_kw, stats, dict(steps=1), one_step="use PGDTraining for a multi-step attack")
     def before_batch(self):
         x,y = _one_input(self.learn, 'FastAdvTraining')
         tm = self.threat
@@ -208,9 +209,8 @@ class TRADESTraining(_AdvTrainCallback):
                  stats=None, # normalization stats; default: those of `learn.dls`
                  **threat_kw, # `ThreatModel` fields; here steps=10 (the attack maximizing the KL)
                 ):
-        self._threat(threat, threat_kw, dict(steps=10))
+        self._setup(threat, threat_kw, stats, dict(steps=10))
         self.beta = check_number(beta, 'beta', lo=0, fix="it is the weight of the KL term")
-        self.stats = _kept_stats(stats, type(self).__name__)
     _stateattrs = _AdvTrainCallback._stateattrs + ('x_adv', 'kl')  # a batch, and a tensor of the graph
     def before_batch(self):
         x,_ = _one_input(self.learn, 'TRADESTraining')

@@ -12,10 +12,9 @@ from fastprogress.fastprogress import progress_bar
 from fastai.torch_core import params
 from fastai.callback.core import Callback
 from ..distributed import DistributedDL
-from ..core import plain, _wide, fork_rng, check_number, UndoTrainOnError
+from ..core import plain, _wide, fork_rng, check_number, UndoTrainOnError, eval_mode
 from ..models import model_blocks, forward_to
 from ..data.augment import random_tfms, unknown_tfms
-from ..attacks import eval_mode
 from .batch_items import batch_items
 from .freeze import FreezeBlocks
 

@@ -15,8 +15,7 @@ from fastai.data.core import DataLoaders
 # fit_one_cycle, lr_find, progress bars, as in fastai.vision.all
 import fastai.callback.schedule, fastai.callback.progress  # noqa: F401
 from ..core import is_int, check_prob
-from ..core import check_normalization, _norm_layer, peek_batch
-from ..attacks import eval_mode
+from ..core import check_normalization, _norm_layer, peek_batch, eval_mode
 from ..models import _copy_source, model_blocks, replace_head, swap_head, _is_fastai_model, _last_linear, _set_module
 from ..checkpoint import load_weights
 from .freeze import n_frozen_entries, FreezeBlocks, trainable_splitter
