@@ -33,6 +33,20 @@ def _fit(learn, n, cbs, lr=3e-3):
         warnings.simplefilter('ignore')
         learn.fit_one_cycle(n, lr, cbs=cbs)
 
+def _fit_acting(learn, cb, cbs=()):
+    ("Fit one epoch with the adversarial-training callback `cb` and check that it acted on the training batches: "
+     "the inputs moved (PGD, free and fast AT) or the loss holds TRADES' KL term")
+    before, after, gaps = BatchSpy(cb.order - 0.5), BatchSpy(cb.order + 0.5), []
+    class Gap(Callback):
+        order = cb.order + 0.5
+        def after_loss(self):
+            if self.training:
+                gaps.append((self.learn.loss_grad.float() - F.cross_entropy(self.learn.pred.float(), self.yb[0])).item())
+    _fit(learn, 1, [cb, *cbs, before, after, Gap()])
+    assert torch.isfinite(torch.tensor(learn.recorder.losses)).all()
+    if isinstance(cb, TRADESTraining): assert max(gaps) > 0
+    else: assert any(not torch.equal(a, b) for a, b in zip(before.xbs, after.xbs))
+
 def _robust(model, dls, eps=EPS):
     c, r = zip(*[robust_eval_batch(model, x, y, eps=eps, steps=10, stats=dls) for x, y in dls.valid])
     return torch.cat(c).float().mean().item(), torch.cat(r).float().mean().item()
@@ -154,10 +168,8 @@ def test_free_at_epochs_match_natural_steps(dls):
 @pytest.mark.parametrize('method', list(METHODS))
 @pytest.mark.parametrize('amp_mode', ['fp16', 'bf16'])
 def test_mixed_precision(dls, method, amp_mode):
-    "Composes with MixedPrecision (on CPU autocast('cuda') is a no-op, so this checks the event flow)"
-    learn = _learn(dls)
-    _fit(learn, 1, [METHODS[method](), MixedPrecision(amp_mode=amp_mode)])
-    assert torch.isfinite(torch.tensor(learn.recorder.losses)).all()
+    "Composes with MixedPrecision (on CPU autocast('cuda') is a no-op, so this checks the event flow: the attack still acts)"
+    _fit_acting(_learn(dls), METHODS[method](), [MixedPrecision(amp_mode=amp_mode)])
 
 @pytest.mark.parametrize('method', list(METHODS))
 def test_gradient_accumulation(dls, method):
@@ -200,8 +212,7 @@ def test_vision_learner_models():
     for make in [lambda: PGDTraining(8/255, steps=2), lambda: FreeAdvTraining(8/255, replays=2),
                  lambda: FastAdvTraining(8/255), lambda: TRADESTraining(8/255, steps=2)]:
         learn = vision_learner(vdls, resnet18, pretrained=False, n_out=4, loss_func=CrossEntropyLossFlat())
-        _fit(learn, 1, [make()])
-        assert torch.isfinite(torch.tensor(learn.recorder.losses)).all()
+        _fit_acting(learn, make())
 
 def test_bad_inputs(dls):
     with pytest.raises(ValueError, match='pixel units'): PGDTraining(8)
@@ -222,11 +233,13 @@ def test_bad_inputs(dls):
         _fit(learn, 1, [PGDTraining(0.1)])
 
 def test_robust_accuracy_metric_composes(dls):
-    "Training callbacks leave validation to RobustAccuracy (when the adv_valid module is available)"
-    av = pytest.importorskip('rtl_fastai.callback.adv_valid')
-    learn = _learn(dls, metrics=[av.RobustAccuracy(eps=EPS, steps=3)])
+    "Training callbacks leave validation to RobustAccuracy: its column is the robust accuracy of the trained model"
+    from rtl_fastai.callback.adv_valid import RobustAccuracy
+    learn = _learn(dls, metrics=[RobustAccuracy(eps=EPS, steps=3)])
     _fit(learn, 1, [PGDTraining(EPS, steps=3)])
-    assert len(learn.recorder.values) == 1
+    assert len(learn.recorder.values) == 1 and learn.recorder.metric_names[-2] == 'pgd3_acc@0.2'
+    res = learn.robust_validate(eps=EPS, steps=3, show_progress=False)
+    assert learn.recorder.values[0][-1] == pytest.approx(res['robust_acc'], rel=1e-6) and res['robust_acc'] > 0  # same seed
 
 
 def test_free_at_skips_a_nonfinite_gradient_step():
@@ -304,3 +317,33 @@ def test_single_label_targets_or_a_clear_error():
     with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
         warnings.simplefilter('ignore'); learn.fit(1, cbs=METHODS['free']())
     assert learn.recorder.losses and all(torch.isfinite(torch.as_tensor(l)) for l in learn.recorder.losses)
+
+def test_free_at_inputs_within_eps_and_pixel_range(dls):
+    "Every input free AT trains on is within eps (L-inf, pixels) of its clean batch and in [0,1], replays and carry included"
+    learn = _learn(dls)
+    before, after = BatchSpy(FreeAdvTraining.order - 0.5), BatchSpy(FreeAdvTraining.order + 0.5)
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+        warnings.simplefilter('ignore'); learn.fit(1, 3e-3, cbs=[FreeAdvTraining(EPS, replays=3), before, after])
+    ps = NormalizeInput.from_stats(dls)
+    assert len(before.xbs) == len(after.xbs) == 3*len(dls.train)
+    moved = 0.
+    for x, xa in zip(before.xbs, after.xbs):
+        p, pa = ps.to_pixels(x), ps.to_pixels(xa)
+        assert (pa - p).abs().max() <= EPS + 1e-5
+        assert pa.min() >= -1e-5 and pa.max() <= 1 + 1e-5, (pa.min().item(), pa.max().item())
+        moved = max(moved, (pa - p).abs().max().item())
+    assert moved > EPS/2   # the perturbation is not zero
+
+def test_fgsm_step_sizes():
+    ("FGSM: one step of eps from x (every pixel moves by exactly eps along the gradient's sign); FGSM-RS (Wong et al.): "
+     "a step of 1.25*eps from a uniform random start, projected: each pixel ends in [0.25*eps, eps] along the sign")
+    from rtl_fastai.attacks import fgsm_attack
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 2); m = nn.Sequential(nn.Flatten(), lin).eval()
+    x, y, eps = torch.full((16, 1, 8, 8), 0.5), torch.zeros(16, dtype=torch.long), 0.1
+    s = (lin.weight[1] - lin.weight[0]).sign().view(1, 1, 8, 8)   # the sign of d CE / dx for y=0, anywhere
+    v = (fgsm_attack(m, x, y, eps=eps) - x) * s
+    torch.testing.assert_close(v, torch.full_like(v, eps))
+    v = (fgsm_attack(m, x, y, eps=eps, random_start=True) - x) * s
+    assert v.min() >= 0.25*eps - 1e-6 and v.max() <= eps + 1e-6, (v.min().item(), v.max().item())
+    assert 0.55 < (v > eps - 1e-6).float().mean() < 0.7   # P(u >= -eps/4) = 0.625 of the 1024 pixels reach eps

@@ -26,7 +26,7 @@ def _same_state(a, b):
     assert a[1] == b[1] and a[3] == b[3]
     assert all((g is None and h is None) or (g is not None and h is not None and torch.equal(g, h)) for g, h in zip(a[2], b[2]))
 
-def test_no_stronger_than_torchattacks(digits_dls, digits_model):
+def test_no_weaker_than_torchattacks(digits_dls, digits_model):
     "Our PGD is at most 1.5 points weaker (higher robust accuracy) than torchattacks' PGD, on all 450 images."
     torchattacks = pytest.importorskip('torchattacks')
     mean, std = normalize_stats(digits_dls)
@@ -425,3 +425,15 @@ def test_no_bar_is_honoured(digits_dls, digits_model, capsys):
     assert capsys.readouterr().out == ''
     learn.robust_validate(**kw)
     assert '2/2' in capsys.readouterr().out   # the bar, where the learner has one
+
+
+def test_pgd_l2_stays_in_the_l2_ball(digits_dls, digits_model):
+    "PGD-L2: each example's perturbation has L2 norm <= eps in [0,1] pixel units (and the attack is not a no-op)"
+    x, y = digits_dls.valid.one_batch()
+    ps = NormalizeInput.from_stats(digits_dls)
+    for kw in (dict(), dict(restarts=3), dict(alpha=0.5)):
+        torch.manual_seed(0)
+        xa = pgd_attack(digits_model, x, y, eps=0.5, steps=10, norm='l2', stats=digits_dls, **kw)
+        n = (ps.to_pixels(xa) - ps.to_pixels(x)).flatten(1).norm(dim=1)
+        assert (n <= 0.5 + 1e-4).all(), (kw, n.max().item())
+        assert n.max() > 0.4, kw   # it moved to (near) the sphere

@@ -588,3 +588,19 @@ def test_old_keyword_names_still_work(tmp_path, src):
         assert ck.checkpoint_path(tmp_path/"m.pt", cache=tmp_path/"c") == tmp_path/"m.pt"
     with pytest.raises(TypeError, match='give `normalize` only'):
         load_robust_checkpoint(_src(), tmp_path/'m.pt', norm='dls', normalize='model')
+
+
+class _Sub(nn.Module):
+    "A model whose parameter names hold 'module.' and 'model.' inside them (a `submodule`, a `sub_model`)"
+    def __init__(self):
+        super().__init__()
+        self.submodule = nn.Linear(4, 3); self.sub_model = nn.Linear(3, 2)
+    def forward(self, x): return self.sub_model(self.submodule(x))
+
+def test_prefix_stripping_keeps_inner_substrings(tmp_path):
+    "A DataParallel ('module.'-prefixed) checkpoint of a model with 'submodule'/'sub_model' layers loads exactly"
+    torch.manual_seed(0)
+    src = _Sub()
+    torch.save(OrderedDict(('module.' + k, v) for k, v in src.state_dict().items()), tmp_path/'dp.pt')
+    m = load_robust_checkpoint(_Sub(), tmp_path/'dp.pt')
+    for k, v in src.state_dict().items(): assert torch.equal(m.state_dict()[k], v), k

@@ -41,7 +41,9 @@ def state(m): return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
 class Probe(Callback):
-    "Records the first training batch, the head-input features (own hook) and `loss_grad` after the callbacks of lower order."
+    ("Records the first `n` training batches (then stops the fit), the head-input features (own hook) and `loss_grad` "
+     "after the callbacks of lower order. On the first batch a student copied from the source has its features: use n > 1 "
+     "where the penalty must not be 0")
     def __init__(self, order, module=None, n=1):
         self.order, self.module, self.n, self.recs = order, module, n, []
     def before_fit(self):
@@ -92,12 +94,14 @@ def test_lam0_matches_plain_finetuning(source):
 
 @pytest.mark.parametrize('dist', ['l1', 'l2'])
 def test_penalty_by_hand(source, dist):
+    "On the 3rd batch: on the 1st the student is the source (BatchNorm statistics frozen), so the penalty is 0 there"
     learn = make_learner(source)
-    probe = Probe(order=FeatureDistillation.order + 0.5)
-    learn.fit(1, 1e-3, cbs=[FeatureDistillation(source, lam=0.1, penalty=dist), probe])
-    r = probe.recs[0]
+    probe = Probe(order=FeatureDistillation.order + 0.5, n=3)
+    learn.fit(1, 1e-2, cbs=[FeatureDistillation(source, lam=0.1, penalty=dist), probe])
+    r = probe.recs[-1]
     diff = r['f'] - get_features(source, r['x'])
     d = diff.abs().sum(1) if dist == 'l1' else (diff ** 2).sum(1).sqrt()
+    assert d.mean() > 1e-3   # the features moved: the check below is not 0 == 0
     ce = F.cross_entropy(r['pred'], r['y'])
     torch.testing.assert_close(r['loss_grad'], ce + 0.1 * d.mean())
     torch.testing.assert_close(r['loss'], ce + 0.1 * d.mean())
@@ -111,10 +115,12 @@ def test_penalty_function(source):
         seen.append((f.dtype, fs.dtype))
         return (1 - F.cosine_similarity(f.flatten(1), fs.flatten(1))).mean()
     learn = make_learner(source)
-    probe = Probe(order=FeatureDistillation.order + 0.5)
-    learn.fit(1, 1e-3, cbs=[FeatureDistillation(source, lam=0.5, penalty=cosine), probe])
-    r = probe.recs[0]
-    torch.testing.assert_close(r['loss_grad'], F.cross_entropy(r['pred'], r['y']) + 0.5 * cosine(r['f'], get_features(source, r['x'])))
+    probe = Probe(order=FeatureDistillation.order + 0.5, n=3)   # the 3rd batch: on the 1st the penalty is 0
+    learn.fit(1, 1e-2, cbs=[FeatureDistillation(source, lam=0.5, penalty=cosine), probe])
+    r = probe.recs[-1]
+    pen = cosine(r['f'], get_features(source, r['x']))
+    assert pen > 1e-6
+    torch.testing.assert_close(r['loss_grad'], F.cross_entropy(r['pred'], r['y']) + 0.5 * pen)
     assert seen[0] == (torch.float32, torch.float32)
     with pytest.raises(ValueError, match='must return a scalar'):
         learn.fit(1, cbs=FeatureDistillation(source, penalty=lambda f, fs: (f - fs).abs()))
@@ -122,18 +128,19 @@ def test_penalty_function(source):
 
 def test_named_layer_by_hand(source):
     learn = make_learner(source)
-    probe = Probe(order=FeatureDistillation.order + 0.5, module=None)
+    probe = Probe(order=FeatureDistillation.order + 0.5, module=None, n=3)   # the 3rd batch: the 1st has a penalty of 0
     feats = {}
     h1 = learn.model.block1.register_forward_hook(lambda m, i, o: feats.__setitem__('f', o.detach()))
-    learn.fit(1, 1e-3, cbs=[FeatureDistillation(source, lam=0.01, layer='block1'), probe])
+    learn.fit(1, 1e-2, cbs=[FeatureDistillation(source, lam=0.01, layer='block1'), probe])
     h1.remove()
-    r = probe.recs[0]
+    r = probe.recs[-1]
     src_out = {}
     h2 = source.block1.register_forward_hook(lambda m, i, o: src_out.__setitem__('f', o.detach()))
     with torch.no_grad(): source(r['x'])
     h2.remove()
-    ce = F.cross_entropy(r['pred'], r['y'])
-    torch.testing.assert_close(r['loss_grad'], ce + 0.01 * (feats['f'] - src_out['f']).flatten(1).abs().sum(1).mean())
+    ce, d = F.cross_entropy(r['pred'], r['y']), (feats['f'] - src_out['f']).flatten(1).abs().sum(1).mean()
+    assert d > 1e-3
+    torch.testing.assert_close(r['loss_grad'], ce + 0.01 * d)
 
 
 def test_gradient_accumulation_order(source):
@@ -150,21 +157,25 @@ def test_gradient_accumulation_order(source):
 
 
 def test_gradient_accumulation_trains(source):
+    "With GradientAccumulation the body still trains (the features leave the source's) and both columns are recorded"
     learn = make_learner(source)
     learn.fit(1, 1e-3, cbs=[FeatureDistillation(source, lam=1e-2), GradientAccumulation(n_acc=128)])
     assert learn.recorder.metric_names[3:5] == ['train_distill', 'valid_distill']
+    assert not torch.equal(learn.model.stem.conv.weight, source.stem.conv.weight)
+    assert all(v > 0 for v in learn.recorder.values[-1][2:4])
 
 
 def test_to_fp16(source):
     learn = make_learner(source).to_fp16()
-    probe = Probe(order=MixedPrecision.order + 0.5)  # after MixedPrecision left autocast
+    probe = Probe(order=MixedPrecision.order + 0.5, n=3)  # after MixedPrecision left autocast; the 3rd batch
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # on CPU, MixedPrecision warns that CUDA autocast/GradScaler are disabled
-        learn.fit(1, 1e-3, cbs=[FeatureDistillation(source, lam=0.1), probe])
-    r = probe.recs[0]
+        learn.fit(1, 1e-2, cbs=[FeatureDistillation(source, lam=0.1), probe])
+    r = probe.recs[-1]
     assert r['loss_grad'].dtype == torch.float32 and torch.isfinite(r['loss_grad'])
-    ce = F.cross_entropy(r['pred'], r['y'])
-    torch.testing.assert_close(r['loss_grad'], ce + 0.1 * (r['f'] - get_features(source, r['x'])).abs().sum(1).mean())
+    ce, d = F.cross_entropy(r['pred'], r['y']), (r['f'] - get_features(source, r['x'])).abs().sum(1).mean()
+    assert d > 1e-3
+    torch.testing.assert_close(r['loss_grad'], ce + 0.1 * d)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         learn.fit(1, 1e-3, cbs=FeatureDistillation(source, lam=1e-2))
@@ -290,11 +301,12 @@ def test_precompute_detects_changed_inputs(source):
         learn.fit(1, cbs=[NoisyInputs(), FeatureDistillation(source, precompute=True)])
     assert 'create_batch' not in learn.dls.train.__dict__ and len(learn.metrics) == 0
     # per batch, the source sees the changed inputs too
-    probe = Probe(order=FeatureDistillation.order + 0.5)
-    learn.fit(1, 1e-3, cbs=[NoisyInputs(), FeatureDistillation(source, lam=0.1), probe])
-    r = probe.recs[0]
-    torch.testing.assert_close(r['loss_grad'], F.cross_entropy(r['pred'], r['y'])
-                               + 0.1 * (r['f'] - get_features(source, r['x'])).abs().sum(1).mean())
+    probe = Probe(order=FeatureDistillation.order + 0.5, n=3)
+    learn.fit(1, 1e-2, cbs=[NoisyInputs(), FeatureDistillation(source, lam=0.1), probe])
+    r = probe.recs[-1]
+    d = (r['f'] - get_features(source, r['x'])).abs().sum(1).mean()
+    assert d > 1e-3
+    torch.testing.assert_close(r['loss_grad'], F.cross_entropy(r['pred'], r['y']) + 0.1 * d)
 
 
 def test_precompute_refuses_input_changers(source):
@@ -515,3 +527,23 @@ def test_unfreeze_after_an_interrupted_warm_start_stands(source):
     w0 = learn.model.stem.conv.weight.detach().clone()
     with learn.no_bar(), learn.no_logging(): learn.fit(3, 1e-2)
     assert learn.model.stem.conv.weight.requires_grad and not torch.equal(w0, learn.model.stem.conv.weight)
+
+
+def test_distill_columns_are_the_mean_penalty_per_example(source):
+    ("train_distill is the example-weighted mean of lam*d over the epoch's training batches; valid_distill is lam*d of "
+     "the final model on the validation set, computed by hand")
+    learn = make_learner(source)
+    fd, seen = FeatureDistillation(source, lam=0.1, freeze_bn_stats=False), []
+    class Rec(Callback):
+        order = FeatureDistillation.order + 0.5
+        def after_loss(self):
+            if self.training and fd.batch_term is not None: seen.append((float(fd.batch_term), len(self.yb[0])))
+    learn.fit(1, 1e-2, cbs=[fd, Rec()])
+    names, vals = learn.recorder.metric_names[1:-1], learn.recorder.values[-1]
+    assert vals[names.index('train_distill')] == pytest.approx(sum(t*b for t, b in seen) / sum(b for _, b in seen), rel=1e-5)
+    tot, n = 0., 0
+    with torch.no_grad():
+        for xb, _ in learn.dls.valid:
+            d = (get_features(learn.model, xb) - get_features(source, xb)).abs().sum(1)
+            tot, n = tot + 0.1*d.sum().item(), n + len(d)
+    assert tot > 0 and vals[names.index('valid_distill')] == pytest.approx(tot/n, rel=1e-4)

@@ -109,6 +109,9 @@ def test_attacks_inside_cpu_autocast(digits_dls, digits_model):
             assert pa.min() >= -1e-5 and pa.max() <= 1 + 1e-5
         d = (NormalizeInput.from_stats(digits_dls).to_pixels(pgd_attack(m, x, y, 0.1, steps=5, stats=digits_dls)) - p).abs().max()
         assert d <= 0.1 + 1e-5
+        d2 = (NormalizeInput.from_stats(digits_dls).to_pixels(pgd_attack(m, x, y, 0.5, steps=5, norm='l2', stats=digits_dls))
+              - p).flatten(1).norm(dim=1).max()
+        assert 0 < d2 <= 0.5 * (1 + 1e-4)
         clean, robust = robust_eval_batch(m, x, y, eps=0.1, steps=5, stats=digits_dls)
         assert robust.sum() <= clean.sum() and clean.float().mean() > 0.9
 

@@ -432,7 +432,9 @@ def test_transfer_learner_forward_check_takes_every_input():
     dls = DataLoaders(dl, dl); dls.n_inp = 2
     learn = transfer_learner(TwoInputs(n_in=1, n_out=10, widths=(8,)), dls, n_out=10, cache=False,
                              loss_func=torch.nn.CrossEntropyLoss())
+    w0 = head_module(learn.model).weight.detach().clone()
     with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    assert not torch.equal(w0, head_module(learn.model).weight) and len(learn.recorder.values) == 1
 
 
 def test_cache_keeps_channels_last(digits_dls):
@@ -457,3 +459,21 @@ def test_cache_rebuilt_when_transforms_change(digits_dls):
     dls.add_tfms([Normalize.from_stats(0.3, 0.37, cuda=False)], 'after_batch')
     with learn.no_bar(), learn.no_logging(): learn.fit(1)
     assert learn.feature_cache.active and not torch.allclose(first, learn.feature_cache.cached)
+
+
+def _flipped(d):
+    return ArrayData(d.x_train.flip(-1), d.y_train, d.x_valid.flip(-1), d.y_valid, d.classes, 'flipped')
+
+def test_cache_rebuilt_for_new_training_data_of_the_same_size():
+    "New DataLoaders (same size, same labels, other images) given to the learner: features rebuilt, not reused stale"
+    set_seed(0)
+    d = select_classes(load_digits_data(), list('56789'))
+    src = SmallCNN(n_in=1, n_out=5, widths=(8, 16))
+    a, b = task_dls(d, bs=64, normalize=False, seed=0), task_dls(_flipped(d), bs=64, normalize=False, seed=0)
+    learn = transfer_learner(src, a, n_retrain=1, cache=True)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    first = learn.feature_cache.cached.clone()
+    learn.dls = b
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert learn.feature_cache.active
+    assert not torch.allclose(first, learn.feature_cache.cached)   # the flipped images' features, not the old ones
