@@ -5,7 +5,7 @@
 # %% ../nbs/02_attacks.ipynb #a858ad88
 from __future__ import annotations
 import dataclasses, difflib, inspect, warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
