@@ -477,3 +477,17 @@ def test_cache_rebuilt_for_new_training_data_of_the_same_size():
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
     assert learn.feature_cache.active
     assert not torch.allclose(first, learn.feature_cache.cached)   # the flipped images' features, not the old ones
+
+
+def test_cache_trains_as_without_on_1x1_maps():
+    ("Cached feature maps of 1x1 (contiguous both ways) keep the default layout the model gives them without the "
+     "cache: the same training, bit for bit (they were stored channels-last, and the retrained block's gradients moved)")
+    torch.manual_seed(0)
+    src, res = SmallCNN(n_in=1, n_out=5, widths=(8, 16, 32, 64)).eval(), {}
+    for cache in (True, False):
+        set_seed(0, reproducible=True)
+        learn = transfer_learner(src, task_dls('digits', classes='target', bs=64, seed=0), n_retrain=1, cache=cache)
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+        if cache: assert learn.feature_cache.cached.shape[2:] == (1, 1) and learn.feature_cache.cached.is_contiguous()
+        res[cache] = {n: p.detach().clone() for n, p in learn.model.named_parameters()}
+    for n, p in res[True].items(): assert torch.equal(p, res[False][n]), n

@@ -219,7 +219,8 @@ def _build_(self:FeatureCache, model, entry, dl):
             reason = self._check(model, xb, f)
             if reason is not None: return reason
             # filled in place: the cache's memory once, not a list of batches and their concatenation
-            cl = f.ndim == 4 and f.shape[1] > 1 and f.is_contiguous(memory_format=torch.channels_last)
+            # (a 1x1 map is contiguous both ways: kept in the default layout, as the model without the cache has it)
+            cl = f.ndim == 4 and f.shape[1] > 1 and not f.is_contiguous() and f.is_contiguous(memory_format=torch.channels_last)
             self.cached = torch.empty((n, *f.shape[1:]), dtype=f.dtype, device=f.device,
                                       memory_format=torch.channels_last if cl else torch.contiguous_format)
             self.targets = yb.new_empty((n, *yb.shape[1:]))   # (a channels-last model's maps: kept in its layout)
