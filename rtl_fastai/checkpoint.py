@@ -13,6 +13,7 @@ import torch.nn as nn
 import torchvision
 from .core import normalize_stats, add_input_norm, _norm_layer, _in_channels, _fmt_stats, _record_stats, make_dir, renamed
 from .core import _NormView, _norm_name
+from fastai.vision.learner import TimmBody
 from .data.external import cache_dir
 from .hub import RobustModelInfo, robust_model_info, _CKPT_EXTS
 
@@ -244,9 +245,18 @@ def _check_match(model_sd, sd, pre=''):
 def _into_cut_body(sd, model)->dict|None:
     ("`sd` of a whole model (torchvision's names: `conv1.weight`, `layer1.0...`, `fc.weight`) renamed for the body that "
      "fastai's `vision_learner` cut from it: `model` = `Sequential(body, head)`, the body's children being the first "
-     "children of the original model, in order. The checkpoint's parts beyond the body (its classifier) are left out "
+     "children of the original model, in order (or, for a timm architecture, fastai's `TimmBody` holding the timm model "
+     "without its classifier as `model`). The checkpoint's parts beyond the body (its classifier) are left out "
      "and the model's own head kept. None unless every part of the body finds its weights, shapes included.")
-    if not (isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[0], nn.Sequential)): return None
+    if not (isinstance(model, nn.Sequential) and len(model) == 2): return None
+    if isinstance(model[0], TimmBody):   # `0.model.<timm's own names>`
+        bsd = model[0].model.state_dict()
+        sub = {k: v for k, v in sd.items() if k in bsd}
+        if any(_mismatch(bsd, sub)): return None
+        out = {f'0.model.{k}': v for k, v in sub.items()}
+        out.update({k: v for k, v in model.state_dict().items() if k.startswith('1.')})  # fastai's head, as it is
+        return out
+    if not isinstance(model[0], nn.Sequential): return None
     body, parts = model[0], list(dict.fromkeys(k.split('.')[0] for k in sd))
     subs = {part: {k[len(part)+1:]: v for k, v in sd.items() if k.startswith(part + '.')} for part in parts}
     stateful = [i for i, c in enumerate(body.children()) if c.state_dict()]

@@ -292,3 +292,23 @@ def test_penultimate_before_timm_head_dropout():
             m.eval(); m(x)
         h.remove()
         torch.testing.assert_close(got[0], got[1])
+
+
+def test_timm_checkpoint_into_vision_learner(tmp_path, dls):
+    ("A timm model's own state dict (`conv1.weight`, ..., `fc.weight`) loads into fastai's `vision_learner` on that timm "
+     "architecture (`0.model.conv1.weight`, ...: fastai's `TimmBody` without the classifier), the head kept; also "
+     "through `transfer_learner(learn, dls, weights=...)`")
+    from rtl_fastai.checkpoint import load_robust_checkpoint
+    torch.manual_seed(0)
+    ref = timm.create_model('resnet18', pretrained=False, num_classes=7)
+    torch.save(ref.state_dict(), tmp_path/'timm_r18.pt')
+    learn = vision_learner(dls, 'resnet18', pretrained=False, normalize=False)
+    head = {k: v.clone() for k, v in learn.model.state_dict().items() if k.startswith('1.')}
+    m = load_robust_checkpoint(learn.model, tmp_path/'timm_r18.pt')
+    body = m[0].model.state_dict()
+    for k, v in ref.state_dict().items():
+        if not k.startswith('fc.'): assert torch.equal(body[k], v), k
+    for k, v in head.items(): assert torch.equal(m.state_dict()[k], v), k
+    t = transfer_learner(vision_learner(dls, 'resnet18', pretrained=False, normalize=False), dls, n_retrain=1,
+                         weights=tmp_path/'timm_r18.pt')
+    assert torch.equal(t.model[0].model.conv1.weight, ref.conv1.weight)
