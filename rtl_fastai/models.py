@@ -412,8 +412,13 @@ def _is_fastai_model(model):
 
 def _fastai_timm_blocks(model):
     body, inner = model[0], _timm_blocks(model[0].model)
-    # body = forward_features: fastai's head pools
-    if body.needs_pool: return ModelBlocks(inner.stem, inner.blocks, model[1])
+    # body = forward_features: fastai's head pools. timm's own pooling and head are never called then, but may hold
+    # parameters (ConvNeXt's LayerNorm): they go with the stem, so that the blocks hold every parameter once
+    if body.needs_pool:
+        stem, unused = inner.stem, [e for e in (inner.pool, inner.head) if e is not None and any(True for _ in e.parameters())]
+        if unused and isinstance(stem, Stage):
+            stem = Stage(stem.owner, stem.fn, **dict(stem._modules), **dict(stem._parameters), unused=nn.ModuleList(unused))
+        return ModelBlocks(stem, inner.blocks, model[1])
     # body = the whole timm model without classifier (ViT): its pooling and `num_classes=0` head form the pool entry
     pool = nn.Sequential(*[e for e in (inner.pool, inner.head) if e is not None])
     return ModelBlocks(inner.stem, inner.blocks, model[1], pool=pool)

@@ -312,3 +312,15 @@ def test_timm_checkpoint_into_vision_learner(tmp_path, dls):
     t = transfer_learner(vision_learner(dls, 'resnet18', pretrained=False, normalize=False), dls, n_retrain=1,
                          weights=tmp_path/'timm_r18.pt')
     assert torch.equal(t.model[0].model.conv1.weight, ref.conv1.weight)
+
+
+def test_vision_learner_timm_convnext_blocks_hold_every_parameter(dls):
+    ("fastai builds a timm ConvNeXt without classifier and runs `forward_features`: timm's head LayerNorm is never "
+     "called but holds parameters; it goes with the stem, so `block_splitter` works and `transfer_learner` freezes it")
+    from rtl_fastai.models import _check_partition
+    learn = vision_learner(dls, 'convnext_atto', pretrained=False, normalize=False, splitter=block_splitter)
+    _check_partition(learn.model, model_blocks(learn.model), 'test')
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    tl = transfer_learner(learn, dls, n_retrain=0)
+    assert not tl.model[0].model.head.norm.weight.requires_grad
+    assert all(p.requires_grad == n.startswith('1.') for n, p in tl.model.named_parameters())
