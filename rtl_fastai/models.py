@@ -451,7 +451,12 @@ def model_blocks(model:nn.Module) -> ModelBlocks:
     if inner is not None:
         mb = model_blocks(inner)
         return ModelBlocks(nn.Sequential(model[0], mb.stem), mb.blocks, mb.head, pool=mb.pool)
-    raise TypeError(f"model_blocks: unsupported model {type(model).__name__}. {_SUPPORTED}.")
+    cut = isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[0], nn.Sequential)
+    hint = (" It looks like fastai's `vision_learner` model (`Sequential(body, head)`) cut from an architecture whose "
+            "body it cannot split (torchvision's EfficientNet and MobileNet become one `features` block): where the "
+            "architecture itself is supported, give its own model to `transfer_learner` (e.g. "
+            "`torchvision.models.efficientnet_b0(weights=...)`), else declare the blocks with `set_blocks`.") if cut else ''
+    raise TypeError(f"model_blocks: unsupported model {type(model).__name__}.{hint} {_SUPPORTED}.")
 
 # %% ../nbs/01_models.ipynb #04c14103
 def _check_partition(model, mb, who):

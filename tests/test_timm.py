@@ -324,3 +324,11 @@ def test_vision_learner_timm_convnext_blocks_hold_every_parameter(dls):
     tl = transfer_learner(learn, dls, n_retrain=0)
     assert not tl.model[0].model.head.norm.weight.requires_grad
     assert all(p.requires_grad == n.startswith('1.') for n, p in tl.model.named_parameters())
+
+
+def test_vision_learner_on_torchvision_efficientnet_says_what_works(dls):
+    "fastai cuts a torchvision EfficientNet to one `features` block: the error says so and what to give instead"
+    learn = vision_learner(dls, torchvision.models.efficientnet_b0, pretrained=False, normalize=False)
+    with pytest.raises(TypeError, match=r"vision_learner.*efficientnet_b0\(weights=\.\.\.\).*set_blocks"):
+        model_blocks(learn.model)
+    model_blocks(torchvision.models.efficientnet_b0())   # the architecture's own model is supported
