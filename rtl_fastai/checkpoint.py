@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torchvision
 from .core import normalize_stats, add_input_norm, _norm_layer, _in_channels, _fmt_stats, _record_stats, make_dir, renamed
-from .core import _NormView, _norm_name
+from .core import _NormView, _norm_name, _is_pair
 from fastai.vision.learner import TimmBody
 from .data.external import cache_dir
 from .hub import RobustModelInfo, robust_model_info, _CKPT_EXTS
@@ -248,7 +248,7 @@ def _into_cut_body(sd, model)->dict|None:
      "children of the original model, in order (or, for a timm architecture, fastai's `TimmBody` holding the timm model "
      "without its classifier as `model`). The checkpoint's parts beyond the body (its classifier) are left out "
      "and the model's own head kept. None unless every part of the body finds its weights, shapes included.")
-    if not (isinstance(model, nn.Sequential) and len(model) == 2): return None
+    if not _is_pair(model): return None
     if isinstance(model[0], TimmBody):   # `0.model.<timm's own names>`
         bsd = model[0].model.state_dict()
         sub = {k: v for k, v in sd.items() if k in bsd}

@@ -424,6 +424,10 @@ def _unwrap(model, compiled:bool=True):
         elif compiled and isinstance(getattr(model, '_orig_mod', None), nn.Module): model = model._orig_mod  # OptimizedModule
         else: return model
 
+def _is_pair(model)->bool:
+    "Whether `model` is an `nn.Sequential` of two modules: fastai's `(body, head)`, or `(normalization, model)`"
+    return isinstance(model, nn.Sequential) and len(model) == 2
+
 def _front(model):
     "`model`, its first child, that one's first child...: what sees the input first (and what a cut model keeps)"
     while model is not None:

@@ -18,7 +18,7 @@ from fastai.layers import AdaptiveConcatPool2d
 from fastai.vision.learner import create_head, apply_init, TimmBody
 from copy import deepcopy
 from fastai.learner import Learner
-from .core import check_int, check_prob, is_int, renamed, _foreign_norm, _unwrap, eval_mode
+from .core import check_int, check_prob, is_int, renamed, _foreign_norm, _unwrap, _is_pair, eval_mode
 from .core import normalize_stats, _input_stats, _record_stats
 
 # %% auto #0
@@ -384,7 +384,7 @@ def _rb_blocks(m) -> ModelBlocks:
 
 def _normalized_inner(model):
     "The model inside `nn.Sequential(normalization, model)` (see `_foreign_norm`), else None"
-    if not (isinstance(model, nn.Sequential) and len(model) == 2): return None
+    if not _is_pair(model): return None
     return model[1] if isinstance(model[0], NormalizeInput) or _foreign_norm(model[0]) is not None else None
 
 # %% ../nbs/01_models.ipynb #ae5c1e62
@@ -402,12 +402,12 @@ def _is_tv_resnet_body(body):
             and isinstance(kids[2], nn.ReLU) and isinstance(kids[3], nn.MaxPool2d))
 
 def _is_fastai_timm(model):
-    return (isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[0], TimmBody)
+    return (_is_pair(model) and isinstance(model[0], TimmBody)
             and _timm_kind(model[0].model) is not None)
 
 def _is_fastai_model(model):
     "Whether `model` is fastai's `nn.Sequential(body, head)` on a torchvision ResNet or a timm model."
-    tv_body = isinstance(model, nn.Sequential) and len(model) == 2 and _is_tv_resnet_body(model[0])
+    tv_body = _is_pair(model) and _is_tv_resnet_body(model[0])
     return tv_body or _is_fastai_timm(model)
 
 def _fastai_timm_blocks(model):
@@ -451,7 +451,7 @@ def model_blocks(model:nn.Module) -> ModelBlocks:
     if inner is not None:
         mb = model_blocks(inner)
         return ModelBlocks(nn.Sequential(model[0], mb.stem), mb.blocks, mb.head, pool=mb.pool)
-    cut = isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[0], nn.Sequential)
+    cut = _is_pair(model) and isinstance(model[0], nn.Sequential)
     hint = (" It looks like fastai's `vision_learner` model (`Sequential(body, head)`) cut from an architecture whose "
             "body it cannot split (torchvision's EfficientNet and MobileNet become one `features` block): where the "
             "architecture itself is supported, give its own model to `transfer_learner` (e.g. "
