@@ -332,3 +332,13 @@ def test_vision_learner_on_torchvision_efficientnet_says_what_works(dls):
     with pytest.raises(TypeError, match=r"vision_learner.*efficientnet_b0\(weights=\.\.\.\).*set_blocks"):
         model_blocks(learn.model)
     model_blocks(torchvision.models.efficientnet_b0())   # the architecture's own model is supported
+
+def test_images_too_small_for_a_timm_model(dls):
+    "timm's InceptionV3 on 32 px images (it needs 75 px at least): `transfer_learner` says the images are too small and "
+    "the size the model was made for, itself and inside fastai's `vision_learner`"
+    m = timm.create_model('inception_v3', pretrained=False)
+    with pytest.raises(RuntimeError, match=r"too small for this model: it was made for 299x299 images, these are 32x32"):
+        transfer_learner(m, dls)
+    learn = vision_learner(dls, 'inception_v3', pretrained=False, normalize=False)
+    with pytest.raises(RuntimeError, match=r"made for 299x299 images, these are 32x32.*Resize"):
+        transfer_learner(learn, dls)

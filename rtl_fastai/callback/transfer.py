@@ -15,7 +15,7 @@ from fastai.data.core import DataLoaders
 # fit_one_cycle, lr_find, progress bars, as in fastai.vision.all
 import fastai.callback.schedule, fastai.callback.progress  # noqa: F401
 from ..core import is_int, check_prob
-from ..core import check_normalization, _norm_layer, peek_batch, eval_mode
+from ..core import check_normalization, _norm_layer, peek_batch, eval_mode, _front, _unwrap
 from ..models import _copy_source, model_blocks, replace_head, swap_head, _is_fastai_model, _last_linear, _set_module
 from ..checkpoint import load_weights
 from .freeze import n_frozen_entries, FreezeBlocks, trainable_splitter
@@ -94,6 +94,15 @@ def new_head(model:nn.Module, # a model `model_blocks` supports; changed in plac
     return swap_head(model, transfer_head(lin.in_features, n_out, hidden, drop))
 
 # %% ../../nbs/05c_callback.transfer.ipynb #000ed74d
+def _size_hint(model, xb, err)->str:
+    "What to change when `model` failed on images `xb` too small for it (a kernel or pool larger than a feature map)"
+    msg = str(err)
+    if not ("Kernel size can't be greater" in msg or 'Output size is too small' in msg): return ''
+    cfg = next((c for m in _front(_unwrap(model)) if isinstance(c := getattr(m, 'pretrained_cfg', None), dict)), {})
+    size = tuple(cfg.get('input_size', ()))[1:]   # a timm model, also in `vision_learner`'s body: (C, H, W)
+    made = f"it was made for {size[0]}x{size[1]} images, these are {xb.shape[-2]}x{xb.shape[-1]}: " if len(size) == 2 else ''
+    return f" (the images are too small for this model: {made}make them larger, e.g. `Resize(...)` in `item_tfms`)"
+
 def _check_forward(model, dls, who:str, fix:str="a CIFAR model takes 32x32 images: `Resize(32)` in `item_tfms`"):
     ("One forward of two validation images in eval mode (the global RNG left alone): an output of one row per image, "
      "else an error saying what to change. A loader this check cannot read, or an empty one: nothing is said")
@@ -111,7 +120,7 @@ def _check_forward(model, dls, who:str, fix:str="a CIFAR model takes 32x32 image
         with torch.no_grad(), eval_mode(model): out = model(*xs)
     except Exception as err:
         raise RuntimeError(f"{who}: the source model cannot run on the images ({tuple(xb.shape[1:])}): "
-                           f"{type(err).__name__}: {err}") from None
+                           f"{type(err).__name__}: {err}{_size_hint(model, xb, err)}") from None
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or len(out) != len(xb):  # e.g. a CIFAR model at 224x224
         shp = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise RuntimeError(f"{who}: the source model gives an output of shape {shp} for {len(xb)} images of "
