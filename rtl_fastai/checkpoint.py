@@ -335,16 +335,18 @@ def _use_stats(model, stats, normalize, what, pre=''):
                           "input_stats(model))`). Pass `normalize='dls'` to choose the DataLoaders without this warning.")
 
 # %% ../nbs/01a_checkpoint.ipynb #381093a7
+def _is_url(s:str)->bool: return len(urlparse(s).scheme) > 1   # (a Windows drive letter `C:` is not one)
+def _looks_like_path(s:str)->bool: return '/' in s or os.sep in s or s.lower().endswith(_CKPT_EXTS)
+
 def _resolve(src, name):
     "`(path_or_url, registry entry or None)` for a path, URL or registry name"
     if isinstance(src, RobustModelInfo): return src.url, src
     s = str(src)
-    if urlparse(s).scheme and len(urlparse(s).scheme) > 1: return src, None
+    if _is_url(s): return src, None
     if Path(s).expanduser().is_file() or not isinstance(src, str): return src, None
     try: info = robust_model_info(s)
     except ValueError as e:
-        if '/' in s or os.sep in s or s.lower().endswith(_CKPT_EXTS):
-            return src, None  # a path: FileNotFoundError later
+        if _looks_like_path(s): return src, None  # a path: FileNotFoundError later
         raise ValueError(f"`{name}`: {s!r} is neither a checkpoint file nor a registered model. "
                          + str(e).split('; ', 1)[1]) from None
     return info.url, info

@@ -23,7 +23,7 @@ from .data.external import cache_dir
 from .models import model_blocks
 from .hub import IMAGENET_STATS, robust_model_info
 from .checkpoint import (checkpoint_path, extract_state_dict, load_robust_checkpoint, CheckpointMismatchError,
-                                   _read_checkpoint, _CKPT_EXTS)
+                                   _read_checkpoint, _is_url, _looks_like_path)
 from .callback.freeze import n_frozen_entries
 from .callback.feature_cache import FeatureCache
 from .callback.transfer import transfer_learner, _check_forward
@@ -269,12 +269,12 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, 'torchv
         desc = dict(kind='natural', name=s, arch=s, pretrained=pretrained,
                     threat='standard' if pretrained else 'none (random weights)', norm=None, eps=0.)
         return _place_stats(model, st, normalize), desc
-    is_url = len(urlparse(s).scheme) > 1
+    is_url = _is_url(s)
     p = Path(s).expanduser()
     if not is_url and not p.exists():
         try: info = robust_model_info(s)
         except ValueError as e:
-            if '/' in s or os.sep in s or s.lower().endswith(_CKPT_EXTS):
+            if _looks_like_path(s):
                 raise FileNotFoundError(f"{who}: `source`: no checkpoint file at {p}") from None
             tv = (f" For the natural torchvision model write 'torchvision:{s}'."
                   if s in torchvision.models.list_models(module=torchvision.models) else '')
