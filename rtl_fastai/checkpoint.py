@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torchvision
 from .core import normalize_stats, add_input_norm, _norm_layer, _in_channels, _fmt_stats, _record_stats, make_dir, renamed
-from .core import _NormView, _norm_name, _is_pair
+from .core import _NormView, _norm_name, _is_pair, input_stats
 from fastai.vision.learner import TimmBody
 from .data.external import cache_dir
 from .hub import RobustModelInfo, robust_model_info, _CKPT_EXTS
@@ -351,6 +351,16 @@ def _resolve(src, name):
                          + str(e).split('; ', 1)[1]) from None
     return info.url, info
 
+def _registry_file(src)->RobustModelInfo|None:
+    "The registry's entry when the file name of `src` (a path or URL) is that of a registered checkpoint"
+    try: return robust_model_info(Path(urlparse(str(src)).path).name)
+    except (ValueError, TypeError): return None
+
+def _imagenet_classifier(sd)->bool:
+    "Whether the last linear layer of the state dict `sd` has ImageNet's 1000 outputs"
+    lin = [v for k, v in sd.items() if k.endswith('weight') and v.ndim == 2]
+    return bool(lin) and lin[-1].shape[0] == 1000
+
 def _load_into(model, src, key=None, map_location='cpu', model_dir=None, normalize='auto', stats=None, info=None,
                name='path_or_url', who=None):
     pre = f"{who}: `{name}`: " if who else ''
@@ -383,6 +393,7 @@ def _load_into(model, src, key=None, map_location='cpu', model_dir=None, normali
     _check_match(msd, sd, pre)
     for k in msd:  # old checkpoints without BatchNorm's counter: keep the model's
         if k.endswith('num_batches_tracked') and k not in sd: sd[k] = msd[k]
+    if info is None and not isinstance(src, dict): info = _registry_file(src)  # a published file fetched by hand
     if fstats is not None: st, what = fstats, "stored in the checkpoint"
     elif stats is not None: st, what = normalize_stats(stats), "`stats`"
     elif info is not None: st, what = normalize_stats(info.stats), f"the registry's for {info.name!r}"
@@ -390,6 +401,12 @@ def _load_into(model, src, key=None, map_location='cpu', model_dir=None, normali
     if st is not None: _use_stats(model, st, normalize, what, pre)  # checked before anything is loaded
     elif normalize == 'model':
         raise ValueError(f"{pre}`normalize`='model' but the checkpoint holds no input statistics: pass `stats=(mean, std)`")
+    elif input_stats(model) is None and _imagenet_classifier(sd):
+        warnings.warn(f"{pre or 'load_robust_checkpoint: '}the checkpoint stores no input statistics and none were "
+                      "given, so the normalization its model was trained with is unknown and nothing can warn about "
+                      "DataLoaders that normalize otherwise (a silently wrong input scale). Say what it expects: "
+                      "`stats=imagenet_stats` (most ImageNet models) or `stats=([0.,0.,0.], [1.,1.,1.])` (a model "
+                      "trained on [0,1] pixels)", stacklevel=3)
     model.load_state_dict(sd, strict=True)
     return model
 

@@ -604,3 +604,39 @@ def test_prefix_stripping_keeps_inner_substrings(tmp_path):
     torch.save(OrderedDict(('module.' + k, v) for k, v in src.state_dict().items()), tmp_path/'dp.pt')
     m = load_robust_checkpoint(_Sub(), tmp_path/'dp.pt')
     for k, v in src.state_dict().items(): assert torch.equal(m.state_dict()[k], v), k
+
+def test_imagenet_checkpoint_without_stats_warns(tmp_path):
+    "A 1000-class checkpoint that stores no input statistics, none given: a warning says how to give them (the CLI "
+    "refuses such a file); with `stats`, or into a model that knows its statistics, nothing is said of it"
+    torch.save(_tv(n=1000).state_dict(), tmp_path/'mine.pt')
+    with pytest.warns(UserWarning, match=r"stores no input statistics.*stats=imagenet_stats") as w:
+        m = load_robust_checkpoint(torchvision.models.resnet18(), tmp_path/'mine.pt')
+    assert input_stats(m) is None and "load_robust_checkpoint: " in str(w[0].message)
+    from rtl_fastai.checkpoint import load_weights
+    with pytest.warns(UserWarning, match=r"transfer_learner: `weights`: the checkpoint stores no input statistics"):
+        load_weights(torchvision.models.resnet18(), tmp_path/'mine.pt')
+    for kw in (dict(stats=([0.,0.,0.], [1.,1.,1.])), dict(stats=(IM_MEAN, IM_STD), normalize='dls')):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter('always')
+            m = load_robust_checkpoint(torchvision.models.resnet18(), tmp_path/'mine.pt', **kw)
+        assert not [o for o in w if 'stores no input statistics' in str(o.message)] and input_stats(m) is not None
+    known = torchvision.models.resnet18(); known.input_stats = (IM_MEAN, IM_STD)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always'); load_robust_checkpoint(known, tmp_path/'mine.pt')
+    assert not [o for o in w if 'stores no input statistics' in str(o.message)]
+    torch.save(_src().state_dict(), tmp_path/'small.pt')   # not an ImageNet classifier: its statistics are the user's
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always'); load_robust_checkpoint(_src(), tmp_path/'small.pt')
+    assert not w
+
+def test_registry_file_name_gives_its_stats(tmp_path):
+    "A published file fetched by hand and loaded by path (RobustBench's zoo file stores no statistics): its registry "
+    "file name gives the statistics, as on the command line"
+    net = _tv(n=1000)
+    torch.save({'state_dict': _dp_sd(net)}, tmp_path/'Salman2020Do_R18.pt')
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        m = load_robust_checkpoint(torchvision.models.resnet18(), tmp_path/'Salman2020Do_R18.pt', normalize='model').eval()
+    assert not [o for o in w if 'stores no input statistics' in str(o.message)]
+    x = _x()
+    with torch.no_grad(): assert torch.equal(m(x), net(_norm(x)))
