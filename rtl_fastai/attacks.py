@@ -196,10 +196,13 @@ def _check_losses(losses, out32, d, bad):
         raise ValueError("`loss_func` must return one loss per example (e.g. `nn.CrossEntropyLoss(reduction='none')`)")
     bad.record(losses, out32)   # no host-device sync: the counts are read once, after the loop
 
+class _NonfiniteLoss(ValueError):
+    "The attack's loss is nan/inf: no gradient to follow (a `ValueError`; `lr_find` under adversarial training stops on it)"
+
 def _raise_nonfinite(n_bad, n, out_bad):
     why = ("the model's outputs are nan/inf (diverged weights or bad inputs?)" if out_bad
            else "the loss itself is not finite")
-    raise ValueError(f"`loss_func` returned {n_bad} non-finite (nan/inf) losses "
+    raise _NonfiniteLoss(f"`loss_func` returned {n_bad} non-finite (nan/inf) losses "
                      f"for {n} examples: {why}; no attack can follow that gradient")
 
 class _Nonfinite:

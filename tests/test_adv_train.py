@@ -347,3 +347,22 @@ def test_fgsm_step_sizes():
     v = (fgsm_attack(m, x, y, eps=eps, random_start=True) - x) * s
     assert v.min() >= 0.25*eps - 1e-6 and v.max() <= eps + 1e-6, (v.min().item(), v.max().item())
     assert 0.55 < (v > eps - 1e-6).float().mean() < 0.7   # P(u >= -eps/4) = 0.625 of the 1024 pixels reach eps
+
+
+@pytest.mark.parametrize('method', ['pgd', 'trades'])
+def test_lr_find_puts_the_weights_back_when_they_diverge(dls, method, tmp_path):
+    ("`lr_find`'s high learning rates can make the weights nan: the attack's error on the next batch ends the search "
+     "(as `lr_find`'s own divergence check would) and `lr_find` puts the weights back; in a plain fit it is an error")
+    class Poison(Callback):  # the divergence, made certain: nan weights after the 41st step
+        order = 100
+        def after_step(self):
+            if self.train_iter == 40:
+                with torch.no_grad(): next(self.learn.model.parameters()).fill_(float('nan'))
+    learn = _learn(dls, cbs=[METHODS[method](), Poison()], path=tmp_path)
+    w0 = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    with learn.no_bar(), warnings.catch_warnings():
+        warnings.simplefilter('ignore'); learn.lr_find(show_plot=False)
+    assert len(learn.recorder.losses) == 41   # the batches before the nan weights
+    for k, v in learn.model.state_dict().items(): assert torch.equal(v, w0[k]), k
+    learn = _learn(dls, cbs=[METHODS[method](), Poison()], path=tmp_path)
+    with pytest.raises(ValueError, match='non-finite'): _fit(learn, 5, [])

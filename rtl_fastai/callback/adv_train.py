@@ -10,10 +10,12 @@ from fastcore.basics import GetAttr
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.training import GradientAccumulation
+from fastai.callback.schedule import LRFinder
+from fastai.callback.core import CancelFitException
 from ..core import plain, _kept_stats, check_int, check_number, normalize_stats, check_normalization, UndoTrainOnError
 import warnings
 from ..attacks import (ThreatModel, as_threat, pgd_attack, fgsm_attack, eval_mode, _pixel_space, _amp_context,
-                                _check_pixels, _check_labels, _check_head, _attack_model)
+                                _check_pixels, _check_labels, _check_head, _attack_model, _NonfiniteLoss)
 
 # %% auto #0
 __all__ = ['PGDTraining', 'FreeAdvTraining', 'FastAdvTraining', 'trades_kl', 'TRADESTraining']
@@ -78,6 +80,12 @@ class _AdvTrainCallback(UndoTrainOnError, Callback):
         normalize_stats(self._stats)  # fail early on unusable stats
         check_normalization(self.learn.model, self.learn.dls, type(self).__name__)  # warns once per model and data
     def after_fit(self): self._sp = self._stats = None  # nothing of the data travels with `learn.export()`
+    def __call__(self, event_name):
+        try: return super().__call__(event_name)
+        except _NonfiniteLoss as e:  # `lr_find`'s high learning rates made the weights nan/inf: its search is over, as
+            # when its own divergence check stops it, and it puts the weights back (an error would leave them broken)
+            if any(isinstance(c, LRFinder) for c in self.learn.cbs): raise CancelFitException() from e
+            raise
     def _check_now(self)->bool:
         "Whether to check the batch's pixel range: on the first training batch of a fit (one host-device sync a fit)"
         return self.train_iter == 0
@@ -194,7 +202,9 @@ def trades_kl(adv_logits:torch.Tensor, # logits on the adversarial examples
     "TRADES' robust term: KL(softmax(`clean_logits`) || softmax(`adv_logits`)), 'batchmean' or 'none' (per example)"
     if reduction not in ('batchmean', 'none'):
         raise ValueError(f"trades_kl: `reduction` must be 'batchmean' or 'none' (per example), got {reduction!r}")
-    kl = F.kl_div(F.log_softmax(adv_logits.float(), 1), F.softmax(clean_logits.float(), 1), reduction='none').sum(1)
+    # the target as log-probabilities: a clean softmax that underflows to 0 would give the gradient 0 * log 0 = nan
+    kl = F.kl_div(F.log_softmax(adv_logits.float(), 1), F.log_softmax(clean_logits.float(), 1), reduction='none',
+                  log_target=True).sum(1)
     return kl.mean() if reduction == 'batchmean' else kl
 
 def _kl_to(adv_logits, q): return F.kl_div(F.log_softmax(adv_logits.float(), 1), q, reduction='none').sum(1)
