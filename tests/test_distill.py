@@ -232,6 +232,22 @@ def test_precompute_same_as_per_batch(source):
 
 
 
+def test_precompute_follows_new_transforms(source):
+    "A transform added to the loaders between two fits (`dls.add_tfms`, e.g. a forgotten `Normalize`): the source "
+    "features are computed again for the inputs the model now sees, as `FeatureCache` does"
+    from fastai.data.transforms import Normalize
+    set_seed(1)
+    learn = Learner(target_dls(normalize=False), replace_head(deepcopy(source), 5), loss_func=CrossEntropyLossFlat())
+    fd = FeatureDistillation(source, lam=1e-2, precompute=True)
+    learn.fit(1, 1e-3, cbs=fd)
+    before = fd._src_feats.clone()
+    learn.dls.add_tfms([Normalize.from_stats([0.3], [0.4], cuda=False)], 'after_batch')
+    learn.fit(1, 1e-3, cbs=fd)   # (it failed: the first batch's check found the stale features)
+    x = learn.dls.train.after_batch(learn.dls.train.create_batch(torch.arange(10)))[0]
+    torch.testing.assert_close(fd._src_feats[:10], get_features(source, x))
+    assert not torch.allclose(fd._src_feats[:10], before[:10])
+
+
 def test_precompute_exported_learner_predicts(source, tmp_path):
     "`validate`, `get_preds` and `predict` fire `before_fit` but train nothing: no precompute there (after `load_learner`"
     "the loaders are empty); the export leaves the precomputed features out, and the next fit computes them again."

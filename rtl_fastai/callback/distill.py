@@ -17,7 +17,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.mixup import MixHandler
 from ..core import _wide, check_bool, check_int, check_number, fork_rng, UndoTrainOnError, check_normalization, _in_channels, renamed
 from ..models import _copy_source, head_module, unwrap_model, penultimate, Penultimate, forward_to
-from ..data.augment import random_tfms
+from ..data.augment import random_tfms, _tfms_sig
 from .batch_items import batch_items
 from .adv_train import _AdvTrainCallback
 
@@ -441,7 +441,7 @@ def _setup_precompute(self:FeatureDistillation):
     model = unwrap_model(self.learn.model)
     p = next(model.parameters(), None)
     dev = p.device if p is not None else dl.device
-    key = (id(dl.dataset), len(dl.dataset), id(getattr(dl.dataset, 'x', None)), dev)
+    key = (id(dl.dataset), len(dl.dataset), id(getattr(dl.dataset, 'x', None)), dev, _tfms_sig(dl))  # `add_tfms`: new inputs
     if self._cache_key != key:
         feats = []
         # in dataset order, as training sees the items; on a fork of the random state, so that training draws the

@@ -14,7 +14,7 @@ from fastai.callback.core import Callback
 from ..distributed import DistributedDL
 from ..core import plain, _wide, fork_rng, check_number, UndoTrainOnError, eval_mode
 from ..models import model_blocks, forward_to
-from ..data.augment import random_tfms, unknown_tfms
+from ..data.augment import random_tfms, unknown_tfms, _tfms_sig
 from .batch_items import batch_items
 from .freeze import FreezeBlocks
 
@@ -52,11 +52,6 @@ def _fingerprint(mods):
         return tuple((t.numel(), float(_wide(t).sum()), float(_wide(t).abs().sum()))
                      for m in mods for t in [*m.parameters(), *m.buffers()])
 
-def _tfms_sig(dl):
-    ("The transforms of `dl`, which objects and their state as `repr` shows it: a `Normalize` added by `dls.add_tfms` "
-     "between two fits changes the inputs, so the features cached before it are stale")
-    return tuple((id(t), repr(t)) for a in ('after_item', 'before_batch', 'after_batch')
-                 for t in getattr(getattr(dl, a, None), 'fs', None) or ())
 
 def _inner_start(entry):
     ("In an `nn.Sequential` entry that starts with layers without parameters or train/eval behaviour (fastai's head: "

@@ -57,3 +57,9 @@ def unknown_tfms(dl)->list:
     "Names of the transforms of `dl` that are neither random (`random_tfms`) nor known to be deterministic (fastai's)"
     return [_tfm_name(t) for attr in ('after_item', 'before_batch', 'after_batch')
             for t in getattr(getattr(dl, attr, None), 'fs', []) or [] if not _is_random(t) and not _known(t)]
+
+def _tfms_sig(dl):
+    ("The transforms of `dl`, which objects and their state as `repr` shows it: a `Normalize` added by `dls.add_tfms` "
+     "between two fits changes the inputs, so features cached before it are stale")
+    return tuple((id(t), repr(t)) for a in ('after_item', 'before_batch', 'after_batch')
+                 for t in getattr(getattr(dl, a, None), 'fs', None) or ())
