@@ -563,3 +563,28 @@ def test_distill_columns_are_the_mean_penalty_per_example(source):
             d = (get_features(learn.model, xb) - get_features(source, xb)).abs().sum(1)
             tot, n = tot + 0.1*d.sum().item(), n + len(d)
     assert tot > 0 and vals[names.index('valid_distill')] == pytest.approx(tot/n, rel=1e-4)
+
+
+def test_lr_find_searches_the_whole_model(source, tmp_path):
+    "`lr_find` with a warm start: no warm start there (its one-epoch search would find the head's rate alone); the "
+    "flags are as before after it, and the next fit warms up as asked"
+    learn = make_learner(source, path=tmp_path)
+    fd = FeatureDistillation(source, lam=1e-2, warmup_epochs=1)
+    learn.add_cb(fd)
+    from rtl_fastai.models import head_module
+    head = {id(p) for p in head_module(learn.model).parameters()}
+    seen = []
+    class Spy(Callback):
+        order = 100
+        def before_batch(self):
+            if self.training: seen.append(any(p.requires_grad for p in self.learn.model.parameters() if id(p) not in head))
+    learn.add_cb(Spy())
+    flags = [p.requires_grad for p in learn.model.parameters()]
+    with learn.no_bar(), warnings.catch_warnings():
+        warnings.simplefilter('ignore'); learn.lr_find(num_it=20, show_plot=False)
+    assert seen and all(seen)   # the body trained in every batch of the search
+    assert [p.requires_grad for p in learn.model.parameters()] == flags
+    seen.clear()
+    with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-3)
+    n = len(learn.dls.train)
+    assert not any(seen[:n]) and all(seen[n:])   # a fit: the first epoch is the head's alone

@@ -13,6 +13,7 @@ from fastcore.foundation import L
 from fastai.torch_core import find_bs
 from fastai.learner import Metric
 from fastai.callback.hook import HookCallback
+from fastai.callback.schedule import LRFinder
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.mixup import MixHandler
 from ..core import _wide, check_bool, check_int, check_number, fork_rng, UndoTrainOnError, check_normalization, _in_channels, renamed
@@ -225,12 +226,18 @@ def _setup(self:FeatureDistillation):
     try: self._body_modules, no_head = self._body(model), None
     except TypeError as e: self._body_modules, no_head = None, e
     if self.freeze_bn_stats: self._bns = self._frozen_bns(no_head)
-    if self.warmup_epochs: self._head_params(model)   # fails early; the warm start begins in `before_train`
+    if self._warmup: self._head_params(model)   # fails early; the warm start begins in `before_train`
+
+@patch(as_prop=True)
+def _warmup(self:FeatureDistillation)->int:
+    ("The head-only epochs of this fit: `warmup_epochs`, but none under fastai's `lr_find`, whose search (often a "
+     "single epoch) would else find the rate of the head alone")
+    return 0 if any(isinstance(c, LRFinder) for c in self.learn.cbs) else self.warmup_epochs
 
 @patch
 def _check_useful(self:FeatureDistillation, model):
     "Warn when nothing the penalty acts on can change in this fit"
-    n, w = getattr(self.learn, 'n_epoch', None), self.warmup_epochs
+    n, w = getattr(self.learn, 'n_epoch', None), self._warmup
     if w and n is not None and w >= n:
         warnings.warn(f"FeatureDistillation: `warmup_epochs`={w} covers the whole fit ({n} epochs): only the head "
                       "trains, so the penalty has nothing to act on; fit for more epochs than `warmup_epochs`, "
@@ -275,8 +282,8 @@ def before_train(self:FeatureDistillation):
         try: self._setup_precompute()
         except Exception: self._cleanup(); raise   # hooks, columns and warm-up freeze undone, as in `after_loss`
     self.train_sum, self.train_n = 0., 0
-    if self._frozen is not None and self.epoch >= self.warmup_epochs: self._unfreeze()
-    if self._frozen is None and self._fitting and self.epoch < self.warmup_epochs:
+    if self._frozen is not None and self.epoch >= self._warmup: self._unfreeze()
+    if self._frozen is None and self._fitting and self.epoch < self._warmup:
         try: self._freeze()   # the warm start, from the first training epoch (after DDP wrapped the model)
         except Exception: self._cleanup(); raise
     # warm start: the body is a fixed feature extractor (BatchNorm stats, dropout off); then its BatchNorm stats
