@@ -437,3 +437,17 @@ def test_pgd_l2_stays_in_the_l2_ball(digits_dls, digits_model):
         n = (ps.to_pixels(xa) - ps.to_pixels(x)).flatten(1).norm(dim=1)
         assert (n <= 0.5 + 1e-4).all(), (kw, n.max().item())
         assert n.max() > 0.4, kw   # it moved to (near) the sphere
+
+
+def test_fastai_callbacks_monitor_the_robust_column(digits_dls, digits_model, tmp_path):
+    "fastai's `SaveModelCallback` and `EarlyStoppingCallback` monitor the robust column by the metric's `name`"
+    from fastai.callback.tracker import SaveModelCallback, EarlyStoppingCallback
+    ra = RobustAccuracy(EPS, steps=2, n_batches=1)
+    learn = _learn(digits_dls, digits_model, path=tmp_path)
+    learn.metrics = [ra]
+    save = SaveModelCallback(monitor=ra.name, fname='most_robust')
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(2, 1e-4, cbs=[save, EarlyStoppingCallback(monitor=ra.name, patience=5)])
+    assert (tmp_path/'models'/'most_robust.pth').exists()
+    col = learn.recorder.metric_names[1:-1].index(ra.name)
+    assert save.best == max(v[col] for v in learn.recorder.values)
