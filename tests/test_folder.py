@@ -379,3 +379,15 @@ def test_input_channels_read_without_moving_the_shuffle(tmp_path):
         if peek: assert _n_in(dls) == 3
         return [b[1].tolist() for b in dls.train]
     assert first_epoch(True) == first_epoch(False)
+
+
+def test_labels_in_a_csv_file_get_advice(tmp_path):
+    "A folder labelled by a CSV file (images/ and labels.csv): the errors say that labels come from class folders only "
+    "here and point to fastai's `ImageDataLoaders.from_csv`, rather than to a random split of one 'class'"
+    (tmp_path/'images').mkdir()
+    for i in range(10): Image.new('RGB', (8, 8), (i*20, 0, 0)).save(tmp_path/'images'/f'{i}.png')
+    (tmp_path/'labels.csv').write_text('name,label\n' + ''.join(f'images/{i}.png,{"ab"[i%2]}\n' for i in range(10)))
+    for kw in ({}, dict(valid_pct=0.2)):
+        _fails(lambda: check_image_folder(tmp_path, **kw), ValueError,
+               r"holds labels\.csv: labels in a CSV file are not read here.*ImageDataLoaders\.from_csv")
+    _fails(lambda: check_image_folder(tmp_path, valid_pct=0.2), ValueError, rf"{re.escape(str(tmp_path))} has 1 \(")

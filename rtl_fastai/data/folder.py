@@ -199,14 +199,24 @@ def _file_mode(fn):
             return im.mode
     except Exception: return None
 
+def _csv_hint(path)->str:
+    "What to do when `path` holds a label file (CSV): `folder_dls` reads labels from class folders only"
+    csvs = sorted(p.name for p in path.glob('*.csv'))
+    if not csvs: return ''
+    return (f". {path} holds {', '.join(csvs)}: labels in a CSV file are not read here (only class folders are); "
+            f"build the DataLoaders with fastai's `ImageDataLoaders.from_csv(path, {csvs[0]!r}, ...)` (or a `DataBlock` "
+            "with `ColReader`) and give them to `transfer_learner`")
+
 def _layout_error(path, train, valid, missing):
     subs = sorted(p.name for p in path.iterdir() if p.is_dir())
+    hint = _csv_hint(path)
     msg = (f"check_image_folder: {path} has no {' and no '.join(f'{m!r} folder' for m in missing)}; "
            f"the expected layout is path/{train}/<class>/*.jpg and path/{valid}/<class>/*.jpg, found subfolders {subs}")
     alt = {'train': [s for s in subs if s.lower() in _TRAIN_NAMES and s != train],
            'valid': [s for s in subs if s.lower() in _VALID_NAMES and s != valid]}
     fixes = [f"`{k}={v[0]!r}`" for k, v in alt.items() if v and (train if k == 'train' else valid) in missing]
     if fixes: msg += f". Pass the names of your split folders: {' and '.join(fixes)}"
+    elif hint: msg += hint
     elif subs and all(any(f.suffix.lower() in image_extensions for f in (path/s).iterdir()) for s in subs[:5]):
         msg += (". These look like class folders without a train/valid split: split them at random with "
                 f"`valid_pct=0.2` (a random fifth of the images for validation), or move the images into "
@@ -292,8 +302,9 @@ def check_image_folder(path,               # the folder that holds the `train` a
         (ftr, ctr), (fva, cva) = _split_counts(path, train, 'train'), _split_counts(path, valid, 'valid')
     else: (ftr, ctr), (fva, cva) = _random_split(path, train, valid, valid_pct, seed)
     if len(ctr) < 2:
-        raise ValueError(f"check_image_folder: a classifier needs images of at least 2 classes, {path/train} has "
-                         f"{len(ctr)} ({dict(ctr)}); add a folder {train}/<class>/ per class")
+        where, fix = (path/train, f"add a folder {train}/<class>/ per class") if valid_pct is None else (path, "add a folder <class>/ per class")
+        raise ValueError(f"check_image_folder: a classifier needs images of at least 2 classes, {where} has "
+                         f"{len(ctr)} ({dict(ctr)}); {fix}{_csv_hint(path)}")
     extra = sorted(set(cva) - set(ctr))
     if extra:
         raise ValueError(f"check_image_folder: classes {extra} are in {path/valid} but not in {path/train}: the model "
