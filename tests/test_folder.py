@@ -391,3 +391,15 @@ def test_labels_in_a_csv_file_get_advice(tmp_path):
         _fails(lambda: check_image_folder(tmp_path, **kw), ValueError,
                r"holds labels\.csv: labels in a CSV file are not read here.*ImageDataLoaders\.from_csv")
     _fails(lambda: check_image_folder(tmp_path, valid_pct=0.2), ValueError, rf"{re.escape(str(tmp_path))} has 1 \(")
+
+
+def test_upsampling_is_warned_about(shapes):
+    "`Resize` to a size larger than the images (24x24): the attacks would perturb the upsampled images; a warning says "
+    "so and what to do. At or below their size, or with the user's own `item_tfms`, nothing is said"
+    with pytest.warns(UserWarning, match=r"about 24x24 pixels and `Resize` upsamples them to 48x48.*upsample inside the model"):
+        folder_dls(shapes, size=48, bs=4, device='cpu')
+    from fastai.vision.augment import Resize
+    for kw in (dict(size=24), dict(size=16), dict(size=(16, 48)), dict(item_tfms=Resize(48))):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter('always'); folder_dls(shapes, bs=4, device='cpu', **kw)
+        assert not [o for o in w if 'upsamples' in str(o.message)], kw

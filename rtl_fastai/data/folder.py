@@ -356,6 +356,26 @@ def _check_channels(stats, summary, img_cls):
                      f"that the model does not expect; {fix}")
 
 # %% ../../nbs/00f_data.folder.ipynb #252bc0d1
+def _image_size(files, n:int=25)->tuple|None:
+    "The median (height, width) of up to `n` of `files`, evenly spaced, read from their headers; None if none reads"
+    hw = []
+    for f in list(files)[::max(1, len(files)//n)][:n]:
+        try:
+            with Image.open(f) as im: hw.append(im.size[::-1])
+        except Exception: pass
+    return tuple(int(np.median([s[i] for s in hw])) for i in (0, 1)) if hw else None
+
+def _warn_upsampling(summary, size, who):
+    "Warn when `Resize` makes the images larger: the attacks then perturb the upsampled images"
+    hw = _image_size(summary.files[summary.train])
+    if hw is None or not (hw[0] < size[0] and hw[1] < size[1]): return
+    warnings.warn(f"{who}: the images are about {hw[0]}x{hw[1]} pixels and `Resize` upsamples them to "
+                  f"{size[0]}x{size[1]}: the attacks perturb the {size[0]}x{size[1]} images the model sees, eps bounding "
+                  "each of their pixels rather than the images' own, a larger threat set. Robust accuracy then comes out "
+                  "lower than at the same eps on the images themselves, and is not comparable with numbers published "
+                  "at their size. To attack the images at their own size, keep it (`size`) and upsample inside the "
+                  "model (the tutorial 'Bring your own robust model' shows how)", UserWarning, stacklevel=3)
+
 def folder_dls(path,                  # the folder that holds the `train` and `valid` folders
                size=224,              # the images' size after `Resize`: an int or a (height, width) pair
                bs:int=64,             # batch size
@@ -392,6 +412,7 @@ def folder_dls(path,                  # the folder that holds the `train` and `v
                          "fastai drops the last incomplete training batch, so an epoch would have no batch; "
                          f"use bs <= {summary.n_train}")
     if st is not None: _check_channels(st, summary, kwargs.get('img_cls', PILImage))
+    if item_tfms is None: _warn_upsampling(summary, size, who)
     tfms = list(L(batch_tfms)) + (aug_transforms() if augment else [])
     if any(isinstance(t, Normalize) for t in tfms):
         raise ValueError(f"{who}: `batch_tfms` holds a `Normalize`; give its statistics as `stats=` instead (it adds the "
