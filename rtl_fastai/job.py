@@ -449,6 +449,13 @@ def _evaluate_job(learn, j, n_batches, curve, seed, quiet, log):
         crv.insert(0, 'method', label)
     return r, crv, time.time() - t
 
+def _stats_record(model, dls)->dict|None:
+    "The input statistics of the run and where they were applied (the DataLoaders' `Normalize` or the model), for results.json"
+    st, layer = normalize_stats(dls), _norm_layer(model)
+    where = 'DataLoaders' if st is not None else 'model' if layer is not None else None
+    if st is None and layer is not None: st = normalize_stats(layer)
+    return None if st is None else dict(mean=st[0].flatten().tolist(), std=st[1].flatten().tolist(), applied_in=where)
+
 def _write_job(learn, j, r, crv, settings, epochs, out, quiet, seconds):
     "A new run folder under `out`: results, settings and sources, curve and its plot, the exported learner"
     tm, s, d = j['threat'], j['summary'], j['desc']
@@ -459,7 +466,7 @@ def _write_job(learn, j, r, crv, settings, epochs, out, quiet, seconds):
     res = pd.DataFrame([row])
     fc = next((cb for cb in learn.cbs if isinstance(cb, FeatureCache)), None)
     info = dict(source=d, data=dict(path=str(Path(s.path).resolve()), classes=s.classes, n_train=s.n_train,
-                                    n_valid=s.n_valid),
+                                    n_valid=s.n_valid, input_stats=_stats_record(learn.model, j['dls'])),
                 threat=dict(eps=tm.eps, steps=tm.steps, alpha=tm.step_size, norm=tm.norm, name=tm.name),
                 history=_hist(learn), feature_cache=None if fc is None else fc.reason, **seconds)
     run_dir = next_run_dir(out)

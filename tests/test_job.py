@@ -7,7 +7,7 @@ import torch, torchvision
 from fastai.learner import load_learner
 from rtl_fastai.data.folder import make_image_folder
 from rtl_fastai.hub import IMAGENET_STATS
-from rtl_fastai.core import input_stats
+from rtl_fastai.core import input_stats, normalize_stats
 from rtl_fastai.job import transfer_job, load_source
 from rtl_fastai.cli import main as cli_main
 
@@ -49,6 +49,9 @@ def test_end_to_end_and_new_run_folders(files, capsys):
     assert (r['clean_acc'], r['pgd_acc']) == (res['clean_acc'], res['pgd_acc'])
     assert js['settings']['n_retrain'] == '0' and js['sources']['source']['kind'] == 'checkpoint'
     assert js['sources']['data']['classes'] == ['circle', 'square', 'triangle']
+    mean, std = normalize_stats(res['learn'].dls)   # the statistics used, and where, are on record
+    assert js['sources']['data']['input_stats'] == dict(mean=mean.flatten().tolist(), std=std.flatten().tolist(),
+                                                        applied_in='DataLoaders')
     csv = pd.read_csv(run1/'results.csv')
     assert csv.loc[0, 'pgd_acc'] == pytest.approx(res['pgd_acc'])
     crv = pd.read_csv(run1/'robust_curve.csv')
@@ -85,6 +88,8 @@ def test_normalize_inside_model(files):
     dls = res['learn'].dls
     assert not dls.after_batch.fs.filter(lambda t: type(t).__name__ == 'Normalize')
     assert torch.allclose(input_stats(res['learn'].model)[0].flatten().cpu(), torch.tensor(IMAGENET_STATS[0]))
+    rec = json.loads((res['run_dir']/'results.json').read_text())['sources']['data']['input_stats']
+    assert rec['applied_in'] == 'model' and rec['mean'] == pytest.approx(IMAGENET_STATS[0])
     # the same model as with the statistics in the DataLoaders
     res_dls = transfer_job(str(folder), source=str(root/'robust_r18.ckpt'), out=str(root/'out_model'), quiet=True,
                            curve=False, **KW)
@@ -213,13 +218,13 @@ def test_checkpoint_of_other_classes_and_plain_state_dict(tmp_path):
 def test_stats_none_wins_over_timm_defaults(tmp_path):
     "`stats='none'` ([0,1] pixels) also for a timm architecture, whose `pretrained_cfg` says ImageNet: no `Normalize`"
     timm = pytest.importorskip('timm')
-    from rtl_fastai.core import normalize_stats
     torch.save(timm.create_model('resnet18', pretrained=False, num_classes=2).state_dict(), tmp_path/'t.pth')
     folder = make_image_folder(tmp_path/'f', n_per_class=4, n_valid=2, classes=2, size=32)
     kw = dict(stats='none', size=32, bs=4, epochs=1, steps=1, curve=False, out=str(tmp_path/'out'), quiet=True)
     for source, more in ((str(tmp_path/'t.pth'), dict(arch='timm:resnet18')), ('timm:resnet18', dict(pretrained=False))):
         res = transfer_job(str(folder), source=source, **more, **kw)
         assert normalize_stats(res['learn'].dls) is None, source
+        assert json.loads((res['run_dir']/'results.json').read_text())['sources']['data']['input_stats'] is None
 
 
 def test_natural_timm_source(tmp_path):
