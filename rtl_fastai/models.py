@@ -330,7 +330,9 @@ def _tv_blocks(m) -> ModelBlocks:
 class _Reached(Exception):
     "Raised by a hook to end a forward where it is, with what the hook saw."
 
-def forward_to(model:nn.Module, module:nn.Module, x:torch.Tensor,
+def forward_to(model:nn.Module,  # the model run on `x`
+               module:nn.Module, # a submodule of `model`: the forward stops once it is reached
+               x:torch.Tensor,   # a batch of inputs, as `model` takes them
                fn=None, # `fn(module, input, output)`: taken at `module`'s output instead of its input
               ):
     ("The input that `module` receives in `model(x)` (or what `fn` makes of its output), the rest of the forward "
@@ -510,14 +512,18 @@ def _hooked_forward(model, x, mod, fn, pre=False) -> list:
     finally: h.remove()
     return out
 
-def get_features(model:nn.Module, x:torch.Tensor) -> torch.Tensor:
+def get_features(model:nn.Module, # a model `model_blocks` supports
+                 x:torch.Tensor,   # a batch of inputs, as `model` takes them
+                 ) -> torch.Tensor:
     "Penultimate features (the head's input) of `model` for the batch `x`, in eval mode without gradients."
     feats = _hooked_forward(model, x, head_module(model), lambda mod, inp: inp[0].detach(), pre=True)
     if not feats: raise ValueError(f"get_features: the forward of {type(model).__name__} never calls its head entry "
                                    f"{type(head_module(model)).__name__} (a `Stage`); use `pooled_features(model, x)`.")
     return feats[0]
 
-def feature_shape(model:nn.Module, x:torch.Tensor) -> torch.Size:
+def feature_shape(model:nn.Module, # a model `model_blocks` supports
+                  x:torch.Tensor,   # a sample batch of inputs, as `model` takes them
+                  ) -> torch.Size:
     "Shape of the penultimate features (the head's input) of `model` for the sample batch `x`."
     return get_features(model, x).shape
 
@@ -580,7 +586,9 @@ def penultimate(model:nn.Module) -> Penultimate:
     if (inner := _normalized_inner(model)) is not None: return penultimate(inner)
     raise TypeError(f"penultimate: unsupported model {type(model).__name__}. {_SUPPORTED}.")
 
-def pooled_features(model:nn.Module, x:torch.Tensor) -> torch.Tensor:
+def pooled_features(model:nn.Module, # a model `model_blocks` supports
+                    x:torch.Tensor,   # a batch of inputs, as `model` takes them
+                    ) -> torch.Tensor:
     "The pooled penultimate features `(bs, n_features)` of `model` for the batch `x`, in eval mode without gradients."
     p = penultimate(model)
     feats = _hooked_forward(model, x, p.module, p.hook_func)
