@@ -403,3 +403,17 @@ def test_upsampling_is_warned_about(shapes):
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter('always'); folder_dls(shapes, bs=4, device='cpu', **kw)
         assert not [o for o in w if 'upsamples' in str(o.message)], kw
+
+
+def test_written_folders_have_the_usual_permissions(tmp_path):
+    "A folder written whole (through a temporary folder, 0o700) gets the mode `mkdir` gives, or keeps that of the empty "
+    "folder it replaces: others on a shared machine can read the data set"
+    import os
+    old = os.umask(0o022)
+    try:
+        f = make_image_folder(tmp_path/'shapes', n_per_class=2, n_valid=1, classes=2, size=8)
+        assert f.stat().st_mode & 0o7777 == 0o755
+        (tmp_path/'shared').mkdir(); os.chmod(tmp_path/'shared', 0o2775)
+        g = make_image_folder(tmp_path/'shared', n_per_class=2, n_valid=1, classes=2, size=8)
+        assert g.stat().st_mode & 0o7777 == 0o2775
+    finally: os.umask(old)

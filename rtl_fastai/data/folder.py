@@ -53,8 +53,12 @@ def _written_whole(dest:Path):
         return
     try:
         yield tmp
+        # the mode of an empty `dest` kept, else what `mkdir` gives (`mkdtemp`'s 0o700 would lock others out)
+        um = os.umask(0); os.umask(um)
+        mode = dest.stat().st_mode & 0o7777 if dest.is_dir() else 0o777 & ~um
         if dest.is_dir(): dest.rmdir()   # empty (`_check_dest`)
         os.replace(tmp, dest)
+        os.chmod(dest, mode)
     finally:
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
 
