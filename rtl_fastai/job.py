@@ -208,7 +208,12 @@ def _robustbench_source(spec:str, who:str):
     except ImportError as e:
         raise ImportError(f"{who}: `source`={spec!r} needs the robustbench package (pip install "
                           f"git+https://github.com/RobustBench/robustbench), which does not import here: {e}") from None
-    model = load_model(name, model_dir=cache_dir()/'robustbench', dataset=ds, threat_model=tm)
+    try: model = load_model(name, model_dir=cache_dir()/'robustbench', dataset=ds, threat_model=tm)
+    except Exception as e:   # robustbench downloads straight to this file and trusts it from then on
+        f = cache_dir()/'robustbench'/ds/tm/f'{name}.pt'
+        if not f.is_file(): raise
+        raise RuntimeError(f"{who}: robustbench could not load {f} ({type(e).__name__}: {e}); an interrupted "
+                           "download? Delete that file and run again to download it anew") from e
     norm, eps = (tm.lower(), _RB_EPS.get((ds, tm))) if tm in ('Linf', 'L2') else (None, None)
     threat = f"{tm} eps={eps_str(eps)}" if eps else tm
     return model.eval(), dict(kind='robustbench', name=name, arch=type(model).__name__, threat=threat, norm=norm,

@@ -3,7 +3,8 @@ without its dependencies, as it does torchattacks), through `model_blocks`, `inp
 feature cache, distillation and the attacks. robustbench's own `__init__` imports autoattack, gdown and geotorch;
 the architectures need torch alone, so they are imported from the installed package without running it (where the
 whole package imports, `load_model` is tested on a local checkpoint file as well)."""
-import importlib, importlib.util, sys, types, warnings
+import importlib, importlib.util, re, sys, types, warnings
+from pathlib import Path
 from collections import OrderedDict
 import pytest, torch
 import torchvision
@@ -256,3 +257,19 @@ def test_cifar_model_on_larger_images_is_said(rb, digits_rgb32):
                                            r"input size \(a CIFAR model takes 32x32 images"):
         transfer_learner(wrn, task_dls(big, bs=20, normalize=False))
     transfer_learner(wrn, task_dls(d, bs=20, normalize=False))   # 32x32: fine
+
+
+def test_a_broken_robustbench_download_is_named(rb, tmp_path, monkeypatch):
+    "robustbench downloads straight into its cache file and trusts it from then on: a file it cannot load (an "
+    "interrupted download) is named, with what to do"
+    from rtl_fastai.job import load_source
+    monkeypatch.setenv('RTL_CACHE', str(tmp_path/'cache'))
+    f = tmp_path/'cache'/'robustbench'/'cifar10'/'Linf'/'Carmon2019Unlabeled.pt'
+    def load_model(model_name, model_dir, dataset, threat_model):
+        return torch.load(Path(model_dir)/dataset/threat_model/f'{model_name}.pt')
+    monkeypatch.setitem(sys.modules, 'robustbench.utils', types.SimpleNamespace(load_model=load_model))
+    f.parent.mkdir(parents=True); f.write_bytes(b'PK\x03\x04 cut off')
+    with pytest.raises(RuntimeError, match=rf"could not load {re.escape(str(f))} .*Delete that file and run again"):
+        load_source('robustbench:cifar10/Linf/Carmon2019Unlabeled')
+    f.unlink()   # no file: robustbench's own error, as it is
+    with pytest.raises(FileNotFoundError): load_source('robustbench:cifar10/Linf/Carmon2019Unlabeled')
