@@ -52,8 +52,12 @@ def main():
     out = Path(a.out).expanduser(); out.mkdir(parents=True, exist_ok=True)
     resf = out/'results.json'
     res = json.loads(resf.read_text()) if resf.exists() else {}
-    res['settings'] = vars(a) | dict(eps='8/255', pgd='PGD-20, step 2/255, random start', threads=torch.get_num_threads())
+    # a results file gathers the parts of several runs (`--parts`): each part's rows keep the settings of the run that
+    # made them, and a cached source is used again only for the same source settings (its file name holds them)
+    settings = vars(a) | dict(eps='8/255', pgd='PGD-20, step 2/255, random start', threads=torch.get_num_threads())
+    res['settings'] = settings   # the last run's
     def save(): resf.write_text(json.dumps(res, indent=1))
+    def put(part, rows): res[part] = rows; res.setdefault('part_settings', {})[part] = settings; save()
     def log(*s): print(time.strftime('%H:%M:%S'), *s, flush=True)
 
     cifar = load_dataset('cifar10')
@@ -67,7 +71,7 @@ def main():
     def net(n_out): return PreActResNet18(n_out=n_out, width=a.width)
     srcs = {}
     for kind in ('natural', 'robust'):
-        fn = out/f'source_{kind}_w{a.width}.pth'
+        fn = out/f'source_{kind}_w{a.width}_n{a.src_n}_e{a.src_epochs}_bs{a.bs}.pth'   # every setting of its training
         if fn.exists():
             set_seed(0, reproducible=True)
             learn = Learner(src_dls, net(src_dls.c), metrics=accuracy)
@@ -78,8 +82,9 @@ def main():
             learn = train_source(src_dls, net, a.src_epochs, 3e-3, eps=EPS if kind == 'robust' else None, adv='fast')
             torch.save(learn.model.state_dict(), fn)
             res.setdefault('sources', {})[kind] = dict(seconds=round(time.time()-t, 1))
-        if 'sources' in parts or kind not in res.get('sources', {}) or 'clean_acc' not in res['sources'][kind]:
-            res.setdefault('sources', {}).setdefault(kind, {}).update(score(learn)); save()
+        had = res.get('sources', {}).get(kind, {})
+        if 'sources' in parts or 'clean_acc' not in had or had.get('file') != fn.name:   # (scores of another source)
+            res.setdefault('sources', {}).setdefault(kind, {}).update(score(learn), file=fn.name); save()
         log(kind, res['sources'][kind]); srcs[kind] = learn.model
 
     if 'blocks' in parts:
@@ -89,7 +94,7 @@ def main():
                 set_seed(0, reproducible=True); t = time.time()
                 l = fit_quietly(transfer_learner(m, tgt_dls, n_retrain=nr, metrics=accuracy), a.tgt_epochs, 3e-3)
                 rows.append(dict(source=kind, n_retrain=str(nr), seconds=round(time.time()-t, 1), **score(l)))
-                log(rows[-1]); res['blocks'] = rows; save()
+                log(rows[-1]); put('blocks', rows)
 
     if 'distill' in parts:
         rows = []
@@ -98,7 +103,7 @@ def main():
             l = transfer_learner(srcs['robust'], tgt_dls, n_retrain='all', metrics=accuracy)
             fit_quietly(l, a.tgt_epochs, 3e-3, [FeatureDistillation(srcs['robust'], lam=lam, warmup_epochs=1)])
             rows.append(dict(lam=lam, seconds=round(time.time()-t, 1), **score(l)))
-            log(rows[-1]); res['distill'] = rows; save()
+            log(rows[-1]); put('distill', rows)
 
     if 'lowdata' in parts:
         # both methods get the same number of optimizer steps; the from-scratch baseline is PGD-7 AT (Madry et al.),
@@ -118,7 +123,7 @@ def main():
                 l = train_source(dls_n, net, ep, lr, eps=EPS, steps=7, alpha=2/255)  # PGD-7 AT from scratch, seed 0
                 rows.append(dict(n_per_class=n, method='PGD-7 AT from scratch' + ('' if lr == 3e-3 else f', lr {lr:g}'),
                                  epochs=ep, seconds=round(time.time()-t, 1), **score(l)))
-                log(rows[-1]); res['lowdata'] = rows; save()
+                log(rows[-1]); put('lowdata', rows)
 
     if 'gen' in parts:
         # the paper's section 6: adversarial training on a small target set, with and without the distillation
@@ -133,12 +138,13 @@ def main():
             l = fit_quietly(Learner(dls_n, net(dls_n.c), metrics=accuracy), ep, 3e-3, cbs)
             rows.append(dict(n_per_class=n, method='PGD-7 AT' + ('' if lam is None else f' + distillation (lam={lam:g})'),
                              epochs=ep, seconds=round(time.time()-t, 1), **score(l)))
-            log(rows[-1]); res['gen'] = rows; save()
+            log(rows[-1]); put('gen', rows)
 
     import pandas as pd
     md = [f"settings: {res['settings']}"]
     for k in ('blocks', 'distill', 'lowdata', 'gen'):
-        if k in res: md += ['', f'### {k}', pd.DataFrame(res[k]).to_markdown(index=False)]
+        if k in res: md += ['', f'### {k}', f"settings: {res.get('part_settings', {}).get(k, 'not recorded')}",
+                            pd.DataFrame(res[k]).to_markdown(index=False)]
     md += ['', '### sources', pd.DataFrame(res['sources']).T.to_markdown()]
     (out/'results.md').write_text('\n'.join(md) + '\n'); log('wrote', out/'results.md')
 

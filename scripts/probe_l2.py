@@ -2,7 +2,7 @@
 """Probe: MNIST 0-4 -> 5-9 under an L2 threat model, on the validation split (holdout=100). Not the test images."""
 # Usage: OMP_NUM_THREADS=1 python scripts/probe_l2.py SEED EPS '{"tr":[[1,1e-3],[0,3e-2]],"at":[0.3,0.1,0.03]}'
 # (issue 13, fourth round: robust sources, head-only transfer and the low-data rows under an L2 threat model;
-#  sources cached in ~/.cache/rtl_fastai/l2probe_*.pth)
+#  sources cached in `cache_dir()`/l2probe_*.pth, RTL_CACHE, by every setting of their training)
 import sys, time, os, json, torch
 torch.set_num_threads(1)
 from fastai.vision.all import Learner, accuracy, set_seed
@@ -10,6 +10,10 @@ from rtl_fastai.pipeline import _defaults, _seed_data
 from rtl_fastai.attacks import ThreatModel
 from rtl_fastai.data.arrays import class_split, subsample
 from rtl_fastai.data.external import load_dataset
+from rtl_fastai.data.external import cache_dir
+from rtl_fastai.core import make_dir
+# a cached source is used again only for the same settings of its data and training (its file name holds them)
+def _src_key(d): return '_'.join(f"{k}{d.get(k)}" for k in ('n_source', 'source_epochs', 'lr', 'width', 'at_steps', 'bs', 'holdout', 'n_test'))
 from rtl_fastai.data.loaders import task_dls
 from rtl_fastai.experiment import make_model, fit_quietly, evaluate, train_source
 from rtl_fastai.callback.adv_train import PGDTraining
@@ -25,7 +29,7 @@ ev = lambda l: evaluate(l, tm_eval, seed=seed)
 def out(name, r, t): print(json.dumps(dict(seed=seed, eps=eps, name=name, clean=round(100*r['clean_acc'],1), pgd=round(100*r['pgd_acc'],1), s=round(t,1))), flush=True)
 srcs = {}
 for k in ('natural', 'robust'):
-    fn = os.path.expanduser(f"~/.cache/rtl_fastai/l2probe_{k}_{seed}_{d['n_source']}x{d['source_epochs']}_eps{eps:g}.pth")
+    fn = str(make_dir(cache_dir(), 'RTL_CACHE')/f"l2probe_{k}_{seed}_{_src_key(d)}_eps{eps:g}.pth")
     t = time.time()
     if os.path.exists(fn):
         l = Learner(src_dls, make_model('smallcnn', 1, src_dls.c, d['width']), metrics=accuracy); l.model.load_state_dict(torch.load(fn))

@@ -2,7 +2,7 @@
 """How the defaults of `rtl-fastai run` (issue 13) were chosen: on a validation split carved from the TRAINING images
 (20% of each class's training images, or `--test` to evaluate on the test images, which the choice never used).
 
-Trains a natural and a PGD-AT source on the source classes (cached in ~/.cache/rtl_fastai/ by their settings), then the rows of the
+Trains a natural and a PGD-AT source on the source classes (cached in `cache_dir()`, RTL_CACHE, by their settings), then the rows of the
 paper's findings on the target classes (head-only transfer from both sources, fine-tuning with and without
 distillation for each lam, and in the low-data regime transfer against PGD-7 AT from scratch with the same number of
 optimizer steps), each evaluated with PGD-20 (step eps/4, seeded) on the validation split. Prints (clean %, PGD %, s).
@@ -18,7 +18,8 @@ optimizer steps), each evaluated with PGD-20 (step eps/4, seeded) on the validat
 import argparse, time, json, os
 import torch
 from fastai.vision.all import Learner, accuracy, set_seed
-from rtl_fastai.data.all import load_dataset, select_classes, subsample, subsample_valid, class_split, task_dls, ArrayData
+from rtl_fastai.data.all import load_dataset, select_classes, subsample, subsample_valid, class_split, task_dls, ArrayData, cache_dir
+from rtl_fastai.core import make_dir
 from rtl_fastai.models import SmallCNN
 from rtl_fastai.callback.adv_train import PGDTraining
 from rtl_fastai.callback.adv_valid import RobustAccuracy  # noqa
@@ -69,7 +70,7 @@ def rec(name, l, t):
 t0 = time.time()
 key = f"{a.data}_{a.eps}_{a.widths}_{a.src_n}_{a.src_epochs}_{a.src_steps}_{a.seed}_{a.bs}_{a.lr}_{a.test}"
 def get_src(kind):
-    fn = os.path.expanduser(f"~/.cache/rtl_fastai/tune_src_{kind}_{key}.pth")
+    fn = str(make_dir(cache_dir(), 'RTL_CACHE')/f"tune_src_{kind}_{key}.pth")
     set_seed(a.seed, reproducible=True); t = time.time(); l = Learner(sd, src_model(sd), metrics=accuracy)
     if os.path.exists(fn): l.model.load_state_dict(torch.load(fn)); print('loaded', fn)
     else: fit(l, a.src_epochs, [PGDTraining(a.eps, steps=a.src_steps)] if kind == 'rob' else []); torch.save(l.model.state_dict(), fn)

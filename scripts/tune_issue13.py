@@ -6,13 +6,17 @@ validation split of `run_pipeline(holdout=100)` (100 training images per class h
 
 Each config: {"kind":"ft", "lr", "ep", "warm", "lams", "plain", "pre", "layer", "pen"} or {"kind":"low", "n", "steps", "nr", "at", "lr", "at_lr", "lams", "ft_lr", "warm", "layer", "at_eps"}; the defaults may hold "src_eps", the robust source's training radius.
 The optional last argument overrides the MNIST defaults. The robust source of each seed and source setting is cached in
-~/.cache/rtl_fastai/issue13_rob_SEED_NSOURCExEPOCHS.pth. Prints one JSON line per row (clean %, PGD-20 %, s)."""
+`cache_dir()`/issue13_rob_SEED_KEY_epsEPS.pth (RTL_CACHE; KEY: every setting of its training). Prints one JSON line per row (clean %, PGD-20 %, s)."""
 import sys, time, os, json, torch
 torch.set_num_threads(1)
 from fastai.vision.all import Learner, accuracy, set_seed
 from rtl_fastai.pipeline import _defaults, _seed_data
 from rtl_fastai.data.arrays import class_split, subsample
 from rtl_fastai.data.external import load_dataset
+from rtl_fastai.data.external import cache_dir
+from rtl_fastai.core import make_dir
+# a cached source is used again only for the same settings of its data and training (its file name holds them)
+def _src_key(d): return '_'.join(f"{k}{d.get(k)}" for k in ('n_source', 'source_epochs', 'lr', 'width', 'at_steps', 'bs', 'holdout', 'n_test'))
 from rtl_fastai.data.loaders import task_dls
 from rtl_fastai.experiment import make_model, fit_quietly, evaluate, train_source
 from rtl_fastai.callback.adv_train import PGDTraining
@@ -25,8 +29,7 @@ src, tgt, tgt_n, _ = _seed_data(ds, list(sp.source), list(sp.target), d, seed)  
 kw = dict(bs=d['bs'], seed=seed)
 src_dls = task_dls(src, **kw); tgt_dls = task_dls(tgt_n, **kw)
 src_eps = d.get('src_eps', eps)  # the robust source's training radius (default: the evaluation's)
-fn = os.path.expanduser(f"~/.cache/rtl_fastai/issue13_rob_{seed}_{d['n_source']}x{d['source_epochs']}"
-                        + (f"_eps{src_eps:g}" if src_eps != eps else '') + f"{'_w'+str(d['width']) if d['width'] != 16 else ''}.pth"); os.makedirs(os.path.dirname(fn), exist_ok=True)
+fn = str(make_dir(cache_dir(), 'RTL_CACHE')/f"issue13_rob_{seed}_{_src_key(d)}_eps{src_eps:g}.pth")
 t = time.time()
 if os.path.exists(fn):
     l = Learner(src_dls, make_model('smallcnn', 1, src_dls.c, d['width']), metrics=accuracy); l.model.load_state_dict(torch.load(fn))
