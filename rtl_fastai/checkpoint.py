@@ -14,7 +14,7 @@ import torchvision
 from .core import normalize_stats, add_input_norm, _norm_layer, _in_channels, _fmt_stats, _record_stats, make_dir, renamed
 from .core import _NormView, _norm_name, _is_pair, input_stats
 from fastai.vision.learner import TimmBody
-from .data.external import cache_dir
+from .data.external import cache_dir, _sweep
 from .hub import RobustModelInfo, robust_model_info, _CKPT_EXTS
 
 # %% auto #0
@@ -114,6 +114,7 @@ def _sha256(p:Path)->str:
 def _fetch(url:str, dest:Path, sha256:str=None, size:int=None, name='path_or_url')->Path:
     "Download `url` to `dest` through a temporary file next to it: kept only if complete and readable"
     make_dir(dest.parent, 'cache')
+    _sweep(dest.parent)   # what downloads killed earlier left
     part = dest.with_name(f".part{os.getpid()}-{dest.name}")
     nothing = f"nothing was kept in the cache ({dest.parent})"
     try:

@@ -59,6 +59,21 @@ def test_archive(tmp_path):
     assert not any(p.suffix == '.npy' for p in arc.parent.rglob('*'))  # nothing written next to the source
 
 
+def test_leftovers_of_killed_loads_are_swept(tmp_path):
+    "What a load killed earlier left in the cache (a half-extracted archive, older than a day) goes at the next load; "
+    "another process's fresh temporary folder and the cache's entries stay"
+    import os, time
+    cache = cache_dir(); cache.mkdir(parents=True)
+    old, fresh = cache/'.extract-dead', cache/'.extract-live'
+    (old/'extracted').mkdir(parents=True); fresh.mkdir(); (cache/'.part123-x.pth').write_bytes(b'x')
+    day_ago = time.time() - 2*86400
+    for p in (old, cache/'.part123-x.pth'): os.utime(p, (day_ago, day_ago))
+    load_dataset('cifar10', path=fake_archive(tmp_path/'a'))
+    left = sorted(p.name for p in cache.iterdir())
+    assert '.extract-dead' not in left and '.part123-x.pth' not in left and '.extract-live' in left
+    assert any(n.startswith('cifar10-') for n in left)
+
+
 def test_archive_matches_pixels(tmp_path):
     src = fake_folder(tmp_path/'f', 'mnist', classes=('0', '1'), size=28)
     d = load_dataset('mnist', path=src)

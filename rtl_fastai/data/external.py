@@ -143,6 +143,19 @@ def _drop_stale(d:Path):
             shutil.rmtree(o.rename(o.with_name(f'.stale-{os.getpid()}-{o.name}')), ignore_errors=True)
         except OSError: pass   # gone already (another process), or no `source.txt`: left alone
 
+_LEFTOVERS = ('.extract-', '.part', '.stale-')   # the temporary entries of a load or a download
+
+def _sweep(folder:Path, days:float=1):
+    ("Delete the temporary entries (`_LEFTOVERS`) in `folder` older than `days`: those of a process that was killed "
+     "(`kill -9`, out of memory) before it could remove them; a live one renames or removes its own within minutes")
+    old = time.time() - days*86400
+    for o in folder.glob('.*'):
+        try:
+            if not o.name.startswith(_LEFTOVERS) or o.lstat().st_mtime > old: continue
+            if o.is_dir() and not o.is_symlink(): shutil.rmtree(o, ignore_errors=True)
+            else: o.unlink()
+        except OSError: pass   # gone already (another process)
+
 def _extract(arc:Path, dest:Path)->Path:
     "Extract `arc` into `dest` once (atomically); returns `dest`"
     if dest.is_dir(): return dest
@@ -228,6 +241,7 @@ def load_image_data(name:str,  # 'mnist' or 'cifar10'
     "Load MNIST or CIFAR-10 (decoding once into the cache) as uint8 `ArrayData`"
     kind, p = find_data(name, path)
     d = make_dir(cache_dir(), 'RTL_CACHE')/_key(p, kind=='archive')
+    _sweep(d.parent)   # what loads killed earlier left
     if not all((d/f).exists() for f in _FILES):
         # an archive is extracted into a folder of this process, deleted once decoded: the cache keeps the arrays only
         with tempfile.TemporaryDirectory(dir=d.parent, prefix='.extract-') as tmp:
