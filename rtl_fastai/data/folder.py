@@ -209,7 +209,8 @@ def _csv_hint(path)->str:
     if not csvs: return ''
     return (f". {path} holds {', '.join(csvs)}: labels in a CSV file are not read here (only class folders are); "
             f"build the DataLoaders with fastai's `ImageDataLoaders.from_csv(path, {csvs[0]!r}, ...)` (or a `DataBlock` "
-            "with `ColReader`) and give them to `transfer_learner`")
+            "with `ColReader`) and give them to `transfer_learner` (with fastai before 2.8.8 and pandas 3, name the columns: "
+            "`fn_col='...', label_col='...'`; its default column numbers fail there with a `KeyError`)")
 
 def _layout_error(path, train, valid, missing):
     subs = sorted(p.name for p in path.iterdir() if p.is_dir())
