@@ -354,7 +354,8 @@ def _resolve(src, name):
 
 def _registry_file(src)->RobustModelInfo|None:
     "The registry's entry when the file name of `src` (a path or URL) is that of a registered checkpoint"
-    try: return robust_model_info(Path(urlparse(str(src)).path).name)
+    s = str(src)
+    try: return robust_model_info(Path(urlparse(s).path if _is_url(s) else s).name)
     except (ValueError, TypeError): return None
 
 def _imagenet_classifier(sd)->bool:
@@ -394,7 +395,8 @@ def _load_into(model, src, key=None, map_location='cpu', model_dir=None, normali
     _check_match(msd, sd, pre)
     for k in msd:  # old checkpoints without BatchNorm's counter: keep the model's
         if k.endswith('num_batches_tracked') and k not in sd: sd[k] = msd[k]
-    if info is None and not isinstance(src, dict): info = _registry_file(src)  # a published file fetched by hand
+    if info is None and not isinstance(src, dict) and _imagenet_classifier(sd):
+        info = _registry_file(src)  # a published ImageNet file fetched by hand (RobustBench's CIFAR files share names)
     if fstats is not None: st, what = fstats, "stored in the checkpoint"
     elif stats is not None: st, what = normalize_stats(stats), "`stats`"
     elif info is not None: st, what = normalize_stats(info.stats), f"the registry's for {info.name!r}"
@@ -403,11 +405,14 @@ def _load_into(model, src, key=None, map_location='cpu', model_dir=None, normali
     elif normalize == 'model':
         raise ValueError(f"{pre}`normalize`='model' but the checkpoint holds no input statistics: pass `stats=(mean, std)`")
     elif input_stats(model) is None and _imagenet_classifier(sd):
+        how = ("record it on the model you give: `model.input_stats = imagenet_stats` (most ImageNet models) or "
+               "`model.input_stats = ([0.,0.,0.], [1.,1.,1.])` (a model trained on [0,1] pixels)") if who else (
+               "`stats=imagenet_stats` (most ImageNet models) or `stats=([0.,0.,0.], [1.,1.,1.])` (a model trained "
+               "on [0,1] pixels)")
         warnings.warn(f"{pre or 'load_robust_checkpoint: '}the checkpoint stores no input statistics and none were "
                       "given, so the normalization its model was trained with is unknown and nothing can warn about "
-                      "DataLoaders that normalize otherwise (a silently wrong input scale). Say what it expects: "
-                      "`stats=imagenet_stats` (most ImageNet models) or `stats=([0.,0.,0.], [1.,1.,1.])` (a model "
-                      "trained on [0,1] pixels)", stacklevel=3)
+                      f"DataLoaders that normalize otherwise (a silently wrong input scale). Say what it expects: {how}",
+                      stacklevel=4)   # (the caller of `load_robust_checkpoint`, past its `renamed` wrapper)
     model.load_state_dict(sd, strict=True)
     return model
 

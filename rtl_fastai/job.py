@@ -23,7 +23,7 @@ from .data.external import cache_dir
 from .models import model_blocks
 from .hub import IMAGENET_STATS, robust_model_info
 from .checkpoint import (checkpoint_path, extract_state_dict, load_robust_checkpoint, CheckpointMismatchError,
-                                   _read_checkpoint, _is_url, _looks_like_path)
+                                   _read_checkpoint, _is_url, _looks_like_path, _registry_file)
 from .callback.freeze import n_frozen_entries
 from .callback.feature_cache import FeatureCache
 from .callback.transfer import transfer_learner, _check_forward
@@ -295,8 +295,7 @@ def load_source(source:str, # a registry name, a checkpoint file or URL, 'torchv
                            citation=info.citation, **_trained_for(info))
     if p.is_dir():
         raise IsADirectoryError(f"{who}: `source`={s!r} is a folder; give a checkpoint file (or a registry name)")
-    try: info = robust_model_info(Path(urlparse(s).path).name if is_url else p.name)  # a registry file fetched by hand
-    except (ValueError, TypeError): info = None
+    info = _registry_file(s)  # a registry file fetched by hand
     if arch is None:
         if info is None:
             raise ValueError(f"{who}: `arch` is missing: a checkpoint file needs its architecture, "

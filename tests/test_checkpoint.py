@@ -613,8 +613,13 @@ def test_imagenet_checkpoint_without_stats_warns(tmp_path):
         m = load_robust_checkpoint(torchvision.models.resnet18(), tmp_path/'mine.pt')
     assert input_stats(m) is None and "load_robust_checkpoint: " in str(w[0].message)
     from rtl_fastai.checkpoint import load_weights
-    with pytest.warns(UserWarning, match=r"transfer_learner: `weights`: the checkpoint stores no input statistics"):
-        load_weights(torchvision.models.resnet18(), tmp_path/'mine.pt')
+    with pytest.warns(UserWarning, match=r"transfer_learner: `weights`: the checkpoint stores no input statistics.*"
+                                         r"record it on the model you give: `model.input_stats = imagenet_stats`"):
+        load_weights(torchvision.models.resnet18(), tmp_path/'mine.pt')   # (what `transfer_learner(weights=)` calls)
+    told = torchvision.models.resnet18(); told.input_stats = (IM_MEAN, IM_STD)   # the advice followed: nothing said
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always'); load_weights(told, tmp_path/'mine.pt')
+    assert not [o for o in w if 'stores no input statistics' in str(o.message)]
     for kw in (dict(stats=([0.,0.,0.], [1.,1.,1.])), dict(stats=(IM_MEAN, IM_STD), normalize='dls')):
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter('always')
@@ -640,3 +645,8 @@ def test_registry_file_name_gives_its_stats(tmp_path):
     assert not [o for o in w if 'stores no input statistics' in str(o.message)]
     x = _x()
     with torch.no_grad(): assert torch.equal(m(x), net(_norm(x)))
+    # RobustBench's CIFAR-10 files share some names with ImageNet entries (Wong2020Fast): not an ImageNet classifier,
+    # so not taken for the registry's file (whose statistics would be ImageNet's)
+    torch.save(_tv(n=10).state_dict(), tmp_path/'Wong2020Fast.pt')
+    m = load_robust_checkpoint(torchvision.models.resnet18(num_classes=10), tmp_path/'Wong2020Fast.pt')
+    assert input_stats(m) is None
