@@ -366,3 +366,7 @@ def test_lr_find_puts_the_weights_back_when_they_diverge(dls, method, tmp_path):
     for k, v in learn.model.state_dict().items(): assert torch.equal(v, w0[k]), k
     learn = _learn(dls, cbs=[METHODS[method](), Poison()], path=tmp_path)
     with pytest.raises(ValueError, match='non-finite'): _fit(learn, 5, [])
+    # weights nan before the search (an earlier fit diverged): not the search's doing, the error says so
+    learn = _learn(dls, cbs=[METHODS[method]()], path=tmp_path)
+    with torch.no_grad(): next(learn.model.parameters()).fill_(float('nan'))
+    with learn.no_bar(), pytest.raises(ValueError, match=r'non-finite.*outputs are nan/inf'): learn.lr_find(show_plot=False)

@@ -22,6 +22,10 @@ __all__ = ['PGDTraining', 'FreeAdvTraining', 'FastAdvTraining', 'trades_kl', 'TR
 
 # %% ../../nbs/04_callback.adv_train.ipynb #ccc102b6
 def _attacked(learn): return _attack_model(learn.model)   # the learner's model, out of DDP
+def _diverged(learn)->bool:
+    "Whether this fit made the weights nan/inf: it has trained (the recorder has losses) and a weight is not finite now"
+    return bool(getattr(getattr(learn, 'recorder', None), 'losses', None)) and not all(
+        torch.isfinite(p).all() for p in learn.model.parameters())
 
 def _one_input(learn, who, classes=True):
     if len(learn.xb) != 1:
@@ -84,8 +88,8 @@ class _AdvTrainCallback(UndoTrainOnError, Callback):
         try: return super().__call__(event_name)
         except _NonfiniteLoss as e:  # `lr_find`'s high learning rates made the weights nan/inf: its search is over, as
             # when its own divergence check stops it, and it puts the weights back (an error would leave them broken)
-            if any(isinstance(c, LRFinder) for c in self.learn.cbs): raise CancelFitException() from e
-            raise
+            if any(isinstance(c, LRFinder) for c in self.learn.cbs) and _diverged(self.learn): raise CancelFitException() from e
+            raise   # (weights that were nan before the search, or nan inputs: the error says so)
     def _check_now(self)->bool:
         "Whether to check the batch's pixel range: on the first training batch of a fit (one host-device sync a fit)"
         return self.train_iter == 0
