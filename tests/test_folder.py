@@ -417,3 +417,12 @@ def test_written_folders_have_the_usual_permissions(tmp_path):
         g = make_image_folder(tmp_path/'shared', n_per_class=2, n_valid=1, classes=2, size=8)
         assert g.stat().st_mode & 0o7777 == 0o2775
     finally: os.umask(old)
+
+
+def test_class_folders_beside_a_csv_file_get_the_split_advice(tmp_path):
+    "Class folders and a metadata CSV file: they are class folders, and the advice is the random split, not the CSV"
+    for c in ('a', 'b'):
+        (tmp_path/c).mkdir()
+        for i in range(3): Image.new('RGB', (8, 8)).save(tmp_path/c/f'{i}.png')
+    (tmp_path/'metadata.csv').write_text('name,source\n')
+    _fails(lambda: check_image_folder(tmp_path), ValueError, r"look like class folders.*`valid_pct=0\.2`")

@@ -305,3 +305,15 @@ def test_random_source_weights_follow_the_seed(files, tmp_path):
     a, b = (transfer_job(str(folder), out=str(tmp_path/f'o{k}'), **kw) for k in range(2))
     assert a['learn'].recorder.values == b['learn'].recorder.values
     assert all(torch.equal(p, q) for p, q in zip(a['learn'].model.state_dict().values(), b['learn'].model.state_dict().values()))
+
+
+def test_upsampling_is_said_in_the_jobs_words(files, tmp_path):
+    "A job that upsamples its images (32 px to 64): one warning, naming the job and what it can do, none from folder_dls"
+    import warnings
+    root, folder, _ = files
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        transfer_job(str(folder), source=str(root/'robust_r18.ckpt'), out=str(tmp_path/'out'), quiet=True, curve=False,
+                     **{**KW, 'size': 64})
+    up = [str(o.message) for o in w if 'upsamples them' in str(o.message)]
+    assert len(up) == 1 and up[0].startswith('transfer_job: the images are about 32x32') and 'in Python' in up[0]

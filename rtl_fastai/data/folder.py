@@ -221,11 +221,11 @@ def _layout_error(path, train, valid, missing):
            'valid': [s for s in subs if s.lower() in _VALID_NAMES and s != valid]}
     fixes = [f"`{k}={v[0]!r}`" for k, v in alt.items() if v and (train if k == 'train' else valid) in missing]
     if fixes: msg += f". Pass the names of your split folders: {' and '.join(fixes)}"
-    elif hint: msg += hint
-    elif subs and all(any(f.suffix.lower() in image_extensions for f in (path/s).iterdir()) for s in subs[:5]):
+    elif len(subs) > 1 and all(any(f.suffix.lower() in image_extensions for f in (path/s).iterdir()) for s in subs[:5]):
         msg += (". These look like class folders without a train/valid split: split them at random with "
                 f"`valid_pct=0.2` (a random fifth of the images for validation), or move the images into "
                 f"{train}/<class>/ and {valid}/<class>/")
+    elif hint: msg += hint   # (one folder of images beside a CSV file: labels in the file)
     else: msg += ". Pass `train=` and `valid=` with the names of your split folders"
     return ValueError(msg)
 
@@ -370,16 +370,20 @@ def _image_size(files, n:int=25)->tuple|None:
         except Exception: pass
     return tuple(int(np.median([s[i] for s in hw])) for i in (0, 1)) if hw else None
 
+def _upsampling_note(summary, size)->str|None:
+    "What it means when `Resize` to `size` makes the images of `summary` larger (None when it does not)"
+    hw = _image_size(summary.files[summary.train])
+    if hw is None or not (hw[0] < size[0] and hw[1] < size[1]): return None
+    return (f"the images are about {hw[0]}x{hw[1]} pixels and `Resize` upsamples them to {size[0]}x{size[1]}: the "
+            f"attacks perturb the {size[0]}x{size[1]} images the model sees, eps bounding each of their pixels rather "
+            "than the images' own, a larger threat set. Robust accuracy then comes out lower than at the same eps on "
+            "the images themselves, and is not comparable with numbers published at their size.")
+
 def _warn_upsampling(summary, size, who):
     "Warn when `Resize` makes the images larger: the attacks then perturb the upsampled images"
-    hw = _image_size(summary.files[summary.train])
-    if hw is None or not (hw[0] < size[0] and hw[1] < size[1]): return
-    warnings.warn(f"{who}: the images are about {hw[0]}x{hw[1]} pixels and `Resize` upsamples them to "
-                  f"{size[0]}x{size[1]}: the attacks perturb the {size[0]}x{size[1]} images the model sees, eps bounding "
-                  "each of their pixels rather than the images' own, a larger threat set. Robust accuracy then comes out "
-                  "lower than at the same eps on the images themselves, and is not comparable with numbers published "
-                  "at their size. To attack the images at their own size, keep it (`size`) and upsample inside the "
-                  "model (the tutorial 'Bring your own robust model' shows how)", UserWarning, stacklevel=3)
+    note = _upsampling_note(summary, size)
+    if note: warnings.warn(f"{who}: {note} To attack the images at their own size, keep it (`size`) and upsample "
+                           "inside the model (the tutorial 'Bring your own robust model' shows how)", UserWarning, stacklevel=3)
 
 def folder_dls(path,                  # the folder that holds the `train` and `valid` folders
                size=224,              # the images' size after `Resize`: an int or a (height, width) pair
