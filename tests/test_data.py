@@ -66,11 +66,13 @@ def test_leftovers_of_killed_loads_are_swept(tmp_path):
     cache = cache_dir(); cache.mkdir(parents=True)
     old, fresh = cache/'.extract-dead', cache/'.extract-live'
     (old/'extracted').mkdir(parents=True); fresh.mkdir(); (cache/'.part123-x.pth').write_bytes(b'x')
+    (cache/'.partials').mkdir(); (cache/'.parted.conf').write_text('a user\'s')   # not ours: never touched
     day_ago = time.time() - 2*86400
-    for p in (old, cache/'.part123-x.pth'): os.utime(p, (day_ago, day_ago))
+    for p in (old, cache/'.part123-x.pth', cache/'.partials', cache/'.parted.conf'): os.utime(p, (day_ago, day_ago))
     load_dataset('cifar10', path=fake_archive(tmp_path/'a'))
     left = sorted(p.name for p in cache.iterdir())
     assert '.extract-dead' not in left and '.part123-x.pth' not in left and '.extract-live' in left
+    assert '.partials' in left and '.parted.conf' in left
     assert any(n.startswith('cifar10-') for n in left)
 
 

@@ -416,7 +416,13 @@ def test_written_folders_have_the_usual_permissions(tmp_path):
         (tmp_path/'shared').mkdir(); os.chmod(tmp_path/'shared', 0o2775)
         g = make_image_folder(tmp_path/'shared', n_per_class=2, n_valid=1, classes=2, size=8)
         assert g.stat().st_mode & 0o7777 == 0o2775
+        assert all(p.stat().st_mode & 0o2000 for p in g.rglob('*') if p.is_dir())   # setgid passed on, as mkdir would
+        assert os.umask(0o022) == 0o022   # the process's umask as it was
     finally: os.umask(old)
+    if os.geteuid() == 0:   # (root can give a folder to any group) the group of the folder replaced, to everything
+        (tmp_path/'grp').mkdir(); os.chown(tmp_path/'grp', -1, 1234); os.chmod(tmp_path/'grp', 0o2770)
+        h = make_image_folder(tmp_path/'grp', n_per_class=2, n_valid=1, classes=2, size=8)
+        assert {p.stat().st_gid for p in [h, *h.rglob('*')]} == {1234} and h.stat().st_mode & 0o7777 == 0o2770
 
 
 def test_class_folders_beside_a_csv_file_get_the_split_advice(tmp_path):

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/00b_data.external.ipynb #53ca091d
 from __future__ import annotations
-import os, json, hashlib, shutil, tarfile, tempfile, time, multiprocessing, zlib
+import os, re, json, hashlib, shutil, tarfile, tempfile, time, multiprocessing, zlib
 from collections import namedtuple
 from pathlib import Path
 
@@ -143,7 +143,9 @@ def _drop_stale(d:Path):
             shutil.rmtree(o.rename(o.with_name(f'.stale-{os.getpid()}-{o.name}')), ignore_errors=True)
         except OSError: pass   # gone already (another process), or no `source.txt`: left alone
 
-_LEFTOVERS = ('.extract-', '.part', '.stale-')   # the temporary entries of a load or a download
+# the temporary entries of a load (`.extract-XXXX`), a download (`.part<pid>-NAME`, and torch's `...partial` inside
+# it) and a cleanup (`.stale-<pid>-NAME`): only those names, nothing else of a folder the user may share
+_LEFTOVERS = re.compile(r'\.(extract-|part\d+-|stale-\d+-)')
 
 def _sweep(folder:Path, days:float=1):
     ("Delete the temporary entries (`_LEFTOVERS`) in `folder` older than `days`: those of a process that was killed "
@@ -151,7 +153,7 @@ def _sweep(folder:Path, days:float=1):
     old = time.time() - days*86400
     for o in folder.glob('.*'):
         try:
-            if not o.name.startswith(_LEFTOVERS) or o.lstat().st_mtime > old: continue
+            if not _LEFTOVERS.match(o.name) or o.lstat().st_mtime > old: continue
             if o.is_dir() and not o.is_symlink(): shutil.rmtree(o, ignore_errors=True)
             else: o.unlink()
         except OSError: pass   # gone already (another process)

@@ -38,6 +38,18 @@ def _check_dest(dest, who):
     make_dir(dest.parent, 'dest', who)   # a parent that is a file, or cannot be written: said now
     return dest
 
+def _take_access(dest:Path, st):
+    ("Give the folder `dest` (written elsewhere, then moved in) the mode and group of the empty folder `st` it replaced, "
+     "and its group and setgid bit to everything in it, as that folder would have passed on (a group's shared folder)")
+    os.chmod(dest, st.st_mode & 0o7777)
+    if st.st_gid == dest.stat().st_gid and not st.st_mode & 0o2000: return
+    for root, dirs, files in os.walk(dest):
+        for n in [root] + [os.path.join(root, f) for f in dirs + files]:
+            try:
+                os.chown(n, -1, st.st_gid)
+                if st.st_mode & 0o2000 and os.path.isdir(n) and n != str(dest): os.chmod(n, os.stat(n).st_mode | 0o2000)
+            except OSError: pass   # a group this user is not in: the files keep theirs
+
 @contextmanager
 def _written_whole(dest:Path):
     ("Where to write the folder `dest`: a temporary folder beside it, renamed to `dest` when the body ends, so that an "
@@ -53,12 +65,13 @@ def _written_whole(dest:Path):
         return
     try:
         yield tmp
-        # the mode of an empty `dest` kept, else what `mkdir` gives (`mkdtemp`'s 0o700 would lock others out)
-        um = os.umask(0); os.umask(um)
-        mode = dest.stat().st_mode & 0o7777 if dest.is_dir() else 0o777 & ~um
-        if dest.is_dir(): dest.rmdir()   # empty (`_check_dest`)
+        old = dest.stat() if dest.is_dir() else None
+        if old is None:   # what `mkdir` gives (`mkdtemp`'s 0o700 would lock others out), read without touching the umask
+            (tmp/'.mode').mkdir(); mode = (tmp/'.mode').stat().st_mode & 0o777; (tmp/'.mode').rmdir()
+        else: dest.rmdir()   # empty (`_check_dest`)
         os.replace(tmp, dest)
-        os.chmod(dest, mode)
+        if old is None: os.chmod(dest, mode)
+        else: _take_access(dest, old)
     finally:
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
 
