@@ -72,19 +72,22 @@ def main():
     srcs = {}
     for kind in ('natural', 'robust'):
         fn = out/f'source_{kind}_w{a.width}_n{a.src_n}_e{a.src_epochs}_bs{a.bs}.pth'   # every setting of its training
+        had, seconds = res.get('sources', {}).get(kind, {}), None
         if fn.exists():
             set_seed(0, reproducible=True)
             learn = Learner(src_dls, net(src_dls.c), metrics=accuracy)
             learn.model.load_state_dict(torch.load(fn, weights_only=True)); log('loaded', fn)
+            if had.get('file') == fn.name: seconds = had.get('seconds')   # its training time, when it was recorded
         else:
             log(f'training {kind} source')
             t = time.time()
             learn = train_source(src_dls, net, a.src_epochs, 3e-3, eps=EPS if kind == 'robust' else None, adv='fast')
             torch.save(learn.model.state_dict(), fn)
-            res.setdefault('sources', {})[kind] = dict(seconds=round(time.time()-t, 1))
-        had = res.get('sources', {}).get(kind, {})
-        if 'sources' in parts or 'clean_acc' not in had or had.get('file') != fn.name:   # (scores of another source)
-            res.setdefault('sources', {}).setdefault(kind, {}).update(score(learn), file=fn.name); save()
+            seconds = round(time.time()-t, 1)
+        # a record of this very file, scored on this evaluation subset (else scored again, nothing of another kept)
+        if 'sources' in parts or had.get('file') != fn.name or had.get('valid_k') != a.valid_k or 'clean_acc' not in had:
+            res.setdefault('sources', {})[kind] = dict(seconds=seconds, **score(learn), file=fn.name, valid_k=a.valid_k)
+            save()
         log(kind, res['sources'][kind]); srcs[kind] = learn.model
 
     if 'blocks' in parts:

@@ -10,10 +10,7 @@ from rtl_fastai.pipeline import _defaults, _seed_data
 from rtl_fastai.attacks import ThreatModel
 from rtl_fastai.data.arrays import class_split, subsample
 from rtl_fastai.data.external import load_dataset
-from rtl_fastai.data.external import cache_dir
-from rtl_fastai.core import make_dir
-# a cached source is used again only for the same settings of its data and training (its file name holds them)
-def _src_key(d): return '_'.join(f"{k}{d.get(k)}" for k in ('n_source', 'source_epochs', 'lr', 'width', 'at_steps', 'bs', 'holdout', 'n_test'))
+from _source_cache import source_file   # (scripts/, beside this script)
 from rtl_fastai.data.loaders import task_dls
 from rtl_fastai.experiment import make_model, fit_quietly, evaluate, train_source
 from rtl_fastai.callback.adv_train import PGDTraining
@@ -29,7 +26,7 @@ ev = lambda l: evaluate(l, tm_eval, seed=seed)
 def out(name, r, t): print(json.dumps(dict(seed=seed, eps=eps, name=name, clean=round(100*r['clean_acc'],1), pgd=round(100*r['pgd_acc'],1), s=round(t,1))), flush=True)
 srcs = {}
 for k in ('natural', 'robust'):
-    fn = str(make_dir(cache_dir(), 'RTL_CACHE')/f"l2probe_{k}_{seed}_{_src_key(d)}_eps{eps:g}.pth")
+    fn = source_file(f"l2probe_{k}", seed, d, eps)
     t = time.time()
     if os.path.exists(fn):
         l = Learner(src_dls, make_model('smallcnn', 1, src_dls.c, d['width']), metrics=accuracy); l.model.load_state_dict(torch.load(fn))

@@ -13,10 +13,7 @@ from fastai.vision.all import Learner, accuracy, set_seed
 from rtl_fastai.pipeline import _defaults, _seed_data
 from rtl_fastai.data.arrays import class_split, subsample
 from rtl_fastai.data.external import load_dataset
-from rtl_fastai.data.external import cache_dir
-from rtl_fastai.core import make_dir
-# a cached source is used again only for the same settings of its data and training (its file name holds them)
-def _src_key(d): return '_'.join(f"{k}{d.get(k)}" for k in ('n_source', 'source_epochs', 'lr', 'width', 'at_steps', 'bs', 'holdout', 'n_test'))
+from _source_cache import source_file   # (scripts/, beside this script)
 from rtl_fastai.data.loaders import task_dls
 from rtl_fastai.experiment import make_model, fit_quietly, evaluate, train_source
 from rtl_fastai.callback.adv_train import PGDTraining
@@ -29,7 +26,7 @@ src, tgt, tgt_n, _ = _seed_data(ds, list(sp.source), list(sp.target), d, seed)  
 kw = dict(bs=d['bs'], seed=seed)
 src_dls = task_dls(src, **kw); tgt_dls = task_dls(tgt_n, **kw)
 src_eps = d.get('src_eps', eps)  # the robust source's training radius (default: the evaluation's)
-fn = str(make_dir(cache_dir(), 'RTL_CACHE')/f"issue13_rob_{seed}_{_src_key(d)}_eps{src_eps:g}.pth")
+fn = source_file('issue13_rob', seed, d, src_eps)
 t = time.time()
 if os.path.exists(fn):
     l = Learner(src_dls, make_model('smallcnn', 1, src_dls.c, d['width']), metrics=accuracy); l.model.load_state_dict(torch.load(fn))
