@@ -395,7 +395,8 @@ def _load_into(model, src, key=None, map_location='cpu', model_dir=None, normali
     _check_match(msd, sd, pre)
     for k in msd:  # old checkpoints without BatchNorm's counter: keep the model's
         if k.endswith('num_batches_tracked') and k not in sd: sd[k] = msd[k]
-    if info is None and not isinstance(src, dict) and _imagenet_classifier(sd):
+    imagenet = _imagenet_classifier(sd)
+    if info is None and not isinstance(src, dict) and imagenet:
         info = _registry_file(src)  # a published ImageNet file fetched by hand (RobustBench's CIFAR files share names)
     if fstats is not None: st, what = fstats, "stored in the checkpoint"
     elif stats is not None: st, what = normalize_stats(stats), "`stats`"
@@ -404,7 +405,7 @@ def _load_into(model, src, key=None, map_location='cpu', model_dir=None, normali
     if st is not None: _use_stats(model, st, normalize, what, pre)  # checked before anything is loaded
     elif normalize == 'model':
         raise ValueError(f"{pre}`normalize`='model' but the checkpoint holds no input statistics: pass `stats=(mean, std)`")
-    elif input_stats(model) is None and _imagenet_classifier(sd):
+    elif input_stats(model) is None and imagenet:
         how = ("record it on the model you give: `model.input_stats = imagenet_stats` (most ImageNet models) or "
                "`model.input_stats = ([0.,0.,0.], [1.,1.,1.])` (a model trained on [0,1] pixels)") if who else (
                "`stats=imagenet_stats` (most ImageNet models) or `stats=([0.,0.,0.], [1.,1.,1.])` (a model trained "

@@ -424,6 +424,12 @@ def _unwrap(model, compiled:bool=True):
         elif compiled and isinstance(getattr(model, '_orig_mod', None), nn.Module): model = model._orig_mod  # OptimizedModule
         else: return model
 
+def _timm_cfg(model, *keys)->dict|None:
+    ("The `pretrained_cfg` of a timm model (also inside fastai's `vision_learner` body, or a wrapper) that has `keys` "
+     "(not None), else None")
+    return next((c for m in _front(_unwrap(model)) if isinstance(c := getattr(m, 'pretrained_cfg', None), dict)
+                 and all(c.get(k) is not None for k in keys)), None)
+
 def _is_pair(model)->bool:
     "Whether `model` is an `nn.Sequential` of two modules: fastai's `(body, head)`, or `(normalization, model)`"
     return isinstance(model, nn.Sequential) and len(model) == 2
@@ -484,8 +490,7 @@ def _input_stats(model)->tuple:
         st, where = vars(m).get('input_stats'), 'child'
     if st is not None: return normalize_stats(st), where
     # a timm model, also inside `vision_learner`'s body: the statistics its published weights were trained with
-    cfg = next((c for m in front if isinstance(c := getattr(m, 'pretrained_cfg', None), dict)
-                and c.get('mean') is not None and c.get('std') is not None), None)
+    cfg = _timm_cfg(model, 'mean', 'std')
     return (None, None) if cfg is None else (normalize_stats((cfg['mean'], cfg['std'])), 'timm')
 
 def _record_stats(model, stats, top=True):

@@ -15,7 +15,7 @@ from fastai.data.core import DataLoaders
 # fit_one_cycle, lr_find, progress bars, as in fastai.vision.all
 import fastai.callback.schedule, fastai.callback.progress  # noqa: F401
 from ..core import is_int, check_prob
-from ..core import check_normalization, _norm_layer, peek_batch, eval_mode, _front, _unwrap
+from ..core import check_normalization, _norm_layer, peek_batch, eval_mode, _timm_cfg
 from ..models import _copy_source, model_blocks, replace_head, swap_head, _is_fastai_model, _last_linear, _set_module
 from ..checkpoint import load_weights
 from .freeze import n_frozen_entries, FreezeBlocks, trainable_splitter
@@ -98,8 +98,7 @@ def _size_hint(model, xb, err)->str:
     "What to change when `model` failed on images `xb` too small for it (a kernel or pool larger than a feature map)"
     msg = str(err)
     if not ("Kernel size can't be greater" in msg or 'Output size is too small' in msg): return ''
-    cfg = next((c for m in _front(_unwrap(model)) if isinstance(c := getattr(m, 'pretrained_cfg', None), dict)), {})
-    size = tuple(cfg.get('input_size', ()))[1:]   # a timm model, also in `vision_learner`'s body: (C, H, W)
+    size = tuple((_timm_cfg(model, 'input_size') or {}).get('input_size', ()))[1:]   # a timm model, also in `vision_learner`'s body: (C, H, W)
     made = f"it was made for {size[0]}x{size[1]} images, these are {xb.shape[-2]}x{xb.shape[-1]}: " if len(size) == 2 else ''
     return f" (the images are too small for this model: {made}make them larger, e.g. `Resize(...)` in `item_tfms`)"
 
