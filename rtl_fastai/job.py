@@ -18,7 +18,7 @@ from fastprogress.fastprogress import IN_NOTEBOOK
 from .core import (check_bool, parse_number, is_int, _norm_key, renamed, fork_rng, check_int, check_number, eps_str, normalize_stats, input_stats, add_input_norm,
                              check_normalization, _record_stats, _fmt_stats, _norm_layer, keeps_cudnn_flags, check_device,
                              _in_channels, _is_identity)
-from .data.folder import check_image_folder, folder_dls, _upsampling_note, _check_size
+from .data.folder import check_image_folder, folder_dls, _upsampling_note, _check_size, _UpsamplingWarning
 from .data.external import cache_dir
 from .models import model_blocks
 from .hub import IMAGENET_STATS, robust_model_info
@@ -396,7 +396,7 @@ def _check_job(data, source, arch, size, n_retrain, lam, eps, norm, steps, alpha
     # no `Normalize` in the DataLoaders for a model that normalizes itself (`normalize='model'`, a RobustBench model)
     st = None if _norm_layer(model) is not None else input_stats(model)
     with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', message='folder_dls: the images are about')   # said below, for the job
+        warnings.simplefilter('ignore', _UpsamplingWarning)   # said below, in the job's words
         try: dls = folder_dls(summary.path, size=size, bs=bs, stats=None if st is None or _is_identity(st) else st,
                               train=train, valid=valid, device=dev, seed=seed, verify=False, valid_pct=valid_pct,
                               num_workers=num_workers)

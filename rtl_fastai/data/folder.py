@@ -42,13 +42,13 @@ def _take_access(dest:Path, st):
     ("Give the folder `dest` (written elsewhere, then moved in) the mode and group of the empty folder `st` it replaced, "
      "and its group and setgid bit to everything in it, as that folder would have passed on (a group's shared folder)")
     os.chmod(dest, st.st_mode & 0o7777)
-    if st.st_gid == dest.stat().st_gid and not st.st_mode & 0o2000: return
-    for root, dirs, files in os.walk(dest):
-        for n in [root] + [os.path.join(root, f) for f in dirs + files]:
-            try:
-                os.chown(n, -1, st.st_gid)
-                if st.st_mode & 0o2000 and os.path.isdir(n) and n != str(dest): os.chmod(n, os.stat(n).st_mode | 0o2000)
+    setgid = st.st_mode & 0o2000
+    if st.st_gid == dest.stat().st_gid and not setgid: return
+    for root, _, files in os.walk(dest):   # every folder is a `root` once
+        for n in [root, *(os.path.join(root, f) for f in files)]:
+            try: os.chown(n, -1, st.st_gid)
             except OSError: pass   # a group this user is not in: the files keep theirs
+        if setgid and root != str(dest): os.chmod(root, os.stat(root).st_mode | 0o2000)   # (our own folders)
 
 @contextmanager
 def _written_whole(dest:Path):
@@ -392,11 +392,14 @@ def _upsampling_note(summary, size)->str|None:
             "than the images' own, a larger threat set. Robust accuracy then comes out lower than at the same eps on "
             "the images themselves, and is not comparable with numbers published at their size.")
 
+class _UpsamplingWarning(UserWarning): "`Resize` makes the images larger: the attacks perturb the upsampled images"
+
 def _warn_upsampling(summary, size, who):
     "Warn when `Resize` makes the images larger: the attacks then perturb the upsampled images"
     note = _upsampling_note(summary, size)
     if note: warnings.warn(f"{who}: {note} To attack the images at their own size, keep it (`size`) and upsample "
-                           "inside the model (the tutorial 'Bring your own robust model' shows how)", UserWarning, stacklevel=3)
+                           "inside the model (the tutorial 'Bring your own robust model' shows how)", _UpsamplingWarning,
+                           stacklevel=3)
 
 def folder_dls(path,                  # the folder that holds the `train` and `valid` folders
                size=224,              # the images' size after `Resize`: an int or a (height, width) pair
